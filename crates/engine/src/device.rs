@@ -1,0 +1,415 @@
+//! The packet path: TUN ⇄ WireGuard ⇄ UDP, on three threads.
+//!
+//! ```text
+//!  app ─► TUN ─► [outbound thread] route by destination (longest prefix; the exit node
+//!                 holds 0.0.0.0/0 and ::/0) ─► peer's Tunn encrypts ─► UDP to endpoint
+//!  UDP ─► [inbound thread] classify (WireGuard / STUN / disco / junk) ─► verify MACs,
+//!                 rate-limit handshakes ─► find peer (handshake: by static key;
+//!                 data: by our session index) ─► Tunn decrypts ─► source allowed for
+//!                 that peer? ─► TUN ─► app
+//!  [timer thread] every 250 ms: each peer's WireGuard timers (keepalives, rekeying,
+//!                 handshake retries) ─► UDP
+//! ```
+//!
+//! Each direction runs on its own thread and keeps per-flow packet order (one TUN queue,
+//! one reader). The peer table is an immutable [`PeerTable`] swapped whole on a map
+//! change; per-peer WireGuard state sits behind a per-peer lock.
+
+use crate::demux::{DatagramKind, classify};
+use crate::peers::{LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints};
+use crate::tun::TunIo;
+use crate::udp::UdpSock;
+use gotatun::noise::TunnResult;
+use gotatun::noise::handshake::parse_handshake_anon;
+use gotatun::noise::index_table::IndexTable;
+use gotatun::packet::{Packet, PacketBufPool, WgKind};
+use gotatun::tun::MtuWatcher;
+use gotatun::x25519::PublicKey;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tsunagu_proto::{NetMap, NodePublic};
+
+const TIMER_TICK: Duration = Duration::from_millis(250);
+const TUN_WAIT: Duration = Duration::from_millis(200);
+/// Largest datagram or packet handled; bigger ones are truncated by the kernel and then
+/// fail authentication, i.e. are dropped.
+const BUF_SIZE: usize = 65536;
+
+/// Device-wide counters, for status and for tests of bad input.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Datagrams that were neither WireGuard, STUN nor disco.
+    pub udp_unknown: AtomicU64,
+    pub udp_stun: AtomicU64,
+    pub udp_disco: AtomicU64,
+    /// WireGuard-looking datagrams that failed parsing, MACs or decryption.
+    pub wg_rejected: AtomicU64,
+    /// Handshakes or data from keys or session indexes we do not know.
+    pub wg_unknown_peer: AtomicU64,
+    /// Decrypted packets whose source the sending peer is not allowed to use.
+    pub src_rejected: AtomicU64,
+    /// Packets from the TUN with no peer for their destination.
+    pub no_route: AtomicU64,
+    /// Packets from the TUN that are not IP.
+    pub tun_not_ip: AtomicU64,
+    pub udp_send_errors: AtomicU64,
+}
+
+/// A snapshot of [`DeviceCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterSnapshot {
+    pub udp_unknown: u64,
+    pub udp_stun: u64,
+    pub udp_disco: u64,
+    pub wg_rejected: u64,
+    pub wg_unknown_peer: u64,
+    pub src_rejected: u64,
+    pub no_route: u64,
+    pub tun_not_ip: u64,
+    pub udp_send_errors: u64,
+}
+
+impl DeviceCounters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            udp_unknown: g(&self.udp_unknown),
+            udp_stun: g(&self.udp_stun),
+            udp_disco: g(&self.udp_disco),
+            wg_rejected: g(&self.wg_rejected),
+            wg_unknown_peer: g(&self.wg_unknown_peer),
+            src_rejected: g(&self.src_rejected),
+            no_route: g(&self.no_route),
+            tun_not_ip: g(&self.tun_not_ip),
+            udp_send_errors: g(&self.udp_send_errors),
+        }
+    }
+}
+
+/// What one peer looks like from outside, for status output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<String>,
+    pub is_exit_node: bool,
+    pub last_handshake_secs: Option<u64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+struct Shared {
+    table: RwLock<Arc<PeerTable>>,
+    /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
+    /// stale entries are pruned by the timer thread.
+    by_index: Mutex<HashMap<u32, Arc<PeerState>>>,
+    index_table: IndexTable,
+    udp: UdpSock,
+    tun: Arc<dyn TunIo>,
+    mtu: u16,
+    stop: AtomicBool,
+    counters: DeviceCounters,
+}
+
+/// A running WireGuard device. Dropping it stops its threads.
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Device {
+    /// Start the device for `map` (which must be valid) on the given TUN and socket.
+    pub fn start(map: &NetMap, tun: Arc<dyn TunIo>, udp: UdpSock) -> io::Result<Device> {
+        let index_table = IndexTable::from_os_rng();
+        let empty = PeerTable::empty(Arc::new(LocalKey::new(&map.self_node.private_key)));
+        let table = PeerTable::build(map, &empty, &index_table);
+        let shared = Arc::new(Shared {
+            table: RwLock::new(Arc::new(table)),
+            by_index: Mutex::new(HashMap::new()),
+            index_table,
+            udp,
+            tun,
+            mtu: map.mtu,
+            stop: AtomicBool::new(false),
+            counters: DeviceCounters::default(),
+        });
+        let mut threads = Vec::new();
+        for (name, f) in [
+            ("tsunagu-out", outbound as fn(&Shared)),
+            ("tsunagu-in", inbound),
+            ("tsunagu-timers", timers),
+        ] {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || f(&s))?,
+            );
+        }
+        Ok(Device { shared, threads })
+    }
+
+    /// Reconfigure for a new map (which must be valid). Sessions of unchanged peers survive.
+    pub fn apply(&self, map: &NetMap) {
+        let mut table = self.shared.table.write();
+        let next = PeerTable::build(map, &table, &self.shared.index_table);
+        *table = Arc::new(next);
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.shared.udp.local_addr()
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Status of every peer, in map order.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let table = self.shared.table.read().clone();
+        let exit = table.exit().map(|e| e.state.key);
+        table
+            .entries()
+            .iter()
+            .map(|e| PeerStatus {
+                name: e.name.clone(),
+                key: e.state.key.to_string(),
+                endpoint: e.state.endpoint(),
+                allowed_ips: e.allowed_ips.iter().map(ToString::to_string).collect(),
+                is_exit_node: exit == Some(e.state.key),
+                last_handshake_secs: e.state.last_handshake().map(|d| d.as_secs()),
+                tx_bytes: e.state.counters.tx_bytes.load(Ordering::Relaxed),
+                rx_bytes: e.state.counters.rx_bytes.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// The key of a peer that completed a handshake, for tests and status.
+    pub fn has_session(&self, key: &NodePublic) -> bool {
+        let table = self.shared.table.read().clone();
+        table
+            .get(key)
+            .is_some_and(|e| e.state.last_handshake().is_some())
+    }
+
+    /// Stop the threads and wait for them.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn send(shared: &Shared, packet: WgKind, to: SocketAddr) {
+    let packet: Packet = packet.into();
+    if let Err(e) = shared.udp.send_to(&packet, to) {
+        bump(&shared.counters.udp_send_errors, 1);
+        tracing::trace!(%to, error = %e, "udp send");
+    }
+}
+
+/// Remember which peer a handshake we are about to send belongs to, so that the answer
+/// (addressed to our index) finds it.
+fn register_index(shared: &Shared, packet: &WgKind, peer: &Arc<PeerState>) {
+    let idx = match packet {
+        WgKind::HandshakeInit(p) => p.sender_idx.get(),
+        WgKind::HandshakeResp(p) => p.sender_idx.get(),
+        _ => return,
+    };
+    shared.by_index.lock().insert(idx, peer.clone());
+}
+
+/// TUN → WireGuard → UDP.
+fn outbound(shared: &Shared) {
+    let pool = PacketBufPool::<BUF_SIZE>::new(64);
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut packet = pool.get();
+        let n = match shared.tun.recv(&mut packet, TUN_WAIT) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "tun read failed; stopping outbound path");
+                return;
+            }
+        };
+        packet.truncate(n);
+        let Some((_, dst)) = ip_endpoints(&packet) else {
+            bump(&shared.counters.tun_not_ip, 1);
+            continue;
+        };
+        let table = shared.table.read().clone();
+        let Some(peer) = table.route(dst) else {
+            bump(&shared.counters.no_route, 1);
+            continue;
+        };
+        bump(&peer.counters.tx_packets, 1);
+        bump(&peer.counters.tx_bytes, n);
+        let out = peer.tunn.lock().handle_outgoing_packet(packet, Some(&mut mtu));
+        if let Some(out) = out {
+            register_index(shared, &out, peer);
+            match peer.endpoint() {
+                Some(ep) => send(shared, out, ep),
+                // No endpoint yet: the packet waits in the Tunn queue for the peer to call.
+                None => bump(&shared.counters.no_route, 1),
+            }
+        }
+    }
+}
+
+/// UDP → WireGuard → TUN.
+fn inbound(shared: &Shared) {
+    let pool = PacketBufPool::<BUF_SIZE>::new(64);
+    let mut mtu = MtuWatcher::new(shared.mtu);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut buf = pool.get();
+        let (n, from) = match shared.udp.recv(&mut buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                // ICMP errors (port unreachable from a peer that is down) surface here on
+                // Linux; they are no reason to stop.
+                tracing::trace!(error = %e, "udp recv");
+                continue;
+            }
+        };
+        buf.truncate(n);
+        match classify(&buf) {
+            DatagramKind::WireGuard => {}
+            DatagramKind::Stun => {
+                bump(&shared.counters.udp_stun, 1);
+                continue;
+            }
+            DatagramKind::Disco => {
+                bump(&shared.counters.udp_disco, 1);
+                continue;
+            }
+            _ => {
+                bump(&shared.counters.udp_unknown, 1);
+                continue;
+            }
+        }
+        let table = shared.table.read().clone();
+        let kind = match table.local.rate_limiter.verify_packet(from, buf) {
+            Ok(kind) => kind,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                send(shared, cookie, from);
+                continue;
+            }
+            Err(_) => {
+                bump(&shared.counters.wg_rejected, 1);
+                continue;
+            }
+        };
+        let peer = match &kind {
+            WgKind::HandshakeInit(p) => {
+                parse_handshake_anon(&table.local.private, &table.local.public, p)
+                    .ok()
+                    .and_then(|half| {
+                        let key = NodePublic(PublicKey::from(half.peer_static_public).to_bytes());
+                        table.get(&key).map(|e| e.state.clone())
+                    })
+            }
+            WgKind::HandshakeResp(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
+            WgKind::CookieReply(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
+            WgKind::Data(p) => shared
+                .by_index
+                .lock()
+                .get(&p.header.receiver_idx.get())
+                .cloned(),
+        };
+        let Some(peer) = peer else {
+            bump(&shared.counters.wg_unknown_peer, 1);
+            continue;
+        };
+        let mut tunn = peer.tunn.lock();
+        match tunn.handle_incoming_packet(kind) {
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                bump(&shared.counters.wg_rejected, 1);
+                tracing::trace!(peer = %peer.key.short(), error = ?e, "wireguard");
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake completed or answered: the sender is authenticated.
+                peer.set_endpoint(from);
+                register_index(shared, &reply, &peer);
+                send(shared, reply, from);
+                let queued: Vec<WgKind> = tunn.get_queued_packets(&mut mtu).collect();
+                drop(tunn);
+                for p in queued {
+                    send(shared, p, from);
+                }
+            }
+            TunnResult::WriteToTunnel(plain) => {
+                drop(tunn);
+                peer.set_endpoint(from);
+                if plain.is_empty() {
+                    continue; // keepalive
+                }
+                // Deliver only what the peer may send (cryptokey routing), cut to the
+                // length the IP header declares (WireGuard pads to 16 bytes).
+                let mut plain = plain;
+                let allowed = ip_endpoints(&plain)
+                    .is_some_and(|(src, _)| table.allows_source(&peer, src));
+                match ip_declared_len(&plain) {
+                    Some(len) if allowed && (20..=plain.len()).contains(&len) => {
+                        plain.truncate(len)
+                    }
+                    _ => {
+                        bump(&shared.counters.src_rejected, 1);
+                        continue;
+                    }
+                }
+                bump(&peer.counters.rx_packets, 1);
+                bump(&peer.counters.rx_bytes, plain.len());
+                if let Err(e) = shared.tun.send(&plain) {
+                    tracing::trace!(error = %e, "tun write");
+                }
+            }
+        }
+    }
+}
+
+/// WireGuard's timers for every peer.
+fn timers(shared: &Shared) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        shared
+            .by_index
+            .lock()
+            .retain(|idx, _| shared.index_table.in_use(*idx));
+        let table = shared.table.read().clone();
+        for entry in table.entries() {
+            let peer = &entry.state;
+            let out = peer.tunn.lock().update_timers();
+            match out {
+                Ok(Some(packet)) => {
+                    register_index(shared, &packet, peer);
+                    if let Some(ep) = peer.endpoint() {
+                        send(shared, packet, ep);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::trace!(peer = %peer.key.short(), error = ?e, "timers"),
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Two devices in one process, over loopback UDP, with channels for TUNs: the whole packet
+//! path without root or namespaces.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tsunagu_engine::Device;
+use tsunagu_engine::tun::{ChannelApp, ChannelTun};
+use tsunagu_engine::udp::UdpSock;
+use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
+
+fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let len = 20 + payload.len();
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+struct Node {
+    device: Device,
+    app: ChannelApp,
+    key: NodePrivate,
+}
+
+fn map(me: &NodePrivate, addr: &str, peer: &NodePrivate, peer_addr: &str, ep: Option<SocketAddr>) -> NetMap {
+    NetMap {
+        self_node: SelfNode {
+            name: "n".into(),
+            private_key: me.clone(),
+            addresses: vec![addr.parse().unwrap()],
+            serve_exit: false,
+        },
+        peers: vec![Peer {
+            name: "peer".into(),
+            key: peer.public(),
+            endpoints: ep.into_iter().collect(),
+            allowed_ips: vec![peer_addr.parse().unwrap()],
+            offers_exit: true,
+            exit_client: true,
+            keepalive: None,
+        }],
+        exit_node: None,
+        exit_node_allow_lan_access: false,
+        mtu: 1280,
+    }
+}
+
+/// Node a knows b's endpoint; b does not know a's (a sits behind a NAT, say).
+fn pair() -> (Node, Node) {
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let ua = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let ub = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let eb = ub.local_addr().unwrap();
+    let (ta, app_a) = ChannelTun::pair();
+    let (tb, app_b) = ChannelTun::pair();
+    let ma = map(&ka, "100.64.0.1/32", &kb, "100.64.0.2/32", Some(eb));
+    let mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
+    let a = Device::start(&ma, Arc::new(ta), ua).unwrap();
+    let b = Device::start(&mb, Arc::new(tb), ub).unwrap();
+    (
+        Node { device: a, app: app_a, key: ka },
+        Node { device: b, app: app_b, key: kb },
+    )
+}
+
+fn recv(app: &ChannelApp) -> Vec<u8> {
+    app.from_tun.recv_timeout(Duration::from_secs(5)).expect("packet through the tunnel")
+}
+
+#[test]
+fn packets_cross_both_ways() {
+    let (a, b) = pair();
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hello b");
+    a.app.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&b.app), p);
+    // b learned a's endpoint from the handshake and can answer.
+    let q = ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], b"hello a");
+    b.app.to_tun.send(q.clone()).unwrap();
+    assert_eq!(recv(&a.app), q);
+    assert!(a.device.has_session(&b.key.public()));
+    let st = a.device.peers();
+    assert_eq!(st[0].tx_bytes, p.len() as u64);
+    assert_eq!(st[0].rx_bytes, q.len() as u64);
+}
+
+#[test]
+fn spoofed_source_and_unrouted_destination_are_dropped() {
+    let (a, b) = pair();
+    let ok = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"ok");
+    a.app.to_tun.send(ok.clone()).unwrap();
+    assert_eq!(recv(&b.app), ok);
+    // a claims another source: b must drop it (a is only allowed 100.64.0.1).
+    a.app.to_tun.send(ipv4_packet([100, 64, 0, 9], [100, 64, 0, 2], b"spoof")).unwrap();
+    // Internet destination without an exit node: no route on a.
+    a.app.to_tun.send(ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"web")).unwrap();
+    a.app.to_tun.send(b"not ip".to_vec()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.device.counters().src_rejected == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.device.counters().src_rejected, 1);
+    assert_eq!(a.device.counters().no_route, 1);
+    assert_eq!(a.device.counters().tun_not_ip, 1);
+    assert!(b.app.from_tun.try_recv().is_err(), "nothing else was delivered");
+}
+
+#[test]
+fn garbage_datagrams_are_counted_and_the_device_keeps_working() {
+    let (a, b) = pair();
+    let target = b.device.local_addr().unwrap();
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut sent_wg_like = 0;
+    // A bounded burst of junk: empty, random, oversized, WireGuard-shaped with bad MACs,
+    // data packets for unknown sessions, STUN- and disco-shaped bytes.
+    let mut seed = 1u32;
+    for i in 0..400u32 {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let len = (seed % 1500) as usize;
+        let mut d: Vec<u8> = (0..len).map(|j| (seed >> (j % 24)) as u8).collect();
+        match i % 5 {
+            0 => d.clear(),
+            1 if len >= 4 => {
+                d[0] = 1 + (seed % 4) as u8;
+                d[1..4].fill(0);
+                sent_wg_like += 1;
+            }
+            2 => d = vec![0xab; 65_000],
+            _ => {}
+        }
+        junk.send_to(&d, target).unwrap();
+    }
+    let mut stun = vec![0u8; 20];
+    stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    junk.send_to(&stun, target).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let total = |c: tsunagu_engine::CounterSnapshot| {
+        c.udp_unknown + c.udp_stun + c.wg_rejected + c.wg_unknown_peer
+    };
+    while total(b.device.counters()) < 401 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = b.device.counters();
+    assert_eq!(total(c), 401, "{c:?}");
+    assert_eq!(c.udp_stun, 1);
+    assert!(c.wg_rejected + c.wg_unknown_peer >= sent_wg_like, "{c:?}");
+    // Still working.
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"after junk");
+    a.app.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&b.app), p);
+}
+
+#[test]
+fn unknown_peer_key_cannot_handshake() {
+    let (_a, b) = pair();
+    // A third node that b does not know tries to talk to b.
+    let kc = NodePrivate::generate();
+    let uc = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let (tc, app_c) = ChannelTun::pair();
+    let mc = map(&kc, "100.64.0.3/32", &b.key, "100.64.0.2/32", Some(b.device.local_addr().unwrap()));
+    let c = Device::start(&mc, Arc::new(tc), uc).unwrap();
+    app_c.to_tun.send(ipv4_packet([100, 64, 0, 3], [100, 64, 0, 2], b"let me in")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.device.counters().wg_unknown_peer == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.device.counters().wg_unknown_peer >= 1);
+    assert!(b.app.from_tun.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(!c.device_has_session(&b.key));
+}
+
+trait HasSession {
+    fn device_has_session(&self, k: &NodePrivate) -> bool;
+}
+impl HasSession for Device {
+    fn device_has_session(&self, k: &NodePrivate) -> bool {
+        self.has_session(&k.public())
+    }
+}
+
+#[test]
+fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
+    let (a, b) = pair();
+    let warm = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"warm");
+    a.app.to_tun.send(warm.clone()).unwrap();
+    assert_eq!(recv(&b.app), warm);
+    let mut ma = map(&a.key, "100.64.0.1/32", &b.key, "100.64.0.2/32", Some(b.device.local_addr().unwrap()));
+    ma.exit_node = Some(b.key.public());
+    a.device.apply(&ma);
+    let web = ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"GET /");
+    a.app.to_tun.send(web.clone()).unwrap();
+    assert_eq!(recv(&b.app), web, "internet traffic goes to the exit node");
+    // The answer from the internet is accepted only because b is a's exit node.
+    let answer = ipv4_packet([203, 0, 113, 10], [100, 64, 0, 1], b"200 OK");
+    b.app.to_tun.send(answer.clone()).unwrap();
+    assert_eq!(recv(&a.app), answer);
+    assert!(a.device.peers()[0].is_exit_node);
+    // Deselect: the same answer is now a spoofed source.
+    ma.exit_node = None;
+    a.device.apply(&ma);
+    b.app.to_tun.send(answer).unwrap();
+    assert!(a.app.from_tun.recv_timeout(Duration::from_millis(500)).is_err());
+    assert_eq!(a.device.counters().src_rejected, 1);
+}
