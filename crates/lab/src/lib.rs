@@ -1,0 +1,52 @@
+//! Network-namespace topologies for tsunagu's integration tests, benchmarks and demo.
+//!
+//! Every test that crosses a network builds its own island of Linux network namespaces
+//! (see `shared/guide/lab.md`): a [`Lab`] creates namespaces with per-test names, links
+//! them with veth pairs and bridges, runs processes inside them, and removes everything
+//! when dropped, also when the test panics. Leftovers of a crashed run are removed by the
+//! next run of the same test.
+//!
+//! The common topology, [`Lab::seed`], is the guide's seed scenario: a client behind a cafe
+//! NAT, exit nodes and a control server on a public bridge, and a web server "on the
+//! internet" (see [`seed`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tsunagu_lab::{Lab, SeedOptions, http_get, whoami_server, seed::{role, WEB_ADDR}};
+//!
+//! # fn main() -> Result<(), tsunagu_lab::LabError> {
+//! let seed = Lab::seed("doc_example", SeedOptions::default())?;
+//! let _web = whoami_server(&seed.ns(role::WEB), (WEB_ADDR, 80).into())?;
+//! let seen = http_get(&seed.ns(role::CLIENT), (WEB_ADDR, 80).into(), Duration::from_secs(5))?;
+//! assert_eq!(seen.trim(), "198.51.100.3"); // the cafe's NAT
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Requirements: root, `iproute2`, `nftables` (seed), `tcpdump` (captures), `iputils-ping`
+//! ([`ping`]), `iperf3` (benchmarks).
+
+mod addr;
+pub mod capture;
+mod cmd;
+mod error;
+mod lab;
+mod netns;
+pub mod seed;
+mod services;
+
+pub use addr::{Cidr, is_lab_addr};
+pub use capture::{Capture, capture, capture_filtered, read_pcap};
+pub use cmd::{DEFAULT_EXEC_TIMEOUT, which};
+pub use error::LabError;
+pub use lab::{Lab, NAME_PREFIX, ProcId, require};
+pub use netns::Netns;
+pub use nix::sys::signal::Signal;
+pub use seed::{
+    CAFE_PUBLIC, CLIENT_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, PRINTER_LAN, RESOLVER,
+    Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
+};
+pub use services::{
+    IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, http_get, ping, tcp_connect_ok, tcp_echo,
+    tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send, udp_sink, whoami_server,
+};
