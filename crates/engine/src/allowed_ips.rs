@@ -54,11 +54,19 @@ impl Default for AllowedIps {
 }
 
 fn mask4(addr: u32, len: u8) -> u32 {
-    if len == 0 { 0 } else { addr & (u32::MAX << (32 - u32::from(len))) }
+    if len == 0 {
+        0
+    } else {
+        addr & (u32::MAX << (32 - u32::from(len)))
+    }
 }
 
 fn mask6(addr: u128, len: u8) -> u128 {
-    if len == 0 { 0 } else { addr & (u128::MAX << (128 - u32::from(len))) }
+    if len == 0 {
+        0
+    } else {
+        addr & (u128::MAX << (128 - u32::from(len)))
+    }
 }
 
 impl AllowedIps {

@@ -199,12 +199,8 @@ impl Device {
             .is_some_and(|e| e.state.last_handshake().is_some())
     }
 
-    /// Stop the threads and wait for them.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+    /// Stop the threads and wait for them (also done on drop).
+    pub fn stop_threads(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -214,7 +210,7 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop_threads();
     }
 }
 
@@ -263,7 +259,10 @@ fn outbound(shared: &Shared) {
         };
         bump(&peer.counters.tx_packets, 1);
         bump(&peer.counters.tx_bytes, n);
-        let out = peer.tunn.lock().handle_outgoing_packet(packet, Some(&mut mtu));
+        let out = peer
+            .tunn
+            .lock()
+            .handle_outgoing_packet(packet, Some(&mut mtu));
         if let Some(out) = out {
             register_index(shared, &out, peer);
             match peer.endpoint() {
@@ -367,8 +366,8 @@ fn inbound(shared: &Shared) {
                 // Deliver only what the peer may send (cryptokey routing), cut to the
                 // length the IP header declares (WireGuard pads to 16 bytes).
                 let mut plain = plain;
-                let allowed = ip_endpoints(&plain)
-                    .is_some_and(|(src, _)| table.allows_source(&peer, src));
+                let allowed =
+                    ip_endpoints(&plain).is_some_and(|(src, _)| table.allows_source(&peer, src));
                 match ip_declared_len(&plain) {
                     Some(len) if allowed && (20..=plain.len()).contains(&len) => {
                         plain.truncate(len)

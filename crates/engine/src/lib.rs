@@ -15,6 +15,8 @@
 pub mod allowed_ips;
 pub mod demux;
 pub mod device;
+pub mod engine;
+pub mod os;
 pub mod peers;
 pub mod tun;
 pub mod udp;

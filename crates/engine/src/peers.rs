@@ -305,14 +305,23 @@ mod tests {
         let t = build(&m, None);
         let web: IpAddr = "203.0.113.10".parse().unwrap();
         assert!(t.route(web).is_none());
-        assert_eq!(t.route("100.64.0.3".parse().unwrap()).unwrap().key, m.peers[1].key);
+        assert_eq!(
+            t.route("100.64.0.3".parse().unwrap()).unwrap().key,
+            m.peers[1].key
+        );
 
         m.exit_node = Some(m.peers[0].key);
         let t2 = build(&m, Some(&t));
         assert_eq!(t2.route(web).unwrap().key, m.peers[0].key);
-        assert_eq!(t2.route("2001:db8:2::10".parse().unwrap()).unwrap().key, m.peers[0].key);
+        assert_eq!(
+            t2.route("2001:db8:2::10".parse().unwrap()).unwrap().key,
+            m.peers[0].key
+        );
         // Tailnet addresses still go to their own peers.
-        assert_eq!(t2.route("100.64.0.3".parse().unwrap()).unwrap().key, m.peers[1].key);
+        assert_eq!(
+            t2.route("100.64.0.3".parse().unwrap()).unwrap().key,
+            m.peers[1].key
+        );
         // The exit node may now send us internet sources; the other peer may not.
         let a = &t2.entries()[0].state;
         let b = &t2.entries()[1].state;
@@ -330,10 +339,17 @@ mod tests {
         let roamed: SocketAddr = "198.51.100.9:5000".parse().unwrap();
         t.entries()[0].state.set_endpoint(roamed);
         let t2 = build(&m, Some(&t));
-        assert_eq!(t2.entries()[0].state.endpoint(), Some(roamed), "roaming kept");
+        assert_eq!(
+            t2.entries()[0].state.endpoint(),
+            Some(roamed),
+            "roaming kept"
+        );
         m.peers[0].endpoints = vec!["198.51.100.6:41641".parse().unwrap()];
         let t3 = build(&m, Some(&t2));
-        assert_eq!(t3.entries()[0].state.endpoint(), Some(m.peers[0].endpoints[0]));
+        assert_eq!(
+            t3.entries()[0].state.endpoint(),
+            Some(m.peers[0].endpoints[0])
+        );
     }
 
     #[test]
@@ -343,7 +359,10 @@ mod tests {
         v4[12..16].copy_from_slice(&[100, 64, 0, 1]);
         v4[16..20].copy_from_slice(&[203, 0, 113, 10]);
         let (s, d) = ip_endpoints(&v4).unwrap();
-        assert_eq!((s.to_string(), d.to_string()), ("100.64.0.1".into(), "203.0.113.10".into()));
+        assert_eq!(
+            (s.to_string(), d.to_string()),
+            ("100.64.0.1".into(), "203.0.113.10".into())
+        );
         assert!(ip_endpoints(&v4[..19]).is_none());
         assert!(ip_endpoints(&[0x60; 39]).is_none());
         assert!(ip_endpoints(&[]).is_none());

@@ -45,7 +45,11 @@ fn setsockopt_int(sock: &Socket, level: i32, name: i32, value: i32) -> io::Resul
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 impl UdpSock {
@@ -101,7 +105,9 @@ impl UdpSock {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 Ok(None)
@@ -112,12 +118,9 @@ impl UdpSock {
 
     pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
         let to = match to {
-            SocketAddr::V4(v4) if self.dual_stack => SocketAddr::V6(SocketAddrV6::new(
-                v4.ip().to_ipv6_mapped(),
-                v4.port(),
-                0,
-                0,
-            )),
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
             other => other,
         };
         self.sock.send_to(buf, to).map(drop)

@@ -28,7 +28,13 @@ struct Node {
     key: NodePrivate,
 }
 
-fn map(me: &NodePrivate, addr: &str, peer: &NodePrivate, peer_addr: &str, ep: Option<SocketAddr>) -> NetMap {
+fn map(
+    me: &NodePrivate,
+    addr: &str,
+    peer: &NodePrivate,
+    peer_addr: &str,
+    ep: Option<SocketAddr>,
+) -> NetMap {
     NetMap {
         self_node: SelfNode {
             name: "n".into(),
@@ -64,13 +70,23 @@ fn pair() -> (Node, Node) {
     let a = Device::start(&ma, Arc::new(ta), ua).unwrap();
     let b = Device::start(&mb, Arc::new(tb), ub).unwrap();
     (
-        Node { device: a, app: app_a, key: ka },
-        Node { device: b, app: app_b, key: kb },
+        Node {
+            device: a,
+            app: app_a,
+            key: ka,
+        },
+        Node {
+            device: b,
+            app: app_b,
+            key: kb,
+        },
     )
 }
 
 fn recv(app: &ChannelApp) -> Vec<u8> {
-    app.from_tun.recv_timeout(Duration::from_secs(5)).expect("packet through the tunnel")
+    app.from_tun
+        .recv_timeout(Duration::from_secs(5))
+        .expect("packet through the tunnel")
 }
 
 #[test]
@@ -96,9 +112,15 @@ fn spoofed_source_and_unrouted_destination_are_dropped() {
     a.app.to_tun.send(ok.clone()).unwrap();
     assert_eq!(recv(&b.app), ok);
     // a claims another source: b must drop it (a is only allowed 100.64.0.1).
-    a.app.to_tun.send(ipv4_packet([100, 64, 0, 9], [100, 64, 0, 2], b"spoof")).unwrap();
+    a.app
+        .to_tun
+        .send(ipv4_packet([100, 64, 0, 9], [100, 64, 0, 2], b"spoof"))
+        .unwrap();
     // Internet destination without an exit node: no route on a.
-    a.app.to_tun.send(ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"web")).unwrap();
+    a.app
+        .to_tun
+        .send(ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"web"))
+        .unwrap();
     a.app.to_tun.send(b"not ip".to_vec()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.device.counters().src_rejected == 0 && Instant::now() < deadline {
@@ -107,7 +129,10 @@ fn spoofed_source_and_unrouted_destination_are_dropped() {
     assert_eq!(b.device.counters().src_rejected, 1);
     assert_eq!(a.device.counters().no_route, 1);
     assert_eq!(a.device.counters().tun_not_ip, 1);
-    assert!(b.app.from_tun.try_recv().is_err(), "nothing else was delivered");
+    assert!(
+        b.app.from_tun.try_recv().is_err(),
+        "nothing else was delivered"
+    );
 }
 
 #[test]
@@ -162,15 +187,29 @@ fn unknown_peer_key_cannot_handshake() {
     let kc = NodePrivate::generate();
     let uc = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
     let (tc, app_c) = ChannelTun::pair();
-    let mc = map(&kc, "100.64.0.3/32", &b.key, "100.64.0.2/32", Some(b.device.local_addr().unwrap()));
+    let mc = map(
+        &kc,
+        "100.64.0.3/32",
+        &b.key,
+        "100.64.0.2/32",
+        Some(b.device.local_addr().unwrap()),
+    );
     let c = Device::start(&mc, Arc::new(tc), uc).unwrap();
-    app_c.to_tun.send(ipv4_packet([100, 64, 0, 3], [100, 64, 0, 2], b"let me in")).unwrap();
+    app_c
+        .to_tun
+        .send(ipv4_packet([100, 64, 0, 3], [100, 64, 0, 2], b"let me in"))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.device.counters().wg_unknown_peer == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(b.device.counters().wg_unknown_peer >= 1);
-    assert!(b.app.from_tun.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(
+        b.app
+            .from_tun
+            .recv_timeout(Duration::from_millis(300))
+            .is_err()
+    );
     assert!(!c.device_has_session(&b.key));
 }
 
@@ -189,7 +228,13 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
     let warm = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"warm");
     a.app.to_tun.send(warm.clone()).unwrap();
     assert_eq!(recv(&b.app), warm);
-    let mut ma = map(&a.key, "100.64.0.1/32", &b.key, "100.64.0.2/32", Some(b.device.local_addr().unwrap()));
+    let mut ma = map(
+        &a.key,
+        "100.64.0.1/32",
+        &b.key,
+        "100.64.0.2/32",
+        Some(b.device.local_addr().unwrap()),
+    );
     ma.exit_node = Some(b.key.public());
     a.device.apply(&ma);
     let web = ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"GET /");
@@ -204,6 +249,11 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
     ma.exit_node = None;
     a.device.apply(&ma);
     b.app.to_tun.send(answer).unwrap();
-    assert!(a.app.from_tun.recv_timeout(Duration::from_millis(500)).is_err());
+    assert!(
+        a.app
+            .from_tun
+            .recv_timeout(Duration::from_millis(500))
+            .is_err()
+    );
     assert_eq!(a.device.counters().src_rejected, 1);
 }

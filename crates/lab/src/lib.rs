@@ -34,6 +34,7 @@ mod lab;
 mod netns;
 pub mod seed;
 mod services;
+pub mod tailnet;
 
 pub use addr::{Cidr, is_lab_addr};
 pub use capture::{Capture, capture, capture_filtered, read_pcap};

@@ -15,7 +15,9 @@ use std::str::FromStr;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    #[error("not a key: expected 44 characters of base64 or {prefix}<64 hex digits>, got {len} characters")]
+    #[error(
+        "not a key: expected 44 characters of base64 or {prefix}<64 hex digits>, got {len} characters"
+    )]
     Format { prefix: &'static str, len: usize },
     #[error("key decodes to {0} bytes, expected 32")]
     Length(usize),
@@ -27,7 +29,10 @@ fn parse32(s: &str, prefix: &'static str) -> Result<[u8; 32], KeyError> {
     let s = s.trim();
     if let Some(hex) = s.strip_prefix(prefix) {
         if hex.len() != 64 {
-            return Err(KeyError::Format { prefix, len: s.len() });
+            return Err(KeyError::Format {
+                prefix,
+                len: s.len(),
+            });
         }
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
@@ -37,11 +42,15 @@ fn parse32(s: &str, prefix: &'static str) -> Result<[u8; 32], KeyError> {
         return Ok(out);
     }
     if s.len() != 44 {
-        return Err(KeyError::Format { prefix, len: s.len() });
+        return Err(KeyError::Format {
+            prefix,
+            len: s.len(),
+        });
     }
-    let bytes = B64
-        .decode(s)
-        .map_err(|_| KeyError::Format { prefix, len: s.len() })?;
+    let bytes = B64.decode(s).map_err(|_| KeyError::Format {
+        prefix,
+        len: s.len(),
+    })?;
     bytes
         .as_slice()
         .try_into()
@@ -155,7 +164,9 @@ mod tests {
     #[test]
     fn known_vector_matches_wireguard() {
         // `wg pubkey` of this private key (RFC 7748 section 6.1, Alice).
-        let private: NodePrivate = "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=".parse().unwrap();
+        let private: NodePrivate = "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo="
+            .parse()
+            .unwrap();
         assert_eq!(
             private.public().to_string(),
             "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
@@ -164,7 +175,10 @@ mod tests {
 
     #[test]
     fn bad_keys_are_rejected_with_reason() {
-        assert!(matches!("abc".parse::<NodePublic>(), Err(KeyError::Format { .. })));
+        assert!(matches!(
+            "abc".parse::<NodePublic>(),
+            Err(KeyError::Format { .. })
+        ));
         let bad_hex = format!("nodekey:{}", "zz".repeat(32));
         assert_eq!(bad_hex.parse::<NodePublic>(), Err(KeyError::Hex));
         // 44 chars of base64 that decode to 33 bytes cannot occur; 44 non-base64 chars can.

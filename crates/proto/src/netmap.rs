@@ -79,10 +79,16 @@ impl NetMap {
     /// and keeps running on the previous one.
     pub fn validate(&self) -> Result<(), NetMapError> {
         if self.self_node.addresses.is_empty() {
-            return Err(invalid("self.addresses", "at least one tailnet address is needed"));
+            return Err(invalid(
+                "self.addresses",
+                "at least one tailnet address is needed",
+            ));
         }
         if !(576..=9000).contains(&self.mtu) {
-            return Err(invalid("mtu", format!("{} is outside 576..=9000", self.mtu)));
+            return Err(invalid(
+                "mtu",
+                format!("{} is outside 576..=9000", self.mtu),
+            ));
         }
         let own = self.self_node.private_key.public();
         let mut keys = BTreeSet::new();
@@ -99,7 +105,10 @@ impl NetMap {
                 return Err(invalid(at("name"), "must not be empty"));
             }
             if !names.insert(peer.name.as_str()) {
-                return Err(invalid(at("name"), format!("{:?} appears twice", peer.name)));
+                return Err(invalid(
+                    at("name"),
+                    format!("{:?} appears twice", peer.name),
+                ));
             }
             for (j, net) in peer.allowed_ips.iter().enumerate() {
                 if is_default_route(net) {
@@ -195,15 +204,30 @@ mod tests {
         let mut m = map();
         m.peers[0].offers_exit = false;
         m.exit_node = Some(m.peers[0].key);
-        assert!(m.validate().unwrap_err().to_string().starts_with("exit_node: "));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("exit_node: ")
+        );
 
         let mut m = map();
         m.exit_node = Some(NodePrivate::generate().public());
-        assert!(m.validate().unwrap_err().to_string().contains("no peer has key"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("no peer has key")
+        );
 
         let mut m = map();
         m.peers[0].allowed_ips.push("0.0.0.0/0".parse().unwrap());
-        assert!(m.validate().unwrap_err().to_string().starts_with("peers[0].allowed_ips[1]"));
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("peers[0].allowed_ips[1]")
+        );
 
         let mut m = map();
         m.peers[0].key = m.self_node.private_key.public();

@@ -1,0 +1,210 @@
+//! The engine: a [`Device`] plus the kernel state around it, driven by network maps.
+//!
+//! Start-up order matters for leaks and for crash recovery:
+//! 1. remove leftovers of a crashed run (our rules, our table, our NAT table);
+//! 2. create the TUN and the UDP socket (marked, so policy routing lets it out);
+//! 3. start the device (packets can flow as soon as routes exist);
+//! 4. install routes and rules (the exit-node default only with its fail-closed guard);
+//! 5. when serving as exit node, install the NAT table and turn forwarding on.
+//!
+//! [`Engine::shutdown`] undoes 4 and 5 and stops the device. A crash leaves 4 and 5 in
+//! place on purpose: with an exit node selected, traffic stays blocked (fail closed)
+//! until the daemon is back, and its start-up cleans up.
+
+use crate::device::Device;
+use crate::os::nat::{self, ExitNat, ExitNatConfig, NatError};
+use crate::os::route::{self, RouteConfig, RouteError, RouteManager, RouteState};
+use crate::tun::{TunDevice, TunError};
+use crate::udp::{UdpError, UdpSock};
+use ipnet::IpNet;
+use std::sync::Arc;
+use tsunagu_proto::{NetMap, NetMapError};
+
+/// Local settings of the engine (not part of the network map).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub tun_name: String,
+    /// UDP port; 0 picks a free one.
+    pub listen_port: u16,
+    /// Mark on our own packets, exempting them from the tunnel routes.
+    pub fwmark: u32,
+    pub route_table: u32,
+    pub rule_priority_base: u32,
+    pub nat_table: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            tun_name: "tsunagu0".into(),
+            listen_port: 41641,
+            fwmark: route::DEFAULT_FWMARK,
+            route_table: route::DEFAULT_TABLE,
+            rule_priority_base: route::DEFAULT_RULE_PRIORITY_BASE,
+            nat_table: nat::DEFAULT_TABLE.into(),
+        }
+    }
+}
+
+/// Why the engine could not start or take a map.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("network map refused: {0}")]
+    Map(#[from] NetMapError),
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+    #[error("routing: {0}")]
+    Route(#[from] RouteError),
+    #[error("exit-node NAT: {0}")]
+    Nat(#[from] NatError),
+    #[error("starting the packet threads: {0}")]
+    Threads(#[source] std::io::Error),
+}
+
+/// A running node data plane.
+pub struct Engine {
+    cfg: EngineConfig,
+    map: NetMap,
+    device: Device,
+    routes: Option<RouteManager>,
+    nat: Option<ExitNat>,
+    port: u16,
+}
+
+fn route_state(map: &NetMap) -> RouteState {
+    RouteState {
+        addresses: map.self_node.addresses.clone(),
+        peer_routes: map
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect(),
+        exit_node: map.exit_node.is_some(),
+        allow_lan_access: map.exit_node_allow_lan_access,
+        mtu: map.mtu,
+    }
+}
+
+fn nat_config(cfg: &EngineConfig, map: &NetMap) -> ExitNatConfig {
+    let allowed_sources: Vec<IpNet> = map
+        .peers
+        .iter()
+        .filter(|p| p.exit_client)
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    ExitNatConfig {
+        table: cfg.nat_table.clone(),
+        tun_ifname: cfg.tun_name.clone(),
+        allowed_sources,
+        tun_mtu: map.mtu,
+    }
+}
+
+impl Engine {
+    pub fn start(cfg: EngineConfig, map: &NetMap) -> Result<Engine, EngineError> {
+        map.validate()?;
+        let route_cfg = RouteConfig {
+            table: cfg.route_table,
+            fwmark: cfg.fwmark,
+            rule_priority_base: cfg.rule_priority_base,
+            tun_ifname: cfg.tun_name.clone(),
+        };
+        route::cleanup_stale(&route_cfg)?;
+        ExitNat::remove_stale(&cfg.nat_table)?;
+
+        let tun = TunDevice::create(&cfg.tun_name, map.mtu)?;
+        let udp = UdpSock::bind_port(cfg.listen_port, Some(cfg.fwmark))?;
+        let port = udp
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(cfg.listen_port);
+        let device = Device::start(map, Arc::new(tun), udp).map_err(EngineError::Threads)?;
+        let mut engine = Engine {
+            cfg,
+            map: map.clone(),
+            device,
+            routes: None,
+            nat: None,
+            port,
+        };
+        let mut routes = RouteManager::new(route_cfg)?;
+        if let Err(e) = routes.apply(&route_state(map)) {
+            let _ = routes.cleanup();
+            return Err(e.into());
+        }
+        engine.routes = Some(routes);
+        if map.self_node.serve_exit {
+            match ExitNat::install(&nat_config(&engine.cfg, map)) {
+                Ok(nat) => engine.nat = Some(nat),
+                Err(e) => {
+                    engine.shutdown();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Take a new network map. An invalid map is refused and the running one kept.
+    pub fn apply(&mut self, map: &NetMap) -> Result<(), EngineError> {
+        map.validate()?;
+        // Routes before peers when an exit node goes away (so no packet is sent to a peer
+        // that no longer takes it), peers before routes when one comes (so the default
+        // route never points at a tunnel without its peer). Either order is leak-free:
+        // the tunnel drops what it cannot route.
+        let adding_exit = map.exit_node.is_some() && self.map.exit_node.is_none();
+        if adding_exit {
+            self.device.apply(map);
+        }
+        if let Some(routes) = self.routes.as_mut() {
+            routes.apply(&route_state(map))?;
+        }
+        if !adding_exit {
+            self.device.apply(map);
+        }
+        match (map.self_node.serve_exit, self.nat.as_mut()) {
+            (true, Some(nat)) => nat.update(&nat_config(&self.cfg, map))?,
+            (true, None) => self.nat = Some(ExitNat::install(&nat_config(&self.cfg, map))?),
+            (false, Some(_)) => {
+                if let Some(nat) = self.nat.take() {
+                    nat.remove()?;
+                }
+            }
+            (false, None) => {}
+        }
+        self.map = map.clone();
+        Ok(())
+    }
+
+    pub fn map(&self) -> &NetMap {
+        &self.map
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The UDP port in use (useful with `listen_port = 0`).
+    pub fn local_port(&self) -> u16 {
+        self.port
+    }
+
+    /// Remove our NAT table, rules and routes, and stop the packet path. Errors are
+    /// logged: shutdown goes on with the rest.
+    pub fn shutdown(&mut self) {
+        if let Some(nat) = self.nat.take()
+            && let Err(e) = nat.remove()
+        {
+            tracing::error!("removing exit-node NAT: {e}");
+        }
+        if let Some(routes) = self.routes.take()
+            && let Err(e) = routes.cleanup()
+        {
+            tracing::error!("removing routes and rules: {e}");
+        }
+        self.device.stop_threads();
+    }
+}
