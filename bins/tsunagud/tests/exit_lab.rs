@@ -483,5 +483,21 @@ fn garbage_to_the_daemon_port_is_dropped_and_traffic_goes_on() {
         "the exit node is still running"
     );
     assert_eq!(seen(&seed), EXIT_PUBLIC.to_string(), "and still forwarding");
-    let _ = &mut seed;
+
+    // A broken config file on reload is refused; the running map stays.
+    std::fs::write(seed.lab.log_path("client.toml"), "exit_node = [").unwrap();
+    seed.lab.kill(r.client, Signal::SIGHUP).unwrap();
+    let refused = eventually(T, || {
+        r.net.log(&seed.lab, "client").contains("reload refused")
+    });
+    assert!(refused.is_some(), "{}", r.net.log(&seed.lab, "client"));
+    assert!(
+        seed.lab.try_wait(r.client).unwrap().is_none(),
+        "the client is still running"
+    );
+    assert_eq!(
+        seen(&seed),
+        EXIT_PUBLIC.to_string(),
+        "still on the exit node"
+    );
 }
