@@ -36,10 +36,14 @@ fn step(text: &str) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.tsunagud.exists() {
-        bail!("{} not found: build it with `cargo build --release -p tsunagud`", args.tsunagud.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p tsunagud`",
+            args.tsunagud.display()
+        );
     }
     step("building the lab: client behind a cafe NAT, exit node, web server on the internet");
-    let mut seed = Lab::seed("demo", SeedOptions::default()).context("building the lab (are you root?)")?;
+    let mut seed =
+        Lab::seed("demo", SeedOptions::default()).context("building the lab (are you root?)")?;
     for r in [role::CLIENT, role::CAFE, role::EXIT, role::INET, role::WEB] {
         println!("   namespace {:<7} {}", r, seed.ns(r).name);
     }
@@ -47,15 +51,24 @@ fn main() -> anyhow::Result<()> {
     let _web = whoami_server(&seed.ns(role::WEB), web)?;
     let mut net = Tailnet::new(&args.tsunagud);
     net.add("client", role::CLIENT, None, false);
-    net.add("dev-m1sk9-s1", role::EXIT, Some(IpAddr::V4(EXIT_PUBLIC)), true);
+    net.add(
+        "dev-m1sk9-s1",
+        role::EXIT,
+        Some(IpAddr::V4(EXIT_PUBLIC)),
+        true,
+    );
     let exit_name = "dev-m1sk9-s1";
 
-    step(&format!("starting tsunagud on the exit node {exit_name} (198.51.100.2) and on the client"));
+    step(&format!(
+        "starting tsunagud on the exit node {exit_name} (198.51.100.2) and on the client"
+    ));
     let exit = net.start(&mut seed.lab, exit_name, &NodeOpts::default())?;
     let client = net.start(&mut seed.lab, "client", &NodeOpts::default())?;
     let client_ns = seed.ns(role::CLIENT);
     let ask = |what: &str| -> anyhow::Result<String> {
-        let seen = http_get(&client_ns, web, Duration::from_secs(5))?.trim().to_string();
+        let seen = http_get(&client_ns, web, Duration::from_secs(5))?
+            .trim()
+            .to_string();
         let who = if seen == CAFE_PUBLIC.to_string() {
             "the cafe's NAT"
         } else if seen == EXIT_PUBLIC.to_string() {
@@ -66,7 +79,12 @@ fn main() -> anyhow::Result<()> {
         println!("   {what}: the web server at {WEB_ADDR} sees {seen} ({who})");
         Ok(seen)
     };
-    let ping_exit = tsunagu_lab::ping(&client_ns, net.node(exit_name).ip4.into(), 3, Duration::from_secs(5));
+    let ping_exit = tsunagu_lab::ping(
+        &client_ns,
+        net.node(exit_name).ip4.into(),
+        3,
+        Duration::from_secs(5),
+    );
     println!(
         "   client {} -> {exit_name} {} over the tailnet: {}",
         net.node("client").ip4,
@@ -77,7 +95,9 @@ fn main() -> anyhow::Result<()> {
     step("without an exit node");
     ask("direct")?;
 
-    step(&format!("tsunagu set --exit-node={exit_name} (config reload)"));
+    step(&format!(
+        "tsunagu set --exit-node={exit_name} (config reload)"
+    ));
     let with_exit = NodeOpts {
         exit_node: Some(exit_name.into()),
         ..NodeOpts::default()
@@ -88,7 +108,10 @@ fn main() -> anyhow::Result<()> {
     let cap = tsunagu_lab::capture(&mut seed.lab, &cafe, port, &file)?;
     ask("through the exit node")?;
     let lines = cap.finish(&mut seed.lab)?;
-    println!("   a capture on the cafe Wi-Fi meanwhile ({} packets):", lines.len());
+    println!(
+        "   a capture on the cafe Wi-Fi meanwhile ({} packets):",
+        lines.len()
+    );
     for l in lines.iter().take(6) {
         println!("     {l}");
     }
@@ -96,7 +119,10 @@ fn main() -> anyhow::Result<()> {
     step("the exit node crashes (SIGKILL): the client fails closed");
     seed.lab.kill(exit, Signal::SIGKILL)?;
     match http_get(&client_ns, web, Duration::from_secs(2)) {
-        Ok(body) => println!("   UNEXPECTED: the request went out and was seen as {}", body.trim()),
+        Ok(body) => println!(
+            "   UNEXPECTED: the request went out and was seen as {}",
+            body.trim()
+        ),
         Err(_) => println!("   the request fails: nothing leaves outside the tunnel"),
     }
     step("the exit node comes back");
@@ -107,7 +133,10 @@ fn main() -> anyhow::Result<()> {
             break;
         }
     }
-    println!("   traffic flows again {:.1} s after the restart", restarted.elapsed().as_secs_f64());
+    println!(
+        "   traffic flows again {:.1} s after the restart",
+        restarted.elapsed().as_secs_f64()
+    );
     ask("through the exit node")?;
 
     step("tsunagu set --exit-node= (config reload)");
@@ -115,7 +144,10 @@ fn main() -> anyhow::Result<()> {
     ask("direct again")?;
 
     if args.hold > 0 {
-        step(&format!("holding the lab for {} s (Ctrl-C ends it)", args.hold));
+        step(&format!(
+            "holding the lab for {} s (Ctrl-C ends it)",
+            args.hold
+        ));
         std::thread::sleep(Duration::from_secs(args.hold));
     }
     step("tearing down");

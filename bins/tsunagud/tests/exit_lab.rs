@@ -501,3 +501,34 @@ fn garbage_to_the_daemon_port_is_dropped_and_traffic_goes_on() {
         "still on the exit node"
     );
 }
+
+#[test]
+fn an_exit_node_forwards_only_for_peers_the_map_allows() {
+    let (mut seed, net) = setup("dp_refuse", SeedOptions::default());
+    let refuse = NodeOpts {
+        refuse_exit_to: vec!["client".into()],
+        ..NodeOpts::default()
+    };
+    let exit = net.start(&mut seed.lab, "exit", &refuse).unwrap();
+    let client = net.start(&mut seed.lab, "client", &exit_opts()).unwrap();
+    let _web = whoami_server(&seed.ns(role::WEB), web()).unwrap();
+    let client_ns = seed.ns(role::CLIENT);
+    // The tunnel itself works (tailnet traffic is not forwarding) ...
+    assert!(tsunagu_lab::ping(
+        &client_ns,
+        net.node("exit").ip4.into(),
+        2,
+        T
+    ));
+    // ... but the exit node does not forward the client's internet traffic.
+    let r = http_get(&client_ns, web(), Duration::from_secs(2));
+    assert!(
+        r.is_err(),
+        "forwarded for a peer the map does not allow: {r:?}"
+    );
+    // Allowed by a new map (reload): forwarded.
+    net.reload(&mut seed.lab, exit, "exit", &NodeOpts::default())
+        .unwrap();
+    assert_eq!(seen(&seed), EXIT_PUBLIC.to_string());
+    let _ = client;
+}

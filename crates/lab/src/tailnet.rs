@@ -41,6 +41,8 @@ pub struct NodeOpts {
     pub allow_lan: bool,
     /// Tunnel MTU (default: the daemon's).
     pub mtu: Option<u16>,
+    /// Peers (by name) that may *not* use this node as their exit node; all others may.
+    pub refuse_exit_to: Vec<String>,
 }
 
 /// The nodes of a lab tailnet and the daemon binary that runs them.
@@ -116,8 +118,8 @@ impl Tailnet {
                 peer.ip4, peer.ip6
             );
             let _ = writeln!(s, "offers_exit_node = {}", peer.exit);
-            // In the lab every node may use every exit node.
-            let _ = writeln!(s, "may_use_exit_node = true");
+            let may = !opts.refuse_exit_to.contains(&peer.name);
+            let _ = writeln!(s, "may_use_exit_node = {may}");
             if me.public.is_none() {
                 // Behind a NAT: keep the mapping alive.
                 let _ = writeln!(s, "persistent_keepalive = 25");
