@@ -15,9 +15,9 @@
 //!     iifname "tsunagu0" meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size set 1220
 //!     oifname "tsunagu0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu
 //!     oifname "tsunagu0" ct state established,related accept
-//!     iifname "tsunagu0" ip saddr { 100.64.0.2 } meta mark set meta mark & 0xff00ffff | 0x00040000 accept
-//!     iifname "tsunagu0" ip6 saddr { fd7a:115c:a1e0::2 } meta mark set meta mark & 0xff00ffff | 0x00040000 accept
-//!     iifname "tsunagu0" counter drop
+//!     iifname "tsunagu0" ip saddr 100.64.0.2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
+//!     iifname "tsunagu0" ip6 saddr fd7a:115c:a1e0::2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
+//!     iifname "tsunagu0" counter packets 0 bytes 0 drop
 //!   }
 //!   chain postrouting {
 //!     type nat hook postrouting priority srcnat; policy accept;
@@ -25,6 +25,11 @@
 //!   }
 //! }
 //! ```
+//!
+//! (That is `nft list` output. The mark statement we send is `meta mark & 0xff00ffff |
+//! 0x40000`; nft prints an equivalent mask. Several sources become one anonymous set,
+//! `ip saddr { 100.64.0.2, 100.64.1.0/24 }`, with overlapping prefixes merged first,
+//! since nft rejects overlapping intervals.)
 //!
 //! Why it looks like this:
 //! - `policy accept` on the forward chain: we only judge packets entering from the tun;
@@ -307,12 +312,13 @@ fn apply(
 fn validate(cfg: &ExitNatConfig) -> Result<(), NatError> {
     validate_table(&cfg.table)?;
     let name = &cfg.tun_ifname;
-    // IFNAMSIZ is 16 including the NUL; the name also ends up quoted in nft syntax.
+    // IFNAMSIZ is 16 including the NUL; the kernel refuses '/' and ':'. The name also
+    // ends up quoted in an nft string, where '*' would be a wildcard.
     let name_ok = !name.is_empty()
         && name.len() < 16
         && name
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'"' && b != b'\\');
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b':' | b'"' | b'\\' | b'*'));
     if !name_ok {
         return Err(NatError::InvalidConfig(format!(
             "tun interface name {name:?} is not a valid Linux interface name"
@@ -670,8 +676,18 @@ mod tests {
                 Err(NatError::InvalidConfig(_))
             ));
         }
+        for bad in ["a\"b", "tsu*", "", "sixteen-chars-xx"] {
+            let c = ExitNatConfig {
+                tun_ifname: bad.into(),
+                ..cfg()
+            };
+            assert!(matches!(
+                ExitNat::render(&c),
+                Err(NatError::InvalidConfig(_))
+            ));
+        }
         let c = ExitNatConfig {
-            tun_ifname: "a\"b".into(),
+            tun_mtu: 1200,
             ..cfg()
         };
         assert!(matches!(

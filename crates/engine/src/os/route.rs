@@ -7,17 +7,26 @@
 //! tun called `tsunagu0`, [`RouteManager::apply`] converges on, for IPv4 and IPv6 alike:
 //!
 //! ```text
-//! 5210: from all fwmark 0x80000/0xff0000 lookup main   # base+0, always
-//! 5240: from all to 198.18.1.0/24 lookup main          # base+30, exit node + allow_lan_access only,
-//!                                                      #   one per directly connected LAN subnet
-//! 5250: from all fwmark 0x80000/0xff0000 unreachable   # base+40, always
-//! 5270: from all lookup 52                             # base+60, always
+//! $ ip rule            # and the same for ip -6 rule, with the IPv6 LAN subnets
+//! 5210: from all fwmark 0x80000/0xff0000 lookup main proto 52   # base+0, always
+//! 5240: from all to 198.18.1.0/24 lookup main proto 52          # base+30, exit node with
+//!                                                               #   allow_lan_access only, one
+//!                                                               #   per directly connected LAN
+//! 5250: from all fwmark 0x80000/0xff0000 unreachable proto 52   # base+40, always
+//! 5270: from all lookup 52 proto 52                             # base+60, always
 //!
-//! table 52:
-//!   100.64.0.2 dev tsunagu0 scope link                  # one per peer route (allowed IPs)
-//!   default dev tsunagu0 scope link                     # exit node only (IPv6: metric 1024)
-//!   unreachable default metric 2147483647               # exit node only: fails closed
+//! $ ip route show table 52
+//! 100.64.0.2 dev tsunagu0 proto 52 scope link                  # one per peer route
+//! default dev tsunagu0 proto 52 scope link                     # exit node only
+//! unreachable default proto 52 metric 2147483647               # exit node only: fail closed
+//! $ ip -6 route show table 52
+//! fd7a:115c:a1e0::2 dev tsunagu0 proto 52 metric 1024 pref medium
+//! default dev tsunagu0 proto 52 metric 1024 pref medium
+//! unreachable default dev lo proto 52 metric 2147483647 pref medium
 //! ```
+//!
+//! Everything we install carries protocol 52 ([`OWNER_PROTOCOL`]), which is how rules of
+//! ours are told from someone else's at the same priority.
 //!
 //! and the tun has the node's addresses (`100.64.x.y/32`, `fd7a:115c:a1e0::…/128`), the
 //! MTU of [`RouteState::mtu`] and is up.
@@ -64,7 +73,8 @@
 //! stale ones are deleted, and stale rules go last.
 //!
 //! [`RouteManager::cleanup`] and [`cleanup_stale`] delete only our rules (recognised by
-//! priority *and* table/action/selectors) and flush our table; nothing else is touched.
+//! priority *and* table/action/selectors *and* owner protocol) and flush our table;
+//! nothing else is touched.
 //!
 //! # Backend
 //!
@@ -126,6 +136,12 @@ const TABLE_MAIN: u32 = 254;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// IPv6 needs at least this MTU; the tailnet is dual-stack.
 const MIN_MTU: u16 = 1280;
+/// Protocol number (`RTPROT_*`, "proto 52" in `ip rule`/`ip route`) on every rule and
+/// route we install. Unregistered in iproute2's rt_protos; 52 like the table. It is what
+/// makes "ours" exact: the kernel's rule delete treats absent selectors as wildcards, so
+/// deleting `pref 5270 lookup 52` could remove a foreign `pref 5270 fwmark 0x1 lookup 52`
+/// listed before ours; with the protocol in the request it cannot.
+pub const OWNER_PROTOCOL: u8 = 52;
 /// `ip rule` priority of the main table's rule; ours must all come before it.
 const MAIN_RULE_PRIORITY: u32 = 32766;
 
@@ -290,7 +306,6 @@ pub struct Route {
 
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
-const RTPROT_STATIC: u8 = 4;
 
 impl Route {
     /// What identifies a route of ours for diffing: the other fields are either
@@ -346,6 +361,8 @@ pub struct Rule {
     pub dst: Option<IpNet>,
     pub src: Option<IpNet>,
     pub suppress_prefixlen: Option<u32>,
+    /// `FRA_PROTOCOL`: who installed the rule; ours carry [`OWNER_PROTOCOL`].
+    pub protocol: u8,
     /// Selectors we never use (iif/oif, tos, uid, ports, `not`, ...): a rule with any of
     /// them is never ours, whatever its priority.
     pub other_selectors: bool,
@@ -361,6 +378,7 @@ impl Rule {
             dst: None,
             src: None,
             suppress_prefixlen: None,
+            protocol: OWNER_PROTOCOL,
             other_selectors: false,
         }
     }
@@ -383,10 +401,11 @@ impl fmt::Display for Rule {
             write!(f, " suppress_prefixlength {p}")?;
         }
         match self.action {
-            RuleAction::Table(t) => write!(f, " lookup {t}"),
-            RuleAction::Unreachable => f.write_str(" unreachable"),
-            RuleAction::Other(a) => write!(f, " action {a}"),
+            RuleAction::Table(t) => write!(f, " lookup {t}")?,
+            RuleAction::Unreachable => f.write_str(" unreachable")?,
+            RuleAction::Other(a) => write!(f, " action {a}")?,
         }
+        write!(f, " proto {}", self.protocol)
     }
 }
 
@@ -522,10 +541,11 @@ impl RouteManager {
 
     fn cleanup_inner(&mut self) -> Result<(), RouteError> {
         let families = self.families();
-        // Rules first: once they are gone nothing consults our table, so flushing it
-        // cannot make traffic change path twice.
+        // Rules first, once they are gone nothing consults our table, so flushing it
+        // cannot make traffic change path twice; and highest priority number first, so
+        // the fwmark bypass is the last to go and our own packets never loop meanwhile.
         let mut first_err = None;
-        for rule in self.our_rules(&families)? {
+        for rule in self.our_rules(&families)?.into_iter().rev() {
             if let Err(e) = self.backend.del_rule(&rule) {
                 tracing::warn!(error = %e, "cleanup");
                 first_err.get_or_insert(e);
@@ -625,7 +645,9 @@ fn validate_config(cfg: &RouteConfig) -> Result<(), RouteError> {
     let name = &cfg.tun_ifname;
     if name.is_empty()
         || name.len() >= 16
-        || name.bytes().any(|b| !b.is_ascii_graphic() || b == b'/')
+        || name
+            .bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'/' || b == b':')
     {
         return bad(format!("{name:?} is not a valid Linux interface name"));
     }
@@ -692,7 +714,7 @@ fn desired_routes(
             } else {
                 RT_SCOPE_UNIVERSE
             },
-            protocol: RTPROT_STATIC,
+            protocol: OWNER_PROTOCOL,
         }
     };
     let mut dsts: BTreeSet<IpNet> = BTreeSet::new();
@@ -718,7 +740,7 @@ fn desired_routes(
                 multipath: false,
                 metric: FAIL_CLOSED_METRIC,
                 scope: RT_SCOPE_UNIVERSE,
-                protocol: RTPROT_STATIC,
+                protocol: OWNER_PROTOCOL,
             });
         }
     }
@@ -769,7 +791,11 @@ fn desired_rules(cfg: &RouteConfig, families: &[Family], lan: &[IpNet]) -> Vec<R
 /// Whether a kernel rule is one of ours: right priority *and* the exact shape we
 /// install there, so a foreign rule that happens to share a priority is left alone.
 fn is_our_rule(cfg: &RouteConfig, r: &Rule) -> bool {
-    if r.other_selectors || r.src.is_some() || r.suppress_prefixlen.is_some() {
+    if r.other_selectors
+        || r.src.is_some()
+        || r.suppress_prefixlen.is_some()
+        || r.protocol != OWNER_PROTOCOL
+    {
         return false;
     }
     let Some(offset) = r.priority.checked_sub(cfg.rule_priority_base) else {
@@ -1156,6 +1182,8 @@ fn rule_msg(r: &Rule) -> RuleMessage {
     let mut msg = RuleMessage::default();
     msg.header.family = r.family.netlink();
     msg.attributes.push(RuleAttribute::Priority(r.priority));
+    msg.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(r.protocol)));
     match r.action {
         RuleAction::Table(t) => {
             msg.header.action = NlRuleAction::ToTable;
@@ -1194,12 +1222,15 @@ fn parse_rule(m: &RuleMessage) -> Option<Rule> {
     };
     let mut table = u32::from(h.table);
     let mut rule = Rule::new(family, 0, RuleAction::Other(0));
+    // Absent on kernels before 4.17, which then reported no owner at all.
+    rule.protocol = 0;
     rule.other_selectors = h.tos != 0 || h.flags.contains(RuleFlags::Invert);
     let mut mark = None;
     let mut mask = u32::MAX;
     for a in &m.attributes {
         match a {
             RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::Protocol(p) => rule.protocol = u8::from(*p),
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::FwMark(v) => mark = Some(*v),
             RuleAttribute::FwMask(v) => mask = *v,
@@ -1574,7 +1605,13 @@ mod tests {
     fn host() -> (RouteManager, Fake) {
         let foreign = Rule {
             dst: Some(net("198.51.100.0/24")),
+            protocol: 3,
             ..Rule::new(Family::V4, 5240, RuleAction::Table(100))
+        };
+        // Same shape as our base+60 rule, but an admin's (proto boot), not ours.
+        let lookalike = Rule {
+            protocol: 3,
+            ..Rule::new(Family::V4, 5270, RuleAction::Table(52))
         };
         let fake = Fake::default();
         {
@@ -1597,7 +1634,7 @@ mod tests {
                     ..lan_route("0.0.0.0/0", 2)
                 },
             ];
-            k.rules = vec![foreign];
+            k.rules = vec![foreign, lookalike];
         }
         let cfg = RouteConfig {
             tun_ifname: "tsutest0".into(),
@@ -1670,8 +1707,8 @@ mod tests {
         assert_eq!(
             log,
             [
-                "--6 rule pref 5240 to 2001:db8:1::/64 lookup 254",
-                "--4 rule pref 5240 to 198.18.1.0/24 lookup 254",
+                "--6 rule pref 5240 to 2001:db8:1::/64 lookup 254 proto 52",
+                "--4 rule pref 5240 to 198.18.1.0/24 lookup 254 proto 52",
             ]
         );
         m.apply(&state(false, false)).unwrap();
@@ -1693,8 +1730,14 @@ mod tests {
         m.apply(&state(true, true)).unwrap();
         m.cleanup().unwrap();
         let k = f.k();
-        assert_eq!(k.rules.len(), 1, "{:?}", k.rules);
-        assert_eq!(k.rules[0].action, RuleAction::Table(100));
+        let left: Vec<String> = k.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            left,
+            [
+                "-4 rule pref 5240 to 198.51.100.0/24 lookup 100 proto 3",
+                "-4 rule pref 5270 lookup 52 proto 3",
+            ]
+        );
         assert!(k.routes.iter().all(|r| r.table != 52));
         // Addresses stay with the tun.
         assert_eq!(k.addrs.len(), 2);
