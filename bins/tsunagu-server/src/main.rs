@@ -1,1 +1,223 @@
-fn main() {}
+//! tsunagu-server: the coordination server and its admin CLI.
+
+mod admin_client;
+mod cli;
+mod config;
+
+use admin_client::AdminClient;
+use anyhow::Context as _;
+use clap::Parser as _;
+use cli::{Cli, Command, KeysCmd, NodesCmd, PolicyCmd, UsersCmd};
+use config::Config;
+use serde_json::{Value, json};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TSUNAGU_LOG")
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tsunagu-server: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tsunagu-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (listen, server_url) = match &cli.command {
+        Command::Serve(s) => (s.listen.clone(), s.server_url.clone()),
+        _ => (None, None),
+    };
+    let cfg = Config::resolve(cli.common.config.as_deref(), cli.common.data_dir.clone(), listen, server_url)?;
+    let json_out = cli.common.json;
+    let admin = AdminClient::new(&cfg.admin_socket());
+    match cli.command {
+        Command::Serve(_) => serve(cfg).await,
+        Command::Policy(PolicyCmd::Check { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            tsunagu_policy::Policy::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Set { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            admin.call("PUT", "/v1/policy", Some(json!({ "policy": text }))).await?;
+            println!("policy updated");
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Get) => {
+            let v = admin.call("GET", "/v1/policy", None).await?;
+            if json_out {
+                println!("{v}");
+            } else {
+                println!("{}", v.get("policy").and_then(Value::as_str).unwrap_or("(default policy)"));
+            }
+            Ok(())
+        }
+        Command::Users(cmd) => users(&admin, cmd, json_out).await,
+        Command::Preauthkeys(cmd) => keys(&admin, cmd, json_out).await,
+        Command::Nodes(cmd) => nodes(&admin, cmd, json_out).await,
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    tsunagu_control::server::serve(tsunagu_control::server::ServerConfig {
+        data_dir: cfg.data_dir.clone(),
+        listen: cfg.listen.clone(),
+        server_url: cfg.server_url.clone(),
+        tls: cfg.tls.clone(),
+        policy_file: cfg.policy_file.clone(),
+        admin_socket: cfg.admin_socket(),
+        ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
+    })
+    .await
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+/// Print rows as an aligned table; `cols` are (header, JSON field).
+fn table(rows: &[Value], cols: &[(&str, &str)]) {
+    let cell = |row: &Value, field: &str| -> String {
+        match row.get(field) {
+            None | Some(Value::Null) => "-".to_string(),
+            Some(Value::String(s)) if s.is_empty() => "-".to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(a)) if a.is_empty() => "-".to_string(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(Value::Bool(b)) => if *b { "yes" } else { "no" }.to_string(),
+            Some(v) => v.to_string(),
+        }
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|(_, f)| cell(r, f)).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| cells.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |items: Vec<String>| {
+        let s: Vec<String> = items
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(cols.iter().map(|(h, _)| h.to_string()).collect());
+    for r in cells {
+        line(r);
+    }
+}
+
+fn rows(v: &Value) -> Vec<Value> {
+    v.as_array().cloned().unwrap_or_default()
+}
+
+async fn users(admin: &AdminClient, cmd: UsersCmd, json_out: bool) -> anyhow::Result<()> {
+    match cmd {
+        UsersCmd::Create { name } => {
+            let v = admin.call("POST", "/v1/users", Some(json!({ "name": name }))).await?;
+            if json_out { print_json(&v) } else { println!("user {name} created (id {})", v["id"]) }
+        }
+        UsersCmd::List => {
+            let v = admin.call("GET", "/v1/users", None).await?;
+            if json_out { print_json(&v) } else { table(&rows(&v), &[("ID", "id"), ("NAME", "name"), ("CREATED", "created_at")]) }
+        }
+        UsersCmd::Delete { name } => {
+            admin.call("DELETE", &format!("/v1/users/{name}"), None).await?;
+            if !json_out { println!("user {name} deleted") }
+        }
+    }
+    Ok(())
+}
+
+async fn keys(admin: &AdminClient, cmd: KeysCmd, json_out: bool) -> anyhow::Result<()> {
+    match cmd {
+        KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
+            let body = json!({
+                "user": user, "reusable": reusable, "ephemeral": ephemeral,
+                "expiration": expiration, "tags": tags,
+            });
+            let v = admin.call("POST", "/v1/preauthkeys", Some(body)).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "pre-auth key for user {user} ({}{}), expires {}:",
+                    if reusable { "reusable" } else { "single use" },
+                    if ephemeral { ", ephemeral" } else { "" },
+                    v["expires_at"].as_str().unwrap_or("never")
+                );
+                println!("{}", v["key"].as_str().unwrap_or_default());
+            }
+        }
+        KeysCmd::List { user } => {
+            let path = match user {
+                Some(u) => format!("/v1/preauthkeys?user={u}"),
+                None => "/v1/preauthkeys".to_string(),
+            };
+            let v = admin.call("GET", &path, None).await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                table(&rows(&v), &[
+                    ("ID", "id"), ("PREFIX", "key_prefix"), ("USER", "user"), ("REUSABLE", "reusable"),
+                    ("EPHEMERAL", "ephemeral"), ("USED", "used"), ("EXPIRES", "expires_at"), ("TAGS", "tags"),
+                ])
+            }
+        }
+        KeysCmd::Expire { id } => {
+            admin.call("POST", &format!("/v1/preauthkeys/{id}/expire"), None).await?;
+            if !json_out { println!("key {id} expired") }
+        }
+    }
+    Ok(())
+}
+
+async fn nodes(admin: &AdminClient, cmd: NodesCmd, json_out: bool) -> anyhow::Result<()> {
+    let (method, path, body, done): (&str, String, Option<Value>, String) = match cmd {
+        NodesCmd::List => {
+            let v = admin.call("GET", "/v1/nodes", None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                table(&rows(&v), &[
+                    ("ID", "id"), ("NAME", "name"), ("USER", "user"), ("ADDRESSES", "addresses"), ("OS", "os"),
+                    ("ONLINE", "online"), ("LAST SEEN", "last_seen"), ("ADVERTISED", "advertised_routes"),
+                    ("APPROVED", "approved_routes"), ("EXIT NODE", "exit_node"),
+                ]);
+            }
+            return Ok(());
+        }
+        NodesCmd::ApproveExit { node } => ("POST", format!("/v1/nodes/{node}/approve-exit"), None, format!("exit node {node} approved")),
+        NodesCmd::RevokeExit { node } => ("POST", format!("/v1/nodes/{node}/revoke-exit"), None, format!("exit node {node} revoked")),
+        NodesCmd::Expire { node } => ("POST", format!("/v1/nodes/{node}/expire"), None, format!("node {node} expired")),
+        NodesCmd::Delete { node } => ("DELETE", format!("/v1/nodes/{node}"), None, format!("node {node} deleted")),
+        NodesCmd::Rename { node, new_name } => ("POST", format!("/v1/nodes/{node}/rename"), Some(json!({ "name": new_name })), format!("node {node} renamed")),
+        NodesCmd::Tag { node, tags } => ("POST", format!("/v1/nodes/{node}/tags"), Some(json!({ "tags": tags })), format!("node {node} tagged")),
+        NodesCmd::Register { key, user } => ("POST", "/v1/register".to_string(), Some(json!({ "key": key, "user": user })), "registration approved".to_string()),
+    };
+    let v = admin.call(method, &path, body).await?;
+    if json_out { print_json(&v) } else { println!("{done}") }
+    Ok(())
+}

@@ -1,1 +1,6 @@
-//! (being written)
+//! tsunagu-server's core (being assembled).
+pub mod admin;
+pub mod framing;
+pub mod machine;
+pub mod mapper;
+pub mod state;

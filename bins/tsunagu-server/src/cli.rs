@@ -1,0 +1,127 @@
+//! Command-line interface of `tsunagu-server`: `serve` runs the server; every other
+//! subcommand is an admin command that talks to the running server over its local
+//! admin socket (`<data-dir>/admin.sock`, owner-only), except `policy check`, which
+//! needs no server.
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "tsunagu-server", version, about = "tsunagu coordination server")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, ClapArgs)]
+pub struct Common {
+    /// Data directory (database, keys, admin socket). Env: TSUNAGU_DATA_DIR.
+    #[arg(long, global = true, value_name = "DIR", env = "TSUNAGU_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Configuration file (TOML). Env: TSUNAGU_CONFIG.
+    #[arg(long, global = true, value_name = "FILE", env = "TSUNAGU_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordination server.
+    Serve(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Manage pre-auth keys.
+    #[command(subcommand)]
+    Preauthkeys(KeysCmd),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// Check, set or show the ACL policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ServeArgs {
+    /// Address to listen on for clients (HTTP, or HTTPS with a certificate).
+    #[arg(long, value_name = "ADDR:PORT", env = "TSUNAGU_LISTEN")]
+    pub listen: Option<String>,
+    /// The URL clients are told to use (defaults to http://<listen>).
+    #[arg(long, value_name = "URL", env = "TSUNAGU_SERVER_URL")]
+    pub server_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    Create { name: String },
+    List,
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; the key alone is printed on the last line.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long)]
+        ephemeral: bool,
+        /// Lifetime, e.g. 90m, 24h, 7d (default 24h).
+        #[arg(long, value_name = "DUR")]
+        expiration: Option<String>,
+        /// Tags for nodes registered with the key: tag:a,tag:b
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    Expire {
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    List,
+    /// Approve a node's advertised exit-node routes (0.0.0.0/0, ::/0).
+    ApproveExit { node: String },
+    /// Revoke a node's exit-node approval.
+    RevokeExit { node: String },
+    /// Expire a node's key now: it is cut off until it re-authenticates.
+    Expire { node: String },
+    Delete { node: String },
+    Rename { node: String, new_name: String },
+    /// Set a node's tags (replacing its user ownership): tag:a,tag:b
+    Tag {
+        node: String,
+        #[arg(value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// Approve an interactive registration (the key printed in the client's login URL).
+    Register {
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Parse and validate a policy file without a server.
+    Check { file: PathBuf },
+    /// Replace the running policy (validated first; the old one keeps serving on error).
+    Set { file: PathBuf },
+    /// Print the running policy.
+    Get,
+}

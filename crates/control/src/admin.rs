@@ -1,0 +1,488 @@
+//! The admin API: JSON over HTTP/1.1 on a Unix socket that only the server's owner can
+//! open (file mode 0600). The `tsunagu-server` subcommands are its client; scripts may
+//! call it too (`curl --unix-socket`). Every change goes through the store first and
+//! then reaches the affected map streams through [`State`].
+
+use crate::mapper::{self, is_default_route};
+use crate::state::{NodeEntry, State, policy_node};
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, TimeDelta, Utc};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use tsunagu_policy::Policy;
+use tsunagu_store::{Owner, StoreError};
+
+/// An admin-facing error: HTTP status + message, rendered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = if e.is_not_found() {
+            StatusCode::NOT_FOUND
+        } else if e.is_conflict() {
+            StatusCode::CONFLICT
+        } else if matches!(e, StoreError::Invalid { .. } | StoreError::KeyRejected(_)) {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/v1/users", get(list_users).post(create_user))
+        .route("/v1/users/{name}", delete(delete_user))
+        .route("/v1/preauthkeys", get(list_keys).post(create_key))
+        .route("/v1/preauthkeys/{id}/expire", post(expire_key))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}", delete(delete_node).get(get_node))
+        .route("/v1/nodes/{node}/approve-exit", post(approve_exit))
+        .route("/v1/nodes/{node}/revoke-exit", post(revoke_exit))
+        .route("/v1/nodes/{node}/expire", post(expire_node))
+        .route("/v1/nodes/{node}/rename", post(rename_node))
+        .route("/v1/nodes/{node}/tags", post(tag_node))
+        .route("/v1/register", post(register))
+        .route("/v1/policy", get(get_policy).put(set_policy))
+        .with_state(state)
+}
+
+/// A node as the admin sees it (`nodes list --json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub id: i64,
+    pub name: String,
+    pub hostname: String,
+    /// The owner's name, or `tagged-devices`.
+    pub user: String,
+    pub tags: Vec<String>,
+    pub addresses: Vec<String>,
+    pub os: String,
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub advertised_routes: Vec<String>,
+    pub approved_routes: Vec<String>,
+    /// `no`, `awaiting approval` or `approved`.
+    pub exit_node: String,
+    pub ephemeral: bool,
+    pub expired: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
+    let n = &e.node;
+    let users = state.users();
+    let advertises_exit = n
+        .advertised_routes
+        .iter()
+        .filter(|r| is_default_route(r))
+        .count()
+        == 2;
+    let approved_exit = n
+        .approved_routes
+        .iter()
+        .filter(|r| is_default_route(r))
+        .count()
+        == 2;
+    let exit_node = match (advertises_exit, approved_exit) {
+        (true, true) => "approved",
+        (true, false) => "awaiting approval",
+        (false, true) => "approved, not advertised",
+        (false, false) => "no",
+    };
+    NodeInfo {
+        id: n.id,
+        name: n.given_name.clone(),
+        hostname: n.hostname.clone(),
+        user: n
+            .user_id
+            .and_then(|u| users.get(&u))
+            .map(|u| u.name.clone())
+            .unwrap_or_else(|| mapper::TAGGED_DEVICES_LOGIN.to_string()),
+        tags: n.tags.clone(),
+        addresses: vec![n.ipv4.to_string(), n.ipv6.to_string()],
+        os: n
+            .hostinfo
+            .get("OS")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        online: e.online,
+        last_seen: if e.online {
+            Some(Utc::now())
+        } else {
+            n.last_seen
+        },
+        advertised_routes: n
+            .advertised_routes
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        approved_routes: n.approved_routes.iter().map(ToString::to_string).collect(),
+        exit_node: exit_node.to_string(),
+        ephemeral: n.ephemeral,
+        expired: n.is_expired(Utc::now()),
+        created_at: n.created_at,
+    }
+}
+
+/// Find a node by ID, name, hostname or tailnet address.
+fn find_node(state: &State, r: &str) -> Result<NodeEntry, ApiError> {
+    let nodes = state.nodes();
+    let id: Option<i64> = r.parse().ok();
+    let hit: Vec<&NodeEntry> = nodes
+        .iter()
+        .filter(|e| {
+            let n = &e.node;
+            Some(n.id) == id
+                || n.given_name == r
+                || n.ipv4.to_string() == r
+                || n.ipv6.to_string() == r
+        })
+        .collect();
+    match hit.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => {
+            let by_host: Vec<&NodeEntry> = nodes.iter().filter(|e| e.node.hostname == r).collect();
+            match by_host.as_slice() {
+                [one] => Ok((*one).clone()),
+                [] => Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no node {r:?} (give an ID, name or address)"),
+                )),
+                _ => Err(bad(format!(
+                    "{r:?} is the hostname of several nodes; give the ID or name"
+                ))),
+            }
+        }
+        _ => Err(bad(format!("{r:?} matches several nodes; give the ID"))),
+    }
+}
+
+async fn list_users(AxState(s): AxState<Arc<State>>) -> ApiResult<Vec<tsunagu_store::User>> {
+    Ok(Json(s.store.list_users().await?))
+}
+
+#[derive(Deserialize)]
+struct NameBody {
+    name: String,
+}
+
+async fn create_user(
+    AxState(s): AxState<Arc<State>>,
+    Json(b): Json<NameBody>,
+) -> ApiResult<tsunagu_store::User> {
+    let u = s.store.create_user(&b.name).await?;
+    s.upsert_user(u.clone());
+    Ok(Json(u))
+}
+
+async fn delete_user(
+    AxState(s): AxState<Arc<State>>,
+    Path(name): Path<String>,
+) -> ApiResult<tsunagu_store::User> {
+    let u = s.store.delete_user(&name).await?;
+    s.remove_user(u.id);
+    Ok(Json(u))
+}
+
+/// "90s", "30m", "24h", "7d" (also plain seconds).
+pub fn parse_duration(s: &str) -> Result<TimeDelta, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90m, 24h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    if secs <= 0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    TimeDelta::try_seconds(secs).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[derive(Deserialize)]
+struct KeyBody {
+    user: String,
+    #[serde(default)]
+    reusable: bool,
+    #[serde(default)]
+    ephemeral: bool,
+    expiration: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+async fn create_key(
+    AxState(s): AxState<Arc<State>>,
+    Json(b): Json<KeyBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user = s.store.get_user_by_name(&b.user).await?;
+    let lifetime = parse_duration(b.expiration.as_deref().unwrap_or("24h")).map_err(bad)?;
+    let policy = s.policy();
+    for t in &b.tags {
+        if !policy.tag_allowed(&user.name, t) {
+            return Err(bad(format!(
+                "user {} may not use {t}: the policy's tagOwners must list the user (or a group of theirs) for it",
+                user.name
+            )));
+        }
+    }
+    let (key, full) = s
+        .store
+        .create_preauth_key(
+            user.id,
+            b.reusable,
+            b.ephemeral,
+            Some(Utc::now() + lifetime),
+            &b.tags,
+        )
+        .await?;
+    let mut v = serde_json::to_value(&key)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    v["key"] = json!(full);
+    v["user"] = json!(user.name);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    user: Option<String>,
+}
+
+async fn list_keys(
+    AxState(s): AxState<Arc<State>>,
+    Query(q): Query<KeyQuery>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let users = s.users();
+    let uid = match q.user {
+        Some(name) => Some(s.store.get_user_by_name(&name).await?.id),
+        None => None,
+    };
+    let keys = s.store.list_preauth_keys(uid).await?;
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| {
+                let mut v = serde_json::to_value(&k).unwrap_or_default();
+                v["user"] = json!(
+                    users
+                        .get(&k.user_id)
+                        .map(|u| u.name.clone())
+                        .unwrap_or_default()
+                );
+                v
+            })
+            .collect(),
+    ))
+}
+
+async fn expire_key(
+    AxState(s): AxState<Arc<State>>,
+    Path(id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let k = s.store.expire_preauth_key(id, Utc::now()).await?;
+    Ok(Json(serde_json::to_value(k).unwrap_or_default()))
+}
+
+async fn list_nodes(AxState(s): AxState<Arc<State>>) -> ApiResult<Vec<NodeInfo>> {
+    Ok(Json(s.nodes().iter().map(|e| node_info(&s, e)).collect()))
+}
+
+async fn get_node(AxState(s): AxState<Arc<State>>, Path(r): Path<String>) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    Ok(Json(node_info(&s, &e)))
+}
+
+async fn changed(s: &State, id: i64) -> ApiResult<NodeInfo> {
+    let n = s.store.get_node(id).await?;
+    s.upsert_node(n);
+    // Admin actions take effect at once, without the coalescing delay.
+    s.rebuild();
+    let e = s
+        .node(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "node vanished".into()))?;
+    Ok(Json(node_info(s, &e)))
+}
+
+fn exit_routes() -> [IpNet; 2] {
+    [
+        "0.0.0.0/0".parse().expect("literal"),
+        "::/0".parse().expect("literal"),
+    ]
+}
+
+async fn approve_exit(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    let n = &e.node;
+    if n.advertised_routes
+        .iter()
+        .filter(|r| is_default_route(r))
+        .count()
+        != 2
+    {
+        return Err(bad(format!(
+            "node {} does not advertise an exit node (run `tsunagu up --advertise-exit-node` on it first)",
+            n.given_name
+        )));
+    }
+    let mut approved = n.approved_routes.clone();
+    for r in exit_routes() {
+        if !approved.contains(&r) {
+            approved.push(r);
+        }
+    }
+    s.store.set_approved_routes(n.id, &approved).await?;
+    changed(&s, n.id).await
+}
+
+async fn revoke_exit(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    let approved: Vec<IpNet> = e
+        .node
+        .approved_routes
+        .iter()
+        .filter(|r| !is_default_route(r))
+        .copied()
+        .collect();
+    s.store.set_approved_routes(e.node.id, &approved).await?;
+    changed(&s, e.node.id).await
+}
+
+async fn expire_node(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    s.store.expire_node(e.node.id, Utc::now()).await?;
+    changed(&s, e.node.id).await
+}
+
+async fn delete_node(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    let info = node_info(&s, &e);
+    s.store.delete_node(e.node.id).await?;
+    s.remove_node(e.node.id);
+    s.rebuild();
+    Ok(Json(info))
+}
+
+async fn rename_node(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+    Json(b): Json<NameBody>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    s.store.rename_node(e.node.id, &b.name).await?;
+    changed(&s, e.node.id).await
+}
+
+#[derive(Deserialize)]
+struct TagsBody {
+    tags: Vec<String>,
+}
+
+async fn tag_node(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+    Json(b): Json<TagsBody>,
+) -> ApiResult<NodeInfo> {
+    let e = find_node(&s, &r)?;
+    s.store.set_tags(e.node.id, &b.tags).await?;
+    changed(&s, e.node.id).await
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    key: String,
+    user: String,
+}
+
+async fn register(
+    AxState(s): AxState<Arc<State>>,
+    Json(b): Json<RegisterBody>,
+) -> ApiResult<NodeInfo> {
+    let user = s.store.get_user_by_name(&b.user).await?;
+    let token = b.key.rsplit('/').next().unwrap_or_default();
+    let node = s
+        .store
+        .approve_pending_registration(token, Owner::User(user.id), None, Utc::now())
+        .await?;
+    // Routes the node advertised at registration may be auto-approved.
+    let policy = s.policy();
+    let pn = policy_node(&node, &s.users());
+    let _ = (&policy, &pn);
+    changed(&s, node.id).await
+}
+
+async fn get_policy(AxState(s): AxState<Arc<State>>) -> Json<serde_json::Value> {
+    Json(json!({ "policy": s.policy_text() }))
+}
+
+#[derive(Deserialize)]
+struct PolicyBody {
+    policy: String,
+}
+
+async fn set_policy(
+    AxState(s): AxState<Arc<State>>,
+    Json(b): Json<PolicyBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let policy = Policy::parse(&b.policy).map_err(|e| {
+        bad(format!(
+            "policy refused, the previous one keeps serving: {e}"
+        ))
+    })?;
+    s.store.set_policy(&b.policy).await?;
+    s.set_policy(policy, Some(b.policy));
+    s.rebuild();
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90m").unwrap(), TimeDelta::minutes(90));
+        assert_eq!(parse_duration("7d").unwrap(), TimeDelta::days(7));
+        assert_eq!(parse_duration("45").unwrap(), TimeDelta::seconds(45));
+        assert!(parse_duration("0h").is_err());
+        assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("soon").is_err());
+    }
+}

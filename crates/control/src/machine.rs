@@ -1,0 +1,513 @@
+//! The endpoints a node calls over the Noise channel: `/machine/register` and
+//! `/machine/map`. The Noise handshake authenticated the node's machine key; it arrives
+//! here as [`MachineCtx`].
+
+use crate::framing;
+use crate::mapper::{self, SessionView};
+use crate::state::{NodeEntry, State, policy_node};
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{TimeDelta, Utc};
+use ipnet::IpNet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tsunagu_proto::MachinePublic;
+use tsunagu_proto::tailcfg::{
+    CapabilityVersion, Hostinfo, Login, LoginID, MIN_SUPPORTED_CAPABILITY_VERSION,
+    MIN_SUPPORTED_TAILSCALE_RELEASE, MapRequest, MapResponse, RegisterRequest, RegisterResponse,
+    Time, User as WireUser, UserID,
+};
+use tsunagu_store::{NodeRequest, StoreError};
+
+/// Largest request body accepted (a register or map request is a few KiB).
+pub const MAX_REQUEST: usize = 1 << 20;
+/// How long a follow-up registration waits for the admin before the client retries.
+const FOLLOWUP_WAIT: Duration = Duration::from_secs(120);
+/// How long an interactive registration stays valid.
+const PENDING_TTL: TimeDelta = TimeDelta::minutes(30);
+/// Keep-alive interval on map streams (clients expect one well within two minutes).
+const KEEPALIVE: Duration = Duration::from_secs(50);
+
+/// The authenticated peer of a Noise session.
+#[derive(Debug, Clone)]
+pub struct MachineCtx {
+    pub machine_key: MachinePublic,
+    pub capver: u16,
+}
+
+/// Shared application state of the HTTP handlers.
+pub struct App {
+    pub state: Arc<State>,
+    pub server_url: String,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let msg = msg.into();
+    tracing::debug!(%status, %msg, "request refused");
+    (status, msg).into_response()
+}
+
+fn too_old(v: CapabilityVersion) -> Option<Response> {
+    (v < MIN_SUPPORTED_CAPABILITY_VERSION).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "client capability version {} is too old: this server supports {} and newer (Tailscale {MIN_SUPPORTED_TAILSCALE_RELEASE} or later); please upgrade",
+                v.0, MIN_SUPPORTED_CAPABILITY_VERSION.0
+            ),
+        )
+    })
+}
+
+fn json_response<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => ([("content-type", "application/json")], b).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn store_error(e: StoreError) -> Response {
+    let status = if e.is_not_found() {
+        StatusCode::NOT_FOUND
+    } else if e.is_conflict() {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    error(status, e.to_string())
+}
+
+fn authorized_response(app: &App, entry_user: Option<i64>) -> RegisterResponse {
+    let users = app.state.users();
+    let (id, name) = match entry_user.and_then(|u| users.get(&u)) {
+        Some(u) => (u.id, u.name.clone()),
+        None => (
+            mapper::TAGGED_DEVICES_USER_ID,
+            mapper::TAGGED_DEVICES_LOGIN.to_string(),
+        ),
+    };
+    RegisterResponse {
+        user: WireUser {
+            id: UserID(id),
+            display_name: name.clone(),
+            created: Time::ZERO,
+            ..WireUser::default()
+        },
+        login: Login {
+            id: LoginID(id),
+            provider: "tsunagu".into(),
+            login_name: name.clone(),
+            display_name: name,
+            ..Login::default()
+        },
+        machine_authorized: true,
+        ..RegisterResponse::default()
+    }
+}
+
+/// Apply what a node reports about itself: advertised routes (with auto-approval by
+/// the policy) and requested tags (when its owner may use them).
+async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), StoreError> {
+    let store = &app.state.store;
+    let Some(entry) = app.state.node(id) else {
+        return Ok(());
+    };
+    let mut node = entry.node;
+    let advertised: Vec<IpNet> = hostinfo.routable_ips.clone();
+    if advertised != node.advertised_routes {
+        node = store.set_advertised_routes(id, &advertised).await?;
+    }
+    let policy = app.state.policy();
+    let users = app.state.users();
+    // Requested tags: a user-owned node may become tagged with tags its owner owns.
+    if !hostinfo.request_tags.is_empty() && node.tags != hostinfo.request_tags {
+        let owner = node
+            .user_id
+            .and_then(|u| users.get(&u))
+            .map(|u| u.name.clone());
+        let allowed = owner.as_deref().is_some_and(|o| {
+            hostinfo
+                .request_tags
+                .iter()
+                .all(|t| policy.tag_allowed(o, t))
+        }) || hostinfo
+            .request_tags
+            .iter()
+            .all(|t| policy.tag_allowed_for_tags(&node.tags, t));
+        if allowed {
+            node = store.set_tags(id, &hostinfo.request_tags).await?;
+        } else {
+            tracing::info!(node = id, tags = ?hostinfo.request_tags, "requested tags not allowed by tagOwners");
+        }
+    }
+    // Auto-approval of newly advertised routes.
+    let pn = policy_node(&node, &users);
+    let mut approved = node.approved_routes.clone();
+    let exit: Vec<IpNet> = advertised
+        .iter()
+        .filter(|r| mapper::is_default_route(r))
+        .copied()
+        .collect();
+    if exit.len() == 2
+        && !exit.iter().all(|r| approved.contains(r))
+        && policy.auto_approve_exit_node(&pn)
+    {
+        approved.extend(
+            exit.iter()
+                .filter(|r| !approved.contains(r))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+    }
+    for r in advertised.iter().filter(|r| !mapper::is_default_route(r)) {
+        if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
+            approved.push(*r);
+        }
+    }
+    if approved != node.approved_routes {
+        node = store.set_approved_routes(id, &approved).await?;
+    }
+    app.state.upsert_node(node);
+    Ok(())
+}
+
+fn node_request(mk: &MachinePublic, req: &RegisterRequest) -> NodeRequest {
+    let hostinfo = req.hostinfo.clone().unwrap_or_default();
+    NodeRequest {
+        machine_key: mk.to_string(),
+        node_key: req.node_key.tailscale(),
+        hostname: if hostinfo.hostname.is_empty() {
+            "node".into()
+        } else {
+            hostinfo.hostname.clone()
+        },
+        hostinfo: serde_json::to_value(&hostinfo).unwrap_or_default(),
+        expiry: req.expiry.to_option(),
+    }
+}
+
+pub async fn register(
+    AxState(app): AxState<Arc<App>>,
+    Extension(ctx): Extension<MachineCtx>,
+    body: Bytes,
+) -> Response {
+    let req: RegisterRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid register request: {e}"),
+            );
+        }
+    };
+    if let Some(r) = too_old(req.version) {
+        return r;
+    }
+    if req.node_key.0 == [0; 32] {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "register request without a node key",
+        );
+    }
+    match register_inner(&app, &ctx, &req).await {
+        Ok(resp) => json_response(&resp),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn register_inner(
+    app: &App,
+    ctx: &MachineCtx,
+    req: &RegisterRequest,
+) -> Result<RegisterResponse, StoreError> {
+    let store = &app.state.store;
+    let now = Utc::now();
+    let mk = ctx.machine_key.to_string();
+    let nk = req.node_key.tailscale();
+    let hostinfo = req.hostinfo.clone().unwrap_or_default();
+    let existing = match store.get_node_by_machine_key(&mk).await {
+        Ok(n) => Some(n),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(node) = existing.as_ref() {
+        let old = req.old_node_key.tailscale();
+        let known_key =
+            node.node_key == nk || (req.old_node_key.0 != [0; 32] && node.node_key == old);
+        if known_key {
+            // Logout: the client asks for an expiry in the past.
+            if req.expiry.to_option().is_some_and(|e| e <= now) {
+                let n = store.expire_node(node.id, now).await?;
+                app.state.upsert_node(n);
+                return Ok(RegisterResponse {
+                    node_key_expired: true,
+                    ..authorized_response(app, node.user_id)
+                });
+            }
+            if !node.is_expired(now) && node.authorized {
+                let mut n = node.clone();
+                if node.node_key != nk {
+                    n = store.update_node_key(node.id, &nk).await?;
+                }
+                app.state.upsert_node(n.clone());
+                apply_hostinfo(app, n.id, &hostinfo).await?;
+                return Ok(authorized_response(app, n.user_id));
+            }
+            // Expired: it must authenticate again (below).
+        }
+    }
+    let auth_key = req.auth.as_ref().map(|a| a.auth_key.as_str()).unwrap_or("");
+    if !auth_key.is_empty() {
+        return match store
+            .register_with_preauth_key(auth_key, node_request(&ctx.machine_key, req), now)
+            .await
+        {
+            Ok((node, _key)) => {
+                tracing::info!(node = node.id, name = %node.given_name, "registered with a pre-auth key");
+                app.state.upsert_node(node.clone());
+                apply_hostinfo(app, node.id, &hostinfo).await?;
+                Ok(authorized_response(app, node.user_id))
+            }
+            Err(StoreError::KeyRejected(why)) => {
+                Ok(RegisterResponse::error(format!("invalid auth key: {why}")))
+            }
+            Err(e) => Err(e),
+        };
+    }
+    if !req.followup.is_empty() {
+        let token = req
+            .followup
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let deadline = tokio::time::Instant::now() + FOLLOWUP_WAIT;
+        loop {
+            let pending = match store.get_pending_registration(&token).await {
+                Ok(p) => p,
+                Err(e) if e.is_not_found() => {
+                    return Ok(RegisterResponse::error(
+                        "unknown or expired registration; run `up` again",
+                    ));
+                }
+                Err(e) => return Err(e),
+            };
+            if pending.machine_key != mk {
+                return Ok(RegisterResponse::error(
+                    "this registration belongs to another machine",
+                ));
+            }
+            if let Some(id) = pending.approved_node_id {
+                let node = store.get_node(id).await?;
+                app.state.upsert_node(node.clone());
+                apply_hostinfo(app, id, &hostinfo).await?;
+                return Ok(authorized_response(app, node.user_id));
+            }
+            if pending.expires_at <= Utc::now() {
+                return Ok(RegisterResponse::error(
+                    "registration expired before an admin approved it; run `up` again",
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // The client repeats the follow-up; answering keeps proxies from timing out.
+                return Ok(RegisterResponse {
+                    auth_url: req.followup.clone(),
+                    ..RegisterResponse::default()
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let hostinfo_json = serde_json::to_value(&hostinfo).unwrap_or_default();
+    let pending = store
+        .create_pending_registration(&mk, &nk, &hostinfo_json, now, PENDING_TTL)
+        .await?;
+    let url = format!("{}/register/{}", app.server_url, pending.token);
+    tracing::info!(%url, host = %hostinfo.hostname, "interactive registration waiting for an admin");
+    Ok(RegisterResponse {
+        auth_url: url,
+        ..RegisterResponse::default()
+    })
+}
+
+pub async fn map(
+    AxState(app): AxState<Arc<App>>,
+    Extension(ctx): Extension<MachineCtx>,
+    body: Bytes,
+) -> Response {
+    let req: MapRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid map request: {e}")),
+    };
+    if let Some(r) = too_old(req.version) {
+        return r;
+    }
+    let store = &app.state.store;
+    let node = match store.get_node_by_node_key(&req.node_key.tailscale()).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => {
+            return error(StatusCode::UNAUTHORIZED, "unknown node key; register first");
+        }
+        Err(e) => return store_error(e),
+    };
+    if node.machine_key != ctx.machine_key.to_string() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "node key does not belong to this machine",
+        );
+    }
+    if !node.authorized {
+        return error(StatusCode::FORBIDDEN, "node is not authorized");
+    }
+    if node.is_expired(Utc::now()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "node key expired; authenticate again",
+        );
+    }
+    let id = node.id;
+    // Since capability version 68 a streaming request is read-only: updates come in
+    // separate non-streaming requests.
+    let carries_update = !(req.stream && req.version.0 >= 68);
+    if carries_update {
+        if let Err(e) = apply_map_update(&app, id, &req).await {
+            return store_error(e);
+        }
+    }
+    let compress = req.compress == "zstd";
+    if !req.stream {
+        if req.omit_peers {
+            return StatusCode::OK.into_response();
+        }
+        app.state.rebuild();
+        let snap = app.state.current();
+        let mut view = SessionView::new(id);
+        return match view.full_map(&snap).map(|m| encode(&m, compress)) {
+            Some(Ok(b)) => b.into_response(),
+            Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            None => error(StatusCode::NOT_FOUND, "node not found"),
+        };
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let state = app.state.clone();
+    tokio::spawn(async move { session(state, id, compress, tx).await });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/octet-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn apply_map_update(app: &App, id: i64, req: &MapRequest) -> Result<(), StoreError> {
+    let store = &app.state.store;
+    let Some(entry) = app.state.node(id) else {
+        return Ok(());
+    };
+    let NodeEntry { node, .. } = entry;
+    let endpoints: Vec<String> = req
+        .endpoint_addrs()
+        .into_iter()
+        .map(|(a, _)| a.to_string())
+        .collect();
+    if endpoints != node.endpoints {
+        store.update_endpoints(id, &endpoints).await?;
+    }
+    let disco = req.disco_key.to_string();
+    if req.disco_key.0 != [0; 32] && disco != node.disco_key {
+        store.update_disco_key(id, &disco).await?;
+    }
+    if let Some(hi) = &req.hostinfo {
+        let json = serde_json::to_value(hi).unwrap_or_default();
+        if json != node.hostinfo {
+            store.update_hostinfo(id, &json).await?;
+        }
+        if let Some(ni) = &hi.net_info {
+            app.state.set_home_derp(id, ni.preferred_derp);
+        }
+    }
+    let node = store.get_node(id).await?;
+    app.state.upsert_node(node);
+    if let Some(hi) = &req.hostinfo {
+        apply_hostinfo(app, id, hi).await?;
+    }
+    Ok(())
+}
+
+fn encode(m: &MapResponse, compress: bool) -> std::io::Result<Bytes> {
+    let json = serde_json::to_vec(m).map_err(std::io::Error::other)?;
+    framing::encode(&json, compress).map(Bytes::from)
+}
+
+/// One map stream: the full map, then deltas and keep-alives until the client goes.
+async fn session(
+    state: Arc<State>,
+    id: i64,
+    compress: bool,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let mut rx = state.subscribe();
+    state.session_started(id);
+    // Make the node's own "online" visible before its first map.
+    state.rebuild();
+    let mut view = SessionView::new(id);
+    let first = {
+        let snap = rx.borrow_and_update().clone();
+        view.full_map(&snap)
+    };
+    let ok = match first {
+        Some(m) => send(&tx, &m, compress).await,
+        None => false,
+    };
+    let jitter = Duration::from_millis(rand::random::<u64>() % 8000);
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + KEEPALIVE + jitter,
+        KEEPALIVE + jitter,
+    );
+    if ok {
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() { break; }
+                    let snap = rx.borrow_and_update().clone();
+                    let changes = snap.changes_since(view.version);
+                    let Some(me) = snap.nodes.get(&id) else { break };
+                    let expired = me.node.is_expired(snap.now);
+                    match view.delta(&snap, changes.as_ref()) {
+                        Some(m) => if !send(&tx, &m, compress).await { break },
+                        None => {}
+                    }
+                    if expired { break; }
+                }
+                _ = keepalive.tick() => {
+                    if !send(&tx, &MapResponse::keep_alive(), compress).await { break; }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+    }
+    let now = Utc::now();
+    state.session_ended(id, now);
+    if let Err(e) = state.store.touch_last_seen(id, now).await {
+        tracing::warn!(node = id, "recording last seen: {e}");
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    m: &MapResponse,
+    compress: bool,
+) -> bool {
+    match encode(m, compress) {
+        Ok(b) => tx.send(Ok(b)).await.is_ok(),
+        Err(e) => {
+            tracing::error!("encoding a map response: {e}");
+            false
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The server's view of the tailnet, and how changes reach the map sessions.
+//!
+//! The store (database) is the truth; [`State`] keeps a cache of users and nodes beside
+//! it, plus what only lives in memory (who is connected, home DERP). Every mutation goes
+//! to the store first, then to the cache, then marks the node IDs it touched. A single
+//! rebuild task turns pending changes into a new immutable [`Snapshot`] (compiling the
+//! policy once per snapshot, not once per session), coalescing bursts: a registration
+//! storm produces a few snapshots, not thousands. Sessions watch the latest snapshot and
+//! ask the snapshot's change log what happened since the version they have seen.
+
+use crate::mapper;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tsunagu_policy::{CompiledPolicy, Policy, PolicyNode};
+use tsunagu_proto::tailcfg::DERPMap;
+use tsunagu_store::{Node, Store, StoreError, User};
+
+/// How long the rebuild task waits for more changes before building a snapshot.
+const COALESCE: Duration = Duration::from_millis(25);
+/// How many versions of change history a snapshot carries; a session further behind
+/// recomputes everything.
+const LOG_LEN: usize = 4096;
+
+/// A node with what only the server's memory knows.
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub node: Node,
+    pub online: bool,
+    pub home_derp: i32,
+}
+
+/// What changed in one version.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Nodes(Arc<BTreeSet<i64>>),
+    /// Anything (policy, DERP map): sessions recompute their whole view.
+    All,
+}
+
+/// An immutable picture of the tailnet.
+pub struct Snapshot {
+    pub version: u64,
+    pub now: DateTime<Utc>,
+    pub nodes: BTreeMap<i64, Arc<NodeEntry>>,
+    pub users: BTreeMap<i64, User>,
+    pub compiled: CompiledPolicy,
+    pub derp_map: DERPMap,
+    /// MagicDNS suffix of node names.
+    pub domain: String,
+    log: Arc<VecDeque<(u64, Change)>>,
+}
+
+impl Snapshot {
+    /// The node IDs changed after `version`, or `None` when the session must recompute
+    /// everything (a policy change, or it fell too far behind).
+    pub fn changes_since(&self, version: u64) -> Option<BTreeSet<i64>> {
+        if version >= self.version {
+            return Some(BTreeSet::new());
+        }
+        let oldest = self.log.front().map(|(v, _)| *v)?;
+        if version + 1 < oldest {
+            return None;
+        }
+        let mut out = BTreeSet::new();
+        for (v, change) in self.log.iter() {
+            if *v <= version {
+                continue;
+            }
+            match change {
+                Change::All => return None,
+                Change::Nodes(ids) => out.extend(ids.iter().copied()),
+            }
+        }
+        Some(out)
+    }
+}
+
+struct Inner {
+    nodes: BTreeMap<i64, NodeEntry>,
+    users: BTreeMap<i64, User>,
+    policy: Arc<Policy>,
+    policy_text: Option<String>,
+    /// Live map streams per node.
+    sessions: BTreeMap<i64, usize>,
+    pending: BTreeSet<i64>,
+    pending_all: bool,
+    version: u64,
+    log: VecDeque<(u64, Change)>,
+}
+
+/// Shared server state.
+pub struct State {
+    pub store: Store,
+    inner: Mutex<Inner>,
+    dirty: Notify,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    derp_map: DERPMap,
+    domain: String,
+}
+
+fn policy_nodes(nodes: &BTreeMap<i64, NodeEntry>, users: &BTreeMap<i64, User>) -> Vec<PolicyNode> {
+    nodes
+        .values()
+        .map(|e| policy_node(&e.node, users))
+        .collect()
+}
+
+/// How the policy sees a node.
+pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
+    PolicyNode {
+        id: n.id,
+        user: n
+            .user_id
+            .and_then(|u| users.get(&u))
+            .map(|u| u.name.clone()),
+        tags: n.tags.clone(),
+        ips: vec![n.ipv4.into(), n.ipv6.into()],
+        approved_routes: n
+            .approved_routes
+            .iter()
+            .filter(|r| n.advertised_routes.contains(r))
+            .copied()
+            .collect(),
+    }
+}
+
+impl State {
+    /// Load everything from the store and build the first snapshot.
+    pub async fn load(
+        store: Store,
+        derp_map: DERPMap,
+        domain: String,
+    ) -> Result<Arc<State>, StoreError> {
+        let users: BTreeMap<i64, User> = store
+            .list_users()
+            .await?
+            .into_iter()
+            .map(|u| (u.id, u))
+            .collect();
+        let nodes: BTreeMap<i64, NodeEntry> = store
+            .list_nodes(None)
+            .await?
+            .into_iter()
+            .map(|n| {
+                (
+                    n.id,
+                    NodeEntry {
+                        node: n,
+                        online: false,
+                        home_derp: 0,
+                    },
+                )
+            })
+            .collect();
+        let (policy, policy_text) = match store.get_policy().await? {
+            Some((text, _)) => match Policy::parse(&text) {
+                Ok(p) => (p, Some(text)),
+                Err(e) => {
+                    tracing::error!(
+                        "stored policy does not parse ({e}); serving the default policy"
+                    );
+                    (Policy::default_policy(), None)
+                }
+            },
+            None => (Policy::default_policy(), None),
+        };
+        let compiled = policy.compile(&policy_nodes(&nodes, &users));
+        let first = Snapshot {
+            version: 0,
+            now: Utc::now(),
+            nodes: nodes
+                .iter()
+                .map(|(k, v)| (*k, Arc::new(v.clone())))
+                .collect(),
+            users: users.clone(),
+            compiled,
+            derp_map: derp_map.clone(),
+            domain: domain.clone(),
+            log: Arc::new(VecDeque::new()),
+        };
+        let (tx, _) = watch::channel(Arc::new(first));
+        let state = Arc::new(State {
+            store,
+            inner: Mutex::new(Inner {
+                nodes,
+                users,
+                policy: Arc::new(policy),
+                policy_text,
+                sessions: BTreeMap::new(),
+                pending: BTreeSet::new(),
+                pending_all: false,
+                version: 0,
+                log: VecDeque::new(),
+            }),
+            dirty: Notify::new(),
+            snapshot: tx,
+            derp_map,
+            domain,
+        });
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move { rebuild_loop(weak).await });
+        Ok(state)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner.lock().policy.clone()
+    }
+
+    pub fn policy_text(&self) -> Option<String> {
+        self.inner.lock().policy_text.clone()
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub fn users(&self) -> BTreeMap<i64, User> {
+        self.inner.lock().users.clone()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeEntry> {
+        self.inner.lock().nodes.values().cloned().collect()
+    }
+
+    pub fn node(&self, id: i64) -> Option<NodeEntry> {
+        self.inner.lock().nodes.get(&id).cloned()
+    }
+
+    fn mark(&self, inner: &mut Inner, id: i64) {
+        inner.pending.insert(id);
+        self.dirty.notify_one();
+    }
+
+    /// Put a node (new or updated, as the store returned it) into the cache.
+    pub fn upsert_node(&self, node: Node) {
+        let mut inner = self.inner.lock();
+        let id = node.id;
+        let online = inner.sessions.get(&id).is_some_and(|&n| n > 0);
+        let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
+        inner.nodes.insert(
+            id,
+            NodeEntry {
+                node,
+                online,
+                home_derp,
+            },
+        );
+        self.mark(&mut inner, id);
+    }
+
+    pub fn remove_node(&self, id: i64) {
+        let mut inner = self.inner.lock();
+        inner.nodes.remove(&id);
+        self.mark(&mut inner, id);
+    }
+
+    pub fn set_home_derp(&self, id: i64, region: i32) {
+        let mut inner = self.inner.lock();
+        let changed = match inner.nodes.get_mut(&id) {
+            Some(e) if e.home_derp != region => {
+                e.home_derp = region;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.mark(&mut inner, id);
+        }
+    }
+
+    pub fn upsert_user(&self, user: User) {
+        let mut inner = self.inner.lock();
+        inner.users.insert(user.id, user);
+        inner.pending_all = true;
+        self.dirty.notify_one();
+    }
+
+    pub fn remove_user(&self, id: i64) {
+        let mut inner = self.inner.lock();
+        inner.users.remove(&id);
+        inner.pending_all = true;
+        self.dirty.notify_one();
+    }
+
+    pub fn set_policy(&self, policy: Policy, text: Option<String>) {
+        let mut inner = self.inner.lock();
+        inner.policy = Arc::new(policy);
+        inner.policy_text = text;
+        inner.pending_all = true;
+        self.dirty.notify_one();
+    }
+
+    /// A map stream of `id` started; returns whether the node just came online.
+    pub fn session_started(&self, id: i64) -> bool {
+        let mut inner = self.inner.lock();
+        let count = inner.sessions.entry(id).or_insert(0);
+        *count += 1;
+        let first = *count == 1;
+        if first && let Some(e) = inner.nodes.get_mut(&id) {
+            e.online = true;
+            self.mark(&mut inner, id);
+        }
+        first
+    }
+
+    /// A map stream of `id` ended; returns whether the node went offline.
+    pub fn session_ended(&self, id: i64, at: DateTime<Utc>) -> bool {
+        let mut inner = self.inner.lock();
+        let count = inner.sessions.entry(id).or_insert(1);
+        *count = count.saturating_sub(1);
+        let last = *count == 0;
+        if last {
+            inner.sessions.remove(&id);
+            if let Some(e) = inner.nodes.get_mut(&id) {
+                e.online = false;
+                e.node.last_seen = Some(at);
+                self.mark(&mut inner, id);
+            }
+        }
+        last
+    }
+
+    pub fn is_online(&self, id: i64) -> bool {
+        self.inner.lock().sessions.get(&id).is_some_and(|&n| n > 0)
+    }
+
+    /// Build and publish a snapshot of what is pending now (also used by tests to
+    /// skip the coalescing delay).
+    pub fn rebuild(&self) {
+        let (nodes, users, policy, version, change, log) = {
+            let mut inner = self.inner.lock();
+            if inner.pending.is_empty() && !inner.pending_all {
+                return;
+            }
+            inner.version += 1;
+            let change = if std::mem::take(&mut inner.pending_all) {
+                inner.pending.clear();
+                Change::All
+            } else {
+                Change::Nodes(Arc::new(std::mem::take(&mut inner.pending)))
+            };
+            let version = inner.version;
+            inner.log.push_back((version, change.clone()));
+            while inner.log.len() > LOG_LEN {
+                inner.log.pop_front();
+            }
+            (
+                inner.nodes.clone(),
+                inner.users.clone(),
+                inner.policy.clone(),
+                version,
+                change,
+                Arc::new(inner.log.clone()),
+            )
+        };
+        let _ = change;
+        let compiled = policy.compile(&policy_nodes(&nodes, &users));
+        let snap = Snapshot {
+            version,
+            now: Utc::now(),
+            nodes: nodes.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            users,
+            compiled,
+            derp_map: self.derp_map.clone(),
+            domain: self.domain.clone(),
+            log,
+        };
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+}
+
+/// Rebuilds snapshots while the state is alive (it holds a weak reference between
+/// rounds, so dropping the last `Arc<State>` ends it at the next change).
+async fn rebuild_loop(state: std::sync::Weak<State>) {
+    loop {
+        {
+            let Some(s) = state.upgrade() else { return };
+            s.dirty.notified().await;
+        }
+        tokio::time::sleep(COALESCE).await;
+        let Some(s) = state.upgrade() else { return };
+        s.rebuild();
+    }
+}
+
+/// Whether `node` may be shown to anyone: authorized and not expired.
+pub fn is_active(n: &Node, now: DateTime<Utc>) -> bool {
+    n.authorized && !n.is_expired(now)
+}
+
+pub use mapper::TAGGED_DEVICES_LOGIN;
