@@ -56,8 +56,12 @@ impl AdminClient {
         let value: serde_json::Value = if data.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(&data)
-                .with_context(|| format!("admin API answered non-JSON: {}", String::from_utf8_lossy(&data)))?
+            serde_json::from_slice(&data).with_context(|| {
+                format!(
+                    "admin API answered non-JSON: {}",
+                    String::from_utf8_lossy(&data)
+                )
+            })?
         };
         if !status.is_success() {
             let msg = value

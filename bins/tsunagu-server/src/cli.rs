@@ -7,7 +7,11 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "tsunagu-server", version, about = "tsunagu coordination server")]
+#[command(
+    name = "tsunagu-server",
+    version,
+    about = "tsunagu coordination server"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -94,13 +98,24 @@ pub enum KeysCmd {
 pub enum NodesCmd {
     List,
     /// Approve a node's advertised exit-node routes (0.0.0.0/0, ::/0).
-    ApproveExit { node: String },
+    ApproveExit {
+        node: String,
+    },
     /// Revoke a node's exit-node approval.
-    RevokeExit { node: String },
+    RevokeExit {
+        node: String,
+    },
     /// Expire a node's key now: it is cut off until it re-authenticates.
-    Expire { node: String },
-    Delete { node: String },
-    Rename { node: String, new_name: String },
+    Expire {
+        node: String,
+    },
+    Delete {
+        node: String,
+    },
+    Rename {
+        node: String,
+        new_name: String,
+    },
     /// Set a node's tags (replacing its user ownership): tag:a,tag:b
     Tag {
         node: String,

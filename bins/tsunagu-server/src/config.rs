@@ -53,7 +53,9 @@ impl Config {
         let data_dir = data_dir
             .or(f.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let listen = listen.or(f.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen
+            .or(f.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let tls = match (f.tls_cert, f.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -101,7 +103,13 @@ mod tests {
         let c = Config::resolve(Some(&p), None, None, None).unwrap();
         assert_eq!(c.listen, "198.51.100.4:80");
         assert_eq!(c.server_url, "http://198.51.100.4:80");
-        let c = Config::resolve(Some(&p), Some("/tmp/y".into()), Some("127.0.0.1:1".into()), None).unwrap();
+        let c = Config::resolve(
+            Some(&p),
+            Some("/tmp/y".into()),
+            Some("127.0.0.1:1".into()),
+            None,
+        )
+        .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/y"));
         assert_eq!(c.listen, "127.0.0.1:1");
     }
@@ -111,7 +119,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.toml");
         std::fs::write(&p, "lissten = 1\n").unwrap();
-        let e = Config::resolve(Some(&p), None, None, None).unwrap_err().to_string();
+        let e = Config::resolve(Some(&p), None, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `lissten`"), "{e}");
         std::fs::write(&p, "tls_cert = \"/a\"\n").unwrap();
         assert!(Config::resolve(Some(&p), None, None, None).is_err());

@@ -19,7 +19,10 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tsunagu-server: cannot start the runtime: {e}");
@@ -40,20 +43,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(s) => (s.listen.clone(), s.server_url.clone()),
         _ => (None, None),
     };
-    let cfg = Config::resolve(cli.common.config.as_deref(), cli.common.data_dir.clone(), listen, server_url)?;
+    let cfg = Config::resolve(
+        cli.common.config.as_deref(),
+        cli.common.data_dir.clone(),
+        listen,
+        server_url,
+    )?;
     let json_out = cli.common.json;
     let admin = AdminClient::new(&cfg.admin_socket());
     match cli.command {
         Command::Serve(_) => serve(cfg).await,
         Command::Policy(PolicyCmd::Check { file }) => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
-            tsunagu_policy::Policy::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: cannot read", file.display()))?;
+            tsunagu_policy::Policy::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
             println!("{}: ok", file.display());
             Ok(())
         }
         Command::Policy(PolicyCmd::Set { file }) => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
-            admin.call("PUT", "/v1/policy", Some(json!({ "policy": text }))).await?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: cannot read", file.display()))?;
+            admin
+                .call("PUT", "/v1/policy", Some(json!({ "policy": text })))
+                .await?;
             println!("policy updated");
             Ok(())
         }
@@ -62,7 +75,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json_out {
                 println!("{v}");
             } else {
-                println!("{}", v.get("policy").and_then(Value::as_str).unwrap_or("(default policy)"));
+                println!(
+                    "{}",
+                    v.get("policy")
+                        .and_then(Value::as_str)
+                        .unwrap_or("(default policy)")
+                );
             }
             Ok(())
         }
@@ -82,11 +100,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         admin_socket: cfg.admin_socket(),
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 /// Print rows as an aligned table; `cols` are (header, JSON field).
@@ -99,7 +121,11 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) {
             Some(Value::Array(a)) if a.is_empty() => "-".to_string(),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             Some(Value::Bool(b)) => if *b { "yes" } else { "no" }.to_string(),
@@ -113,7 +139,14 @@ fn table(rows: &[Value], cols: &[(&str, &str)]) {
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
-        .map(|(i, (h, _))| cells.iter().map(|r| r[i].len()).chain([h.len()]).max().unwrap_or(0))
+        .map(|(i, (h, _))| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |items: Vec<String>| {
         let s: Vec<String> = items
@@ -136,16 +169,33 @@ fn rows(v: &Value) -> Vec<Value> {
 async fn users(admin: &AdminClient, cmd: UsersCmd, json_out: bool) -> anyhow::Result<()> {
     match cmd {
         UsersCmd::Create { name } => {
-            let v = admin.call("POST", "/v1/users", Some(json!({ "name": name }))).await?;
-            if json_out { print_json(&v) } else { println!("user {name} created (id {})", v["id"]) }
+            let v = admin
+                .call("POST", "/v1/users", Some(json!({ "name": name })))
+                .await?;
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("user {name} created (id {})", v["id"])
+            }
         }
         UsersCmd::List => {
             let v = admin.call("GET", "/v1/users", None).await?;
-            if json_out { print_json(&v) } else { table(&rows(&v), &[("ID", "id"), ("NAME", "name"), ("CREATED", "created_at")]) }
+            if json_out {
+                print_json(&v)
+            } else {
+                table(
+                    &rows(&v),
+                    &[("ID", "id"), ("NAME", "name"), ("CREATED", "created_at")],
+                )
+            }
         }
         UsersCmd::Delete { name } => {
-            admin.call("DELETE", &format!("/v1/users/{name}"), None).await?;
-            if !json_out { println!("user {name} deleted") }
+            admin
+                .call("DELETE", &format!("/v1/users/{name}"), None)
+                .await?;
+            if !json_out {
+                println!("user {name} deleted")
+            }
         }
     }
     Ok(())
@@ -153,7 +203,13 @@ async fn users(admin: &AdminClient, cmd: UsersCmd, json_out: bool) -> anyhow::Re
 
 async fn keys(admin: &AdminClient, cmd: KeysCmd, json_out: bool) -> anyhow::Result<()> {
     match cmd {
-        KeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
+        KeysCmd::Create {
+            user,
+            reusable,
+            ephemeral,
+            expiration,
+            tags,
+        } => {
             let body = json!({
                 "user": user, "reusable": reusable, "ephemeral": ephemeral,
                 "expiration": expiration, "tags": tags,
@@ -180,15 +236,28 @@ async fn keys(admin: &AdminClient, cmd: KeysCmd, json_out: bool) -> anyhow::Resu
             if json_out {
                 print_json(&v)
             } else {
-                table(&rows(&v), &[
-                    ("ID", "id"), ("PREFIX", "key_prefix"), ("USER", "user"), ("REUSABLE", "reusable"),
-                    ("EPHEMERAL", "ephemeral"), ("USED", "used"), ("EXPIRES", "expires_at"), ("TAGS", "tags"),
-                ])
+                table(
+                    &rows(&v),
+                    &[
+                        ("ID", "id"),
+                        ("PREFIX", "key_prefix"),
+                        ("USER", "user"),
+                        ("REUSABLE", "reusable"),
+                        ("EPHEMERAL", "ephemeral"),
+                        ("USED", "used"),
+                        ("EXPIRES", "expires_at"),
+                        ("TAGS", "tags"),
+                    ],
+                )
             }
         }
         KeysCmd::Expire { id } => {
-            admin.call("POST", &format!("/v1/preauthkeys/{id}/expire"), None).await?;
-            if !json_out { println!("key {id} expired") }
+            admin
+                .call("POST", &format!("/v1/preauthkeys/{id}/expire"), None)
+                .await?;
+            if !json_out {
+                println!("key {id} expired")
+            }
         }
     }
     Ok(())
@@ -201,23 +270,72 @@ async fn nodes(admin: &AdminClient, cmd: NodesCmd, json_out: bool) -> anyhow::Re
             if json_out {
                 print_json(&v);
             } else {
-                table(&rows(&v), &[
-                    ("ID", "id"), ("NAME", "name"), ("USER", "user"), ("ADDRESSES", "addresses"), ("OS", "os"),
-                    ("ONLINE", "online"), ("LAST SEEN", "last_seen"), ("ADVERTISED", "advertised_routes"),
-                    ("APPROVED", "approved_routes"), ("EXIT NODE", "exit_node"),
-                ]);
+                table(
+                    &rows(&v),
+                    &[
+                        ("ID", "id"),
+                        ("NAME", "name"),
+                        ("USER", "user"),
+                        ("ADDRESSES", "addresses"),
+                        ("OS", "os"),
+                        ("ONLINE", "online"),
+                        ("LAST SEEN", "last_seen"),
+                        ("ADVERTISED", "advertised_routes"),
+                        ("APPROVED", "approved_routes"),
+                        ("EXIT NODE", "exit_node"),
+                    ],
+                );
             }
             return Ok(());
         }
-        NodesCmd::ApproveExit { node } => ("POST", format!("/v1/nodes/{node}/approve-exit"), None, format!("exit node {node} approved")),
-        NodesCmd::RevokeExit { node } => ("POST", format!("/v1/nodes/{node}/revoke-exit"), None, format!("exit node {node} revoked")),
-        NodesCmd::Expire { node } => ("POST", format!("/v1/nodes/{node}/expire"), None, format!("node {node} expired")),
-        NodesCmd::Delete { node } => ("DELETE", format!("/v1/nodes/{node}"), None, format!("node {node} deleted")),
-        NodesCmd::Rename { node, new_name } => ("POST", format!("/v1/nodes/{node}/rename"), Some(json!({ "name": new_name })), format!("node {node} renamed")),
-        NodesCmd::Tag { node, tags } => ("POST", format!("/v1/nodes/{node}/tags"), Some(json!({ "tags": tags })), format!("node {node} tagged")),
-        NodesCmd::Register { key, user } => ("POST", "/v1/register".to_string(), Some(json!({ "key": key, "user": user })), "registration approved".to_string()),
+        NodesCmd::ApproveExit { node } => (
+            "POST",
+            format!("/v1/nodes/{node}/approve-exit"),
+            None,
+            format!("exit node {node} approved"),
+        ),
+        NodesCmd::RevokeExit { node } => (
+            "POST",
+            format!("/v1/nodes/{node}/revoke-exit"),
+            None,
+            format!("exit node {node} revoked"),
+        ),
+        NodesCmd::Expire { node } => (
+            "POST",
+            format!("/v1/nodes/{node}/expire"),
+            None,
+            format!("node {node} expired"),
+        ),
+        NodesCmd::Delete { node } => (
+            "DELETE",
+            format!("/v1/nodes/{node}"),
+            None,
+            format!("node {node} deleted"),
+        ),
+        NodesCmd::Rename { node, new_name } => (
+            "POST",
+            format!("/v1/nodes/{node}/rename"),
+            Some(json!({ "name": new_name })),
+            format!("node {node} renamed"),
+        ),
+        NodesCmd::Tag { node, tags } => (
+            "POST",
+            format!("/v1/nodes/{node}/tags"),
+            Some(json!({ "tags": tags })),
+            format!("node {node} tagged"),
+        ),
+        NodesCmd::Register { key, user } => (
+            "POST",
+            "/v1/register".to_string(),
+            Some(json!({ "key": key, "user": user })),
+            "registration approved".to_string(),
+        ),
     };
     let v = admin.call(method, &path, body).await?;
-    if json_out { print_json(&v) } else { println!("{done}") }
+    if json_out {
+        print_json(&v)
+    } else {
+        println!("{done}")
+    }
     Ok(())
 }

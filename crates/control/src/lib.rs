@@ -3,4 +3,5 @@ pub mod admin;
 pub mod framing;
 pub mod machine;
 pub mod mapper;
+pub mod server;
 pub mod state;

@@ -1,0 +1,336 @@
+//! The server process: HTTP front (key, ts2021 upgrade), Noise sessions carrying HTTP/2,
+//! the admin socket, and housekeeping (ephemeral nodes).
+//!
+//! ```text
+//!  client ──TCP──► axum: GET /key ─────────────► {"publicKey":"mkey:…"}
+//!                        POST /ts2021 (Upgrade) ─► Noise IK responder (tsunagu-noise)
+//!                           └─ HTTP/2 over Noise ─► /machine/register, /machine/map
+//!                        anything else ─────────► 501 with a clear message
+//!  admin CLI ─Unix socket (0600)─► admin API (JSON)
+//! ```
+
+use crate::admin;
+use crate::machine::{self, App, MAX_REQUEST, MachineCtx};
+use crate::state::State;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State as AxState};
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tsunagu_proto::tailcfg::{
+    DERPMap, MIN_SUPPORTED_CAPABILITY_VERSION, MIN_SUPPORTED_TAILSCALE_RELEASE,
+    OverTLSPublicKeyResponse,
+};
+use tsunagu_proto::{MachinePrivate, MachinePublic};
+use tsunagu_store::Store;
+
+/// The MagicDNS suffix of node names (".internal" is reserved for private use).
+pub const DOMAIN: &str = "tailnet.internal";
+/// File holding the server's Noise private key.
+pub const KEY_FILE: &str = "noise.key";
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub server_url: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub policy_file: Option<PathBuf>,
+    pub admin_socket: PathBuf,
+    pub ephemeral_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] tsunagu_store::StoreError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
+    let context = context.into();
+    move |source| ServerError::Io { context, source }
+}
+
+/// Load the server's Noise key, or create it (mode 0600) on first start.
+pub fn load_or_create_key(data_dir: &FsPath) -> Result<MachinePrivate, ServerError> {
+    let path = data_dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir)
+                .map_err(io_err(format!("creating {}", data_dir.display())))?;
+            let key = MachinePrivate::generate();
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode_0600()
+                    .open(&tmp)
+                    .map_err(io_err(format!("creating {}", tmp.display())))?;
+                writeln!(f, "{key}").map_err(io_err("writing the key"))?;
+                f.sync_all().map_err(io_err("syncing the key"))?;
+            }
+            std::fs::rename(&tmp, &path)
+                .map_err(io_err(format!("installing {}", path.display())))?;
+            tracing::info!(path = %path.display(), "created the server's Noise key");
+            Ok(key)
+        }
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.mode(0o600)
+    }
+}
+
+/// Everything a running server holds; built by [`Server::start`], used by tests too.
+pub struct Server {
+    pub app: Arc<App>,
+    pub key: MachinePrivate,
+}
+
+impl Server {
+    pub async fn start(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        let key = load_or_create_key(&cfg.data_dir)?;
+        let store = Store::open(&cfg.data_dir).await?;
+        if let Some(path) = &cfg.policy_file
+            && store.get_policy().await?.is_none()
+        {
+            let text = std::fs::read_to_string(path)
+                .map_err(io_err(format!("reading {}", path.display())))?;
+            tsunagu_policy::Policy::parse(&text)
+                .map_err(|e| ServerError::Config(format!("{}:{e}", path.display())))?;
+            store.set_policy(&text).await?;
+        }
+        let state = State::load(store, DERPMap::default(), DOMAIN.to_string()).await?;
+        let app = Arc::new(App {
+            state,
+            server_url: cfg.server_url.clone(),
+        });
+        Ok(Server { app, key })
+    }
+
+    pub fn public_key(&self) -> MachinePublic {
+        self.key.public()
+    }
+
+    /// The router for the client-facing port.
+    pub fn router(&self) -> Router {
+        let front = Front {
+            app: self.app.clone(),
+            key: self.key.to_bytes(),
+        };
+        Router::new()
+            .route("/key", get(get_key))
+            .route("/ts2021", post(ts2021))
+            .route("/register/{token}", get(register_page))
+            .route("/health", get(|| async { "ok\n" }))
+            .fallback(not_implemented)
+            .with_state(Arc::new(front))
+    }
+}
+
+struct Front {
+    app: Arc<App>,
+    key: [u8; 32],
+}
+
+async fn get_key(AxState(f): AxState<Arc<Front>>) -> Response {
+    let public = MachinePrivate::from_bytes(f.key).public();
+    axum::Json(OverTLSPublicKeyResponse::new(public)).into_response()
+}
+
+async fn not_implemented(req: Request<Body>) -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "{} {} is not implemented by tsunagu-server\n",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+        .into_response()
+}
+
+async fn register_page(Path(token): Path<String>) -> Response {
+    let safe: String = token
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        format!(
+            "This device is waiting for approval.\n\nAsk the tailnet's admin to run:\n\n    tsunagu-server nodes register --key {safe} --user <USER>\n"
+        ),
+    )
+        .into_response()
+}
+
+async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response {
+    let (resp, pending) = match tsunagu_noise::upgrade::accept_upgrade(req, f.key, None) {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::debug!("ts2021 refused: {e}");
+            return e.to_response().map(Body::new);
+        }
+    };
+    if pending.capver() < MIN_SUPPORTED_CAPABILITY_VERSION.0 as u16 {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "client capability version {} is too old: this server supports {} and newer (Tailscale {MIN_SUPPORTED_TAILSCALE_RELEASE} or later); please upgrade\n",
+                pending.capver(),
+                MIN_SUPPORTED_CAPABILITY_VERSION.0
+            ),
+        )
+            .into_response();
+    }
+    let app = f.app.clone();
+    tokio::spawn(async move {
+        match pending.complete().await {
+            Ok(acc) => {
+                let ctx = MachineCtx {
+                    machine_key: MachinePublic(acc.machine_public),
+                    capver: acc.capver,
+                };
+                tracing::debug!(machine = %ctx.machine_key.short(), capver = ctx.capver, "noise session");
+                let router = Router::new()
+                    .route("/machine/register", post(machine::register))
+                    .route("/machine/map", post(machine::map))
+                    .fallback(not_implemented)
+                    .layer(DefaultBodyLimit::max(MAX_REQUEST))
+                    .layer(Extension(ctx))
+                    .with_state(app);
+                let service = TowerToHyperService::new(router);
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(acc.stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!("noise session ended: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("ts2021 handshake failed: {e}"),
+        }
+    });
+    resp.map(Body::new)
+}
+
+/// Bind the admin socket (owner-only) and serve the admin API on it.
+async fn serve_admin(state: Arc<State>, path: PathBuf) -> Result<(), ServerError> {
+    if path.exists() {
+        std::fs::remove_file(&path)
+            .map_err(io_err(format!("removing stale {}", path.display())))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(io_err(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod {}", path.display())))?;
+    axum::serve(listener, admin::router(state))
+        .await
+        .map_err(io_err("admin API"))
+}
+
+/// Remove ephemeral nodes that have been offline for longer than `timeout`.
+async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10).min(timeout));
+    loop {
+        tick.tick().await;
+        let cutoff = chrono::Utc::now() - chrono::TimeDelta::from_std(timeout).unwrap_or_default();
+        let offline: Vec<i64> = state
+            .nodes()
+            .into_iter()
+            .filter(|e| {
+                e.node.ephemeral
+                    && !e.online
+                    && e.node.last_seen.unwrap_or(e.node.created_at) < cutoff
+            })
+            .map(|e| e.node.id)
+            .collect();
+        for id in offline {
+            match state.store.delete_node(id).await {
+                Ok(n) => {
+                    tracing::info!(node = id, name = %n.given_name, "removed ephemeral node that went away");
+                    state.remove_node(id);
+                }
+                Err(e) => tracing::warn!(node = id, "removing ephemeral node: {e}"),
+            }
+        }
+    }
+}
+
+/// Run the server until SIGINT or SIGTERM.
+pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
+    if cfg.tls.is_some() {
+        return Err(ServerError::Config(
+            "HTTPS is not built in yet: terminate TLS in front of tsunagu-server (e.g. a reverse proxy) and set server_url to the https URL".into(),
+        ));
+    }
+    let server = Server::start(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(io_err(format!("listening on {}", cfg.listen)))?;
+    tracing::info!(
+        listen = %cfg.listen,
+        url = %cfg.server_url,
+        key = %server.public_key(),
+        data = %cfg.data_dir.display(),
+        "tsunagu-server running"
+    );
+    let state = server.app.state.clone();
+    tokio::spawn(ephemeral_gc(state.clone(), cfg.ephemeral_timeout));
+    let admin = tokio::spawn(serve_admin(state, cfg.admin_socket.clone()));
+    let front = axum::serve(listener, server.router()).with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = front => r.map_err(io_err("serving"))?,
+        r = admin => match r {
+            Ok(Err(e)) => return Err(e),
+            _ => return Err(ServerError::Config("admin API stopped".into())),
+        },
+    }
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
