@@ -1,0 +1,248 @@
+//! The client side of Tailscale's control protocol, as tsunagud (and the control-scale
+//! benchmark's simulated nodes) speak it:
+//!
+//! 1. `GET /key?v=<capver>` over plain HTTP: the server's Noise public key;
+//! 2. `POST /ts2021` upgrade and Noise IK handshake ([`tsunagu_noise`]), then HTTP/2
+//!    with prior knowledge inside the Noise channel;
+//! 3. `POST /machine/register`, `POST /machine/map` (streamed: 4-byte little-endian
+//!    length + zstd JSON per message).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tsunagu_proto::MachinePrivate;
+use tsunagu_proto::MachinePublic;
+use tsunagu_proto::tailcfg::{
+    CURRENT_CAPABILITY_VERSION, MapRequest, MapResponse, OverTLSPublicKeyResponse, RegisterRequest,
+    RegisterResponse,
+};
+
+/// Why a control operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("bad server URL {0:?}: {1}")]
+    Url(String, String),
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fetching the server key: {0}")]
+    Key(String),
+    #[error("noise dial: {0}")]
+    Dial(#[from] tsunagu_noise::upgrade::DialError),
+    #[error("HTTP/2: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("server answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("invalid JSON from the server: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("map stream: {0}")]
+    Stream(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// `http://host:port` → (`host:port` for the Host header, socket address).
+pub async fn resolve(server_url: &str) -> Result<(String, SocketAddr), ClientError> {
+    let rest = server_url.strip_prefix("http://").ok_or_else(|| {
+        ClientError::Url(
+            server_url.into(),
+            "only http:// is supported by this client".into(),
+        )
+    })?;
+    let host = rest.split('/').next().unwrap_or_default().to_string();
+    let with_port = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !host.ends_with(']')
+    {
+        host.clone()
+    } else {
+        format!("{host}:80")
+    };
+    let addr = tokio::net::lookup_host(&with_port)
+        .await
+        .map_err(|e| ClientError::Url(server_url.into(), e.to_string()))?
+        .next()
+        .ok_or_else(|| ClientError::Url(server_url.into(), "no address".into()))?;
+    Ok((host, addr))
+}
+
+/// `GET /key?v=…`: the server's Noise public key.
+pub async fn fetch_server_key(server_url: &str) -> Result<MachinePublic, ClientError> {
+    let (host, addr) = resolve(server_url).await?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("/key?v={}", CURRENT_CAPABILITY_VERSION.0))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ClientError::Key(e.to_string()))?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        return Err(ClientError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body).into(),
+        });
+    }
+    let k: OverTLSPublicKeyResponse = serde_json::from_slice(&body)?;
+    Ok(k.public_key)
+}
+
+/// An HTTP/2-over-Noise connection to the control server.
+pub struct ControlClient {
+    send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl ControlClient {
+    /// Dial the server and run HTTP/2 over the Noise channel.
+    pub async fn connect(
+        server_url: &str,
+        server_key: &MachinePublic,
+        machine: &MachinePrivate,
+    ) -> Result<Self, ClientError> {
+        let (host, addr) = resolve(server_url).await?;
+        let (stream, _early) = tsunagu_noise::upgrade::dial_tcp(
+            addr,
+            &host,
+            server_key.to_bytes(),
+            machine.to_bytes(),
+            u16::try_from(CURRENT_CAPABILITY_VERSION.0).unwrap_or(u16::MAX),
+        )
+        .await?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("control connection ended: {e}");
+            }
+        });
+        Ok(ControlClient { send, host })
+    }
+
+    async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        self.send.ready().await?;
+        let req = http::Request::post(format!("http://{}{path}", self.host))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Stream(e.to_string()))?;
+        let resp = self.send.send_request(req).await?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        Ok(resp)
+    }
+
+    pub async fn register(
+        &mut self,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, ClientError> {
+        let resp = self
+            .post("/machine/register", serde_json::to_vec(req)?)
+            .await?;
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Start a map request; with `req.stream` the returned [`MapStream`] yields every
+    /// message until the server closes it.
+    pub async fn map(&mut self, req: &MapRequest) -> Result<MapStream, ClientError> {
+        let resp = self.post("/machine/map", serde_json::to_vec(req)?).await?;
+        Ok(MapStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+            compressed: req.compress == "zstd",
+        })
+    }
+}
+
+/// The messages of a map response.
+pub struct MapStream {
+    body: Incoming,
+    buf: Vec<u8>,
+    compressed: bool,
+}
+
+const MAX_MESSAGE: usize = 64 << 20;
+
+impl MapStream {
+    /// The next message, `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > MAX_MESSAGE {
+                    return Some(Err(ClientError::Stream(format!(
+                        "message of {len} bytes is too large"
+                    ))));
+                }
+                if self.buf.len() >= 4 + len {
+                    let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    let json = if self.compressed {
+                        match zstd::stream::decode_all(&body[..]) {
+                            Ok(j) => j,
+                            Err(e) => return Some(Err(ClientError::Stream(format!("zstd: {e}")))),
+                        }
+                    } else {
+                        body
+                    };
+                    return Some(serde_json::from_slice(&json).map_err(ClientError::from));
+                }
+            }
+            match self.body.frame().await {
+                None => return None,
+                Some(Err(e)) => return Some(Err(e.into())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next message that is not a keep-alive, waiting at most `timeout`.
+    pub async fn next_update(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<MapResponse>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Err(_) => return Err(ClientError::Timeout(timeout)),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(m))) if m.keep_alive => continue,
+                Ok(Some(Ok(m))) => return Ok(Some(m)),
+            }
+        }
+    }
+}
