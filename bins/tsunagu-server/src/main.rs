@@ -57,7 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("{}: cannot read", file.display()))?;
             tsunagu_policy::Policy::parse(&text)
-                .map_err(|e| anyhow::anyhow!("{}:{e}", file.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -128,7 +128,7 @@ impl Server {
             let text = std::fs::read_to_string(path)
                 .map_err(io_err(format!("reading {}", path.display())))?;
             tsunagu_policy::Policy::parse(&text)
-                .map_err(|e| ServerError::Config(format!("{}:{e}", path.display())))?;
+                .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
             store.set_policy(&text).await?;
         }
         let state = State::load(store, DERPMap::default(), DOMAIN.to_string()).await?;
