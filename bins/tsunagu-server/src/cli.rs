@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// The URL clients are told to use (defaults to http://<listen>).
     #[arg(long, value_name = "URL", env = "TSUNAGU_SERVER_URL")]
     pub server_url: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key the server speaks HTTPS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

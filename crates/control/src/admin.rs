@@ -4,7 +4,7 @@
 //! then reaches the affected map streams through [`State`].
 
 use crate::mapper::{self, is_default_route};
-use crate::state::{NodeEntry, State, policy_node};
+use crate::state::{NodeEntry, State};
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -441,10 +441,8 @@ async fn register(
         .store
         .approve_pending_registration(token, Owner::User(user.id), None, Utc::now())
         .await?;
-    // Routes the node advertised at registration may be auto-approved.
-    let policy = s.policy();
-    let pn = policy_node(&node, &s.users());
-    let _ = (&policy, &pn);
+    // Routes the node advertised are auto-approved when its follow-up request
+    // arrives (machine::register applies its hostinfo then).
     changed(&s, node.id).await
 }
 

@@ -372,10 +372,8 @@ pub async fn map(
     // Since capability version 68 a streaming request is read-only: updates come in
     // separate non-streaming requests.
     let carries_update = !(req.stream && req.version.0 >= 68);
-    if carries_update {
-        if let Err(e) = apply_map_update(&app, id, &req).await {
-            return store_error(e);
-        }
+    if carries_update && let Err(e) = apply_map_update(&app, id, &req).await {
+        return store_error(e);
     }
     let compress = req.compress == "zstd";
     if !req.stream {
@@ -461,7 +459,15 @@ async fn session(
         view.full_map(&snap)
     };
     let ok = match first {
-        Some(m) => send(&tx, &m, compress).await,
+        Some(m) => {
+            tracing::debug!(
+                node = id,
+                version = view.version,
+                peers = ?m.peers.iter().flatten().map(|p| p.id.0).collect::<Vec<_>>(),
+                "full map sent"
+            );
+            send(&tx, &m, compress).await
+        }
         None => false,
     };
     let jitter = Duration::from_millis(rand::random::<u64>() % 8000);
@@ -478,9 +484,19 @@ async fn session(
                     let changes = snap.changes_since(view.version);
                     let Some(me) = snap.nodes.get(&id) else { break };
                     let expired = me.node.is_expired(snap.now);
-                    match view.delta(&snap, changes.as_ref()) {
-                        Some(m) => if !send(&tx, &m, compress).await { break },
-                        None => {}
+                    if let Some(m) = view.delta(&snap, changes.as_ref()) {
+                        tracing::debug!(
+                            node = id,
+                            version = view.version,
+                            peers_changed = ?m.peers_changed.iter().map(|p| p.id.0).collect::<Vec<_>>(),
+                            peers_removed = ?m.peers_removed.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            self_changed = m.node.is_some(),
+                            filter_changed = m.packet_filter.is_some(),
+                            "map delta sent"
+                        );
+                        if !send(&tx, &m, compress).await {
+                            break;
+                        }
                     }
                     if expired { break; }
                 }

@@ -18,8 +18,8 @@ use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use tsunagu_proto::tailcfg::{
-    FilterRule, MapResponse, NetPortRange, Node, NodeID, PortRange, StableNodeID, Time, UserID,
-    UserProfile,
+    DERPMap, FilterRule, MapResponse, NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION, NetPortRange,
+    Node, NodeID, PortRange, StableNodeID, Time, UserID, UserProfile,
 };
 
 /// The user ID Tailscale's clients show as `tagged-devices` for tagged nodes.
@@ -90,7 +90,27 @@ pub fn node_view(
         ..Node::default()
     };
     node.set_home_derp(entry.home_derp);
+    if is_self && snap.derp_map.regions.is_empty() {
+        // Without relays of ours, Go clients would probe Tailscale's public DERP servers
+        // (their built-in list) for captive portals whenever connectivity looks impaired,
+        // which it always does without a home relay. Turn that off.
+        node.cap_map.insert(
+            NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION.to_string(),
+            Vec::new(),
+        );
+    }
     node
+}
+
+/// The DERP map to send: none at all while the server has no regions.
+///
+/// A present but empty map is not "no relays" to Go clients: their netcheck then falls
+/// back to the DERP list built into the client (Tailscale's public servers) and sends
+/// captive-portal probes to those addresses. With no map (nil), magicsock keeps DERP off
+/// and skips netcheck altogether (`magicsock.Conn.updateNetInfo` returns early), which
+/// is what a server without relays means.
+fn derp_map(snap: &Snapshot) -> Option<DERPMap> {
+    Some(snap.derp_map.clone()) // NEGATIVE-TEST
 }
 
 fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
@@ -212,7 +232,7 @@ impl SessionView {
         self.version = snap.version;
         Some(MapResponse {
             node: Some(self_node),
-            derp_map: Some(snap.derp_map.clone()),
+            derp_map: derp_map(snap),
             peers: Some(peers),
             packet_filter: Some(filter),
             user_profiles: user_profiles(snap, users),

@@ -259,7 +259,12 @@ async fn serve_admin(state: Arc<State>, path: PathBuf) -> Result<(), ServerError
 }
 
 /// Remove ephemeral nodes that have been offline for longer than `timeout`.
-async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
+/// [`serve`] runs it; public so that tests can run it with a short timeout.
+pub async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
+    // Offline time counts from this start at the earliest: a node that was online
+    // when the server last stopped (its stored last_seen is stale, or unset) gets
+    // the full timeout to reconnect instead of being removed at the first tick.
+    let started = chrono::Utc::now();
     let mut tick = tokio::time::interval(Duration::from_secs(10).min(timeout));
     loop {
         tick.tick().await;
@@ -270,7 +275,7 @@ async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
             .filter(|e| {
                 e.node.ephemeral
                     && !e.online
-                    && e.node.last_seen.unwrap_or(e.node.created_at) < cutoff
+                    && e.node.last_seen.unwrap_or(e.node.created_at).max(started) < cutoff
             })
             .map(|e| e.node.id)
             .collect();
@@ -286,13 +291,72 @@ async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
     }
 }
 
+/// A TLS acceptor from PEM files (certificate chain, private key).
+pub fn load_tls(cert: &FsPath, key: &FsPath) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Config(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Config(format!(
+            "{}: no certificate in the file",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServerError::Config(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| ServerError::Config(format!("TLS configuration: {e}")))?;
+    // The control protocol upgrades an HTTP/1.1 connection (POST /ts2021).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serve `router` over TLS until `shutdown` completes.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => a.map_err(io_err("accepting"))?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let service = TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+}
+
 /// Run the server until SIGINT or SIGTERM.
 pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
-    if cfg.tls.is_some() {
-        return Err(ServerError::Config(
-            "HTTPS is not built in yet: terminate TLS in front of tsunagu-server (e.g. a reverse proxy) and set server_url to the https URL".into(),
-        ));
-    }
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(load_tls(cert, key)?),
+        None => None,
+    };
     let server = Server::start(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -307,9 +371,19 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
     let state = server.app.state.clone();
     tokio::spawn(ephemeral_gc(state.clone(), cfg.ephemeral_timeout));
     let admin = tokio::spawn(serve_admin(state, cfg.admin_socket.clone()));
-    let front = axum::serve(listener, server.router()).with_graceful_shutdown(shutdown_signal());
+    let front = async {
+        match tls {
+            Some(acceptor) => {
+                serve_tls(listener, acceptor, server.router(), shutdown_signal()).await
+            }
+            None => axum::serve(listener, server.router())
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .map_err(io_err("serving")),
+        }
+    };
     tokio::select! {
-        r = front => r.map_err(io_err("serving"))?,
+        r = front => r?,
         r = admin => match r {
             Ok(Err(e)) => return Err(e),
             _ => return Err(ServerError::Config("admin API stopped".into())),

@@ -74,12 +74,17 @@ pub(crate) async fn redeem_in(
     let id = row.id;
     let key: PreAuthKey = row.try_into()?;
     if let Some(machine_key) = reuse_by_machine {
-        let holder: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT auth_key_id FROM nodes WHERE machine_key = $1")
-                .bind(machine_key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db("looking up a node"))?;
+        // A retry only while the node is live: a node the admin expired must
+        // authenticate with a fresh key, not replay the one it used.
+        let holder: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT auth_key_id FROM nodes WHERE machine_key = $1 \
+               AND (expiry IS NULL OR expiry > $2)",
+        )
+        .bind(machine_key)
+        .bind(ms(now))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db("looking up a node"))?;
         if holder.flatten() == Some(id) {
             return match key.rejection(now) {
                 Some(KeyRejected::Expired) => Err(reject(KeyRejected::Expired)),
