@@ -102,15 +102,17 @@ pub fn node_view(
     node
 }
 
-/// The DERP map to send: none at all while the server has no regions.
+/// The DERP map to send: none while the server has no regions.
 ///
-/// A present but empty map is not "no relays" to Go clients: their netcheck then falls
-/// back to the DERP list built into the client (Tailscale's public servers) and sends
-/// captive-portal probes to those addresses. With no map (nil), magicsock keeps DERP off
-/// and skips netcheck altogether (`magicsock.Conn.updateNetInfo` returns early), which
-/// is what a server without relays means.
+/// To a Go client a present but empty map does not mean "no relays": for captive-portal
+/// probes its netcheck then falls back to the DERP list built into the client, i.e. HTTP
+/// to Tailscale's public relays (`captivedetection.availableEndpoints`), at start and on
+/// every full netcheck. With no map, magicsock keeps DERP off and skips netcheck
+/// (`magicsock.Conn.updateNetInfo`). The price: it then reports no endpoints either
+/// (`Conn.setEndpoints` drops STUN-less updates until a map arrives), so Go peers cannot
+/// reach each other until the server announces a relay region.
 fn derp_map(snap: &Snapshot) -> Option<DERPMap> {
-    Some(snap.derp_map.clone()) // NEGATIVE-TEST
+    (!snap.derp_map.regions.is_empty()).then(|| snap.derp_map.clone())
 }
 
 fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {

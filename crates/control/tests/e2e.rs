@@ -4,7 +4,7 @@ mod common;
 
 use common::{SimNode, server, user_key};
 use std::time::Duration;
-use tsunagu_proto::tailcfg::MapResponse;
+use tsunagu_proto::tailcfg::{MapResponse, NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -35,6 +35,16 @@ async fn register_stream_and_see_a_new_peer() {
     assert_eq!(me.addresses[0].to_string(), "100.64.0.1/32");
     assert_eq!(first.peers.as_ref().unwrap().len(), 0);
     assert!(first.packet_filter.is_some());
+    // No relay regions configured: no DERP map at all (given an empty one, Go clients
+    // probe Tailscale's public relays for captive portals) and captive-portal detection
+    // off for this node.
+    assert!(first.derp_map.is_none(), "{:?}", first.derp_map);
+    assert!(
+        me.cap_map
+            .contains_key(NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION),
+        "{:?}",
+        me.cap_map
+    );
 
     let mut b = SimNode::connect(&s, "phone").await;
     assert!(b.register(&key).await.machine_authorized);
@@ -42,6 +52,10 @@ async fn register_stream_and_see_a_new_peer() {
     let bfirst = bstream.next_update(T).await.unwrap().unwrap();
     check_with_tailscale_types(&bfirst);
     assert_eq!(bfirst.peers.as_ref().unwrap().len(), 1, "b sees a");
+    assert!(
+        bfirst.peers.as_ref().unwrap()[0].cap_map.is_empty(),
+        "node attributes are for the node itself, not its peers"
+    );
 
     // a's stream receives b (as an incremental PeersChanged, not a full map).
     let mut seen_b = false;

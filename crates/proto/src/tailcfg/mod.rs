@@ -36,7 +36,9 @@ pub use map::{
     ClientVersion, ControlDialPlan, ControlIPCandidate, Debug, DisplayMessage,
     DisplayMessageAction, EndpointType, MapRequest, MapResponse, PingRequest, TKAInfo,
 };
-pub use node::{CapMap, DERP_MAGIC_IP, Node, PeerChange};
+pub use node::{
+    CapMap, DERP_MAGIC_IP, NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION, Node, PeerChange,
+};
 pub use register::{
     EarlyNoise, Login, OverTLSPublicKeyResponse, RegisterRequest, RegisterResponse,
     RegisterResponseAuth, User, UserProfile,

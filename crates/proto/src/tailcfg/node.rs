@@ -14,6 +14,11 @@ use std::net::{IpAddr, SocketAddr};
 /// region `<region>`" (3.3.40 are the digits above D, E, R, P on a keyboard).
 pub const DERP_MAGIC_IP: &str = "127.3.3.40";
 
+/// Node attribute (self `CapMap` key, Go's `tailcfg.NodeAttrDisableCaptivePortalDetection`,
+/// capability version 103+): the client must not run captive-portal detection, which
+/// otherwise probes DERP servers (Tailscale's built-in ones when the map has none).
+pub const NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION: &str = "disable-captive-portal-detection";
+
 /// Go's `tailcfg.NodeCapMap`: capability name → JSON values (often none). Go writes a
 /// capability without values as `null`, which reads as an empty list here; an empty list
 /// is written as `[]`, which Go reads the same way (presence of the key is what counts).
