@@ -39,16 +39,27 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (listen, server_url) = match &cli.command {
-        Command::Serve(s) => (s.listen.clone(), s.server_url.clone()),
-        _ => (None, None),
+    let (listen, server_url, tls) = match &cli.command {
+        Command::Serve(s) => (
+            s.listen.clone(),
+            s.server_url.clone(),
+            s.tls_cert.clone().zip(s.tls_key.clone()),
+        ),
+        _ => (None, None, None),
     };
-    let cfg = Config::resolve(
+    let explicit_url = server_url.is_some();
+    let mut cfg = Config::resolve(
         cli.common.config.as_deref(),
         cli.common.data_dir.clone(),
         listen,
         server_url,
     )?;
+    if let Some(tls) = tls {
+        cfg.tls = Some(tls);
+        if !explicit_url && cfg.server_url.starts_with("http://") {
+            cfg.server_url = cfg.server_url.replacen("http://", "https://", 1);
+        }
+    }
     let json_out = cli.common.json;
     let admin = AdminClient::new(&cfg.admin_socket());
     match cli.command {

@@ -17,7 +17,7 @@ fn serves_https_with_the_given_certificate() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsunagu-server"))
+    let child = Command::new(env!("CARGO_BIN_EXE_tsunagu-server"))
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -28,6 +28,8 @@ fn serves_https_with_the_given_certificate() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Ended by PID when the test ends, also when it fails.
+    let _guard = KillOnDrop(child);
     let url = format!("https://localhost:{port}/key?v=130");
     let resolve = format!("localhost:{port}:127.0.0.1");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -64,6 +66,13 @@ fn serves_https_with_the_given_certificate() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("mkey:"));
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
