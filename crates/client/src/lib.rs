@@ -48,6 +48,8 @@ pub enum ClientError {
 }
 
 /// `http://host:port` → (`host:port` for the Host header, socket address).
+pub mod netmap;
+
 pub async fn resolve(server_url: &str) -> Result<(String, SocketAddr), ClientError> {
     let rest = server_url.strip_prefix("http://").ok_or_else(|| {
         ClientError::Url(

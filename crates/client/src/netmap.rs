@@ -1,0 +1,349 @@
+//! From the map stream to the engine's network map.
+//!
+//! [`MapState`] applies each `MapResponse` of a stream (the full first one, then deltas:
+//! `PeersChanged`, `PeersRemoved`, `PeersChangedPatch`, online changes, a new filter or
+//! self node) and [`MapState::netmap`] turns the current state and the user's
+//! preferences into a [`NetMap`] for `Engine::apply`. Pure: no I/O, tested alone.
+
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use tsunagu_proto::tailcfg::{FilterRule, MapResponse, Node, NodeID};
+use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
+
+/// What the user chose (persisted by the daemon).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Prefs {
+    /// Exit node by tailnet IP, short name or full DNS name; empty for none.
+    pub exit_node: String,
+    pub exit_node_allow_lan_access: bool,
+    pub advertise_exit_node: bool,
+}
+
+/// Why the preferences cannot be applied to the current map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefsError {
+    #[error("no node {0:?} in the tailnet")]
+    UnknownNode(String),
+    #[error("{0} is this device")]
+    SelfNode(String),
+    #[error("{0} is not an approved exit node (or the policy does not let this device use it)")]
+    NotExitNode(String),
+}
+
+/// The client's view of the tailnet, updated message by message.
+#[derive(Debug, Default, Clone)]
+pub struct MapState {
+    pub self_node: Option<Node>,
+    pub peers: BTreeMap<NodeID, Node>,
+    pub filter: Vec<FilterRule>,
+    pub domain: String,
+}
+
+fn short_name(n: &Node) -> &str {
+    n.name.split('.').next().unwrap_or_default()
+}
+
+fn covers_internet(ip: &str) -> bool {
+    if ip == "*" {
+        return true;
+    }
+    // Any public prefix means "the internet" (autogroup:internet compiles to public
+    // ranges; a /0 also counts).
+    ip.parse::<IpNet>().is_ok_and(|n| match n.addr() {
+        IpAddr::V4(a) => !(a.is_private() || a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64),
+        IpAddr::V6(a) => (a.segments()[0] & 0xe000) == 0x2000 || n.prefix_len() == 0,
+    })
+}
+
+fn src_matches(src: &str, ip: IpAddr) -> bool {
+    src == "*"
+        || src.parse::<IpNet>().is_ok_and(|n| n.contains(&ip))
+        || src.parse::<IpAddr>().is_ok_and(|a| a == ip)
+}
+
+impl MapState {
+    /// Apply one message of the stream.
+    pub fn apply(&mut self, m: &MapResponse) {
+        if m.keep_alive {
+            return;
+        }
+        if let Some(n) = &m.node {
+            self.self_node = Some(n.clone());
+        }
+        if !m.domain.is_empty() {
+            self.domain.clone_from(&m.domain);
+        }
+        if let Some(peers) = &m.peers {
+            self.peers = peers.iter().map(|p| (p.id, p.clone())).collect();
+        }
+        for p in &m.peers_changed {
+            self.peers.insert(p.id, p.clone());
+        }
+        for id in &m.peers_removed {
+            self.peers.remove(id);
+        }
+        for patch in &m.peers_changed_patch {
+            if let Some(p) = self.peers.get_mut(&patch.node_id) {
+                if !patch.endpoints.is_empty() {
+                    p.endpoints.clone_from(&patch.endpoints);
+                }
+                if let Some(k) = patch.key {
+                    p.key = k;
+                }
+                if let Some(d) = patch.disco_key {
+                    p.disco_key = d;
+                }
+                if let Some(o) = patch.online {
+                    p.online = Some(o);
+                }
+            }
+        }
+        for (id, online) in &m.online_change {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.online = Some(*online);
+            }
+        }
+        if let Some(f) = &m.packet_filter {
+            self.filter.clone_from(f);
+        }
+    }
+
+    /// Find a peer as users name exit nodes: tailnet IP, short name or full DNS name.
+    pub fn find(&self, what: &str) -> Option<&Node> {
+        let what = what.trim_end_matches('.');
+        let ip: Option<IpAddr> = what.parse().ok();
+        self.peers.values().find(|p| {
+            p.name.trim_end_matches('.') == what
+                || short_name(p) == what
+                || ip.is_some_and(|ip| p.addresses.iter().any(|a| a.addr() == ip))
+        })
+    }
+
+    /// Resolve the chosen exit node to a peer, with the reason when it cannot be used.
+    pub fn resolve_exit(&self, what: &str) -> Result<Option<&Node>, PrefsError> {
+        if what.is_empty() {
+            return Ok(None);
+        }
+        let me = self.self_node.as_ref();
+        let is_me = me.is_some_and(|m| {
+            m.name.trim_end_matches('.') == what.trim_end_matches('.')
+                || short_name(m) == what
+                || what
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| m.addresses.iter().any(|a| a.addr() == ip))
+        });
+        if is_me {
+            return Err(PrefsError::SelfNode(what.into()));
+        }
+        let p = self
+            .find(what)
+            .ok_or_else(|| PrefsError::UnknownNode(what.into()))?;
+        if !p.is_exit_node() {
+            return Err(PrefsError::NotExitNode(what.into()));
+        }
+        Ok(Some(p))
+    }
+
+    /// Whether our packet filter lets `ip` send to the internet through us (we are its
+    /// exit node): some rule with that source and an internet destination.
+    pub fn may_use_us_as_exit(&self, ip: IpAddr) -> bool {
+        self.filter.iter().any(|r| {
+            r.src_ips.iter().any(|s| src_matches(s, ip))
+                && r.dst_ports.iter().any(|d| covers_internet(&d.ip))
+        })
+    }
+
+    /// The engine's network map, or why the preferences do not fit the tailnet.
+    pub fn netmap(
+        &self,
+        key: &NodePrivate,
+        prefs: &Prefs,
+        mtu: u16,
+    ) -> Result<Option<NetMap>, PrefsError> {
+        let Some(me) = &self.self_node else {
+            return Ok(None);
+        };
+        let exit = self.resolve_exit(&prefs.exit_node)?;
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for p in self.peers.values() {
+            let allowed: Vec<IpNet> = p
+                .effective_allowed_ips()
+                .iter()
+                .filter(|n| n.prefix_len() != 0)
+                .copied()
+                .collect();
+            peers.push(Peer {
+                name: short_name(p).to_string(),
+                key: p.key,
+                endpoints: p.endpoints.clone(),
+                allowed_ips: allowed,
+                offers_exit: p.is_exit_node(),
+                exit_client: prefs.advertise_exit_node
+                    && p.addresses
+                        .iter()
+                        .any(|a| self.may_use_us_as_exit(a.addr())),
+                keepalive: Some(25),
+            });
+        }
+        // Node names are unique per tailnet, but two peers may share a short name across
+        // domains; make them unique for the engine.
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &mut peers {
+            if !seen.insert(p.name.clone()) {
+                p.name = format!("{}-{}", p.name, p.key.short());
+                seen.insert(p.name.clone());
+            }
+        }
+        Ok(Some(NetMap {
+            self_node: SelfNode {
+                name: short_name(me).to_string(),
+                private_key: key.clone(),
+                addresses: me.addresses.clone(),
+                serve_exit: prefs.advertise_exit_node && me.is_exit_node(),
+            },
+            peers,
+            exit_node: exit.map(|p| p.key),
+            exit_node_allow_lan_access: prefs.exit_node_allow_lan_access,
+            mtu,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsunagu_proto::tailcfg::{NetPortRange, PortRange};
+
+    fn node(id: i64, name: &str, ip: &str, exit: bool) -> Node {
+        let addr: IpNet = format!("{ip}/32").parse().unwrap();
+        let mut allowed = vec![addr];
+        if exit {
+            allowed.push("0.0.0.0/0".parse().unwrap());
+            allowed.push("::/0".parse().unwrap());
+        }
+        Node {
+            id: NodeID(id),
+            name: format!("{name}.tailnet.internal."),
+            key: NodePrivate::generate().public(),
+            addresses: vec![addr],
+            allowed_ips: Some(allowed),
+            endpoints: vec!["198.51.100.2:41641".parse().unwrap()],
+            ..Node::default()
+        }
+    }
+
+    fn state() -> MapState {
+        let mut s = MapState::default();
+        s.apply(&MapResponse {
+            node: Some(node(1, "laptop", "100.64.0.1", false)),
+            peers: Some(vec![
+                node(2, "dev-m1sk9-s1", "100.64.0.2", true),
+                node(3, "phone", "100.64.0.3", false),
+            ]),
+            packet_filter: Some(vec![FilterRule::allow_all()]),
+            ..MapResponse::default()
+        });
+        s
+    }
+
+    #[test]
+    fn exit_node_by_name_ip_or_fqdn() {
+        let s = state();
+        let key = NodePrivate::generate();
+        for what in [
+            "dev-m1sk9-s1",
+            "100.64.0.2",
+            "dev-m1sk9-s1.tailnet.internal",
+        ] {
+            let prefs = Prefs {
+                exit_node: what.into(),
+                ..Prefs::default()
+            };
+            let m = s.netmap(&key, &prefs, 1280).unwrap().unwrap();
+            assert_eq!(m.exit_peer().unwrap().name, "dev-m1sk9-s1", "{what}");
+            m.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_exit_choices_are_explained() {
+        let s = state();
+        let key = NodePrivate::generate();
+        let err = |what: &str| {
+            s.netmap(
+                &key,
+                &Prefs {
+                    exit_node: what.into(),
+                    ..Prefs::default()
+                },
+                1280,
+            )
+            .unwrap_err()
+        };
+        assert_eq!(err("ghost"), PrefsError::UnknownNode("ghost".into()));
+        assert_eq!(err("phone"), PrefsError::NotExitNode("phone".into()));
+        assert_eq!(err("laptop"), PrefsError::SelfNode("laptop".into()));
+        assert_eq!(err("100.64.0.1"), PrefsError::SelfNode("100.64.0.1".into()));
+    }
+
+    #[test]
+    fn deltas_apply_in_order() {
+        let mut s = state();
+        s.apply(&MapResponse {
+            peers_removed: vec![NodeID(3)],
+            ..MapResponse::default()
+        });
+        assert!(s.find("phone").is_none());
+        let mut revoked = node(2, "dev-m1sk9-s1", "100.64.0.2", false);
+        revoked.endpoints.clear();
+        s.apply(&MapResponse {
+            peers_changed: vec![revoked],
+            ..MapResponse::default()
+        });
+        assert!(!s.find("dev-m1sk9-s1").unwrap().is_exit_node(), "revoked");
+        let e = s.netmap(
+            &NodePrivate::generate(),
+            &Prefs {
+                exit_node: "dev-m1sk9-s1".into(),
+                ..Prefs::default()
+            },
+            1280,
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            PrefsError::NotExitNode("dev-m1sk9-s1".into())
+        );
+        s.apply(&MapResponse::keep_alive());
+        assert_eq!(s.peers.len(), 1);
+    }
+
+    #[test]
+    fn exit_clients_come_from_our_filter() {
+        let mut s = state();
+        let prefs = Prefs {
+            advertise_exit_node: true,
+            ..Prefs::default()
+        };
+        // Only 100.64.0.3 may reach the internet through us.
+        s.apply(&MapResponse {
+            packet_filter: Some(vec![FilterRule {
+                src_ips: vec!["100.64.0.3/32".into()],
+                dst_ports: vec![NetPortRange {
+                    ip: "0.0.0.0/0".into(),
+                    ports: PortRange::ANY,
+                    ..NetPortRange::default()
+                }],
+                ..FilterRule::default()
+            }]),
+            ..MapResponse::default()
+        });
+        let m = s
+            .netmap(&NodePrivate::generate(), &prefs, 1280)
+            .unwrap()
+            .unwrap();
+        let by = |n: &str| m.peers.iter().find(|p| p.name == n).unwrap().exit_client;
+        assert!(by("phone"));
+        assert!(!by("dev-m1sk9-s1"));
+    }
+}
