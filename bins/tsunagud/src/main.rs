@@ -5,6 +5,7 @@
 //! removing every route, rule and NAT table the daemon installed.
 
 mod config;
+mod control;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -16,9 +17,39 @@ use tsunagu_engine::engine::{Engine, EngineConfig};
 #[derive(Debug, Parser)]
 #[command(name = "tsunagud", version, about = "tsunagu node daemon")]
 struct Args {
-    /// Configuration file (TOML) describing this node and its peers.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
+    /// Configuration file (TOML) describing this node and its peers (without a server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "login_server",
+        conflicts_with = "login_server"
+    )]
+    config: Option<PathBuf>,
+    /// Join this coordination server instead (e.g. http://198.51.100.4:8080).
+    #[arg(long, value_name = "URL")]
+    login_server: Option<String>,
+    /// Pre-auth key for the first registration.
+    #[arg(long, value_name = "KEY", env = "TSUNAGU_AUTH_KEY")]
+    auth_key: Option<String>,
+    /// State directory (keys, mode 0600).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tsunagud")]
+    state_dir: PathBuf,
+    /// Hostname to register with (default: the system's).
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Offer this node as an exit node (the admin or the policy must approve it).
+    #[arg(long)]
+    advertise_exit_node: bool,
+    /// Tags to request, e.g. tag:exit (the policy's tagOwners must allow them).
+    #[arg(long, value_delimiter = ',', value_name = "TAGS")]
+    advertise_tags: Vec<String>,
+    /// Use this exit node: tailnet IP, short name or DNS name.
+    #[arg(long, value_name = "IP|NAME", default_value = "")]
+    exit_node: String,
+    /// With an exit node, keep the local LAN reachable directly.
+    #[arg(long)]
+    exit_node_allow_lan_access: bool,
     /// TUN interface name (overrides the file's `tun`).
     #[arg(long, value_name = "NAME")]
     tun: Option<String>,
@@ -48,7 +79,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn load(args: &Args) -> anyhow::Result<Config> {
-    let mut cfg = Config::load(&args.config)?;
+    let path = args.config.as_deref().context("no --config given")?;
+    let mut cfg = Config::load(path)?;
     if let Some(tun) = &args.tun {
         cfg.tun.clone_from(tun);
     }
@@ -59,11 +91,17 @@ fn load(args: &Args) -> anyhow::Result<Config> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.login_server.is_some() {
+        return run_joined(args);
+    }
     let cfg = load(&args)?;
     if args.check {
         println!(
             "{}: ok ({} peers{})",
-            args.config.display(),
+            args.config
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display(),
             cfg.map.peers.len(),
             cfg.map
                 .exit_peer()
@@ -118,5 +156,80 @@ fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+fn block_signals() -> anyhow::Result<SigSet> {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+    Ok(signals)
+}
+
+/// Joined to a coordination server: the control loop runs on its own runtime thread; this
+/// thread waits for signals and shuts the engine down cleanly.
+fn run_joined(args: Args) -> anyhow::Result<()> {
+    let signals = block_signals()?;
+    let hostname = match &args.hostname {
+        Some(h) => h.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "linux".into()),
+    };
+    let join = control::JoinArgs {
+        login_server: args.login_server.clone().unwrap_or_default(),
+        auth_key: args.auth_key.clone(),
+        state_dir: args.state_dir.clone(),
+        hostname,
+        advertise_tags: args.advertise_tags.clone(),
+        prefs: tsunagu_client::netmap::Prefs {
+            exit_node: args.exit_node.clone(),
+            exit_node_allow_lan_access: args.exit_node_allow_lan_access,
+            advertise_exit_node: args.advertise_exit_node,
+        },
+        engine: EngineConfig {
+            tun_name: args
+                .tun
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_TUN.into()),
+            listen_port: args.port.unwrap_or(config::DEFAULT_PORT),
+            ..EngineConfig::default()
+        },
+        mtu: tsunagu_proto::netmap::DEFAULT_MTU,
+    };
+    let engine = std::sync::Arc::new(std::sync::Mutex::new(None::<Engine>));
+    let shared = engine.clone();
+    std::thread::Builder::new()
+        .name("tsunagu-control".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => {
+                    if let Err(e) = rt.block_on(control::run(join, shared)) {
+                        tracing::error!("control loop stopped: {e:#}");
+                    }
+                }
+                Err(e) => tracing::error!("cannot start the runtime: {e}"),
+            }
+        })
+        .context("starting the control thread")?;
+    loop {
+        let sig = signals.wait().context("waiting for signals")?;
+        if sig == Signal::SIGHUP {
+            tracing::info!("SIGHUP ignored while joined to a server");
+            continue;
+        }
+        tracing::info!(signal = %sig, "shutting down");
+        if let Ok(mut guard) = engine.lock()
+            && let Some(mut e) = guard.take()
+        {
+            e.shutdown();
+        }
+        return Ok(());
     }
 }
