@@ -7,6 +7,7 @@
 //! a `NetMap` for the engine. On any error it retries with backoff and jitter; the data
 //! plane keeps running on the last map meanwhile.
 
+use crate::api::Shared;
 use anyhow::Context as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct JoinArgs {
     pub prefs: Prefs,
     pub engine: EngineConfig,
     pub mtu: u16,
+    /// The local API's Unix socket.
+    pub socket: PathBuf,
 }
 
 fn read_or_create<T: std::str::FromStr + std::fmt::Display>(
@@ -120,9 +123,38 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         StoredNodeKey(NodePrivate::generate())
     })?
     .0;
+    let prefs_path = args.state_dir.join("prefs.json");
+    let mut prefs = args.prefs.clone();
+    match crate::api::load_prefs(&prefs_path) {
+        Ok(Some(saved)) => {
+            // A choice on the command line wins over the saved one.
+            if prefs.exit_node.is_empty() {
+                prefs.exit_node = saved.exit_node;
+            }
+            prefs.exit_node_allow_lan_access |= saved.exit_node_allow_lan_access;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("ignoring saved preferences: {e:#}"),
+    }
+    let shared = Arc::new(Shared {
+        prefs: Mutex::new(prefs),
+        map: Mutex::new(MapState::default()),
+        engine,
+        engine_cfg: args.engine.clone(),
+        node: node.clone(),
+        mtu: args.mtu,
+        prefs_path,
+    });
+    let api = shared.clone();
+    let socket = args.socket.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::api::serve(socket, api).await {
+            tracing::error!("local API stopped: {e:#}");
+        }
+    });
     let mut backoff = Duration::from_millis(500);
     loop {
-        match session(&args, &machine, &node, &engine).await {
+        match session(&args, &machine, &node, &shared).await {
             Ok(()) => tracing::info!("map stream ended; reconnecting"),
             Err(e) => tracing::warn!("control: {e:#}; retrying in {backoff:?}"),
         }
@@ -160,7 +192,7 @@ async fn session(
     args: &JoinArgs,
     machine: &MachinePrivate,
     node: &NodePrivate,
-    engine: &Arc<Mutex<Option<Engine>>>,
+    shared: &Shared,
 ) -> anyhow::Result<()> {
     let server_key = fetch_server_key(&args.login_server).await?;
     let mut client = ControlClient::connect(&args.login_server, &server_key, machine).await?;
@@ -215,38 +247,30 @@ async fn session(
         if msg.keep_alive {
             continue;
         }
+        // Prefs first, then the map, then the engine: the lock order `Shared` documents.
+        let prefs = shared
+            .prefs
+            .lock()
+            .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?;
         state.apply(&msg);
-        let map = match state.netmap(node, &args.prefs, args.mtu) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => {
+        *shared
+            .map
+            .lock()
+            .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
+        if let Err(e) = shared.apply_locked(&prefs) {
+            if e.downcast_ref::<tsunagu_client::netmap::PrefsError>()
+                .is_some()
+            {
                 tracing::error!("cannot apply the preferences to this map: {e}");
                 continue;
             }
-        };
-        let mut guard = engine
-            .lock()
-            .map_err(|_| anyhow::anyhow!("engine lock poisoned"))?;
-        match guard.as_mut() {
-            Some(e) => {
-                if e.map() != &map
-                    && let Err(err) = e.apply(&map)
-                {
-                    tracing::error!("engine refused the map: {err}");
-                }
+            if shared.engine.lock().map(|g| g.is_none()).unwrap_or(false) {
+                return Err(e);
             }
-            None => {
-                let e = Engine::start(args.engine.clone(), &map).context("starting the engine")?;
-                tracing::info!(
-                    name = %map.self_node.name,
-                    addresses = ?map.self_node.addresses,
-                    exit_node = map.exit_peer().map(|p| p.name.as_str()).unwrap_or("none"),
-                    "running"
-                );
-                *guard = Some(e);
-            }
+            tracing::error!("{e:#}");
         }
-        tracing::debug!(peers = map.peers.len(), "map applied");
+        drop(prefs);
+        tracing::debug!(peers = state.peers.len(), "map applied");
     }
     Ok(())
 }

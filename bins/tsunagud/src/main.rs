@@ -4,6 +4,7 @@
 //! (a bad file is reported and the running map kept), SIGTERM/SIGINT shut down cleanly,
 //! removing every route, rule and NAT table the daemon installed.
 
+mod api;
 mod config;
 mod control;
 
@@ -56,6 +57,13 @@ struct Args {
     /// UDP port (overrides the file's `listen_port`; 0 picks a free one).
     #[arg(long, value_name = "UDP_PORT")]
     port: Option<u16>,
+    /// The local API's Unix socket (mode 0600), used by the `tsunagu` CLI.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/tsunagud/tsunagud.sock"
+    )]
+    socket: PathBuf,
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
@@ -198,6 +206,7 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
         mtu: tsunagu_proto::netmap::DEFAULT_MTU,
+        socket: args.socket.clone(),
     };
     let engine = std::sync::Arc::new(std::sync::Mutex::new(None::<Engine>));
     let shared = engine.clone();
@@ -230,6 +239,7 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
         {
             e.shutdown();
         }
+        let _ = std::fs::remove_file(&args.socket);
         return Ok(());
     }
 }

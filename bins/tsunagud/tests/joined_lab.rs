@@ -114,6 +114,8 @@ fn exit_node_joins_is_auto_approved_and_carries_the_client() {
                 "--advertise-exit-node",
                 "--state-dir",
                 exit_state.to_str().unwrap(),
+                "--socket",
+                exit_state.join("tsunagud.sock").to_str().unwrap(),
             ],
             Some(&exit_log),
         )
@@ -155,6 +157,8 @@ fn exit_node_joins_is_auto_approved_and_carries_the_client() {
                 "dev-m1sk9-s1",
                 "--state-dir",
                 client_state.to_str().unwrap(),
+                "--socket",
+                client_state.join("tsunagud.sock").to_str().unwrap(),
             ],
             Some(&client_log),
         )

@@ -8,7 +8,7 @@
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use tsunagu_proto::tailcfg::{FilterRule, MapResponse, Node, NodeID};
+use tsunagu_proto::tailcfg::{FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
 use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
 
 /// What the user chose (persisted by the daemon).
@@ -38,9 +38,12 @@ pub struct MapState {
     pub peers: BTreeMap<NodeID, Node>,
     pub filter: Vec<FilterRule>,
     pub domain: String,
+    /// Users the map told us about (`UserProfiles` accumulate across the stream).
+    pub users: BTreeMap<UserID, UserProfile>,
 }
 
-fn short_name(n: &Node) -> &str {
+/// A node's short name: the first label of its DNS name.
+pub fn short_name(n: &Node) -> &str {
     n.name.split('.').next().unwrap_or_default()
 }
 
@@ -107,6 +110,21 @@ impl MapState {
         if let Some(f) = &m.packet_filter {
             self.filter.clone_from(f);
         }
+        for u in &m.user_profiles {
+            self.users.insert(u.id, u.clone());
+        }
+    }
+
+    /// The owner of a node as clients show it: the user's login name, or
+    /// `tagged-devices` for tagged nodes (empty when the map did not say).
+    pub fn user_name(&self, n: &Node) -> String {
+        if !n.tags.is_empty() {
+            return "tagged-devices".into();
+        }
+        self.users
+            .get(&n.user)
+            .map(|u| u.login_name.clone())
+            .unwrap_or_default()
     }
 
     /// Find a peer as users name exit nodes: tailnet IP, short name or full DNS name.
@@ -316,6 +334,26 @@ mod tests {
         );
         s.apply(&MapResponse::keep_alive());
         assert_eq!(s.peers.len(), 1);
+    }
+
+    #[test]
+    fn user_names_come_from_profiles_or_tags() {
+        let mut s = state();
+        let mut owned = node(4, "desk", "100.64.0.4", false);
+        owned.user = UserID(7);
+        let mut tagged = node(5, "srv", "100.64.0.5", false);
+        tagged.tags = vec!["tag:exit".into()];
+        s.apply(&MapResponse {
+            peers_changed: vec![owned, tagged],
+            user_profiles: vec![UserProfile {
+                id: UserID(7),
+                login_name: "admin".into(),
+                ..UserProfile::default()
+            }],
+            ..MapResponse::default()
+        });
+        assert_eq!(s.user_name(s.find("desk").unwrap()), "admin");
+        assert_eq!(s.user_name(s.find("srv").unwrap()), "tagged-devices");
     }
 
     #[test]
