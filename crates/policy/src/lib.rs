@@ -183,7 +183,7 @@ pub fn fuzz_parse(data: &[u8]) {
             Some("bob@example.com"),
             &[],
             "100.64.0.2",
-            &["10.0.0.0/24"],
+            &["198.18.5.0/24"],
         ),
         node(3, None, &["tag:exit"], "100.64.0.3", &["0.0.0.0/0", "::/0"]),
         node(4, None, &[], "fd7a:115c:a1e0::4", &[]),
@@ -194,7 +194,7 @@ pub fn fuzz_parse(data: &[u8]) {
         let _ = compiled.visible_peers(n.id);
         let _ = compiled.may_use_exit_nodes(n.id);
         let _ = policy.auto_approve_exit_node(n);
-        if let Ok(p) = "10.0.0.0/25".parse() {
+        if let Ok(p) = "198.18.5.0/25".parse() {
             let _ = policy.auto_approve_route(n, p);
         }
         for t in &["tag:exit", "tag:x"] {

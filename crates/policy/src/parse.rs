@@ -738,9 +738,12 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        assert_eq!(parse_prefix("10.0.0.1").unwrap().to_string(), "10.0.0.1/32");
-        assert!(parse_prefix("10.0.0.1/24").is_err());
-        assert!(parse_prefix("10.0.0.0/33").is_err());
+        assert_eq!(
+            parse_prefix("198.18.5.1").unwrap().to_string(),
+            "198.18.5.1/32"
+        );
+        assert!(parse_prefix("198.18.5.1/24").is_err());
+        assert!(parse_prefix("198.18.5.0/33").is_err());
         assert!(parse_prefix("300.0.0.1").is_err());
         assert_eq!(parse_prefix("fd7a::/48").unwrap().to_string(), "fd7a::/48");
     }

@@ -125,8 +125,8 @@ fn other_semantic_errors_are_positioned() {
         ("nas", "must have the form"),
         ("autogroup:admin:*", "unknown or unsupported autogroup"),
         ("autogroup:bogus:22", "unknown or unsupported autogroup"),
-        ("10.0.0.0/33:22", "invalid CIDR"),
-        ("10.0.0.1/24:22", "host bits set"),
+        ("198.18.5.0/33:22", "invalid CIDR"),
+        ("198.18.5.1/24:22", "host bits set"),
         ("300.1.2.3:22", "invalid IP address"),
         ("grup:x:22", "unknown selector"),
     ] {
@@ -164,8 +164,8 @@ fn other_semantic_errors_are_positioned() {
         "ports can only be restricted",
     );
     assert_err_at(
-        "{\"hosts\": {\"nas\": \"192.168.1.300\"}}",
-        "\"192.168.1.300\"",
+        "{\"hosts\": {\"nas\": \"198.18.1.300\"}}",
+        "\"198.18.1.300\"",
         "invalid IP",
     );
     assert_err_at(
@@ -194,13 +194,13 @@ fn other_semantic_errors_are_positioned() {
         "has no tagOwners entry",
     );
     assert_err_at(
-        "{\"autoApprovers\": {\"routes\": {\"10.0.0.0/8\": [\"10.1.1.1\"]}}}",
-        "\"10.1.1.1\"",
+        "{\"autoApprovers\": {\"routes\": {\"198.18.0.0/15\": [\"198.18.1.1\"]}}}",
+        "\"198.18.1.1\"",
         "cannot be an auto approver",
     );
     assert_err_at(
-        "{\"autoApprovers\": {\"routes\": {\"10.0.0.0/33\": []}}}",
-        "\"10.0.0.0/33\"",
+        "{\"autoApprovers\": {\"routes\": {\"198.18.5.0/33\": []}}}",
+        "\"198.18.5.0/33\"",
         "invalid CIDR",
     );
     assert_err_at(
@@ -321,7 +321,7 @@ fn seed_scenario_exit_node_and_guests() {
     assert!(p.auto_approve_exit_node(&nodes[3]));
     assert!(!p.auto_approve_exit_node(&nodes[0]));
     assert!(p.auto_approve_route(&nodes[3], "0.0.0.0/0".parse().unwrap()));
-    assert!(!p.auto_approve_route(&nodes[3], "10.0.0.0/8".parse().unwrap()));
+    assert!(!p.auto_approve_route(&nodes[3], "198.18.0.0/15".parse().unwrap()));
     assert!(p.tag_allowed("admin", "tag:exit"));
     assert!(p.tag_allowed("admin@", "tag:exit"));
     assert!(!p.tag_allowed("alice", "tag:exit"));
@@ -473,13 +473,13 @@ fn ports_lists_ranges_and_wildcards() {
 fn hosts_aliases_and_subnet_routes() {
     let text = r#"{
   "hosts": {
-    "nas": "192.168.1.10",
-    "homelan": "192.168.1.0/24",
+    "nas": "198.18.2.10",
+    "homelan": "198.18.2.0/24",
     "alice-laptop": "100.64.0.1",
   },
   "tagOwners": { "tag:router": ["alice"] },
   "autoApprovers": {
-    "routes": { "192.168.0.0/16": ["tag:router"], "10.0.0.0/8": ["alice"] },
+    "routes": { "198.18.0.0/16": ["tag:router"], "198.19.0.0/16": ["alice"] },
   },
   "acls": [
     { "action": "accept", "src": ["alice-laptop"], "dst": ["nas:445", "homelan:80"] },
@@ -493,7 +493,7 @@ fn hosts_aliases_and_subnet_routes() {
             None,
             &["tag:router"],
             &["100.64.0.2"],
-            &["192.168.1.0/24"],
+            &["198.18.2.0/24"],
         ),
         node(3, Some("bob"), &[], &["100.64.0.3"], &[]),
     ];
@@ -502,7 +502,7 @@ fn hosts_aliases_and_subnet_routes() {
         c.filter(2),
         vec![rule(
             &["100.64.0.1"],
-            vec![npr("192.168.1.10", 445, 445), npr("192.168.1.0/24", 80, 80)]
+            vec![npr("198.18.2.10", 445, 445), npr("198.18.2.0/24", 80, 80)]
         )]
     );
     assert_eq!(c.visible_peers(1), vec![2]);
@@ -510,15 +510,15 @@ fn hosts_aliases_and_subnet_routes() {
     assert!(c.visible_peers(3).is_empty());
     assert!(c.filter(1).is_empty());
 
-    assert!(p.auto_approve_route(&nodes[1], "192.168.1.0/24".parse().unwrap()));
-    assert!(p.auto_approve_route(&nodes[1], "192.168.0.0/16".parse().unwrap()));
+    assert!(p.auto_approve_route(&nodes[1], "198.18.2.0/24".parse().unwrap()));
+    assert!(p.auto_approve_route(&nodes[1], "198.18.0.0/16".parse().unwrap()));
     assert!(
         !p.auto_approve_route(&nodes[1], "192.0.0.0/8".parse().unwrap()),
         "wider than approved"
     );
-    assert!(!p.auto_approve_route(&nodes[1], "10.1.0.0/16".parse().unwrap()));
-    assert!(p.auto_approve_route(&nodes[0], "10.1.0.0/16".parse().unwrap()));
-    assert!(!p.auto_approve_route(&nodes[2], "10.1.0.0/16".parse().unwrap()));
+    assert!(!p.auto_approve_route(&nodes[1], "198.19.1.0/24".parse().unwrap()));
+    assert!(p.auto_approve_route(&nodes[0], "198.19.1.0/24".parse().unwrap()));
+    assert!(!p.auto_approve_route(&nodes[2], "198.19.1.0/24".parse().unwrap()));
     assert!(!p.auto_approve_exit_node(&nodes[1]));
 }
 
@@ -612,7 +612,7 @@ fn parse_never_panics_on_mutated_inputs() {
     let seeds = [
         FAMILY,
         tsunagu_policy::DEFAULT_POLICY,
-        r#"{"hosts":{"nas":"192.168.1.10"},"tagOwners":{"tag:x":["autogroup:member"]},"acls":[{"action":"accept","src":["nas","tag:x"],"dst":["[fd7a::1]:1-2,3","autogroup:self:*"]}],"autoApprovers":{"routes":{"10.0.0.0/8":["tag:x"]}}}"#,
+        r#"{"hosts":{"nas":"198.18.2.10"},"tagOwners":{"tag:x":["autogroup:member"]},"acls":[{"action":"accept","src":["nas","tag:x"],"dst":["[fd7a::1]:1-2,3","autogroup:self:*"]}],"autoApprovers":{"routes":{"198.18.0.0/15":["tag:x"]}}}"#,
     ];
     let tokens: &[&str] = &[
         "{",
@@ -713,7 +713,7 @@ fn compile_5000_nodes_timing() {
     "group:ops": ["u10", "u11", "u12"],
   },
   "tagOwners": { "tag:srv": ["group:ops"], "tag:exit": ["group:ops"], "tag:db": ["group:ops"] },
-  "hosts": { "lan": "192.168.0.0/16" },
+  "hosts": { "lan": "198.18.0.0/16" },
   "acls": [
     { "action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*", "tag:srv:80,443"] },
     { "action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432", "lan:*", "autogroup:internet:*"] },
