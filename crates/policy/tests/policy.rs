@@ -562,7 +562,7 @@ fn default_policy_behaviour() {
     let p = Policy::default_policy();
     let nodes = [
         node(1, Some("alice"), &[], &["100.64.0.1"], &[]),
-        node(2, Some("bob"), &[], &["100.64.0.2"], &["192.168.0.0/24"]),
+        node(2, Some("bob"), &[], &["100.64.0.2"], &["198.18.9.0/24"]),
         node(3, None, &["tag:exit"], &["100.64.0.3"], &["0.0.0.0/0"]),
         node(4, None, &["tag:srv"], &["100.64.0.4"], &[]),
     ];
@@ -741,7 +741,7 @@ fn compile_5000_nodes_timing() {
                     None,
                     &["tag:db"],
                     &[&ip, &v6],
-                    &["192.168.0.0/24"],
+                    &["198.18.9.0/24"],
                 ),
                 _ => {
                     let user = format!("u{}", i % 500);
