@@ -96,6 +96,10 @@ struct Inner {
 pub struct State {
     pub store: Store,
     inner: Mutex<Inner>,
+    /// Held for a whole [`State::rebuild`], so that snapshots are published in version
+    /// order and a caller that finds nothing pending (because a rebuild in progress took
+    /// it) returns only after that rebuild published.
+    rebuilding: Mutex<()>,
     dirty: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
     derp_map: DERPMap,
@@ -196,6 +200,7 @@ impl State {
                 version: 0,
                 log: VecDeque::new(),
             }),
+            rebuilding: Mutex::new(()),
             dirty: Notify::new(),
             snapshot: tx,
             derp_map,
@@ -337,8 +342,10 @@ impl State {
     }
 
     /// Build and publish a snapshot of what is pending now (also used by tests to
-    /// skip the coalescing delay).
+    /// skip the coalescing delay). On return, the published snapshot includes every
+    /// change made before the call.
     pub fn rebuild(&self) {
+        let _serial = self.rebuilding.lock();
         let (nodes, users, policy, version, change, log) = {
             let mut inner = self.inner.lock();
             if inner.pending.is_empty() && !inner.pending_all {
