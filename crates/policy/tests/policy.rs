@@ -736,13 +736,9 @@ fn compile_5000_nodes_timing() {
                     &[&ip, &v6],
                     &["0.0.0.0/0", "::/0"],
                 ),
-                2 if i % 50 == 2 => node(
-                    i as i64,
-                    None,
-                    &["tag:db"],
-                    &[&ip, &v6],
-                    &["198.18.9.0/24"],
-                ),
+                2 if i % 50 == 2 => {
+                    node(i as i64, None, &["tag:db"], &[&ip, &v6], &["198.18.9.0/24"])
+                }
                 _ => {
                     let user = format!("u{}", i % 500);
                     node(i as i64, Some(&user), &[], &[&ip, &v6], &[])
