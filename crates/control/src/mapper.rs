@@ -258,28 +258,37 @@ impl SessionView {
         let may_use_exit = snap.compiled.may_use_exit_nodes(self.viewer);
         let exit_permission_changed = may_use_exit != self.may_use_exit;
         self.may_use_exit = may_use_exit;
-        let visible = visible_peers(snap, self.viewer);
-        // Which peers to look at: the changed ones, plus any whose visibility changed.
-        let mut candidates: BTreeSet<i64> = match changed {
-            Some(ids) if !exit_permission_changed => ids
-                .iter()
-                .copied()
-                .filter(|&id| id != self.viewer)
-                .collect(),
-            _ => visible
-                .iter()
-                .copied()
-                .chain(self.sent_peers.keys().copied())
-                .collect(),
+        // When only some peers changed (and neither the viewer nor its exit permission),
+        // only their visibility can have changed: check them pairwise, in time
+        // proportional to the change. Otherwise recompute the whole visible set.
+        let partial = match changed {
+            Some(ids) if !exit_permission_changed && !ids.contains(&self.viewer) => Some(ids),
+            _ => None,
         };
-        candidates.extend(
-            visible
-                .iter()
-                .filter(|id| !self.sent_peers.contains_key(id)),
-        );
-        candidates.extend(self.sent_peers.keys().filter(|id| !visible.contains(id)));
+        let (candidates, visible): (BTreeSet<i64>, Option<BTreeSet<i64>>) = match partial {
+            Some(ids) => (ids.clone(), None),
+            None => {
+                let visible = visible_peers(snap, self.viewer);
+                let all = visible
+                    .iter()
+                    .chain(self.sent_peers.keys())
+                    .copied()
+                    .collect();
+                (all, Some(visible))
+            }
+        };
         for id in candidates {
-            match (visible.contains(&id), snap.nodes.get(&id)) {
+            let is_visible = match &visible {
+                Some(v) => v.contains(&id),
+                None => {
+                    snap.compiled.can_see(self.viewer, id)
+                        && snap
+                            .nodes
+                            .get(&id)
+                            .is_some_and(|e| e.node.authorized && !e.node.is_expired(snap.now))
+                }
+            };
+            match (is_visible, snap.nodes.get(&id)) {
                 (true, Some(e)) => {
                     let p = node_view(snap, e, may_use_exit, false);
                     let fp = fingerprint(&p);

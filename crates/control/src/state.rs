@@ -80,7 +80,8 @@ impl Snapshot {
 }
 
 struct Inner {
-    nodes: BTreeMap<i64, NodeEntry>,
+    /// Behind `Arc` so that a snapshot shares unchanged nodes instead of copying them.
+    nodes: BTreeMap<i64, Arc<NodeEntry>>,
     users: BTreeMap<i64, User>,
     policy: Arc<Policy>,
     policy_text: Option<String>,
@@ -106,7 +107,10 @@ pub struct State {
     domain: String,
 }
 
-fn policy_nodes(nodes: &BTreeMap<i64, NodeEntry>, users: &BTreeMap<i64, User>) -> Vec<PolicyNode> {
+fn policy_nodes(
+    nodes: &BTreeMap<i64, Arc<NodeEntry>>,
+    users: &BTreeMap<i64, User>,
+) -> Vec<PolicyNode> {
     nodes
         .values()
         .map(|e| policy_node(&e.node, users))
@@ -145,18 +149,18 @@ impl State {
             .into_iter()
             .map(|u| (u.id, u))
             .collect();
-        let nodes: BTreeMap<i64, NodeEntry> = store
+        let nodes: BTreeMap<i64, Arc<NodeEntry>> = store
             .list_nodes(None)
             .await?
             .into_iter()
             .map(|n| {
                 (
                     n.id,
-                    NodeEntry {
+                    Arc::new(NodeEntry {
                         node: n,
                         online: false,
                         home_derp: 0,
-                    },
+                    }),
                 )
             })
             .collect();
@@ -176,10 +180,7 @@ impl State {
         let first = Snapshot {
             version: 0,
             now: Utc::now(),
-            nodes: nodes
-                .iter()
-                .map(|(k, v)| (*k, Arc::new(v.clone())))
-                .collect(),
+            nodes: nodes.clone(),
             users: users.clone(),
             compiled,
             derp_map: derp_map.clone(),
@@ -236,11 +237,16 @@ impl State {
     }
 
     pub fn nodes(&self) -> Vec<NodeEntry> {
-        self.inner.lock().nodes.values().cloned().collect()
+        self.inner
+            .lock()
+            .nodes
+            .values()
+            .map(|e| (**e).clone())
+            .collect()
     }
 
     pub fn node(&self, id: i64) -> Option<NodeEntry> {
-        self.inner.lock().nodes.get(&id).cloned()
+        self.inner.lock().nodes.get(&id).map(|e| (**e).clone())
     }
 
     fn mark(&self, inner: &mut Inner, id: i64) {
@@ -256,11 +262,11 @@ impl State {
         let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
         inner.nodes.insert(
             id,
-            NodeEntry {
+            Arc::new(NodeEntry {
                 node,
                 online,
                 home_derp,
-            },
+            }),
         );
         self.mark(&mut inner, id);
     }
@@ -273,7 +279,7 @@ impl State {
 
     pub fn set_home_derp(&self, id: i64, region: i32) {
         let mut inner = self.inner.lock();
-        let changed = match inner.nodes.get_mut(&id) {
+        let changed = match inner.nodes.get_mut(&id).map(Arc::make_mut) {
             Some(e) if e.home_derp != region => {
                 e.home_derp = region;
                 true
@@ -313,7 +319,7 @@ impl State {
         let count = inner.sessions.entry(id).or_insert(0);
         *count += 1;
         let first = *count == 1;
-        if first && let Some(e) = inner.nodes.get_mut(&id) {
+        if first && let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
             e.online = true;
             self.mark(&mut inner, id);
         }
@@ -328,7 +334,7 @@ impl State {
         let last = *count == 0;
         if last {
             inner.sessions.remove(&id);
-            if let Some(e) = inner.nodes.get_mut(&id) {
+            if let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
                 e.online = false;
                 e.node.last_seen = Some(at);
                 self.mark(&mut inner, id);
@@ -377,7 +383,7 @@ impl State {
         let snap = Snapshot {
             version,
             now: Utc::now(),
-            nodes: nodes.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            nodes,
             users,
             compiled,
             derp_map: self.derp_map.clone(),

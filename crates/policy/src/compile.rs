@@ -523,6 +523,26 @@ impl CompiledPolicy {
         ids
     }
 
+    /// Whether `viewer` sees `peer` (the pairwise form of [`Self::visible_peers`]), in
+    /// time proportional to the rules that mention the viewer: what a map session needs
+    /// when only a few nodes changed.
+    pub fn can_see(&self, viewer: i64, peer: i64) -> bool {
+        let (Some(v), Some(p)) = (self.idx(viewer), self.idx(peer)) else {
+            return false;
+        };
+        if v == p {
+            return false;
+        }
+        self.src_rules[v].iter().any(|&ri| {
+            let rule = &self.rules[ri as usize];
+            rule.dst_nodes.contains(p)
+                || (!rule.self_ports.is_empty()
+                    && self.own_devices(v).is_some_and(|own| own.contains(p)))
+        }) || self.dst_rules[v]
+            .iter()
+            .any(|&ri| self.rules[ri as usize].src.contains(p))
+    }
+
     /// May `viewer` route internet traffic through an exit node? True when
     /// some rule has it in `src` and `autogroup:internet`, `*` or a `/0`
     /// CIDR in `dst`. The control server should only hand this node the

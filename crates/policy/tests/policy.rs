@@ -765,3 +765,49 @@ fn compile_5000_nodes_timing() {
     assert!(c.may_use_exit_nodes(11), "u11 is in group:ops");
     assert!(!c.may_use_exit_nodes(23), "u23 is in neither");
 }
+
+#[test]
+fn can_see_agrees_with_visible_peers() {
+    let p = Policy::parse(
+        r#"{
+  "groups": { "group:family": ["alice", "bob"], "group:guests": ["carol"] },
+  "tagOwners": { "tag:exit": ["alice"], "tag:printer": ["alice"] },
+  "acls": [
+    { "action": "accept", "src": ["group:family"], "dst": ["*:*"] },
+    { "action": "accept", "src": ["group:guests"], "dst": ["tag:printer:9100"] },
+    { "action": "accept", "src": ["carol"], "dst": ["autogroup:self:22"] },
+  ],
+}"#,
+    )
+    .unwrap();
+    let nodes = vec![
+        node(1, Some("alice"), &[], &["100.64.0.1"], &[]),
+        node(2, Some("bob"), &[], &["100.64.0.2"], &[]),
+        node(3, Some("carol"), &[], &["100.64.0.3"], &[]),
+        node(4, Some("carol"), &[], &["100.64.0.4"], &[]),
+        node(
+            5,
+            None,
+            &["tag:exit"],
+            &["100.64.0.5"],
+            &["0.0.0.0/0", "::/0"],
+        ),
+        node(6, None, &["tag:printer"], &["100.64.0.6"], &[]),
+    ];
+    let c = p.compile(&nodes);
+    for v in 1..=6 {
+        let visible = c.visible_peers(v);
+        for peer in 1..=7 {
+            assert_eq!(
+                c.can_see(v, peer),
+                visible.contains(&peer),
+                "viewer {v}, peer {peer}"
+            );
+        }
+    }
+    assert!(
+        c.can_see(3, 6) && !c.can_see(3, 5),
+        "a guest sees the printer, not the exit node"
+    );
+    assert!(c.can_see(3, 4), "autogroup:self");
+}

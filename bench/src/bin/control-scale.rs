@@ -1,0 +1,1143 @@
+//! control-scale: how `tsunagu-server` copes with thousands of nodes holding map streams.
+//!
+//! For each N of `--nodes` (default 1000,5000) a fresh server runs as a child process on
+//! loopback with a temporary data directory; the benchmark creates a user and a reusable
+//! pre-auth key with the admin CLI, then:
+//!
+//! 1. **register-all**: N simulated nodes (our `tsunagu-client`, one Noise connection
+//!    each, `--concurrency` of them joining at a time) register and open a streaming map
+//!    request. A node is done when its first full map arrived; the phase ends when all N
+//!    are done. Afterwards the benchmark waits until every stream has learned about every
+//!    other node (convergence), so the next phase starts from a quiet server.
+//! 2. **fan-out**: K (`--probes`, default 20) more nodes register one at a time. For each,
+//!    the delay from its register call returning until each existing stream received a
+//!    message listing it (`PeersChanged` or `Peers`); p50 and p99 over all
+//!    (stream, new node) pairs. After that, the probe opens its own stream (which makes
+//!    it "online", a second change fanned out to everyone: reported separately) and
+//!    becomes one of the existing streams for the following probes.
+//!
+//! Every stream is drained continuously by its own task, which looks each peer up by node
+//! key in a shared index and records per (probe, stream) arrival times in atomics.
+//!
+//! Also measured: the server's peak RSS (`VmHWM`), the CPU time of server and benchmark
+//! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line and
+//! a summary line per N, the last line being
+//! `control-scale: nodes N, register-all S s, rss M MiB, fanout p50 A ms, p99 B ms`.
+//!
+//! Run through `bench/control-scale`, which builds the server and this program in release.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tsunagu_client::{ControlClient, MapStream};
+use tsunagu_proto::tailcfg::{
+    CURRENT_CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, RegisterResponseAuth,
+};
+use tsunagu_proto::{MachinePrivate, MachinePublic, NodePrivate, NodePublic};
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("[control-scale] {}", msg.as_ref());
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+struct Args {
+    server: PathBuf,
+    nodes: Vec<usize>,
+    probes: usize,
+    concurrency: usize,
+    /// Bound of each phase (register-all, convergence, the whole fan-out phase).
+    phase_timeout: Duration,
+    /// Bound of one probe's fan-out (and of its online change).
+    fanout_timeout: Duration,
+    /// Bound of one node's connect + register + first map.
+    join_timeout: Duration,
+    keep: bool,
+}
+
+const USAGE: &str = "usage: control-scale [--nodes 1000,5000] [--probes 20] [--concurrency 64]
+                     [--server PATH] [--phase-timeout SECS (3600)]
+                     [--fanout-timeout SECS (120)] [--join-timeout SECS (300)] [--keep]
+Starts a fresh tsunagu-server per N on loopback, registers N simulated nodes holding map
+streams, then measures how long each of --probes new nodes takes to reach every stream.
+--keep leaves the server's data directory (and its log) in place.";
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        server: std::env::current_exe()
+            .context("locating this program")?
+            .with_file_name("tsunagu-server"),
+        nodes: vec![1000, 5000],
+        probes: 20,
+        concurrency: 64,
+        phase_timeout: Duration::from_secs(3600),
+        fanout_timeout: Duration::from_secs(120),
+        join_timeout: Duration::from_secs(300),
+        keep: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow!("{a} needs a value\n{USAGE}"))
+        };
+        let secs = |v: String| -> Result<Duration> {
+            Ok(Duration::from_secs(
+                v.parse()
+                    .with_context(|| format!("{a} {v}: not a number"))?,
+            ))
+        };
+        match a.as_str() {
+            "--server" => args.server = PathBuf::from(val()?),
+            "--nodes" => {
+                args.nodes = val()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--nodes takes a comma-separated list of counts")?;
+            }
+            "--probes" => args.probes = val()?.parse().context("--probes")?,
+            "--concurrency" => args.concurrency = val()?.parse().context("--concurrency")?,
+            "--phase-timeout" => args.phase_timeout = secs(val()?)?,
+            "--fanout-timeout" => args.fanout_timeout = secs(val()?)?,
+            "--join-timeout" => args.join_timeout = secs(val()?)?,
+            "--keep" => args.keep = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if args.nodes.is_empty() || args.nodes.contains(&0) {
+        bail!("--nodes needs positive counts");
+    }
+    if args.probes == 0 || args.concurrency == 0 {
+        bail!("--probes and --concurrency must be positive");
+    }
+    if !args.server.is_file() {
+        bail!(
+            "{}: no such server binary (build it with cargo build --release -p tsunagu-server, or pass --server)",
+            args.server.display()
+        );
+    }
+    Ok(args)
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: limits, /proc figures
+
+/// Raise the soft RLIMIT_NOFILE so that this process and the server (which inherits it)
+/// can each hold `need` descriptors.
+fn raise_nofile(need: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        // Root may raise the hard limit too.
+        let want = libc::rlimit {
+            rlim_cur: need,
+            rlim_max: need,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            bail!(
+                "need {need} file descriptors but the hard limit is {} (raise it: ulimit -Hn {need})",
+                lim.rlim_max
+            );
+        }
+    } else {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU time of a process.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------
+// The server under test
+
+struct ServerProc {
+    child: Child,
+    pid: String,
+    url: String,
+    data: PathBuf,
+    /// Removes the data directory on drop (unless `--keep`).
+    _tmp: Option<tempfile::TempDir>,
+    log: PathBuf,
+    bin: PathBuf,
+}
+
+impl ServerProc {
+    fn start(bin: &Path, keep: bool) -> Result<ServerProc> {
+        let tmp = tempfile::Builder::new()
+            .prefix("control-scale.")
+            .tempdir()
+            .context("creating the data directory")?;
+        let data = tmp.path().to_path_buf();
+        // A free port: bind, note, release (the server binds it right after).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let url = format!("http://{listen}");
+        let log = data.join("server.log");
+        let log_file = std::fs::File::create(&log).context("creating the server log")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .args(["serve", "--listen", &listen, "--server-url", &url])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        for v in [
+            "TSUNAGU_CONFIG",
+            "TSUNAGU_DATA_DIR",
+            "TSUNAGU_LISTEN",
+            "TSUNAGU_SERVER_URL",
+        ] {
+            cmd.env_remove(v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().to_string();
+        Ok(ServerProc {
+            child,
+            pid,
+            url,
+            data,
+            _tmp: if keep {
+                let _ = tmp.keep();
+                None
+            } else {
+                Some(tmp)
+            },
+            log,
+            bin: bin.to_path_buf(),
+        })
+    }
+
+    /// Err when the server process has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(anyhow!(
+                "the server exited ({status}); last lines of its log:\n{}",
+                self.log_tail(30)
+            )),
+            Err(e) => Err(anyhow!("waiting for the server: {e}")),
+        }
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let Ok(f) = std::fs::File::open(&self.log) else {
+            return "(no log)".into();
+        };
+        let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Run an admin subcommand against this server; its stdout.
+    fn admin(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(args)
+            .env_remove("TSUNAGU_CONFIG")
+            .env_remove("TSUNAGU_DATA_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running tsunagu-server {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "tsunagu-server {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Wait until the server answers `/key` and its admin socket takes commands; then
+    /// create the user and a reusable key. Returns (server key, auth key).
+    async fn setup(&mut self) -> Result<(MachinePublic, String)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let key = loop {
+            self.check_alive()?;
+            match tsunagu_client::fetch_server_key(&self.url).await {
+                Ok(k) => break k,
+                Err(e) if Instant::now() > deadline => {
+                    bail!("the server did not answer /key within 30 s: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        loop {
+            self.check_alive()?;
+            match self.admin(&["users", "create", "bench"]) {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let out = self.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?;
+        let auth = out
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .ok_or_else(|| anyhow!("preauthkeys create printed nothing"))?
+            .to_string();
+        Ok((key, auth))
+    }
+
+    fn peak_rss_kib(&self) -> Option<u64> {
+        status_kib(&self.pid, "VmHWM")
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        status_kib(&self.pid, "VmRSS")
+    }
+
+    fn cpu(&self) -> Duration {
+        cpu_time(&self.pid).unwrap_or_default()
+    }
+
+    /// SIGTERM by PID, SIGKILL after 10 s.
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Ok(pid) = self.pid.parse::<libc::pid_t>() {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulated nodes and what their streams see
+
+struct Ident {
+    machine: MachinePrivate,
+    node: NodePrivate,
+    hostname: String,
+}
+
+impl Ident {
+    fn new(hostname: String) -> Ident {
+        Ident {
+            machine: MachinePrivate::generate(),
+            node: NodePrivate::generate(),
+            hostname,
+        }
+    }
+
+    fn hostinfo(&self) -> Hostinfo {
+        Hostinfo {
+            hostname: self.hostname.clone(),
+            os: "linux".into(),
+            ..Hostinfo::default()
+        }
+    }
+
+    fn register_request(&self, auth_key: &str) -> RegisterRequest {
+        RegisterRequest {
+            version: CURRENT_CAPABILITY_VERSION,
+            node_key: self.node.public(),
+            hostinfo: Some(self.hostinfo()),
+            auth: Some(RegisterResponseAuth {
+                auth_key: auth_key.into(),
+                ..RegisterResponseAuth::default()
+            }),
+            ..RegisterRequest::default()
+        }
+    }
+
+    fn map_request(&self) -> MapRequest {
+        MapRequest {
+            version: CURRENT_CAPABILITY_VERSION,
+            compress: "zstd".into(),
+            keep_alive: true,
+            node_key: self.node.public(),
+            stream: true,
+            hostinfo: Some(self.hostinfo()),
+            ..MapRequest::default()
+        }
+    }
+}
+
+/// Arrivals of one probe (a node registered after the N): per stream, when the stream
+/// first listed it, and when it first listed it online.
+struct Probe {
+    /// Nanoseconds since `Shared::base`, plus one (0 = not yet).
+    arrivals: Vec<AtomicU64>,
+    online_arrivals: Vec<AtomicU64>,
+    /// Streams that existed when the probe registered and have not listed it yet.
+    remaining: AtomicUsize,
+    online_remaining: AtomicUsize,
+}
+
+/// What the stream tasks share with the driver.
+struct Shared {
+    base: Instant,
+    /// Base nodes (streams 0..n); probes are nodes (and streams) n..n+k.
+    n: usize,
+    k: usize,
+    /// Node key -> node index (base nodes first, then probes); never changes.
+    index: HashMap<NodePublic, u32>,
+    first_maps: AtomicUsize,
+    /// Base streams that have listed all n-1 other base nodes.
+    converged: AtomicUsize,
+    /// Streams that ended or failed (nothing should end during the run).
+    stream_failures: AtomicUsize,
+    first_failure: std::sync::Mutex<Option<String>>,
+    probes: Vec<Probe>,
+    stop: AtomicBool,
+    /// Joins retried (as a real client retries), by reason.
+    retries: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+impl Shared {
+    fn retried(&self, reason: String) {
+        *self
+            .retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    fn retry_count(&self) -> usize {
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn fail(&self, sid: usize, what: String) {
+        if self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        self.stream_failures.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.first_failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(format!("stream {sid}: {what}"));
+        }
+    }
+
+    fn check_streams(&self) -> Result<()> {
+        let n = self.stream_failures.load(Ordering::Relaxed);
+        if n > 0 {
+            let first = self
+                .first_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            bail!("{n} map stream(s) ended or failed; first: {first}");
+        }
+        Ok(())
+    }
+}
+
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Bits {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    /// Set bit `i`; whether it was already set.
+    fn test_and_set(&mut self, i: usize) -> bool {
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        let was = self.0[w] & b != 0;
+        self.0[w] |= b;
+        was
+    }
+}
+
+/// Drain one map stream for as long as it lasts, recording what it learns.
+async fn drain(
+    shared: Arc<Shared>,
+    sid: usize,
+    mut stream: MapStream,
+    client: ControlClient,
+    first: oneshot::Sender<Result<(), String>>,
+) {
+    // The connection lives as long as the stream.
+    let _client = client;
+    let mut first = Some(first);
+    let total = shared.n + shared.k;
+    let mut seen = Bits::new(total);
+    let mut seen_online = Bits::new(total);
+    let mut known_base = 0usize;
+    let mut converged = false;
+    let need_base = if sid < shared.n {
+        shared.n - 1
+    } else {
+        shared.n
+    };
+    loop {
+        let m = match stream.next().await {
+            None => {
+                let what = "the server ended the stream".to_string();
+                match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(what));
+                    }
+                    None => shared.fail(sid, what),
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                let what = format!("{e}");
+                match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(what));
+                    }
+                    None => shared.fail(sid, what),
+                }
+                return;
+            }
+            Some(Ok(m)) => m,
+        };
+        if m.keep_alive {
+            continue;
+        }
+        let now = shared.now_ns() + 1;
+        for p in m.peers.iter().flatten().chain(m.peers_changed.iter()) {
+            let Some(&idx) = shared.index.get(&p.key) else {
+                continue;
+            };
+            let idx = idx as usize;
+            let probe = idx.checked_sub(shared.n).map(|j| (j, &shared.probes[j]));
+            if !seen.test_and_set(idx) {
+                match probe {
+                    None => known_base += 1,
+                    // Only streams that existed when probe j registered count for it.
+                    Some((j, pr)) if sid < shared.n + j => {
+                        pr.arrivals[sid].store(now, Ordering::Relaxed);
+                        pr.remaining.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Some(_) => {}
+                }
+            }
+            if p.online == Some(true)
+                && let Some((j, pr)) = probe
+                && sid < shared.n + j
+                && !seen_online.test_and_set(idx)
+            {
+                pr.online_arrivals[sid].store(now, Ordering::Relaxed);
+                pr.online_remaining.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if let Some(tx) = first.take() {
+            let r = if m.peers.is_some() {
+                Ok(())
+            } else {
+                Err("the first message is not a full map".to_string())
+            };
+            let _ = tx.send(r);
+            shared.first_maps.fetch_add(1, Ordering::Relaxed);
+        }
+        if sid < shared.n && !converged && known_base >= need_base {
+            converged = true;
+            shared.converged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How often a node tries to join before the benchmark gives up.
+const JOIN_ATTEMPTS: u32 = 6;
+
+/// [`join_once`], retried after a failure (1, 2, 4, 8, 16 s later) like a real client
+/// retries; every retry is counted by reason. A refused registration is not retried.
+async fn join(
+    shared: Arc<Shared>,
+    sid: usize,
+    ident: Arc<Ident>,
+    url: Arc<str>,
+    server_key: MachinePublic,
+    auth: Arc<str>,
+) -> Result<JoinHandle<()>> {
+    let mut attempt = 1;
+    loop {
+        let r = join_once(
+            shared.clone(),
+            sid,
+            ident.clone(),
+            url.clone(),
+            server_key,
+            auth.clone(),
+        )
+        .await;
+        match r {
+            Ok(task) => return Ok(task),
+            Err(e) if attempt < JOIN_ATTEMPTS && !format!("{e}").contains("refused") => {
+                let reason = format!("{e:#}");
+                if shared.retry_count() == 0 {
+                    progress(format!("node {sid}: retrying after: {reason}"));
+                }
+                shared.retried(reason);
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context(format!("attempt {attempt}"))),
+        }
+    }
+}
+
+/// Connect, register, open the map stream, spawn its drain task; returns when the first
+/// full map arrived.
+async fn join_once(
+    shared: Arc<Shared>,
+    sid: usize,
+    ident: Arc<Ident>,
+    url: Arc<str>,
+    server_key: MachinePublic,
+    auth: Arc<str>,
+) -> Result<JoinHandle<()>> {
+    let mut client = ControlClient::connect(&url, &server_key, &ident.machine)
+        .await
+        .context("connect")?;
+    let resp = client
+        .register(&ident.register_request(&auth))
+        .await
+        .context("register")?;
+    if !resp.machine_authorized || !resp.error.is_empty() {
+        bail!(
+            "registration refused: authorized {}, error {:?}",
+            resp.machine_authorized,
+            resp.error
+        );
+    }
+    let stream = client.map(&ident.map_request()).await.context("map")?;
+    // `client` moves into the stream task below (the connection lives with the stream).
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(drain(shared, sid, stream, client, tx));
+    match rx.await {
+        Ok(Ok(())) => Ok(task),
+        Ok(Err(e)) => Err(anyhow!("waiting for the first map: {e}")),
+        Err(_) => Err(anyhow!("the stream task ended before the first map")),
+    }
+}
+
+/// Register a probe: connect (not timed), then register; returns when register returned.
+async fn probe_register(
+    ident: &Ident,
+    url: &str,
+    server_key: &MachinePublic,
+    auth: &str,
+) -> Result<(ControlClient, Instant, Instant)> {
+    let mut client = ControlClient::connect(url, server_key, &ident.machine)
+        .await
+        .context("connect")?;
+    let req = ident.register_request(auth);
+    let started = Instant::now();
+    let resp = client.register(&req).await.context("register")?;
+    let done = Instant::now();
+    if !resp.machine_authorized || !resp.error.is_empty() {
+        bail!(
+            "registration refused: authorized {}, error {:?}",
+            resp.machine_authorized,
+            resp.error
+        );
+    }
+    Ok((client, started, done))
+}
+
+// ---------------------------------------------------------------------------------------
+// Figures
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// Poll `cond` every 10 ms until it holds; Err after `timeout`, when the server died or a
+/// stream failed. `status` describes the situation for the error message.
+async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    server: &mut ServerProc,
+    shared: &Shared,
+    cond: impl Fn() -> bool,
+    status: impl Fn() -> String,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_check = Instant::now();
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if last_check.elapsed() > Duration::from_millis(500) {
+            server.check_alive()?;
+            shared.check_streams()?;
+            last_check = Instant::now();
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not done after {timeout:?} ({})", status());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Outcome {
+    /// "COUNTx REASON" per distinct reason a join was retried.
+    retries: Vec<String>,
+    register_all: Duration,
+    converge: Duration,
+    peak_rss_kib: u64,
+    rss_after_register_kib: u64,
+    fanout: Vec<u64>,
+    fanout_complete: Vec<u64>,
+    online: Vec<u64>,
+    register_call: Vec<u64>,
+    /// (stream, probe) pairs listed before the probe's register call returned.
+    early: usize,
+    /// Fan-out delays measured from the start of the register call.
+    from_start: Vec<u64>,
+    server_cpu_register: Duration,
+    server_cpu_probes: Duration,
+    bench_cpu_register: Duration,
+    probe_phase: Duration,
+}
+
+async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
+    let k = args.probes;
+    progress(format!("N={n}: starting {}", args.server.display()));
+    let mut server = ServerProc::start(&args.server, args.keep)?;
+    let (server_key, auth) = server.setup().await?;
+    progress(format!(
+        "N={n}: server pid {} at {}, data {}, log {}",
+        server.pid,
+        server.url,
+        server.data.display(),
+        server.log.display()
+    ));
+
+    progress(format!("N={n}: generating {} node identities", n + k));
+    let idents: Vec<Arc<Ident>> = (0..n + k)
+        .map(|i| {
+            Arc::new(Ident::new(if i < n {
+                format!("node-{i}")
+            } else {
+                format!("probe-{}", i - n)
+            }))
+        })
+        .collect();
+    let index: HashMap<NodePublic, u32> = idents
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.node.public(), i as u32))
+        .collect();
+    let probes = (0..k)
+        .map(|j| Probe {
+            arrivals: (0..n + k).map(|_| AtomicU64::new(0)).collect(),
+            online_arrivals: (0..n + k).map(|_| AtomicU64::new(0)).collect(),
+            remaining: AtomicUsize::new(n + j),
+            online_remaining: AtomicUsize::new(n + j),
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        n,
+        k,
+        index,
+        first_maps: AtomicUsize::new(0),
+        converged: AtomicUsize::new(0),
+        stream_failures: AtomicUsize::new(0),
+        first_failure: std::sync::Mutex::new(None),
+        probes,
+        stop: AtomicBool::new(false),
+        retries: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+    });
+    let url: Arc<str> = server.url.clone().into();
+    let auth: Arc<str> = auth.into();
+    let mut tasks: Vec<JoinHandle<()>> = Vec::with_capacity(n + k);
+
+    let result = async {
+        // ---- Phase 1: register N nodes, each holding its stream.
+        progress(format!(
+            "N={n}: registering {n} nodes, {} at a time",
+            args.concurrency
+        ));
+        let cpu0 = server.cpu();
+        let self_cpu0 = cpu_time("self").unwrap_or_default();
+        let t0 = Instant::now();
+        let sem = Arc::new(Semaphore::new(args.concurrency));
+        let mut joins = tokio::task::JoinSet::new();
+        for (sid, ident) in idents.iter().take(n).enumerate() {
+            let (shared, ident, url, auth, sem) = (
+                shared.clone(),
+                ident.clone(),
+                url.clone(),
+                auth.clone(),
+                sem.clone(),
+            );
+            let join_timeout = args.join_timeout;
+            joins.spawn(async move {
+                let _permit = sem.acquire_owned().await.map_err(|e| anyhow!("{e}"))?;
+                tokio::time::timeout(
+                    join_timeout,
+                    join(shared, sid, ident, url, server_key, auth),
+                )
+                .await
+                .map_err(|_| anyhow!("node {sid}: no first map within {join_timeout:?}"))?
+                .with_context(|| format!("node {sid}"))
+            });
+        }
+        let deadline = tokio::time::Instant::now() + args.phase_timeout;
+        let mut last_report = Instant::now();
+        let mut last_done = 0usize;
+        let mut last_cpu = cpu0;
+        while !joins.is_empty() {
+            let next = tokio::time::timeout(Duration::from_secs(1), joins.join_next()).await;
+            match next {
+                Ok(Some(Ok(Ok(task)))) => tasks.push(task),
+                Ok(Some(Ok(Err(e)))) => return Err(e),
+                Ok(Some(Err(e))) => bail!("a registration task failed: {e}"),
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "register-all: only {}/{n} nodes got their first map within {:?}",
+                    tasks.len(),
+                    args.phase_timeout
+                );
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                server.check_alive()?;
+                let cpu = server.cpu();
+                let dt = last_report.elapsed().as_secs_f64();
+                progress(format!(
+                    "N={n}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%",
+                    tasks.len(),
+                    (tasks.len() - last_done) as f64 / dt,
+                    shared.converged.load(Ordering::Relaxed),
+                    shared.retry_count(),
+                    mib(server.rss_kib().unwrap_or(0)),
+                    (cpu - last_cpu).as_secs_f64() / dt * 100.0,
+                ));
+                last_report = Instant::now();
+                last_done = tasks.len();
+                last_cpu = cpu;
+            }
+        }
+        let register_all = t0.elapsed();
+        let server_cpu_register = server.cpu() - cpu0;
+        let bench_cpu_register = cpu_time("self").unwrap_or_default() - self_cpu0;
+        let rss_after_register_kib = server.rss_kib().unwrap_or(0);
+        progress(format!(
+            "N={n}: all {n} streaming after {:.1} s (server cpu {:.1} s, bench cpu {:.1} s, server rss {:.0} MiB)",
+            register_all.as_secs_f64(),
+            server_cpu_register.as_secs_f64(),
+            bench_cpu_register.as_secs_f64(),
+            mib(rss_after_register_kib),
+        ));
+
+        // ---- Convergence: every stream knows every other node.
+        let tc = Instant::now();
+        wait_for(
+            "convergence",
+            args.phase_timeout,
+            &mut server,
+            &shared,
+            || shared.converged.load(Ordering::Relaxed) >= n,
+            || {
+                format!(
+                    "{}/{n} streams know all {} other nodes",
+                    shared.converged.load(Ordering::Relaxed),
+                    n - 1
+                )
+            },
+        )
+        .await?;
+        let converge = t0.elapsed();
+        progress(format!(
+            "N={n}: every stream knows every node {:.1} s after the last first map ({:.1} s after the start)",
+            tc.elapsed().as_secs_f64(),
+            converge.as_secs_f64()
+        ));
+        // Let anything still queued (e.g. online flags) settle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // ---- Phase 2: probes, one at a time.
+        progress(format!("N={n}: fan-out of {k} new nodes, one at a time"));
+        let cpu1 = server.cpu();
+        let tp = Instant::now();
+        let phase_deadline = Instant::now() + args.phase_timeout;
+        let mut fanout = Vec::with_capacity(k * (n + k));
+        let mut fanout_complete = Vec::with_capacity(k);
+        let mut online = Vec::with_capacity(k * (n + k));
+        let mut register_call = Vec::with_capacity(k);
+        let mut early = 0usize;
+        let mut from_start = Vec::with_capacity(k * (n + k));
+        for j in 0..k {
+            if Instant::now() > phase_deadline {
+                bail!("fan-out phase: not done after {:?}", args.phase_timeout);
+            }
+            let sid = n + j;
+            let ident = &idents[sid];
+            let pr = &shared.probes[j];
+            let (mut client, t_start, t_reg) =
+                tokio::time::timeout(args.fanout_timeout, probe_register(ident, &url, &server_key, &auth))
+                    .await
+                    .map_err(|_| anyhow!("probe {j}: registration took over {:?}", args.fanout_timeout))?
+                    .with_context(|| format!("probe {j}"))?;
+            let t_reg_ns = (t_reg - shared.base).as_nanos() as u64;
+            let t_start_ns = (t_start - shared.base).as_nanos() as u64;
+            let reg_ns = t_reg_ns - t_start_ns;
+            register_call.push(reg_ns);
+            wait_for(
+                &format!("fan-out of probe {j}"),
+                args.fanout_timeout,
+                &mut server,
+                &shared,
+                || pr.remaining.load(Ordering::Acquire) == 0,
+                || format!("{}/{} streams have not listed it", pr.remaining.load(Ordering::Relaxed), n + j),
+            )
+            .await?;
+            let arrived: Vec<u64> = pr.arrivals[..n + j]
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed).saturating_sub(1))
+                .collect();
+            // Delays from the register call returning; a stream may list the node before
+            // the response reached us (counted as 0, and counted in `early`).
+            let mut delays: Vec<u64> = arrived.iter().map(|a| a.saturating_sub(t_reg_ns)).collect();
+            early += arrived.iter().filter(|&&a| a < t_reg_ns).count();
+            from_start.extend(arrived.iter().map(|a| a.saturating_sub(t_start_ns)));
+            delays.sort_unstable();
+            let max = delays.last().copied().unwrap_or(0);
+            fanout_complete.push(max);
+            // Now the probe streams too: it comes online (a second change for everyone).
+            let t_online = shared.now_ns();
+            let stream = client.map(&ident.map_request()).await.context("probe map")?;
+            let (tx, rx) = oneshot::channel();
+            tasks.push(tokio::spawn(drain(shared.clone(), sid, stream, client, tx)));
+            tokio::time::timeout(args.fanout_timeout, rx)
+                .await
+                .map_err(|_| anyhow!("probe {j}: no first map within {:?}", args.fanout_timeout))?
+                .map_err(|_| anyhow!("probe {j}: stream task ended"))?
+                .map_err(|e| anyhow!("probe {j}: {e}"))?;
+            wait_for(
+                &format!("online change of probe {j}"),
+                args.fanout_timeout,
+                &mut server,
+                &shared,
+                || pr.online_remaining.load(Ordering::Acquire) == 0,
+                || format!("{}/{} streams have not seen it online", pr.online_remaining.load(Ordering::Relaxed), n + j),
+            )
+            .await?;
+            let mut od: Vec<u64> = pr.online_arrivals[..n + j]
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed).saturating_sub(1).saturating_sub(t_online))
+                .collect();
+            od.sort_unstable();
+            progress(format!(
+                "N={n}: probe {j:2}: register call {:.1} ms; listed by all {} streams: p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; online everywhere {:.1} ms after its map request",
+                ms(reg_ns),
+                n + j,
+                ms(pct(&delays, 50.0)),
+                ms(pct(&delays, 99.0)),
+                ms(max),
+                ms(od.last().copied().unwrap_or(0)),
+            ));
+            fanout.extend(delays);
+            online.extend(od);
+        }
+        let probe_phase = tp.elapsed();
+        let server_cpu_probes = server.cpu() - cpu1;
+        fanout.sort_unstable();
+        online.sort_unstable();
+        fanout_complete.sort_unstable();
+        register_call.sort_unstable();
+        from_start.sort_unstable();
+        let retries = shared
+            .retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(reason, count)| format!("{count}x {reason}"))
+            .collect::<Vec<_>>();
+        Ok(Outcome {
+            retries,
+            register_all,
+            converge,
+            peak_rss_kib: 0,
+            rss_after_register_kib,
+            fanout,
+            fanout_complete,
+            online,
+            register_call,
+            early,
+            from_start,
+            server_cpu_register,
+            server_cpu_probes,
+            bench_cpu_register,
+            probe_phase,
+        })
+    }
+    .await;
+
+    let peak = server.peak_rss_kib();
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in &tasks {
+        t.abort();
+    }
+    drop(tasks);
+    server.stop();
+    if result.is_err() {
+        progress(format!(
+            "last lines of the server log ({}):\n{}",
+            server.log.display(),
+            server.log_tail(20)
+        ));
+    }
+    let mut out = result?;
+    out.peak_rss_kib = peak.ok_or_else(|| anyhow!("could not read VmHWM of the server"))?;
+    // Give the sockets of this round time to go away before the next.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(out)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("control-scale: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    let max_n = args.nodes.iter().copied().max().unwrap_or(0);
+    // Each process holds one socket per node plus the database, the listener and slack.
+    raise_nofile((max_n + args.probes + 1024) as u64)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    for &n in &args.nodes {
+        let o = rt.block_on(run_one(&args, n))?;
+        println!(
+            "control-scale: nodes {n} details: converged {:.1} s, server cpu {:.1} s (register-all) + {:.1} s ({} probes in {:.1} s), bench cpu {:.1} s (register-all), rss after register-all {:.0} MiB, fanout last-stream p50 {:.1} ms max {:.1} ms, fanout from register start p50 {:.1} ms p99 {:.1} ms, {} of {} pairs listed before register returned, online-change p50 {:.1} ms p99 {:.1} ms, probe register call p50 {:.1} ms max {:.1} ms",
+            o.converge.as_secs_f64(),
+            o.server_cpu_register.as_secs_f64(),
+            o.server_cpu_probes.as_secs_f64(),
+            args.probes,
+            o.probe_phase.as_secs_f64(),
+            o.bench_cpu_register.as_secs_f64(),
+            mib(o.rss_after_register_kib),
+            ms(pct(&o.fanout_complete, 50.0)),
+            ms(o.fanout_complete.last().copied().unwrap_or(0)),
+            ms(pct(&o.from_start, 50.0)),
+            ms(pct(&o.from_start, 99.0)),
+            o.early,
+            o.fanout.len(),
+            ms(pct(&o.online, 50.0)),
+            ms(pct(&o.online, 99.0)),
+            ms(pct(&o.register_call, 50.0)),
+            ms(o.register_call.last().copied().unwrap_or(0)),
+        );
+        println!(
+            "control-scale: nodes {n} retried joins: {}",
+            if o.retries.is_empty() {
+                "none".to_string()
+            } else {
+                o.retries.join("; ")
+            }
+        );
+        let line = format!(
+            "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms",
+            o.register_all.as_secs_f64(),
+            mib(o.peak_rss_kib),
+            ms(pct(&o.fanout, 50.0)),
+            ms(pct(&o.fanout, 99.0)),
+        );
+        println!("{line}");
+    }
+    drop(rt);
+    Ok(())
+}
