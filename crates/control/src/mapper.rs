@@ -115,6 +115,19 @@ fn derp_map(snap: &Snapshot) -> Option<DERPMap> {
     (!snap.derp_map.regions.is_empty()).then(|| snap.derp_map.clone())
 }
 
+/// The view of peer `entry` for viewers with `may_use_exit`, built once per snapshot.
+fn peer_view(snap: &Snapshot, entry: &NodeEntry, may_use_exit: bool) -> crate::state::PeerView {
+    let key = (entry.node.id, may_use_exit);
+    if let Some(v) = snap.peer_views.lock().get(&key) {
+        return v.clone();
+    }
+    let node = node_view(snap, entry, may_use_exit, false);
+    let fp = fingerprint(&node);
+    let v = (std::sync::Arc::new(node), fp);
+    snap.peer_views.lock().insert(key, v.clone());
+    v
+}
+
 fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
     let mut h = DefaultHasher::new();
     serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
@@ -217,9 +230,9 @@ impl SessionView {
         self.sent_peers.clear();
         for id in visible_peers(snap, self.viewer) {
             if let Some(e) = snap.nodes.get(&id) {
-                let p = node_view(snap, e, self.may_use_exit, false);
-                self.sent_peers.insert(id, fingerprint(&p));
-                peers.push(p);
+                let (p, fp) = peer_view(snap, e, self.may_use_exit);
+                self.sent_peers.insert(id, fp);
+                peers.push((*p).clone());
             }
         }
         let filter = packet_filter(snap, self.viewer);
@@ -290,10 +303,9 @@ impl SessionView {
             };
             match (is_visible, snap.nodes.get(&id)) {
                 (true, Some(e)) => {
-                    let p = node_view(snap, e, may_use_exit, false);
-                    let fp = fingerprint(&p);
+                    let (p, fp) = peer_view(snap, e, may_use_exit);
                     if self.sent_peers.insert(id, fp) != Some(fp) {
-                        resp.peers_changed.push(p);
+                        resp.peers_changed.push((*p).clone());
                     }
                 }
                 _ => {
@@ -303,11 +315,14 @@ impl SessionView {
                 }
             }
         }
-        let self_node = node_view(snap, me, false, true);
-        let fp = fingerprint(&self_node);
-        if fp != self.sent_self {
-            self.sent_self = fp;
-            resp.node = Some(self_node);
+        // The self node changes only when the viewer itself changed.
+        if partial.is_none() {
+            let self_node = node_view(snap, me, false, true);
+            let fp = fingerprint(&self_node);
+            if fp != self.sent_self {
+                self.sent_self = fp;
+                resp.node = Some(self_node);
+            }
         }
         let filter = packet_filter(snap, self.viewer);
         let fp = fingerprint(&filter);

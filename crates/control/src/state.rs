@@ -52,7 +52,13 @@ pub struct Snapshot {
     /// MagicDNS suffix of node names.
     pub domain: String,
     log: Arc<VecDeque<(u64, Change)>>,
+    /// Peer views built once per snapshot and shared by every session: key (node ID,
+    /// whether the viewer may use exit nodes) → the view and its fingerprint.
+    pub(crate) peer_views: Mutex<std::collections::HashMap<(i64, bool), PeerView>>,
 }
+
+/// A peer as sessions send it, with the fingerprint they compare.
+pub(crate) type PeerView = (Arc<tsunagu_proto::tailcfg::Node>, u64);
 
 impl Snapshot {
     /// The node IDs changed after `version`, or `None` when the session must recompute
@@ -186,6 +192,7 @@ impl State {
             derp_map: derp_map.clone(),
             domain: domain.clone(),
             log: Arc::new(VecDeque::new()),
+            peer_views: Mutex::default(),
         };
         let (tx, _) = watch::channel(Arc::new(first));
         let state = Arc::new(State {
@@ -389,6 +396,7 @@ impl State {
             derp_map: self.derp_map.clone(),
             domain: self.domain.clone(),
             log,
+            peer_views: Mutex::default(),
         };
         self.snapshot.send_replace(Arc::new(snap));
     }
