@@ -19,7 +19,7 @@ pub fn sibling(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_BIN_EXE_tsunagud")).with_file_name(name);
     assert!(
         p.exists(),
-        "{} missing: build the workspace (cargo test --workspace builds it)",
+        "{} missing: build every binary first (scripts/test runs `cargo build --workspace --bins`)",
         p.display()
     );
     p
