@@ -869,6 +869,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         let mut last_report = Instant::now();
         let mut last_done = 0usize;
         let mut last_cpu = cpu0;
+        let mut last_self_cpu = self_cpu0;
         while !joins.is_empty() {
             let next = tokio::time::timeout(Duration::from_secs(1), joins.join_next()).await;
             match next {
@@ -888,19 +889,22 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             if last_report.elapsed() >= Duration::from_secs(5) {
                 server.check_alive()?;
                 let cpu = server.cpu();
+                let self_cpu = cpu_time("self").unwrap_or_default();
                 let dt = last_report.elapsed().as_secs_f64();
                 progress(format!(
-                    "N={n}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%",
+                    "N={n}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
                     tasks.len(),
                     (tasks.len() - last_done) as f64 / dt,
                     shared.converged.load(Ordering::Relaxed),
                     shared.retry_count(),
                     mib(server.rss_kib().unwrap_or(0)),
                     (cpu - last_cpu).as_secs_f64() / dt * 100.0,
+                    (self_cpu - last_self_cpu).as_secs_f64() / dt * 100.0,
                 ));
                 last_report = Instant::now();
                 last_done = tasks.len();
                 last_cpu = cpu;
+                last_self_cpu = self_cpu;
             }
         }
         let register_all = t0.elapsed();
