@@ -25,12 +25,14 @@
 //!   map watchdog, which only the server's keep-alives can feed in a quiet tailnet;
 //! * neither Go client went anywhere outside the lab: their logs name no IPv4 address
 //!   outside the lab's ranges and ran no captive-portal probe. Go clients given an empty
-//!   DERP map probe Tailscale's public relays (their built-in list) instead; a server
-//!   without relays sends no DERP map and turns captive-portal detection off.
+//!   DERP map probe Tailscale's public relays (their built-in list) instead; this
+//!   plain-HTTP server announces no relay region (Go clients reach relays over TLS only),
+//!   so it sends no DERP map, and it turns captive-portal detection off.
 //!
-//! Not covered: the data plane between the two. Without a DERP map a Go client reports no
-//! endpoints at all (magicsock drops STUN-less endpoint updates until it has a map), so
-//! the caddies cannot reach each other until the server has a relay region to announce.
+//! The relay tests at the end (`relay_scenario`) run the server with a region: over
+//! HTTPS with a lab CA, and over plain HTTP with the Go client's DERP-over-HTTP knob.
+//! There the caddies home on the embedded relay, learn their endpoints by STUN and reach
+//! each other.
 //!
 //! Both caddies run with `TS_NO_LOGS_NO_SUPPORT=true` (no log upload is attempted) in a
 //! clean environment whose HOME, XDG directories, STATE_DIRECTORY and tsnet state are in
@@ -776,6 +778,14 @@ fn lab_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (paths.0, paths.1, paths.2)
 }
 
+/// Whether a Go client's log message says its home DERP region became 900: magicsock
+/// logs `home DERP changing from derp-0 [..] to derp-900 [..]` when netcheck picks it,
+/// and usually `home is now derp-900 (tsunagu)` after it (not when a key change races).
+fn says_home_is_900(m: &str) -> bool {
+    m.contains("home is now derp-900 (tsunagu)")
+        || (m.contains("home DERP changing from") && m.contains(" to derp-900 "))
+}
+
 /// Node keys (`nodekey:…`) the relay logged as connected.
 fn derp_connected(lines: &[String]) -> Vec<String> {
     lines
@@ -801,6 +811,15 @@ fn relay_log_parsers() {
         "2026-01-01T00:00:01Z  INFO tsunagu_derp::relay: derp relaying between peers src=nodekey:ab dst=nodekey:cd".to_string(),
     ];
     assert_eq!(derp_connected(&lines), vec!["nodekey:ab".to_string()]);
+    assert!(says_home_is_900(
+        "magicsock: home DERP changing from derp-0 [0ms] to derp-900 [2ms]"
+    ));
+    assert!(says_home_is_900(
+        "magicsock: home is now derp-900 (tsunagu)"
+    ));
+    assert!(!says_home_is_900(
+        "magicsock: home DERP changing from derp-900 [0ms] to derp-9001 [2ms]"
+    ));
     assert_eq!(
         derp_pairs(&lines),
         vec![("nodekey:ab".to_string(), "nodekey:cd".to_string())]
@@ -810,7 +829,7 @@ fn relay_log_parsers() {
 /// The Go client against the embedded relay: with the server on HTTPS (a lab CA the Go
 /// clients trust through `SSL_CERT_FILE`), both caddies
 /// * pick region 900 ("tsunagu", the only one announced) as home and connect to it —
-///   their own logs say `home is now derp-900 (tsunagu)` and `derp-900 connected`, and
+///   their own logs say their home became derp-900 and `derp-900 connected`, and
 ///   the relay logs a login for exactly their node keys (the NaCl-boxed ClientInfo
 ///   opened with the key the control server has for them);
 /// * learn their endpoints through our STUN server and report them: the cafe client's
@@ -822,22 +841,36 @@ fn relay_log_parsers() {
 /// * stay inside the lab and run no captive-portal probe.
 #[test]
 fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
+    relay_scenario("caddyderp", true);
+}
+
+/// The same over plain HTTP: the server announces its region anyway
+/// (`--derp-announce-http`) and the Go clients run with `TS_DEBUG_USE_DERP_HTTP=1`, the
+/// knob that makes them speak DERP without TLS.
+#[test]
+fn go_clients_use_the_relay_over_plain_http_in_the_lab() {
+    relay_scenario("caddyderph", false);
+}
+
+fn relay_scenario(lab_name: &str, tls: bool) {
     let caddy = caddy_binary();
-    let mut seed = Lab::seed("caddyderp", SeedOptions::default()).expect("seed lab");
+    let mut seed = Lab::seed(lab_name, SeedOptions::default()).expect("seed lab");
     let (ca, cert, key_pem) = lab_tls(&seed.lab.dir().join("tls"));
     let data = seed.lab.dir().join("server");
-    let url = format!("https://{CONTROL_PUBLIC}");
     let (cert_s, key_s) = (
         cert.to_str().expect("UTF-8").to_string(),
         key_pem.to_str().expect("UTF-8").to_string(),
     );
-    let server = start_server_with(
-        &mut seed,
-        &data,
-        TLS_PORT,
-        &url,
-        &["--tls-cert", &cert_s, "--tls-key", &key_s],
-    );
+    let (url, server, env) = if tls {
+        let url = format!("https://{CONTROL_PUBLIC}");
+        let flags = ["--tls-cert", cert_s.as_str(), "--tls-key", key_s.as_str()];
+        let server = start_server_with(&mut seed, &data, TLS_PORT, &url, &flags);
+        (url, server, [format!("SSL_CERT_FILE={}", ca.display())])
+    } else {
+        let url = server_url();
+        let server = start_server_with(&mut seed, &data, PORT, &url, &["--derp-announce-http"]);
+        (url, server, ["TS_DEBUG_USE_DERP_HTTP=1".to_string()])
+    };
     admin(&data, &["users", "create", USER]);
     let out = admin(
         &data,
@@ -849,7 +882,6 @@ fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
         .rfind(|l| !l.is_empty())
         .expect("the key on the last line")
         .to_string();
-    let env = [format!("SSL_CERT_FILE={}", ca.display())];
     // caddy-one also proxies a local port to caddy-two's tailnet site.
     let proxy = "
 :8081 {
@@ -896,9 +928,7 @@ fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
             connected.contains(&node_key)
                 && n["home_derp"] == 900
                 && n["endpoints"].as_array().is_some_and(|e| !e.is_empty())
-                && msgs
-                    .iter()
-                    .any(|m| m.contains("home is now derp-900 (tsunagu)"))
+                && msgs.iter().any(|m| says_home_is_900(m))
                 && msgs.iter().any(|m| m.contains("derp-900 connected"))
         };
         if ready(&n1, "caddy-one") && ready(&n2, "caddy-two") {
