@@ -83,6 +83,25 @@ pub struct ServeArgs {
     /// HTTP; Go clients only with TS_DEBUG_USE_DERP_HTTP=1).
     #[arg(long)]
     pub derp_announce_http: bool,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
+/// Meshing with the other relays of the region.
+#[derive(Debug, ClapArgs)]
+pub struct MeshArgs {
+    /// File holding the region's shared mesh key (other relays present it to watch this
+    /// one's clients and forward packets to them).
+    #[arg(long, value_name = "FILE")]
+    pub mesh_key_file: Option<PathBuf>,
+    /// The other relays of the region, `http://HOST:PORT`, comma-separated.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        requires = "mesh_key_file"
+    )]
+    pub mesh_with: Vec<String>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -102,6 +121,8 @@ pub struct RelayArgs {
     /// TLS private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
 }
 
 #[derive(Debug, Subcommand)]

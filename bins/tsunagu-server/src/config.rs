@@ -101,6 +101,7 @@ impl Config {
                 region_name: f.derp_region_name.clone().unwrap_or(d.region_name),
                 insecure_for_tests: f.derp_insecure_for_tests.unwrap_or(false),
                 mesh_key: None,
+                mesh_with: Vec::new(),
                 announce_plain_http: f.derp_announce_http.unwrap_or(false),
             }
         });

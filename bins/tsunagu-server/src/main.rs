@@ -73,6 +73,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             r.insecure_for_tests |= s.derp_insecure_for_tests;
             r.announce_plain_http |= s.derp_announce_http;
+            if let Some(k) = mesh_key(&s.mesh)? {
+                r.mesh_key = Some(k);
+                r.mesh_with = s.mesh.mesh_with.clone();
+            }
         }
     }
     let json_out = cli.common.json;
@@ -89,8 +93,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: cfg.data_dir.clone(),
                 listen: r.listen,
                 stun_listen,
+                mesh_key: mesh_key(&r.mesh)?,
+                mesh_with: r.mesh.mesh_with.clone(),
                 tls: r.tls_cert.zip(r.tls_key),
-                mesh_key: None,
             })
             .await?;
             Ok(())
@@ -130,6 +135,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Preauthkeys(cmd) => keys(&admin, cmd, json_out).await,
         Command::Nodes(cmd) => nodes(&admin, cmd, json_out).await,
     }
+}
+
+/// The mesh key from `--mesh-key-file` (trimmed; an empty file is an error).
+fn mesh_key(m: &cli::MeshArgs) -> anyhow::Result<Option<String>> {
+    let Some(path) = &m.mesh_key_file else {
+        return Ok(None);
+    };
+    let key = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the mesh key", path.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!key.is_empty(), "{}: the mesh key is empty", path.display());
+    Ok(Some(key))
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {

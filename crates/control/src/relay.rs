@@ -34,6 +34,8 @@ pub struct RelaySettings {
     pub insecure_for_tests: bool,
     /// Pre-shared key of other relays that mesh with this one.
     pub mesh_key: Option<String>,
+    /// `http://HOST:PORT` of the other relays of the region (needs `mesh_key`).
+    pub mesh_with: Vec<String>,
     /// Announce the region even when the server URL is plain `http://`. Off by default:
     /// Go clients would try TLS to it, fail, and retry forever, their network report
     /// (and so their map requests) churning meanwhile. For clients that speak DERP over
@@ -50,6 +52,7 @@ impl Default for RelaySettings {
             region_name: "tsunagu".to_string(),
             insecure_for_tests: false,
             mesh_key: None,
+            mesh_with: Vec::new(),
             announce_plain_http: false,
         }
     }
@@ -134,6 +137,7 @@ pub struct RelayOnlyConfig {
     pub stun_listen: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub mesh_key: Option<String>,
+    pub mesh_with: Vec<String>,
 }
 
 /// Runs a relay (DERP on `listen`, STUN on `stun_listen`) until SIGINT or SIGTERM.
@@ -149,9 +153,11 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
         key,
         tsunagu_derp::RelayOptions {
             mesh_key: cfg.mesh_key.clone(),
+            mesh_with: cfg.mesh_with.clone(),
             ..Default::default()
         },
     );
+    relay.start_mesh();
     if let Some(addr) = &cfg.stun_listen {
         let sock = tokio::net::UdpSocket::bind(addr)
             .await

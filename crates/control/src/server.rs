@@ -197,6 +197,7 @@ async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts
         key,
         tsunagu_derp::RelayOptions {
             mesh_key: s.mesh_key.clone(),
+            mesh_with: s.mesh_with.clone(),
             ..Default::default()
         },
     );
@@ -436,6 +437,9 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
         None => None,
     };
     let mut server = Server::start(&cfg).await?;
+    if let Some(relay) = &server.relay {
+        relay.start_mesh();
+    }
     if let (Some(relay), Some(sock)) = (server.relay.clone(), server.stun.take()) {
         tokio::spawn(async move {
             if let Err(e) = relay.serve_stun(sock).await {

@@ -121,6 +121,13 @@ pub enum Outgoing {
     PeerPresent(NodePublic),
     /// Close this connection (a newer one took its key, or a mesh peer asked).
     Close,
+    /// For a mesh link (this relay's client connection to another relay): hand `dst`, a
+    /// client of that relay, a packet from `src`. Meaningless to a client connection.
+    Forward {
+        src: NodePublic,
+        dst: NodePublic,
+        packet: Bytes,
+    },
 }
 
 #[derive(Debug)]
@@ -255,7 +262,8 @@ impl ServerConn {
     }
 
     /// Writes a message from elsewhere (a relayed packet, a peer notice) to this client.
-    /// `Outgoing::Close` is the shell's to act on and writes nothing.
+    /// `Outgoing::Close` is the shell's to act on and writes nothing, as does
+    /// `Outgoing::Forward`, which only mesh links carry.
     pub fn queue(&mut self, msg: Outgoing) {
         match msg {
             Outgoing::Packet { src, packet } => {
@@ -265,7 +273,7 @@ impl ServerConn {
                 ServerMessage::PeerGone { key, reason }.encode(&mut self.out)
             }
             Outgoing::PeerPresent(k) => ServerMessage::PeerPresent(k).encode(&mut self.out),
-            Outgoing::Close => {}
+            Outgoing::Close | Outgoing::Forward { .. } => {}
         }
     }
 

@@ -12,7 +12,9 @@
 //! * [`stun`]: Binding Request / Success (RFC 5389) and a per-source rate limit.
 //!
 //! The shell, [`relay::Relay`], runs them on tokio: an axum router with `/derp`,
-//! `/derp/probe` and `/derp/latency-check`, a task per connection, and the STUN socket.
+//! `/derp/probe` and `/derp/latency-check`, a task per connection, the STUN socket, and
+//! mesh links to the other relays of a region (a [`client::ClientConn`] holding the mesh
+//! key, watching that relay's clients and carrying ForwardPackets to them).
 //! `tsunagu-server` mounts it on its own listener (`serve`) or alone (`relay`).
 
 pub mod client;

@@ -68,8 +68,16 @@ pub struct Registry<O> {
     /// dst → clients that sent to it while it was connected.
     senders: HashMap<NodePublic, HashSet<NodePublic>>,
     watchers: Vec<(ConnId, O)>,
+    /// Mesh: clients of other relays of the region (learned from their PeerPresent),
+    /// and the link to the relay that has each.
+    remotes: HashMap<NodePublic, LinkId>,
+    links: HashMap<LinkId, O>,
     next_id: u64,
 }
+
+/// A mesh link: this relay's connection to another relay of the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId(pub u64);
 
 impl<O> Default for Registry<O> {
     fn default() -> Self {
@@ -77,6 +85,8 @@ impl<O> Default for Registry<O> {
             clients: HashMap::new(),
             senders: HashMap::new(),
             watchers: Vec::new(),
+            remotes: HashMap::new(),
+            links: HashMap::new(),
             next_id: 1,
         }
     }
@@ -175,20 +185,62 @@ impl<O: Outbox> Registry<O> {
         (outcome, new_pair)
     }
 
-    /// Delivers a packet that a mesh peer forwarded on behalf of `src`.
+    /// Delivers a packet that a mesh peer forwarded on behalf of `src`: to a client of
+    /// this relay only, never onwards (so packets cannot loop between relays).
     pub fn forward(&mut self, src: NodePublic, dst: NodePublic, packet: Bytes) -> SendOutcome {
-        self.deliver(src, dst, packet)
-    }
-
-    fn deliver(&self, src: NodePublic, dst: NodePublic, packet: Bytes) -> SendOutcome {
         match self.clients.get(&dst) {
             None => SendOutcome::NotHere,
-            Some(c) => match c.outbox.offer(Outgoing::Packet { src, packet }) {
-                Offer::Queued => SendOutcome::Queued,
-                Offer::Full => SendOutcome::DroppedFull,
-                Offer::Closed => SendOutcome::DroppedClosed,
-            },
+            Some(c) => outcome(c.outbox.offer(Outgoing::Packet { src, packet })),
         }
+    }
+
+    /// To a client here; else, through its relay's link, to a client of the region.
+    fn deliver(&self, src: NodePublic, dst: NodePublic, packet: Bytes) -> SendOutcome {
+        if let Some(c) = self.clients.get(&dst) {
+            return outcome(c.outbox.offer(Outgoing::Packet { src, packet }));
+        }
+        match self.remotes.get(&dst).and_then(|l| self.links.get(l)) {
+            Some(link) => outcome(link.offer(Outgoing::Forward { src, dst, packet })),
+            None => SendOutcome::NotHere,
+        }
+    }
+
+    /// A mesh link is up: clients it reports are reachable through `outbox`.
+    pub fn add_link(&mut self, outbox: O) -> LinkId {
+        let id = LinkId(self.next_id);
+        self.next_id += 1;
+        self.links.insert(id, outbox);
+        id
+    }
+
+    /// The link's relay has `key` connected.
+    pub fn set_remote(&mut self, key: NodePublic, link: LinkId) {
+        if self.links.contains_key(&link) {
+            self.remotes.insert(key, link);
+        }
+    }
+
+    /// The link's relay no longer has `key`.
+    pub fn clear_remote(&mut self, key: NodePublic, link: LinkId) {
+        if self.remotes.get(&key) == Some(&link) {
+            self.remotes.remove(&key);
+        }
+    }
+
+    /// The link is down: forget it and the clients learned through it.
+    pub fn drop_link(&mut self, link: LinkId) {
+        self.links.remove(&link);
+        self.remotes.retain(|_, l| *l != link);
+    }
+
+    /// Whether a packet for `key` would go somewhere: a client here or of a meshed relay.
+    pub fn reachable(&self, key: &NodePublic) -> bool {
+        self.clients.contains_key(key) || self.remotes.contains_key(key)
+    }
+
+    /// How many clients of other relays are known.
+    pub fn remote_count(&self) -> usize {
+        self.remotes.len()
     }
 
     pub fn set_preferred(&mut self, key: NodePublic, id: ConnId, preferred: bool) {
@@ -239,6 +291,14 @@ impl<O: Outbox> Registry<O> {
             .collect();
         v.sort_by_key(|c| c.key);
         v
+    }
+}
+
+fn outcome(o: Offer) -> SendOutcome {
+    match o {
+        Offer::Queued => SendOutcome::Queued,
+        Offer::Full => SendOutcome::DroppedFull,
+        Offer::Closed => SendOutcome::DroppedClosed,
     }
 }
 
@@ -417,5 +477,35 @@ mod tests {
             r.senders.is_empty(),
             "unknown destinations are not remembered"
         );
+    }
+
+    #[test]
+    fn clients_of_meshed_relays_are_reached_through_their_link() {
+        let mut r = Registry::new();
+        join(&mut r, k(1), 8);
+        let link = Fake::new(8);
+        let l = r.add_link(link.clone());
+        r.set_remote(k(7), l);
+        assert_eq!(
+            r.send(k(1), k(7), Bytes::from_static(b"m")),
+            SendOutcome::Queued
+        );
+        assert_eq!(
+            link.take(),
+            vec![Outgoing::Forward {
+                src: k(1),
+                dst: k(7),
+                packet: Bytes::from_static(b"m")
+            }]
+        );
+        // Forwarded packets are delivered here or dropped, never sent on.
+        assert_eq!(r.forward(k(9), k(7), Bytes::new()), SendOutcome::NotHere);
+        assert!(link.take().is_empty());
+        r.clear_remote(k(7), l);
+        assert_eq!(r.send(k(1), k(7), Bytes::new()), SendOutcome::NotHere);
+        r.set_remote(k(8), l);
+        r.drop_link(l);
+        assert_eq!(r.remote_count(), 0);
+        assert_eq!(r.send(k(1), k(8), Bytes::new()), SendOutcome::NotHere);
     }
 }

@@ -49,10 +49,17 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The file in the data directory that holds the relay's private key.
 pub const KEY_FILE: &str = "derp.key";
 
+/// PeerPresent / PeerGone a mesh watcher may have pending (its initial flood lists
+/// every client).
+pub const WATCH_QUEUE_DEPTH: usize = 65_536;
+
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
     /// Pre-shared key of mesh peers (other relays of the region); `None`: no mesh.
     pub mesh_key: Option<String>,
+    /// `http://HOST:PORT` of the other relays of the region, to watch and forward to
+    /// (needs `mesh_key`).
+    pub mesh_with: Vec<String>,
     pub queue_depth: usize,
 }
 
@@ -60,6 +67,7 @@ impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
             mesh_key: None,
+            mesh_with: Vec::new(),
             queue_depth: QUEUE_DEPTH,
         }
     }
@@ -81,6 +89,7 @@ pub struct Metrics {
     pub stun_requests: AtomicU64,
     pub stun_garbage: AtomicU64,
     pub stun_rate_limited: AtomicU64,
+    pub mesh_links_up: AtomicU64,
 }
 
 /// A copy of [`Metrics`] plus the number of connected clients.
@@ -100,6 +109,9 @@ pub struct MetricsSnapshot {
     pub stun_requests: u64,
     pub stun_garbage: u64,
     pub stun_rate_limited: u64,
+    /// Mesh links currently up, and the other relays' clients known through them.
+    pub mesh_links_up: u64,
+    pub mesh_remote_clients: u64,
 }
 
 struct QueueOutbox(mpsc::Sender<Outgoing>);
@@ -118,6 +130,7 @@ impl Outbox for QueueOutbox {
 pub struct Relay {
     cfg: Arc<ConnConfig>,
     queue_depth: usize,
+    mesh_with: Vec<String>,
     registry: Mutex<Registry<QueueOutbox>>,
     stun: Mutex<StunServer>,
     metrics: Metrics,
@@ -141,6 +154,7 @@ impl Relay {
         Arc::new(Relay {
             cfg: Arc::new(cfg),
             queue_depth: opts.queue_depth.max(1),
+            mesh_with: opts.mesh_with,
             registry: Mutex::new(Registry::new()),
             stun: Mutex::new(StunServer::default()),
             metrics: Metrics::default(),
@@ -155,8 +169,13 @@ impl Relay {
 
     pub fn metrics(&self) -> MetricsSnapshot {
         let m = &self.metrics;
+        // One lock for both counts (a second `lock()` in this expression would deadlock).
+        let (clients, remotes) = {
+            let r = self.registry.lock();
+            (r.len() as u64, r.remote_count() as u64)
+        };
         MetricsSnapshot {
-            clients: self.registry.lock().len() as u64,
+            clients,
             connections: m.connections.load(Relaxed),
             logins: m.logins.load(Relaxed),
             packets_forwarded: m.packets_forwarded.load(Relaxed),
@@ -170,7 +189,14 @@ impl Relay {
             stun_requests: m.stun_requests.load(Relaxed),
             stun_garbage: m.stun_garbage.load(Relaxed),
             stun_rate_limited: m.stun_rate_limited.load(Relaxed),
+            mesh_links_up: m.mesh_links_up.load(Relaxed),
+            mesh_remote_clients: remotes,
         }
+    }
+
+    /// Whether this relay can deliver to `key` (its client, or a meshed relay's).
+    pub fn reachable(&self, key: &NodePublic) -> bool {
+        self.registry.lock().reachable(key)
     }
 
     pub fn clients(&self) -> Vec<ClientSummary> {
@@ -188,10 +214,19 @@ impl Relay {
         let (tx, mut rx) = mpsc::channel::<Outgoing>(self.queue_depth);
         let id = self.registry.lock().new_conn_id();
         let mut me: Option<NodePublic> = None;
+        let mut watch: Option<mpsc::Receiver<Outgoing>> = None;
         let mut buf = vec![0u8; 64 * 1024];
         let mut closing = false;
         let end = 'conn: loop {
             while let Some(ev) = conn.poll_event() {
+                if ev == ConnEvent::WatchConns {
+                    // Watchers get a deep queue of their own: the first batch lists
+                    // every client at once.
+                    let (wtx, wrx) = mpsc::channel(WATCH_QUEUE_DEPTH);
+                    self.registry.lock().add_watcher(id, QueueOutbox(wtx));
+                    watch = Some(wrx);
+                    continue;
+                }
                 self.on_event(ev, id, &tx, &mut me, &mut conn);
             }
             while let Some(bytes) = conn.poll_transmit() {
@@ -234,6 +269,17 @@ impl Relay {
                             Ok(m) => Some(m),
                             Err(_) => break,
                         };
+                    }
+                }
+                Some(m) = recv_opt(&mut watch), if watch.is_some() => {
+                    conn.queue(m);
+                    if let Some(w) = watch.as_mut() {
+                        for _ in 0..256 {
+                            match w.try_recv() {
+                                Ok(m) => conn.queue(m),
+                                Err(_) => break,
+                            }
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
@@ -337,11 +383,8 @@ impl Relay {
                     tracing::debug!(key = %key.tailscale(), preferred = p, "derp home relay noted");
                 }
             }
-            ConnEvent::WatchConns => {
-                self.registry
-                    .lock()
-                    .add_watcher(id, QueueOutbox(tx.clone()));
-            }
+            // Handled by `serve_conn`, which owns the watcher's queue.
+            ConnEvent::WatchConns => {}
             ConnEvent::ClosePeer(k) => {
                 self.registry.lock().close_peer(k);
             }
@@ -387,6 +430,156 @@ impl Relay {
                 }
             }
         }
+    }
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `http://HOST:PORT[/…]` → (`HOST:PORT` for the Host header and to dial).
+fn mesh_target(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("mesh peer {url:?}: only http:// URLs are supported"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("mesh peer {url:?} has no host"));
+    }
+    Ok(
+        if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        },
+    )
+}
+
+impl Relay {
+    /// Starts one link per `mesh_with` peer: each logs in with the mesh key, watches
+    /// that relay's clients and carries ForwardPackets to them; it reconnects by itself
+    /// (backing off from 1 s to 30 s) when the peer restarts.
+    pub fn start_mesh(self: &Arc<Self>) {
+        if self.cfg.mesh_key.is_none() {
+            if !self.mesh_with.is_empty() {
+                tracing::warn!("mesh peers given without a mesh key: not meshing");
+            }
+            return;
+        }
+        for url in self.mesh_with.clone() {
+            let relay = self.clone();
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    match relay.clone().mesh_link(&url).await {
+                        Ok(()) => backoff = Duration::from_secs(1),
+                        Err(e) => tracing::debug!(peer = %url, "mesh link: {e}"),
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            });
+        }
+    }
+
+    /// One mesh link to `url` until it fails. `Ok` when it was up and then ended.
+    async fn mesh_link(self: Arc<Self>, url: &str) -> Result<(), String> {
+        use crate::client::{ClientConn, ClientEvent, parse_upgrade_response, upgrade_request};
+        let target = mesh_target(url)?;
+        let mut tcp = tokio::net::TcpStream::connect(&target)
+            .await
+            .map_err(|e| format!("connecting to {target}: {e}"))?;
+        tcp.write_all(upgrade_request(&target).as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = crate::ClientInfo {
+            version: PROTOCOL_VERSION,
+            mesh_key: self.cfg.mesh_key.clone().unwrap_or_default(),
+            can_ack_pings: true,
+            is_prober: false,
+        };
+        let mut conn = ClientConn::new(self.cfg.key.clone(), info);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        // The upgrade and the login, bounded by the login timeout.
+        let login = async {
+            loop {
+                let n = tcp.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed during the upgrade".to_string());
+                }
+                head.extend_from_slice(&buf[..n]);
+                if let Some(end) = parse_upgrade_response(&head)? {
+                    conn.handle_input(&head[end..]).map_err(|e| e.to_string())?;
+                    break;
+                }
+            }
+            loop {
+                while let Some(b) = conn.poll_transmit() {
+                    tcp.write_all(&b).await.map_err(|e| e.to_string())?;
+                }
+                if conn.is_connected() {
+                    return Ok(());
+                }
+                let n = tcp.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed during the login".to_string());
+                }
+                conn.handle_input(&buf[..n]).map_err(|e| e.to_string())?;
+            }
+        };
+        tokio::time::timeout(self.cfg.login_timeout, login)
+            .await
+            .map_err(|_| "login timed out".to_string())??;
+        conn.watch_conns();
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(self.queue_depth * 8);
+        let link = self.registry.lock().add_link(QueueOutbox(tx));
+        self.metrics.mesh_links_up.fetch_add(1, Relaxed);
+        tracing::info!(peer = %url, "mesh link up");
+        let result: Result<(), String> = async {
+            loop {
+                while let Some(ev) = conn.poll_event() {
+                    match ev {
+                        ClientEvent::PeerPresent(k) => self.registry.lock().set_remote(k, link),
+                        ClientEvent::PeerGone { key, .. } => {
+                            self.registry.lock().clear_remote(key, link)
+                        }
+                        _ => {}
+                    }
+                }
+                while let Some(b) = conn.poll_transmit() {
+                    tokio::time::timeout(WRITE_TIMEOUT, tcp.write_all(&b))
+                        .await
+                        .map_err(|_| "write stalled".to_string())?
+                        .map_err(|e| e.to_string())?;
+                }
+                tokio::select! {
+                    r = tcp.read(&mut buf) => {
+                        let n = r.map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        conn.handle_input(&buf[..n]).map_err(|e| e.to_string())?;
+                    }
+                    Some(m) = rx.recv() => {
+                        if let Outgoing::Forward { src, dst, packet } = m {
+                            conn.forward_packet(src, dst, &packet).map_err(|e| e.to_string())?;
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        self.registry.lock().drop_link(link);
+        self.metrics.mesh_links_up.fetch_sub(1, Relaxed);
+        tracing::info!(peer = %url, "mesh link down");
+        result
     }
 }
 

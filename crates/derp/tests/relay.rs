@@ -395,3 +395,77 @@ async fn stun_answers_with_the_mapped_address_and_counts_garbage() {
     let m = relay.metrics();
     assert_eq!((m.stun_requests, m.stun_garbage), (1, 1));
 }
+
+/// Two relays of one region, each meshed with the other: a client of one reaches a
+/// client of the other (ForwardPacket over the link, learned from WatchConns), and a
+/// relay that goes away takes its clients out of the other's view.
+#[tokio::test]
+async fn meshed_relays_carry_packets_between_their_clients() {
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let opts = |peer: SocketAddr| RelayOptions {
+        mesh_key: Some("a shared secret".into()),
+        mesh_with: vec![format!("http://{peer}")],
+        ..RelayOptions::default()
+    };
+    let ra = Relay::new(NodePrivate::generate(), opts(ab));
+    let rb = Relay::new(NodePrivate::generate(), opts(aa));
+    let app_a = ra.router();
+    tokio::spawn(async move { axum::serve(la, app_a).await });
+    let app_b = rb.router();
+    let serve_b = tokio::spawn(async move { axum::serve(lb, app_b).await });
+    ra.start_mesh();
+    rb.start_mesh();
+
+    let mut c1 = Client::connect(aa).await;
+    let mut c2 = Client::connect(ab).await;
+    guard("each relay learning the other's client", async {
+        while !(ra.reachable(&c2.key) && rb.reachable(&c1.key)) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    c1.send(c2.key, b"across the mesh").await;
+    assert_eq!(
+        c2.next().await,
+        ClientEvent::Packet {
+            src: c1.key,
+            packet: bytes::Bytes::from_static(b"across the mesh")
+        }
+    );
+    c2.send(c1.key, b"and back").await;
+    assert_eq!(
+        c1.next().await,
+        ClientEvent::Packet {
+            src: c2.key,
+            packet: bytes::Bytes::from_static(b"and back")
+        }
+    );
+    assert_eq!(ra.metrics().mesh_links_up, 1);
+
+    // A client without the mesh key cannot watch or forward.
+    let mut intruder = Client::connect(aa).await;
+    intruder.conn.watch_conns();
+    intruder.flush().await;
+    intruder.wait_closed().await;
+
+    // c2 leaves relay B: relay A forgets it once B says so.
+    let k2 = c2.key;
+    drop(c2);
+    guard("relay A forgetting c2", async {
+        while ra.reachable(&k2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    c1.send(k2, b"gone?").await;
+    assert_eq!(
+        c1.next().await,
+        ClientEvent::PeerGone {
+            key: k2,
+            reason: PeerGoneReason::NotHere
+        }
+    );
+    serve_b.abort();
+}
