@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// HTTP; Go clients only with TS_DEBUG_USE_DERP_HTTP=1).
     #[arg(long)]
     pub derp_announce_http: bool,
+    /// Another relay of the region to announce after this server (its URL, e.g.
+    /// https://198.51.100.5); repeat or comma-separate for more.
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    pub derp_node: Vec<String>,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

@@ -102,6 +102,7 @@ impl Config {
                 insecure_for_tests: f.derp_insecure_for_tests.unwrap_or(false),
                 mesh_key: None,
                 mesh_with: Vec::new(),
+                extra_nodes: Vec::new(),
                 announce_plain_http: f.derp_announce_http.unwrap_or(false),
             }
         });

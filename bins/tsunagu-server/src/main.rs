@@ -73,6 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             r.insecure_for_tests |= s.derp_insecure_for_tests;
             r.announce_plain_http |= s.derp_announce_http;
+            r.extra_nodes.extend(s.derp_node.iter().cloned());
             if let Some(k) = mesh_key(&s.mesh)? {
                 r.mesh_key = Some(k);
                 r.mesh_with = s.mesh.mesh_with.clone();

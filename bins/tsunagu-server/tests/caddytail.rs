@@ -841,7 +841,16 @@ fn relay_log_parsers() {
 /// * stay inside the lab and run no captive-portal probe.
 #[test]
 fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
-    relay_scenario("caddyderp", true);
+    relay_scenario("caddyderp", true, false);
+}
+
+/// Behind a cafe that drops all UDP, caddy-one has no path but the relay (over TCP):
+/// it still homes on region 900 (netcheck falls back to `/derp/latency-check` over
+/// HTTPS), reports no endpoint on the cafe NAT's address (STUN cannot pass), the request
+/// still crosses, and the relay carries the caddies' packets both ways.
+#[test]
+fn go_clients_behind_a_udp_blocking_cafe_talk_through_the_relay() {
+    relay_scenario("caddyderpu", true, true);
 }
 
 /// The same over plain HTTP: the server announces its region anyway
@@ -849,12 +858,16 @@ fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
 /// knob that makes them speak DERP without TLS.
 #[test]
 fn go_clients_use_the_relay_over_plain_http_in_the_lab() {
-    relay_scenario("caddyderph", false);
+    relay_scenario("caddyderph", false, false);
 }
 
-fn relay_scenario(lab_name: &str, tls: bool) {
+fn relay_scenario(lab_name: &str, tls: bool, cafe_blocks_udp: bool) {
     let caddy = caddy_binary();
-    let mut seed = Lab::seed(lab_name, SeedOptions::default()).expect("seed lab");
+    let opts = SeedOptions {
+        cafe_blocks_udp,
+        ..SeedOptions::default()
+    };
+    let mut seed = Lab::seed(lab_name, opts).expect("seed lab");
     let (ca, cert, key_pem) = lab_tls(&seed.lab.dir().join("tls"));
     let data = seed.lab.dir().join("server");
     let (cert_s, key_s) = (
@@ -927,7 +940,7 @@ fn relay_scenario(lab_name: &str, tls: bool) {
             let node_key = n["node_key"].as_str().unwrap_or_default().to_string();
             connected.contains(&node_key)
                 && n["home_derp"] == 900
-                && n["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+                && (cafe_blocks_udp || n["endpoints"].as_array().is_some_and(|e| !e.is_empty()))
                 && msgs.iter().any(|m| says_home_is_900(m))
                 && msgs.iter().any(|m| m.contains("derp-900 connected"))
         };
@@ -954,10 +967,12 @@ fn relay_scenario(lab_name: &str, tls: bool) {
         .flatten()
         .filter_map(Value::as_str)
         .collect();
-    assert!(
-        eps1.iter()
-            .any(|e| e.starts_with(&format!("{}:", tsunagu_lab::CAFE_PUBLIC))),
-        "caddy-one reported no endpoint on the cafe NAT's address: {eps1:?}"
+    let cafe_endpoint = eps1
+        .iter()
+        .any(|e| e.starts_with(&format!("{}:", tsunagu_lab::CAFE_PUBLIC)));
+    assert_eq!(
+        cafe_endpoint, !cafe_blocks_udp,
+        "caddy-one's endpoints on the cafe NAT's address (STUN through the cafe): {eps1:?}"
     );
     eprintln!(
         "caddy-one endpoints: {eps1:?}; caddy-two: {}",
@@ -989,11 +1004,20 @@ fn relay_scenario(lab_name: &str, tls: bool) {
         n2["node_key"].as_str().expect("node key").to_string(),
     );
     // Which side sends first over the relay, and whether the other one has to before
-    // a direct path takes over, varies from run to run: at least one direction must.
+    // a direct path takes over, varies from run to run: at least one direction must;
+    // both when UDP is blocked (the relay is the only path).
     let pairs = derp_pairs(&server_lines(&server_log));
+    let (one_two, two_one) = (
+        pairs.contains(&(k1.clone(), k2.clone())),
+        pairs.contains(&(k2, k1)),
+    );
     assert!(
-        pairs.contains(&(k1.clone(), k2.clone())) || pairs.contains(&(k2, k1)),
-        "the relay never relayed between the caddies: {pairs:?}"
+        if cafe_blocks_udp {
+            one_two && two_one
+        } else {
+            one_two || two_one
+        },
+        "the relay did not relay between the caddies as expected: {pairs:?}"
     );
 
     // What each side said, for whoever reads the test's output.
@@ -1025,9 +1049,18 @@ fn relay_scenario(lab_name: &str, tls: bool) {
             .iter()
             .filter(|m| m.contains("generate_204") || m.contains("captivedetection:"))
             .collect();
-        assert!(
-            probes.is_empty(),
-            "{name} ran captive-portal probes: {probes:#?}"
-        );
+        if cafe_blocks_udp {
+            // Known and not ours to switch off: when STUN fails, the Go client's netcheck
+            // runs its own captive-portal check (the node attribute does not reach it)
+            // against CanPort80 relays and Tailscale's two control-plane host names,
+            // all at once. In the lab those names do not resolve; the IPv4 check above
+            // shows that nothing left it.
+            eprintln!("{name}: {} captive-portal probe messages", probes.len());
+        } else {
+            assert!(
+                probes.is_empty(),
+                "{name} ran captive-portal probes: {probes:#?}"
+            );
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct RelaySettings {
     pub mesh_key: Option<String>,
     /// `http://HOST:PORT` of the other relays of the region (needs `mesh_key`).
     pub mesh_with: Vec<String>,
+    /// URLs of the other relays of the region to announce after this one (clients try
+    /// the nodes of a region in order); their STUN is assumed on port 3478.
+    pub extra_nodes: Vec<String>,
     /// Announce the region even when the server URL is plain `http://`. Off by default:
     /// Go clients would try TLS to it, fail, and retry forever, their network report
     /// (and so their map requests) churning meanwhile. For clients that speak DERP over
@@ -53,6 +56,7 @@ impl Default for RelaySettings {
             insecure_for_tests: false,
             mesh_key: None,
             mesh_with: Vec::new(),
+            extra_nodes: Vec::new(),
             announce_plain_http: false,
         }
     }
@@ -98,32 +102,47 @@ pub fn derp_map(
     stun_port: Option<u16>,
     s: &RelaySettings,
 ) -> Result<DERPMap, String> {
-    let (host, port) = host_port(server_url)?;
-    let (ipv4, ipv6) = match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => (ip.to_string(), "none".to_string()),
-        Ok(IpAddr::V6(ip)) => ("none".to_string(), ip.to_string()),
-        Err(_) => (String::new(), String::new()),
+    let node = |name: String, url: &str, stun_port: Option<u16>| -> Result<DERPNode, String> {
+        let (host, port) = host_port(url)?;
+        let (ipv4, ipv6) = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => (ip.to_string(), "none".to_string()),
+            Ok(IpAddr::V6(ip)) => ("none".to_string(), ip.to_string()),
+            Err(_) => (String::new(), String::new()),
+        };
+        Ok(DERPNode {
+            name,
+            region_id: s.region_id,
+            host_name: host,
+            ipv4,
+            ipv6,
+            stun_port: match stun_port {
+                None => -1,
+                Some(DEFAULT_STUN_PORT) => 0,
+                Some(p) => i32::from(p),
+            },
+            derp_port: if port == 443 { 0 } else { i32::from(port) },
+            insecure_for_tests: s.insecure_for_tests,
+            ..DERPNode::default()
+        })
     };
-    let node = DERPNode {
-        name: format!("{}a", s.region_id),
-        region_id: s.region_id,
-        host_name: host,
-        ipv4,
-        ipv6,
-        stun_port: match stun_port {
-            None => -1,
-            Some(DEFAULT_STUN_PORT) => 0,
-            Some(p) => i32::from(p),
-        },
-        derp_port: if port == 443 { 0 } else { i32::from(port) },
-        insecure_for_tests: s.insecure_for_tests,
-        ..DERPNode::default()
-    };
+    let mut nodes = vec![node(format!("{}a", s.region_id), server_url, stun_port)?];
+    for (i, url) in s.extra_nodes.iter().enumerate() {
+        // Names "900b", "900c", …, then "900n27" and on.
+        let suffix = match u8::try_from(i + 1) {
+            Ok(n) if n < 26 => char::from(b'a' + n).to_string(),
+            _ => format!("n{}", i + 1),
+        };
+        nodes.push(node(
+            format!("{}{suffix}", s.region_id),
+            url,
+            Some(DEFAULT_STUN_PORT),
+        )?);
+    }
     Ok(DERPMap::from_regions([DERPRegion {
         region_id: s.region_id,
         region_code: s.region_code.clone(),
         region_name: s.region_name.clone(),
-        nodes: vec![node],
+        nodes,
         ..DERPRegion::default()
     }]))
 }
@@ -237,6 +256,18 @@ mod tests {
             ("2001:db8::4", "2001:db8::4")
         );
         assert_eq!((n.derp_port, n.stun_port), (8080, 3479));
+        let two = RelaySettings {
+            extra_nodes: vec!["https://198.51.100.5".into()],
+            ..s.clone()
+        };
+        let m = derp_map("https://198.51.100.4", Some(3478), &two).unwrap();
+        let names: Vec<&str> = m.regions[&900]
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(names, ["900a", "900b"]);
+        assert_eq!(m.regions[&900].nodes[1].ipv4, "198.51.100.5");
         assert!(derp_map("ftp://x", None, &s).is_err());
         assert!(derp_map("https://x:notaport", None, &s).is_err());
     }
