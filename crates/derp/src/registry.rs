@@ -220,10 +220,24 @@ impl<O: Outbox> Registry<O> {
         }
     }
 
-    /// The link's relay no longer has `key`.
+    /// The link's relay no longer has `key`: clients here that were sending to it hear
+    /// PeerGone, as if it had been a client of this relay.
     pub fn clear_remote(&mut self, key: NodePublic, link: LinkId) {
-        if self.remotes.get(&key) == Some(&link) {
-            self.remotes.remove(&key);
+        if self.remotes.get(&key) != Some(&link) {
+            return;
+        }
+        self.remotes.remove(&key);
+        if self.clients.contains_key(&key) {
+            return; // it is (also) here: senders still reach it
+        }
+        for src in self.senders.remove(&key).unwrap_or_default() {
+            if let Some(c) = self.clients.get_mut(&src) {
+                c.sent_to.remove(&key);
+                c.outbox.offer(Outgoing::PeerGone {
+                    key,
+                    reason: PeerGoneReason::Disconnected,
+                });
+            }
         }
     }
 
@@ -501,7 +515,17 @@ mod tests {
         // Forwarded packets are delivered here or dropped, never sent on.
         assert_eq!(r.forward(k(9), k(7), Bytes::new()), SendOutcome::NotHere);
         assert!(link.take().is_empty());
+        let sender = r.clients[&k(1)].outbox.clone();
+        sender.take();
         r.clear_remote(k(7), l);
+        assert_eq!(
+            sender.take(),
+            vec![Outgoing::PeerGone {
+                key: k(7),
+                reason: PeerGoneReason::Disconnected
+            }],
+            "the local sender hears that the remote peer left"
+        );
         assert_eq!(r.send(k(1), k(7), Bytes::new()), SendOutcome::NotHere);
         r.set_remote(k(8), l);
         r.drop_link(l);
