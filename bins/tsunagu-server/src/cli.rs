@@ -39,6 +39,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a DERP relay and STUN server on their own.
     Relay(RelayArgs),
+    /// Show the running server's embedded relay: counters and connected clients.
+    RelayStatus,
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCmd),

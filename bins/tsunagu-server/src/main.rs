@@ -132,6 +132,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::RelayStatus => {
+            let v = admin.call("GET", "/v1/relay", None).await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("relay {}", v["public_key"].as_str().unwrap_or_default());
+                if let Some(m) = v["metrics"].as_object() {
+                    for (k, val) in m {
+                        println!("  {k}: {val}");
+                    }
+                }
+                table(
+                    &rows(&v["clients"]),
+                    &[("NODE KEY", "node_key"), ("HOME", "home")],
+                );
+            }
+            Ok(())
+        }
         Command::Users(cmd) => users(&admin, cmd, json_out).await,
         Command::Preauthkeys(cmd) => keys(&admin, cmd, json_out).await,
         Command::Nodes(cmd) => nodes(&admin, cmd, json_out).await,

@@ -829,9 +829,10 @@ fn relay_log_parsers() {
 /// The Go client against the embedded relay: with the server on HTTPS (a lab CA the Go
 /// clients trust through `SSL_CERT_FILE`), both caddies
 /// * pick region 900 ("tsunagu", the only one announced) as home and connect to it —
-///   their own logs say their home became derp-900 and `derp-900 connected`, and
-///   the relay logs a login for exactly their node keys (the NaCl-boxed ClientInfo
-///   opened with the key the control server has for them);
+///   their own logs say their home became derp-900 and `derp-900 connected`, the
+///   relay logs a login for exactly their node keys (the NaCl-boxed ClientInfo opened
+///   with the key the control server has for them), and `relay-status` (admin API)
+///   lists both keys as connected with this relay noted as their home;
 /// * learn their endpoints through our STUN server and report them: the cafe client's
 ///   list holds the cafe NAT's public address 198.51.100.3, which only STUN can tell it;
 ///   and report region 900 as their home DERP;
@@ -935,10 +936,20 @@ fn relay_scenario(lab_name: &str, tls: bool, cafe_blocks_udp: bool) {
         let get = |h| node_by_hostname(&list, h).cloned().expect("listed");
         let (n1, n2) = (get("caddy-one"), get("caddy-two"));
         let connected = derp_connected(&server_lines(&server_log));
+        let status: Value =
+            serde_json::from_str(&admin(&data, &["--json", "relay-status"])).expect("JSON");
         let ready = |n: &Value, name: &str| {
             let msgs = caddy_messages(&seed.lab.log_path(&format!("{name}.log")));
             let node_key = n["node_key"].as_str().unwrap_or_default().to_string();
+            // The relay's own view (admin API): connected, and told it is the home relay
+            // (the Go client's NotePreferred).
+            let home_here = status["clients"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["node_key"] == node_key.as_str() && c["home"] == true);
             connected.contains(&node_key)
+                && home_here
                 && n["home_derp"] == 900
                 && (cafe_blocks_udp || n["endpoints"].as_array().is_some_and(|e| !e.is_empty()))
                 && msgs.iter().any(|m| says_home_is_900(m))
@@ -955,7 +966,7 @@ fn relay_scenario(lab_name: &str, tls: bool, cafe_blocks_udp: bool) {
         assert!(
             start.elapsed() < RELAY_WITHIN,
             "the caddies did not both home on region 900 within {RELAY_WITHIN:?}\n\
-             relay logins: {connected:?}\nnodes: {n1:#}\n{n2:#}\n{}",
+             relay logins: {connected:?}\nrelay status: {status:#}\nnodes: {n1:#}\n{n2:#}\n{}",
             logs(&seed, &procs)
         );
         std::thread::sleep(Duration::from_millis(500));

@@ -147,6 +147,35 @@ pub fn derp_map(
     }]))
 }
 
+/// The relay's part of the admin API: `GET /v1/relay` → its public key, counters and
+/// connected clients (node key, whether the relay is the client's home).
+pub fn admin_router(relay: std::sync::Arc<tsunagu_derp::Relay>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new().route(
+        "/v1/relay",
+        get(move || {
+            let relay = relay.clone();
+            async move {
+                let clients: Vec<serde_json::Value> = relay
+                    .clients()
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "node_key": c.key.tailscale(),
+                            "home": c.preferred,
+                        })
+                    })
+                    .collect();
+                axum::Json(serde_json::json!({
+                    "public_key": relay.public_key().tailscale(),
+                    "metrics": relay.metrics(),
+                    "clients": clients,
+                }))
+            }
+        }),
+    )
+}
+
 /// `tsunagu-server relay`: a relay on its own, without the coordination server.
 #[derive(Debug, Clone)]
 pub struct RelayOnlyConfig {

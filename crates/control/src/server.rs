@@ -321,7 +321,11 @@ async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response
 }
 
 /// Bind the admin socket (owner-only) and serve the admin API on it.
-async fn serve_admin(state: Arc<State>, path: PathBuf) -> Result<(), ServerError> {
+async fn serve_admin(
+    state: Arc<State>,
+    relay: Option<Arc<tsunagu_derp::Relay>>,
+    path: PathBuf,
+) -> Result<(), ServerError> {
     if path.exists() {
         std::fs::remove_file(&path)
             .map_err(io_err(format!("removing stale {}", path.display())))?;
@@ -330,7 +334,11 @@ async fn serve_admin(state: Arc<State>, path: PathBuf) -> Result<(), ServerError
         .map_err(io_err(format!("binding {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))?;
-    axum::serve(listener, admin::router(state))
+    let router = match relay {
+        Some(relay) => admin::router(state).merge(crate::relay::admin_router(relay)),
+        None => admin::router(state),
+    };
+    axum::serve(listener, router)
         .await
         .map_err(io_err("admin API"))
 }
@@ -459,7 +467,11 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
     );
     let state = server.app.state.clone();
     tokio::spawn(ephemeral_gc(state.clone(), cfg.ephemeral_timeout));
-    let admin = tokio::spawn(serve_admin(state, cfg.admin_socket.clone()));
+    let admin = tokio::spawn(serve_admin(
+        state,
+        server.relay.clone(),
+        cfg.admin_socket.clone(),
+    ));
     let front = async {
         match tls {
             Some(acceptor) => {
