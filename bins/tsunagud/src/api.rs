@@ -1,8 +1,16 @@
-//! The local API: JSON over HTTP/1.1 on a Unix socket (mode 0600), for the `tsunagu` CLI.
+//! The local API: JSON over HTTP/1.1 on a Unix socket, for the `tsunagu` CLI.
 //!
-//! `GET /status` describes this node and its peers as the daemon knows them (map stream +
-//! engine); `POST /prefs` changes the exit node choice, checked against the current map,
-//! applied at once and persisted to `<state-dir>/prefs.json`.
+//! * `GET /status`: this node, the control connection's state, the exit node and peers,
+//!   as the daemon knows them (map stream + engine).
+//! * `POST /prefs`: exit node, LAN access, exit-node offer, hostname; the exit node is
+//!   checked against the current map; applied at once and persisted.
+//! * `POST /up`: log in (login server, auth key, hostname, tags, ...) and run. Answers
+//!   when the node runs, when an admin must approve it (with the URL), or with the
+//!   reason it failed, in which case the previous settings are restored.
+//! * `POST /down`: disconnect (routes removed, the choices kept); `POST /logout`: tell
+//!   the server, forget the node key; the next `up` must authenticate again.
+//!
+//! Settings live in `<state-dir>/prefs.json` (mode 0600), written atomically.
 
 use anyhow::Context as _;
 use axum::Json;
@@ -11,48 +19,126 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tsunagu_client::netmap::{MapState, Prefs, short_name};
 use tsunagu_engine::engine::{Engine, EngineConfig};
-use tsunagu_proto::NodePrivate;
+use tsunagu_proto::{MachinePrivate, NodePrivate};
 
 /// A handshake younger than this makes a peer "active" (WireGuard rekeys every 2 min
 /// while traffic flows).
 const ACTIVE_SECS: u64 = 180;
+/// How long `up` waits for the outcome of a login before answering "still starting".
+const UP_WAIT: Duration = Duration::from_secs(25);
+
+/// Everything the daemon keeps across restarts besides its keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonPrefs {
+    /// The coordination server; empty until the first `up`.
+    pub login_server: String,
+    /// The name to register with; empty for the system's hostname.
+    pub hostname: String,
+    pub advertise_tags: Vec<String>,
+    /// `up` sets it, `down` clears it.
+    pub want_running: bool,
+    /// After `logout`: the node key is new and `up` must authenticate again.
+    pub logged_out: bool,
+    #[serde(flatten)]
+    pub prefs: Prefs,
+}
+
+/// Where the control connection stands, as `status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendState {
+    /// No login server or logged out: `tsunagu up` is needed.
+    #[default]
+    NeedsLogin,
+    /// Registered interactively: an admin must approve the node at `auth_url`.
+    NeedsMachineAuth,
+    /// Connecting to the server or waiting for the first map.
+    Starting,
+    /// Following the map stream; the data plane runs.
+    Running,
+    /// `tsunagu down`.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub state: BackendState,
+    /// With `NeedsMachineAuth`: where the admin approves this node.
+    pub auth_url: String,
+    /// The last control error of this generation, empty when none.
+    pub error: String,
+    /// The settings generation this describes (bumped by every change of settings).
+    pub generation: u64,
+}
 
 /// What the control loop and the API share.
 pub struct Shared {
-    /// The user's choices; locked first (then `map`, then `engine`) by whoever applies.
-    pub prefs: Mutex<Prefs>,
+    /// The settings; locked first (then `map`, then `engine`) by whoever applies.
+    pub prefs: Mutex<DaemonPrefs>,
     pub map: Mutex<MapState>,
     pub engine: Arc<Mutex<Option<Engine>>>,
     pub engine_cfg: EngineConfig,
-    pub node: NodePrivate,
+    pub machine: MachinePrivate,
+    pub node: Mutex<NodePrivate>,
     pub mtu: u16,
-    pub prefs_path: PathBuf,
+    pub state_dir: PathBuf,
+    /// The system's hostname, used when the settings name none.
+    pub default_hostname: String,
+    /// A pre-auth key for the next registration only; never written to disk.
+    pub auth_key: Mutex<Option<String>>,
+    /// The control loop's state, published.
+    pub backend: tokio::sync::watch::Sender<Backend>,
+    /// Bumped on every change of settings: the control loop restarts its session.
+    pub generation: tokio::sync::watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| anyhow::anyhow!("a lock was poisoned"))
 }
 
 impl Shared {
+    pub fn prefs_path(&self) -> PathBuf {
+        self.state_dir.join("prefs.json")
+    }
+
+    pub fn node_key(&self) -> NodePrivate {
+        self.node.lock().map(|k| k.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn hostname(&self, p: &DaemonPrefs) -> String {
+        if p.hostname.is_empty() {
+            self.default_hostname.clone()
+        } else {
+            p.hostname.clone()
+        }
+    }
+
     /// Build the NetMap from the current map and `prefs` and give it to the engine
-    /// (starting it on the first usable map). Callers hold the prefs lock.
+    /// (starting it on the first usable map). An exit node that cannot be used blocks
+    /// internet traffic (fail closed). Callers hold the prefs lock.
     pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
+        let key = self.node_key();
         let map = {
-            let state = self
-                .map
-                .lock()
-                .map_err(|_| anyhow::anyhow!("map lock poisoned"))?;
-            match state.netmap(&self.node, prefs, self.mtu)? {
+            let state = lock(&self.map)?;
+            match state.netmap_fail_closed(&key, prefs, self.mtu) {
                 Some(m) => m,
                 None => return Ok(()),
             }
         };
-        let mut guard = self
-            .engine
-            .lock()
-            .map_err(|_| anyhow::anyhow!("engine lock poisoned"))?;
+        let mut guard = lock(&self.engine)?;
         match guard.as_mut() {
             Some(e) => {
                 if e.map() != &map {
+                    if map.exit_node_blocked && !e.map().exit_node_blocked {
+                        tracing::warn!(
+                            exit_node = %prefs.exit_node,
+                            "the chosen exit node cannot be used: internet traffic blocked until it returns or another is chosen"
+                        );
+                    }
                     e.apply(&map).context("the engine refused the map")?;
                 }
             }
@@ -63,6 +149,7 @@ impl Shared {
                     name = %map.self_node.name,
                     addresses = ?map.self_node.addresses,
                     exit_node = map.exit_peer().map(|p| p.name.as_str()).unwrap_or("none"),
+                    blocked = map.exit_node_blocked,
                     "running"
                 );
                 *guard = Some(e);
@@ -70,10 +157,42 @@ impl Shared {
         }
         Ok(())
     }
+
+    /// Stop the data plane and remove everything it installed (`down`, `logout`).
+    pub fn stop_engine(&self) {
+        if let Ok(mut g) = self.engine.lock()
+            && let Some(mut e) = g.take()
+        {
+            e.shutdown();
+            tracing::info!("data plane stopped");
+        }
+    }
+
+    /// Publish the control loop's state for generation `generation`.
+    pub fn set_backend(&self, generation: u64, state: BackendState, auth_url: &str, error: &str) {
+        self.backend.send_replace(Backend {
+            state,
+            auth_url: auth_url.into(),
+            error: error.into(),
+            generation,
+        });
+    }
+
+    /// Persist `next` and restart the control session with it.
+    fn commit(&self, prefs: &mut DaemonPrefs, next: DaemonPrefs) -> anyhow::Result<u64> {
+        save_prefs(&self.prefs_path(), &next)?;
+        *prefs = next;
+        let mut generation = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        Ok(generation)
+    }
 }
 
-/// Prefs saved in the state directory, if any.
-pub fn load_prefs(path: &Path) -> anyhow::Result<Option<Prefs>> {
+/// Settings saved in the state directory, if any.
+pub fn load_prefs(path: &Path) -> anyhow::Result<Option<DaemonPrefs>> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(
             serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?,
@@ -83,11 +202,13 @@ pub fn load_prefs(path: &Path) -> anyhow::Result<Option<Prefs>> {
     }
 }
 
-/// Write prefs atomically with mode 0600.
-pub fn save_prefs(path: &Path, prefs: &Prefs) -> anyhow::Result<()> {
+/// Write a file atomically with mode 0600.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -95,10 +216,14 @@ pub fn save_prefs(path: &Path, prefs: &Prefs) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(prefs)?.as_bytes())?;
+    f.write_all(contents)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+pub fn save_prefs(path: &Path, prefs: &DaemonPrefs) -> anyhow::Result<()> {
+    write_private(path, serde_json::to_string_pretty(prefs)?.as_bytes())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +234,10 @@ pub struct SelfStatus {
     pub user: String,
     pub os: String,
     pub running: bool,
+    /// `None` when not offering; `awaiting approval` or `approved`.
+    pub offering_exit_node: Option<String>,
+    /// Peers that sent internet traffic through us recently (we are their exit node).
+    pub exit_node_users: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +248,8 @@ pub struct ExitStatus {
     pub ip: String,
     /// `active`, `idle`, `offline`, `connecting`, or the error that keeps it unused.
     pub state: String,
+    /// The chosen exit node cannot be used and internet traffic is blocked.
+    pub blocked: bool,
     pub allow_lan_access: bool,
 }
 
@@ -140,20 +271,37 @@ pub struct PeerInfo {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
+    pub backend: Backend,
+    pub login_server: String,
     #[serde(rename = "self")]
     pub self_node: Option<SelfStatus>,
     pub exit_node: Option<ExitStatus>,
     pub peers: Vec<PeerInfo>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct PrefsRequest {
     pub exit_node: Option<String>,
     pub exit_node_allow_lan_access: Option<bool>,
+    pub advertise_exit_node: Option<bool>,
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct UpRequest {
+    pub login_server: Option<String>,
+    pub auth_key: Option<String>,
+    pub advertise_tags: Option<Vec<String>>,
+    /// Settings not given return to their defaults (instead of staying as they are).
+    pub reset: bool,
+    #[serde(flatten)]
+    pub prefs: PrefsRequest,
 }
 
 #[derive(Debug, Serialize)]
-struct ApiError {
+pub struct ApiError {
     error: String,
 }
 
@@ -168,6 +316,10 @@ fn err(code: StatusCode, e: impl std::fmt::Display) -> (StatusCode, Json<ApiErro
     )
 }
 
+fn internal(e: impl std::fmt::Display) -> (StatusCode, Json<ApiError>) {
+    err(StatusCode::INTERNAL_SERVER_ERROR, e)
+}
+
 fn activity(online: Option<bool>, hs: Option<u64>) -> &'static str {
     match (online, hs) {
         (Some(false), _) => "offline",
@@ -178,23 +330,25 @@ fn activity(online: Option<bool>, hs: Option<u64>) -> &'static str {
 }
 
 pub fn status(shared: &Shared) -> anyhow::Result<Status> {
-    let prefs = shared
-        .prefs
-        .lock()
-        .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?
-        .clone();
-    let state = shared
-        .map
-        .lock()
-        .map_err(|_| anyhow::anyhow!("map lock poisoned"))?
-        .clone();
-    let (running, engine_peers, exit_key) = match shared.engine.lock() {
+    let dprefs = lock(&shared.prefs)?.clone();
+    let prefs = &dprefs.prefs;
+    let state = lock(&shared.map)?.clone();
+    let (running, engine_peers, exit_key, blocked) = match shared.engine.lock() {
         Ok(g) => match g.as_ref() {
-            Some(e) => (true, e.device().peers(), e.map().exit_node),
-            None => (false, Vec::new(), None),
+            Some(e) => (
+                true,
+                e.device().peers(),
+                e.map().exit_node,
+                e.map().exit_node_blocked,
+            ),
+            None => (false, Vec::new(), None, false),
         },
-        Err(_) => (false, Vec::new(), None),
+        Err(_) => (false, Vec::new(), None, false),
     };
+    let users = engine_peers
+        .iter()
+        .filter(|p| p.exit_rx_packets > 0 && p.last_handshake_secs.is_some_and(|s| s < ACTIVE_SECS))
+        .count();
     let self_node = state.self_node.as_ref().map(|n| SelfStatus {
         name: short_name(n).to_string(),
         dns_name: n.name.clone(),
@@ -202,6 +356,14 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         user: state.user_name(n),
         os: n.hostinfo.os.clone(),
         running,
+        offering_exit_node: prefs.advertise_exit_node.then(|| {
+            if n.is_exit_node() {
+                "approved".to_string()
+            } else {
+                "awaiting approval".to_string()
+            }
+        }),
+        exit_node_users: users,
     });
     let mut peers = Vec::new();
     for p in state.peers.values() {
@@ -247,6 +409,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
                     name: short_name(n).to_string(),
                     ip: info.map(|i| i.ip.clone()).unwrap_or_default(),
                     state,
+                    blocked: false,
                     allow_lan_access: prefs.exit_node_allow_lan_access,
                 }
             }
@@ -256,82 +419,350 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
                 name: String::new(),
                 ip: String::new(),
                 state: format!("unusable: {e}"),
+                blocked,
                 allow_lan_access: prefs.exit_node_allow_lan_access,
             },
         })
     };
     Ok(Status {
+        backend: shared.backend.borrow().clone(),
+        login_server: dprefs.login_server.clone(),
         self_node,
         exit_node,
         peers,
     })
 }
 
-/// Validate and apply new prefs; on success they are persisted and in force.
-pub fn set_prefs(shared: &Shared, req: &PrefsRequest) -> Result<Prefs, (StatusCode, String)> {
-    let internal = |e: &dyn std::fmt::Display| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let mut prefs = shared
-        .prefs
-        .lock()
-        .map_err(|_| internal(&"prefs lock poisoned"))?;
-    let mut next = prefs.clone();
+/// Apply the data-plane part of a request to `next`; `Err` (400) when the exit node does
+/// not fit the current map.
+fn merge_prefs(
+    shared: &Shared,
+    next: &mut DaemonPrefs,
+    req: &PrefsRequest,
+) -> Result<(), (StatusCode, Json<ApiError>)> {
     if let Some(x) = &req.exit_node {
-        next.exit_node = x.trim().to_string();
+        next.prefs.exit_node = x.trim().to_string();
     }
     if let Some(l) = req.exit_node_allow_lan_access {
-        next.exit_node_allow_lan_access = l;
+        next.prefs.exit_node_allow_lan_access = l;
     }
+    if let Some(a) = req.advertise_exit_node {
+        next.prefs.advertise_exit_node = a;
+    }
+    if let Some(h) = &req.hostname {
+        let h = h.trim();
+        if !h.is_empty() && !valid_hostname(h) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid hostname {h:?}: use letters, digits and '-', at most 63 characters"
+                ),
+            ));
+        }
+        next.hostname = h.to_string();
+    }
+    let state = lock(&shared.map).map_err(internal)?;
+    if let Some(x) = &req.exit_node
+        && !x.trim().is_empty()
     {
-        let state = shared
-            .map
-            .lock()
-            .map_err(|_| internal(&"map lock poisoned"))?;
-        if state.self_node.is_none() && !next.exit_node.is_empty() {
-            return Err((
+        if state.self_node.is_none() {
+            return Err(err(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no network map yet (not connected to the coordination server)".into(),
+                "no network map yet (not connected to the coordination server)",
             ));
         }
         state
-            .resolve_exit(&next.exit_node)
-            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+            .resolve_exit(x.trim())
+            .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     }
-    shared.apply_locked(&next).map_err(|e| internal(&e))?;
-    save_prefs(&shared.prefs_path, &next).map_err(|e| internal(&format!("{e:#}")))?;
+    Ok(())
+}
+
+fn valid_hostname(h: &str) -> bool {
+    h.len() <= 63
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+}
+
+/// Whether a settings change needs a new session (what we tell the server changed).
+fn needs_new_session(old: &DaemonPrefs, next: &DaemonPrefs) -> bool {
+    old.login_server != next.login_server
+        || old.hostname != next.hostname
+        || old.advertise_tags != next.advertise_tags
+        || old.prefs.advertise_exit_node != next.prefs.advertise_exit_node
+        || old.want_running != next.want_running
+        || old.logged_out != next.logged_out
+}
+
+fn log_prefs(p: &DaemonPrefs, what: &str) {
     tracing::info!(
-        exit_node = if next.exit_node.is_empty() {
+        exit_node = if p.prefs.exit_node.is_empty() {
             "none"
         } else {
-            next.exit_node.as_str()
+            p.prefs.exit_node.as_str()
         },
-        allow_lan = next.exit_node_allow_lan_access,
-        "preferences changed"
+        allow_lan = p.prefs.exit_node_allow_lan_access,
+        advertise_exit_node = p.prefs.advertise_exit_node,
+        "{what}"
     );
-    *prefs = next.clone();
+}
+
+/// Validate and apply new prefs; on success they are persisted and in force.
+pub fn set_prefs(
+    shared: &Shared,
+    req: &PrefsRequest,
+) -> Result<DaemonPrefs, (StatusCode, Json<ApiError>)> {
+    let mut prefs = lock(&shared.prefs).map_err(internal)?;
+    let mut next = prefs.clone();
+    merge_prefs(shared, &mut next, req)?;
+    shared
+        .apply_locked(&next.prefs)
+        .map_err(|e| internal(format!("{e:#}")))?;
+    let restart = needs_new_session(&prefs, &next);
+    if restart {
+        shared
+            .commit(&mut prefs, next.clone())
+            .map_err(|e| internal(format!("{e:#}")))?;
+    } else {
+        save_prefs(&shared.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
+        *prefs = next.clone();
+    }
+    log_prefs(&next, "preferences changed");
     Ok(next)
+}
+
+/// What `up` answers.
+#[derive(Debug, Serialize)]
+pub struct UpResponse {
+    pub backend: Backend,
+}
+
+/// Wait until the control loop reports on `generation`: running, waiting for an admin,
+/// or failed. `None` when it is still connecting after `UP_WAIT`.
+async fn outcome(shared: &Shared, generation: u64) -> Option<Backend> {
+    let mut rx = shared.backend.subscribe();
+    let wait = rx.wait_for(|b| {
+        b.generation == generation
+            && (matches!(
+                b.state,
+                BackendState::Running | BackendState::NeedsMachineAuth
+            ) || !b.error.is_empty())
+    });
+    match tokio::time::timeout(UP_WAIT, wait).await {
+        Ok(Ok(b)) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
+    let s = shared.clone();
+    let planned = tokio::task::spawn_blocking(move || -> Result<_, (StatusCode, Json<ApiError>)> {
+        let mut prefs = lock(&s.prefs).map_err(internal)?;
+        let old = prefs.clone();
+        let mut next = if req.reset {
+            DaemonPrefs {
+                login_server: old.login_server.clone(),
+                ..DaemonPrefs::default()
+            }
+        } else {
+            old.clone()
+        };
+        if let Some(url) = &req.login_server {
+            let url = url.trim().trim_end_matches('/');
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid login server {url:?}: give http://HOST:PORT"),
+                ));
+            }
+            next.login_server = url.to_string();
+        }
+        if next.login_server.is_empty() {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "no coordination server known yet: give --login-server=URL",
+            ));
+        }
+        if let Some(tags) = &req.advertise_tags {
+            if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid tag {bad:?}: tags look like tag:NAME"),
+                ));
+            }
+            next.advertise_tags = tags.clone();
+        }
+        merge_prefs(&s, &mut next, &req.prefs)?;
+        let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
+        if auth_key.is_some() || old.login_server != next.login_server {
+            next.logged_out = false;
+        }
+        next.want_running = true;
+        let running = s.backend.borrow().state == BackendState::Running;
+        if next == old && auth_key.is_none() && running {
+            return Ok(None);
+        }
+        if !needs_new_session(&old, &next) && auth_key.is_none() && running {
+            // Only data-plane choices changed: apply them like `set`.
+            s.apply_locked(&next.prefs)
+                .map_err(|e| internal(format!("{e:#}")))?;
+            save_prefs(&s.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
+            *prefs = next;
+            return Ok(None);
+        }
+        *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
+        let generation = s
+            .commit(&mut prefs, next.clone())
+            .map_err(|e| internal(format!("{e:#}")))?;
+        log_prefs(&next, "up");
+        Ok(Some((old, generation)))
+    })
+    .await
+    .map_err(internal)??;
+    let Some((old, generation)) = planned else {
+        return Ok(Json(UpResponse {
+            backend: shared.backend.borrow().clone(),
+        }));
+    };
+    match outcome(&shared, generation).await {
+        Some(b) if b.error.is_empty() => Ok(Json(UpResponse { backend: b })),
+        Some(b) => {
+            // Failed: put the previous settings back, so nothing changed.
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let mut prefs = lock(&s.prefs)?;
+                *lock(&s.auth_key)? = None;
+                s.commit(&mut prefs, old)?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(format!("{e:#}")))?;
+            tracing::warn!(error = %b.error, "up failed; previous settings restored");
+            Err(err(StatusCode::BAD_GATEWAY, b.error))
+        }
+        None => Ok(Json(UpResponse {
+            backend: shared.backend.borrow().clone(),
+        })),
+    }
+}
+
+async fn down(shared: Arc<Shared>) -> ApiResult<UpResponse> {
+    let s = shared.clone();
+    let generation = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut prefs = lock(&s.prefs)?;
+        let next = DaemonPrefs {
+            want_running: false,
+            ..prefs.clone()
+        };
+        s.commit(&mut prefs, next)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| internal(format!("{e:#}")))?;
+    let mut rx = shared.backend.subscribe();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|b| b.generation == generation && b.state != BackendState::Running),
+    )
+    .await;
+    tracing::info!("down");
+    Ok(Json(UpResponse {
+        backend: shared.backend.borrow().clone(),
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogoutResponse {
+    /// Empty when the server was told; otherwise why it could not be.
+    pub warning: String,
+}
+
+async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
+    let (server, node) = {
+        let p = lock(&shared.prefs).map_err(internal)?;
+        (p.login_server.clone(), shared.node_key())
+    };
+    let mut warning = String::new();
+    if !server.is_empty() {
+        let told = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::control::logout(&server, &shared.machine, &node, shared.engine_cfg.fwmark),
+        )
+        .await;
+        match told {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warning = format!("the server was not told: {e:#}"),
+            Err(_) => warning = "the server was not told: timed out".into(),
+        }
+    }
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut prefs = lock(&s.prefs)?;
+        // A new node key: the old one is expired on the server.
+        let fresh = NodePrivate::generate();
+        write_private(
+            &s.state_dir.join("node.key"),
+            format!("{}\n", fresh.to_base64()).as_bytes(),
+        )?;
+        *lock(&s.node)? = fresh;
+        *lock(&s.map)? = MapState::default();
+        let next = DaemonPrefs {
+            want_running: false,
+            logged_out: true,
+            ..prefs.clone()
+        };
+        s.commit(&mut prefs, next)?;
+        Ok(())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| internal(format!("{e:#}")))?;
+    tracing::info!(%warning, "logged out");
+    Ok(Json(LogoutResponse { warning }))
 }
 
 async fn get_status(State(shared): State<Arc<Shared>>) -> ApiResult<Status> {
     tokio::task::spawn_blocking(move || status(&shared))
         .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(internal)?
         .map(Json)
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
+        .map_err(|e| internal(format!("{e:#}")))
 }
 
 async fn post_prefs(
     State(shared): State<Arc<Shared>>,
     Json(req): Json<PrefsRequest>,
-) -> ApiResult<Prefs> {
+) -> ApiResult<DaemonPrefs> {
     tokio::task::spawn_blocking(move || set_prefs(&shared, &req))
         .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(internal)?
         .map(Json)
-        .map_err(|(c, e)| err(c, e))
 }
 
-/// Bind the socket (replacing a stale one, mode 0600) and serve until the process ends.
-pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn post_up(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<UpRequest>,
+) -> ApiResult<UpResponse> {
+    up(shared, req).await
+}
+
+async fn post_down(State(shared): State<Arc<Shared>>) -> ApiResult<UpResponse> {
+    down(shared).await
+}
+
+async fn post_logout(State(shared): State<Arc<Shared>>) -> ApiResult<LogoutResponse> {
+    logout(shared).await
+}
+
+/// Bind the socket (replacing a stale one) and serve until the process ends. The socket
+/// is owner-only (0600), or group read-write (0660) for `operator_group`.
+pub async fn serve(
+    path: PathBuf,
+    operator_group: Option<nix::unistd::Gid>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -351,12 +782,22 @@ pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
     }
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+    let mode = if let Some(gid) = operator_group {
+        nix::unistd::chown(&path, None, Some(gid))
+            .with_context(|| format!("chgrp {}", path.display()))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))?;
     tracing::info!(path = %path.display(), "local API listening");
     let app = axum::Router::new()
         .route("/status", get(get_status))
         .route("/prefs", post(post_prefs))
+        .route("/up", post(post_up))
+        .route("/down", post(post_down))
+        .route("/logout", post(post_logout))
         .with_state(shared);
     axum::serve(listener, app).await.context("local API")?;
     Ok(())
@@ -372,10 +813,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prefs.json");
         assert_eq!(load_prefs(&path).unwrap(), None);
-        let p = Prefs {
-            exit_node: "dev-m1sk9-s1".into(),
-            exit_node_allow_lan_access: true,
-            advertise_exit_node: false,
+        let p = DaemonPrefs {
+            login_server: "http://198.51.100.4:8080".into(),
+            want_running: true,
+            prefs: Prefs {
+                exit_node: "dev-m1sk9-s1".into(),
+                exit_node_allow_lan_access: true,
+                advertise_exit_node: false,
+            },
+            ..DaemonPrefs::default()
         };
         save_prefs(&path, &p).unwrap();
         save_prefs(&path, &p).unwrap();
@@ -385,10 +831,51 @@ mod tests {
     }
 
     #[test]
+    fn older_prefs_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prefs.json");
+        std::fs::write(
+            &path,
+            r#"{"exit_node":"x","exit_node_allow_lan_access":true,"advertise_exit_node":false}"#,
+        )
+        .unwrap();
+        let p = load_prefs(&path).unwrap().unwrap();
+        assert_eq!(p.prefs.exit_node, "x");
+        assert!(p.prefs.exit_node_allow_lan_access);
+        assert!(p.login_server.is_empty() && !p.want_running);
+    }
+
+    #[test]
     fn activity_words() {
         assert_eq!(activity(Some(false), Some(1)), "offline");
         assert_eq!(activity(Some(true), Some(1)), "active");
         assert_eq!(activity(None, Some(500)), "idle");
         assert_eq!(activity(Some(true), None), "-");
+    }
+
+    #[test]
+    fn session_restarts_only_for_what_the_server_sees() {
+        let a = DaemonPrefs {
+            login_server: "http://198.51.100.4:8080".into(),
+            want_running: true,
+            ..DaemonPrefs::default()
+        };
+        let mut b = a.clone();
+        b.prefs.exit_node = "dev-m1sk9-s1".into();
+        b.prefs.exit_node_allow_lan_access = true;
+        assert!(!needs_new_session(&a, &b));
+        b.prefs.advertise_exit_node = true;
+        assert!(needs_new_session(&a, &b));
+        let mut c = a.clone();
+        c.hostname = "laptop".into();
+        assert!(needs_new_session(&a, &c));
+    }
+
+    #[test]
+    fn hostnames_are_dns_labels() {
+        assert!(valid_hostname("dev-m1sk9-s1"));
+        assert!(!valid_hostname("-x"));
+        assert!(!valid_hostname("a b"));
+        assert!(!valid_hostname(&"a".repeat(64)));
     }
 }

@@ -170,6 +170,7 @@ impl Config {
             peers,
             exit_node: None,
             exit_node_allow_lan_access: file.exit_node_allow_lan_access,
+            exit_node_blocked: false,
             mtu: file.mtu.unwrap_or(DEFAULT_MTU),
         };
         if !file.exit_node.is_empty() {

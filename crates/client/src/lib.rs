@@ -75,15 +75,44 @@ pub async fn resolve(server_url: &str) -> Result<(String, SocketAddr), ClientErr
     Ok((host, addr))
 }
 
+/// A TCP connection to `addr`, its socket marked with `fwmark` (`SO_MARK`) when given:
+/// tsunagud marks its control connections like its tunnel packets, so they take the
+/// physical network even while an exit node (or its fail-closed block) holds the
+/// default route.
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    fwmark: Option<u32>,
+) -> Result<tokio::net::TcpStream, ClientError> {
+    let io = |source| ClientError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    if let Some(mark) = fwmark {
+        socket2::SockRef::from(&sock).set_mark(mark).map_err(io)?;
+    }
+    let tcp = sock.connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    Ok(tcp)
+}
+
 /// `GET /key?v=…`: the server's Noise public key.
 pub async fn fetch_server_key(server_url: &str) -> Result<MachinePublic, ClientError> {
+    fetch_server_key_marked(server_url, None).await
+}
+
+/// [`fetch_server_key`] over a socket marked with `fwmark`.
+pub async fn fetch_server_key_marked(
+    server_url: &str,
+    fwmark: Option<u32>,
+) -> Result<MachinePublic, ClientError> {
     let (host, addr) = resolve(server_url).await?;
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let tcp = tcp_connect(addr, fwmark).await?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
@@ -119,9 +148,20 @@ impl ControlClient {
         server_key: &MachinePublic,
         machine: &MachinePrivate,
     ) -> Result<Self, ClientError> {
+        Self::connect_marked(server_url, server_key, machine, None).await
+    }
+
+    /// [`ControlClient::connect`] over a socket marked with `fwmark`.
+    pub async fn connect_marked(
+        server_url: &str,
+        server_key: &MachinePublic,
+        machine: &MachinePrivate,
+        fwmark: Option<u32>,
+    ) -> Result<Self, ClientError> {
         let (host, addr) = resolve(server_url).await?;
-        let (stream, _early) = tsunagu_noise::upgrade::dial_tcp(
-            addr,
+        let tcp = tcp_connect(addr, fwmark).await?;
+        let (stream, _early) = tsunagu_noise::upgrade::dial(
+            tcp,
             &host,
             server_key.to_bytes(),
             machine.to_bytes(),

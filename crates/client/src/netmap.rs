@@ -179,10 +179,30 @@ impl MapState {
         prefs: &Prefs,
         mtu: u16,
     ) -> Result<Option<NetMap>, PrefsError> {
-        let Some(me) = &self.self_node else {
-            return Ok(None);
-        };
         let exit = self.resolve_exit(&prefs.exit_node)?;
+        Ok(self.build(key, prefs, mtu, exit, false))
+    }
+
+    /// The engine's network map, failing closed: when the chosen exit node cannot be
+    /// used (revoked, removed, not allowed), internet traffic is blocked rather than
+    /// sent directly, until the user chooses again or the node comes back. `None`
+    /// until the map has our own node.
+    pub fn netmap_fail_closed(&self, key: &NodePrivate, prefs: &Prefs, mtu: u16) -> Option<NetMap> {
+        match self.resolve_exit(&prefs.exit_node) {
+            Ok(exit) => self.build(key, prefs, mtu, exit, false),
+            Err(_) => self.build(key, prefs, mtu, None, true),
+        }
+    }
+
+    fn build(
+        &self,
+        key: &NodePrivate,
+        prefs: &Prefs,
+        mtu: u16,
+        exit: Option<&Node>,
+        blocked: bool,
+    ) -> Option<NetMap> {
+        let me = self.self_node.as_ref()?;
         let mut peers = Vec::with_capacity(self.peers.len());
         for p in self.peers.values() {
             let allowed: Vec<IpNet> = p
@@ -213,7 +233,7 @@ impl MapState {
                 seen.insert(p.name.clone());
             }
         }
-        Ok(Some(NetMap {
+        Some(NetMap {
             self_node: SelfNode {
                 name: short_name(me).to_string(),
                 private_key: key.clone(),
@@ -223,8 +243,9 @@ impl MapState {
             peers,
             exit_node: exit.map(|p| p.key),
             exit_node_allow_lan_access: prefs.exit_node_allow_lan_access,
+            exit_node_blocked: blocked,
             mtu,
-        }))
+        })
     }
 }
 
@@ -332,6 +353,22 @@ mod tests {
             e.unwrap_err(),
             PrefsError::NotExitNode("dev-m1sk9-s1".into())
         );
+        // The daemon's map fails closed: no exit peer, internet blocked, peers kept.
+        let prefs = Prefs {
+            exit_node: "dev-m1sk9-s1".into(),
+            ..Prefs::default()
+        };
+        let m = s
+            .netmap_fail_closed(&NodePrivate::generate(), &prefs, 1280)
+            .unwrap();
+        assert!(m.exit_node.is_none() && m.exit_node_blocked);
+        assert_eq!(m.peers.len(), 1);
+        m.validate().unwrap();
+        // With no exit node chosen nothing is blocked.
+        let m = s
+            .netmap_fail_closed(&NodePrivate::generate(), &Prefs::default(), 1280)
+            .unwrap();
+        assert!(!m.exit_node_blocked);
         s.apply(&MapResponse::keep_alive());
         assert_eq!(s.peers.len(), 1);
     }

@@ -103,6 +103,8 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// Packets the peer sent through us to the internet (we are its exit node).
+    pub exit_rx_packets: u64,
 }
 
 struct Shared {
@@ -187,6 +189,7 @@ impl Device {
                 last_handshake_secs: e.state.last_handshake().map(|d| d.as_secs()),
                 tx_bytes: e.state.counters.tx_bytes.load(Ordering::Relaxed),
                 rx_bytes: e.state.counters.rx_bytes.load(Ordering::Relaxed),
+                exit_rx_packets: e.state.counters.exit_rx_packets.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -211,6 +214,17 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.stop_threads();
+    }
+}
+
+/// 100.64.0.0/10 or fd7a:115c:a1e0::/48: an address inside the tailnet.
+fn is_tailnet_addr(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64,
+        std::net::IpAddr::V6(a) => {
+            let s = a.segments();
+            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+        }
     }
 }
 
@@ -366,8 +380,8 @@ fn inbound(shared: &Shared) {
                 // Deliver only what the peer may send (cryptokey routing), cut to the
                 // length the IP header declares (WireGuard pads to 16 bytes).
                 let mut plain = plain;
-                let allowed =
-                    ip_endpoints(&plain).is_some_and(|(src, _)| table.allows_source(&peer, src));
+                let ends = ip_endpoints(&plain);
+                let allowed = ends.is_some_and(|(src, _)| table.allows_source(&peer, src));
                 match ip_declared_len(&plain) {
                     Some(len) if allowed && (20..=plain.len()).contains(&len) => {
                         plain.truncate(len)
@@ -379,6 +393,9 @@ fn inbound(shared: &Shared) {
                 }
                 bump(&peer.counters.rx_packets, 1);
                 bump(&peer.counters.rx_bytes, plain.len());
+                if ends.is_some_and(|(_, dst)| !is_tailnet_addr(dst)) {
+                    bump(&peer.counters.exit_rx_packets, 1);
+                }
                 if let Err(e) = shared.tun.send(&plain) {
                     tracing::trace!(error = %e, "tun write");
                 }

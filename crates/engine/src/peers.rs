@@ -46,6 +46,9 @@ pub struct PeerCounters {
     pub rx_bytes: AtomicU64,
     pub tx_packets: AtomicU64,
     pub rx_packets: AtomicU64,
+    /// Packets from this peer to destinations outside the tailnet: it uses us as its
+    /// exit node.
+    pub exit_rx_packets: AtomicU64,
 }
 
 /// WireGuard state of one peer.
@@ -290,6 +293,7 @@ mod tests {
             peers: vec![peer("a", "100.64.0.2/32"), peer("b", "100.64.0.3/32")],
             exit_node: None,
             exit_node_allow_lan_access: false,
+        exit_node_blocked: false,
             mtu: 1280,
         }
     }

@@ -53,6 +53,7 @@ fn map(
         }],
         exit_node: None,
         exit_node_allow_lan_access: false,
+        exit_node_blocked: false,
         mtu: 1280,
     }
 }
