@@ -102,8 +102,7 @@ impl Pinger {
                 Err(e) => return Err(e).context("receiving ICMP"),
             };
             // SAFETY: `recv` initialised the first `n` bytes.
-            let data: &[u8] =
-                unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+            let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
             if parse_reply(data) == Some((self.dst, self.id, self.seq)) {
                 return Ok(Some(sent.elapsed()));
             }
@@ -143,7 +142,9 @@ mod tests {
         icmp[2..4].copy_from_slice(&[0, 0]);
         let c = checksum(&icmp);
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 100, 64, 0, 2, 100, 64, 0, 1];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 100, 64, 0, 2, 100, 64, 0, 1,
+        ];
         ip.extend_from_slice(&icmp);
         assert_eq!(
             parse_reply(&ip),

@@ -294,7 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             req.insert("reset".into(), reset.into());
             let body = serde_json::Value::Object(req).to_string();
             let answer = request(sock, "POST", "/up", Some(&body))?;
-            let v: serde_json::Value = serde_json::from_str(&answer).context("tsunagud's answer")?;
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).context("tsunagud's answer")?;
             let backend: Backend =
                 serde_json::from_value(v["backend"].clone()).context("tsunagud's answer")?;
             let backend = wait_running(sock, backend, timeout, json)?;
@@ -309,7 +310,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Logout => {
             let answer = request(sock, "POST", "/logout", Some("{}"))?;
-            let v: serde_json::Value = serde_json::from_str(&answer).context("tsunagud's answer")?;
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).context("tsunagud's answer")?;
             if let Some(w) = v["warning"].as_str().filter(|w| !w.is_empty()) {
                 eprintln!("tsunagu: logged out locally; {w}");
             }
@@ -390,9 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .peers
                 .iter()
                 .find(|p| {
-                    p.ip == want
-                        || p.name == want
-                        || p.dns_name.trim_end_matches('.') == want
+                    p.ip == want || p.name == want || p.dns_name.trim_end_matches('.') == want
                 })
                 .with_context(|| format!("no peer {target:?} in the tailnet"))?;
             let ip: std::net::Ipv4Addr = peer
@@ -619,9 +619,8 @@ fn exit_nodes<'a>(st: &'a Status, filter: Option<&str>) -> Vec<&'a PeerInfo> {
         .iter()
         .filter(|p| p.offers_exit_node || p.exit_node)
         .filter(|p| {
-            f.as_deref().is_none_or(|f| {
-                p.name.to_ascii_lowercase().contains(f) || p.ip.contains(f)
-            })
+            f.as_deref()
+                .is_none_or(|f| p.name.to_ascii_lowercase().contains(f) || p.ip.contains(f))
         })
         .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -949,7 +948,9 @@ mod tests {
     fn flags_parse() {
         assert_eq!(set_prefs(&["--exit-node="]).exit_node.as_deref(), Some(""));
         assert_eq!(
-            set_prefs(&["--exit-node", "dev-m1sk9-s1"]).exit_node.as_deref(),
+            set_prefs(&["--exit-node", "dev-m1sk9-s1"])
+                .exit_node
+                .as_deref(),
             Some("dev-m1sk9-s1")
         );
         assert_eq!(

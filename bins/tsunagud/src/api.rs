@@ -106,7 +106,10 @@ impl Shared {
     }
 
     pub fn node_key(&self) -> NodePrivate {
-        self.node.lock().map(|k| k.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.node
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub fn hostname(&self, p: &DaemonPrefs) -> String {
@@ -557,69 +560,70 @@ async fn outcome(shared: &Shared, generation: u64) -> Option<Backend> {
 
 async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
     let s = shared.clone();
-    let planned = tokio::task::spawn_blocking(move || -> Result<_, (StatusCode, Json<ApiError>)> {
-        let mut prefs = lock(&s.prefs).map_err(internal)?;
-        let old = prefs.clone();
-        let mut next = if req.reset {
-            DaemonPrefs {
-                login_server: old.login_server.clone(),
-                ..DaemonPrefs::default()
+    let planned =
+        tokio::task::spawn_blocking(move || -> Result<_, (StatusCode, Json<ApiError>)> {
+            let mut prefs = lock(&s.prefs).map_err(internal)?;
+            let old = prefs.clone();
+            let mut next = if req.reset {
+                DaemonPrefs {
+                    login_server: old.login_server.clone(),
+                    ..DaemonPrefs::default()
+                }
+            } else {
+                old.clone()
+            };
+            if let Some(url) = &req.login_server {
+                let url = url.trim().trim_end_matches('/');
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid login server {url:?}: give http://HOST:PORT"),
+                    ));
+                }
+                next.login_server = url.to_string();
             }
-        } else {
-            old.clone()
-        };
-        if let Some(url) = &req.login_server {
-            let url = url.trim().trim_end_matches('/');
-            if !url.starts_with("http://") && !url.starts_with("https://") {
+            if next.login_server.is_empty() {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    format!("invalid login server {url:?}: give http://HOST:PORT"),
+                    "no coordination server known yet: give --login-server=URL",
                 ));
             }
-            next.login_server = url.to_string();
-        }
-        if next.login_server.is_empty() {
-            return Err(err(
-                StatusCode::BAD_REQUEST,
-                "no coordination server known yet: give --login-server=URL",
-            ));
-        }
-        if let Some(tags) = &req.advertise_tags {
-            if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
-                return Err(err(
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid tag {bad:?}: tags look like tag:NAME"),
-                ));
+            if let Some(tags) = &req.advertise_tags {
+                if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid tag {bad:?}: tags look like tag:NAME"),
+                    ));
+                }
+                next.advertise_tags = tags.clone();
             }
-            next.advertise_tags = tags.clone();
-        }
-        merge_prefs(&s, &mut next, &req.prefs)?;
-        let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
-        if auth_key.is_some() || old.login_server != next.login_server {
-            next.logged_out = false;
-        }
-        next.want_running = true;
-        let running = s.backend.borrow().state == BackendState::Running;
-        if next == old && auth_key.is_none() && running {
-            return Ok(None);
-        }
-        if !needs_new_session(&old, &next) && auth_key.is_none() && running {
-            // Only data-plane choices changed: apply them like `set`.
-            s.apply_locked(&next.prefs)
+            merge_prefs(&s, &mut next, &req.prefs)?;
+            let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
+            if auth_key.is_some() || old.login_server != next.login_server {
+                next.logged_out = false;
+            }
+            next.want_running = true;
+            let running = s.backend.borrow().state == BackendState::Running;
+            if next == old && auth_key.is_none() && running {
+                return Ok(None);
+            }
+            if !needs_new_session(&old, &next) && auth_key.is_none() && running {
+                // Only data-plane choices changed: apply them like `set`.
+                s.apply_locked(&next.prefs)
+                    .map_err(|e| internal(format!("{e:#}")))?;
+                save_prefs(&s.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
+                *prefs = next;
+                return Ok(None);
+            }
+            *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
+            let generation = s
+                .commit(&mut prefs, next.clone())
                 .map_err(|e| internal(format!("{e:#}")))?;
-            save_prefs(&s.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
-            *prefs = next;
-            return Ok(None);
-        }
-        *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
-        let generation = s
-            .commit(&mut prefs, next.clone())
-            .map_err(|e| internal(format!("{e:#}")))?;
-        log_prefs(&next, "up");
-        Ok(Some((old, generation)))
-    })
-    .await
-    .map_err(internal)??;
+            log_prefs(&next, "up");
+            Ok(Some((old, generation)))
+        })
+        .await
+        .map_err(internal)??;
     let Some((old, generation)) = planned else {
         return Ok(Json(UpResponse {
             backend: shared.backend.borrow().clone(),
@@ -698,7 +702,7 @@ async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
         }
     }
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let generation = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut prefs = lock(&s.prefs)?;
         // A new node key: the old one is expired on the server.
         let fresh = NodePrivate::generate();
@@ -713,12 +717,17 @@ async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
             logged_out: true,
             ..prefs.clone()
         };
-        s.commit(&mut prefs, next)?;
-        Ok(())
+        s.commit(&mut prefs, next)
     })
     .await
     .map_err(internal)?
     .map_err(|e| internal(format!("{e:#}")))?;
+    let mut rx = shared.backend.subscribe();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|b| b.generation == generation && b.state == BackendState::NeedsLogin),
+    )
+    .await;
     tracing::info!(%warning, "logged out");
     Ok(Json(LogoutResponse { warning }))
 }

@@ -132,13 +132,14 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
     })?
     .0;
     let prefs_path = args.state_dir.join("prefs.json");
-    let mut saved = match crate::api::load_prefs(&prefs_path) {
-        Ok(p) => p.unwrap_or_default(),
+    let on_disk = match crate::api::load_prefs(&prefs_path) {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!("ignoring saved settings: {e:#}");
-            DaemonPrefs::default()
+            None
         }
     };
+    let mut saved = on_disk.clone().unwrap_or_default();
     // What the command line says wins over what was saved.
     if let Some(url) = &args.login_server {
         if saved.login_server != *url {
@@ -161,6 +162,10 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
     }
     saved.prefs.exit_node_allow_lan_access |= args.prefs.exit_node_allow_lan_access;
     saved.prefs.advertise_exit_node |= args.prefs.advertise_exit_node;
+    if on_disk.as_ref() != Some(&saved) {
+        // A restart without those flags comes back the same.
+        crate::api::save_prefs(&prefs_path, &saved)?;
+    }
     let (backend, _) = tokio::sync::watch::channel(crate::api::Backend::default());
     let (generation, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {

@@ -24,7 +24,12 @@ use tsunagu_engine::engine::{Engine, EngineConfig};
 #[command(name = "tsunagud", version, about = "tsunagu node daemon")]
 struct Args {
     /// Configuration file (TOML) describing this node and its peers (without a server).
-    #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "login_server")]
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        conflicts_with = "login_server"
+    )]
     config: Option<PathBuf>,
     /// Join this coordination server (e.g. http://198.51.100.4:8080); without it the
     /// saved one, or none until `tsunagu up --login-server=URL`.

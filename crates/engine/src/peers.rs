@@ -293,7 +293,7 @@ mod tests {
             peers: vec![peer("a", "100.64.0.2/32"), peer("b", "100.64.0.3/32")],
             exit_node: None,
             exit_node_allow_lan_access: false,
-        exit_node_blocked: false,
+            exit_node_blocked: false,
             mtu: 1280,
         }
     }

@@ -37,7 +37,7 @@ mod services;
 pub mod tailnet;
 
 pub use addr::{Cidr, is_lab_addr};
-pub use capture::{Capture, capture, capture_filtered, read_pcap};
+pub use capture::{Capture, capture, capture_filtered, read_pcap, tunnel_leaks};
 pub use cmd::{DEFAULT_EXEC_TIMEOUT, which};
 pub use error::LabError;
 pub use lab::{Lab, NAME_PREFIX, ProcId, require};
