@@ -125,14 +125,13 @@ impl Shared {
     /// internet traffic (fail closed). Callers hold the prefs lock.
     pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
         let key = self.node_key();
-        let map = {
-            let state = lock(&self.map)?;
-            match state.netmap_fail_closed(&key, prefs, self.mtu) {
-                Some(m) => m,
-                None => return Ok(()),
-            }
-        };
+        let state = lock(&self.map)?;
         let mut guard = lock(&self.engine)?;
+        let current = guard.as_ref().and_then(|e| e.map().exit_node);
+        let Some(map) = state.netmap_fail_closed(&key, prefs, self.mtu, current.as_ref()) else {
+            return Ok(());
+        };
+        drop(state);
         match guard.as_mut() {
             Some(e) => {
                 if e.map() != &map {
@@ -396,36 +395,38 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
     let exit_node = if prefs.exit_node.is_empty() {
         None
     } else {
-        Some(match state.resolve_exit(&prefs.exit_node) {
-            Ok(Some(n)) => {
-                let info = peers.iter().find(|p| p.dns_name == n.name);
-                let state = match info {
-                    Some(i) if !i.exit_node => "connecting".to_string(),
-                    Some(i) => match activity(i.online, i.last_handshake_secs) {
-                        "-" => "connecting".to_string(),
-                        a => a.to_string(),
-                    },
-                    None => "connecting".to_string(),
-                };
-                ExitStatus {
-                    chosen: prefs.exit_node.clone(),
-                    name: short_name(n).to_string(),
-                    ip: info.map(|i| i.ip.clone()).unwrap_or_default(),
-                    state,
-                    blocked: false,
-                    allow_lan_access: prefs.exit_node_allow_lan_access,
+        Some(
+            match state.resolve_exit_sticky(&prefs.exit_node, exit_key.as_ref()) {
+                Ok(Some(n)) => {
+                    let info = peers.iter().find(|p| p.dns_name == n.name);
+                    let state = match info {
+                        Some(i) if !i.exit_node => "connecting".to_string(),
+                        Some(i) => match activity(i.online, i.last_handshake_secs) {
+                            "-" => "connecting".to_string(),
+                            a => a.to_string(),
+                        },
+                        None => "connecting".to_string(),
+                    };
+                    ExitStatus {
+                        chosen: prefs.exit_node.clone(),
+                        name: short_name(n).to_string(),
+                        ip: info.map(|i| i.ip.clone()).unwrap_or_default(),
+                        state,
+                        blocked: false,
+                        allow_lan_access: prefs.exit_node_allow_lan_access,
+                    }
                 }
-            }
-            Ok(None) => unreachable!("non-empty choice"),
-            Err(e) => ExitStatus {
-                chosen: prefs.exit_node.clone(),
-                name: String::new(),
-                ip: String::new(),
-                state: format!("unusable: {e}"),
-                blocked,
-                allow_lan_access: prefs.exit_node_allow_lan_access,
+                Ok(None) => unreachable!("non-empty choice"),
+                Err(e) => ExitStatus {
+                    chosen: prefs.exit_node.clone(),
+                    name: String::new(),
+                    ip: String::new(),
+                    state: format!("unusable: {e}"),
+                    blocked,
+                    allow_lan_access: prefs.exit_node_allow_lan_access,
+                },
             },
-        })
+        )
     };
     Ok(Status {
         backend: shared.backend.borrow().clone(),

@@ -510,3 +510,167 @@ fn failed_or_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+#[test]
+fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
+    let mut j = setup("life_failover");
+    let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
+    // A second exit node on the server's machine (198.51.100.4), sorted first by name.
+    let key = j.admin(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "admin",
+        "--tags",
+        "tag:exit",
+    ]);
+    let key = key.lines().last().unwrap().to_string();
+    let backup_state = j.seed.lab.log_path("backup-state");
+    let backup_log = j.seed.lab.log_path("backup.log");
+    let backup = j
+        .seed
+        .lab
+        .spawn(
+            &j.seed.ns(role::CONTROL),
+            &[
+                common::TSUNAGUD,
+                "--login-server",
+                SERVER,
+                "--auth-key",
+                &key,
+                "--hostname",
+                "backup-exit",
+                "--advertise-exit-node",
+                "--state-dir",
+                backup_state.to_str().unwrap(),
+                "--socket",
+                backup_state.join("tsunagud.sock").to_str().unwrap(),
+            ],
+            Some(&backup_log),
+        )
+        .unwrap();
+    let ckey = j.client_key.clone();
+    let c = j.start_client(
+        "client",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &ckey,
+            "--hostname",
+            "laptop",
+        ],
+    );
+    let ns = j.seed.ns(role::CLIENT);
+    let logs = [c.log.clone(), j.exit_log.clone(), backup_log.clone()];
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+    wait("both exit nodes offered", Duration::from_secs(30), || {
+        let list = String::from_utf8_lossy(&tsunagu(&ns, &c.sock, &["exit-node", "list"]).stdout)
+            .into_owned();
+        list.contains("backup-exit") && list.contains("dev-m1sk9-s1")
+    });
+    ok(&tsunagu(&ns, &c.sock, &["set", "--exit-node=auto:any"]));
+    web_sees(&ns, CONTROL_PUBLIC, &logs);
+    let st = status_text(&ns, &c.sock);
+    assert!(st.contains("# Exit node: backup-exit"), "{st}");
+
+    // The exit node in use dies: the client moves to the other one by itself.
+    j.seed.lab.kill(backup, Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+    eprintln!("failover to dev-m1sk9-s1 after {:?}", t.elapsed());
+    let st = status_text(&ns, &c.sock);
+    assert!(st.contains("# Exit node: dev-m1sk9-s1"), "{st}");
+    // Sticky: the first exit node coming back does not move the client again.
+    let backup = j
+        .seed
+        .lab
+        .spawn(
+            &j.seed.ns(role::CONTROL),
+            &[
+                common::TSUNAGUD,
+                "--state-dir",
+                backup_state.to_str().unwrap(),
+                "--socket",
+                backup_state.join("tsunagud.sock").to_str().unwrap(),
+            ],
+            Some(&backup_log),
+        )
+        .unwrap();
+    wait("backup online again", Duration::from_secs(30), || {
+        j.nodes().as_array().is_some_and(|a| {
+            a.iter()
+                .any(|n| n["name"] == "backup-exit" && n["online"] == true)
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let body = http_get(&ns, web(), Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        body.trim(),
+        EXIT_PUBLIC.to_string(),
+        "stays on the one in use"
+    );
+    let _ = backup;
+}
+
+#[test]
+fn lan_access_is_switched_through_the_cli() {
+    let opts = tsunagu_lab::SeedOptions {
+        lan_host: true,
+        ..tsunagu_lab::SeedOptions::default()
+    };
+    let mut j = common::setup_full("life_lan", common::POLICY, opts);
+    let printer: std::net::SocketAddr = (tsunagu_lab::PRINTER_LAN, 9100).into();
+    let _p = tsunagu_lab::tcp_echo(&j.seed.ns(role::PRINTER), printer).unwrap();
+    let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
+    let key = j.client_key.clone();
+    let c = j.start_client(
+        "client",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &key,
+            "--hostname",
+            "laptop",
+        ],
+    );
+    let ns = j.seed.ns(role::CLIENT);
+    let logs = [c.log.clone(), j.exit_log.clone()];
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+    let short = Duration::from_secs(2);
+    wait("the exit node in the map", Duration::from_secs(30), || {
+        peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()
+    });
+    assert!(
+        tsunagu_lab::tcp_connect_ok(&ns, printer, short),
+        "no exit node: LAN direct"
+    );
+    ok(&tsunagu(&ns, &c.sock, &["set", "--exit-node=dev-m1sk9-s1"]));
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+    assert!(
+        !tsunagu_lab::tcp_connect_ok(&ns, printer, short),
+        "exit node without LAN access: the printer is unreachable"
+    );
+    ok(&tsunagu(
+        &ns,
+        &c.sock,
+        &["set", "--exit-node-allow-lan-access"],
+    ));
+    assert!(
+        tsunagu_lab::tcp_connect_ok(&ns, printer, short),
+        "LAN access on: reachable"
+    );
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+    assert!(status_text(&ns, &c.sock).contains("LAN access allowed"));
+    ok(&tsunagu(
+        &ns,
+        &c.sock,
+        &["set", "--exit-node-allow-lan-access=false"],
+    ));
+    assert!(
+        !tsunagu_lab::tcp_connect_ok(&ns, printer, short),
+        "LAN access off again"
+    );
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+}

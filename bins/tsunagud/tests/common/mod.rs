@@ -193,7 +193,11 @@ pub fn setup(test: &str) -> Joined {
 }
 
 pub fn setup_with_policy(test: &str, policy_text: &str) -> Joined {
-    let mut seed = Lab::seed(test, SeedOptions::default()).unwrap();
+    setup_full(test, policy_text, SeedOptions::default())
+}
+
+pub fn setup_full(test: &str, policy_text: &str, opts: SeedOptions) -> Joined {
+    let mut seed = Lab::seed(test, opts).unwrap();
     let control = seed.ns(role::CONTROL);
     let data = seed.lab.log_path("server-data");
     let data_s = data.to_str().unwrap().to_string();
