@@ -57,17 +57,17 @@ struct Bins {
 
 /// Run a command in `ns`, echoing it and its output like a terminal session.
 fn run(ns: &Netns, prompt: &str, argv: &[&str]) -> anyhow::Result<String> {
+    // Paths by their file names; keys masked.
     let shown: Vec<&str> = argv
         .iter()
         .map(|a| {
-            Path::new(a)
-                .file_name()
-                .and_then(|f| f.to_str())
-                .unwrap_or(a)
-        })
-        .map(|a| {
-            if a.starts_with("tskey-auth-") {
-                "tskey-auth-…"
+            if a.starts_with('/') {
+                Path::new(a)
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .unwrap_or(a)
+            } else if a.starts_with("--auth-key=") {
+                "--auth-key=tskey-auth-…"
             } else {
                 a
             }
