@@ -242,6 +242,12 @@ fn revoked_exit_node_fails_closed_and_expired_nodes_are_cut_off() {
     eprintln!("expiry cut-off after {:?}", t.elapsed());
     let out = tsunagu(&ns, &c.sock, &["ping", "-c", "1", "--timeout=1s", &exit_ip]);
     assert!(!out.status.success(), "expired: no path to peers: {out:?}");
+    // The expired node learns it must authenticate again, and says so.
+    wait(
+        "re-authentication asked for",
+        Duration::from_secs(30),
+        || status_text(&ns, &c.sock).contains("Waiting for an admin to approve"),
+    );
 }
 
 #[test]
