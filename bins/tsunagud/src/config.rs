@@ -158,6 +158,7 @@ impl Config {
                 offers_exit: p.offers_exit_node,
                 exit_client: p.may_use_exit_node,
                 keepalive: p.persistent_keepalive.filter(|&k| k > 0),
+                relay: None,
             });
         }
         let mut map = NetMap {

@@ -40,6 +40,10 @@ pub struct Peer {
     pub exit_client: bool,
     /// Seconds between keepalives; set when we sit behind a NAT that would forget us.
     pub keepalive: Option<u16>,
+    /// The relay (DERP) region through which the peer can always be reached, when this
+    /// node has a relay connection there. The data plane starts on it and moves to a
+    /// direct endpoint as soon as one answers.
+    pub relay: Option<u16>,
 }
 
 /// The complete configuration of a node's data plane.
@@ -173,6 +177,7 @@ mod tests {
             offers_exit: true,
             exit_client: false,
             keepalive: None,
+            relay: None,
         }
     }
 
