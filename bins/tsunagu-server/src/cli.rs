@@ -35,8 +35,10 @@ pub struct Common {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the coordination server.
+    /// Run the coordination server (with its embedded DERP relay and STUN server).
     Serve(ServeArgs),
+    /// Run a DERP relay and STUN server on their own.
+    Relay(RelayArgs),
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCmd),
@@ -60,6 +62,37 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", env = "TSUNAGU_SERVER_URL")]
     pub server_url: Option<String>,
     /// TLS certificate chain (PEM); with --tls-key the server speaks HTTPS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// UDP address of the STUN server (default: the listen host, port 3478).
+    #[arg(long, value_name = "ADDR:PORT", env = "TSUNAGU_STUN_LISTEN")]
+    pub stun_listen: Option<String>,
+    /// Run no DERP relay and no STUN server (and announce no DERP map).
+    #[arg(long)]
+    pub no_relay: bool,
+    /// The relay region's name as clients show it.
+    #[arg(long, value_name = "NAME")]
+    pub derp_region_name: Option<String>,
+    /// Tell clients to skip verifying the relay's TLS certificate (labs only).
+    #[arg(long)]
+    pub derp_insecure_for_tests: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct RelayArgs {
+    /// Address for DERP over HTTP (or HTTPS with a certificate).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// UDP address of the STUN server (default: the listen host, port 3478).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub stun_listen: Option<String>,
+    /// Run no STUN server.
+    #[arg(long, conflicts_with = "stun_listen")]
+    pub no_stun: bool,
+    /// TLS certificate chain (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).

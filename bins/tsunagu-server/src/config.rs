@@ -20,6 +20,15 @@ struct File {
     policy_file: Option<PathBuf>,
     /// Seconds after which an offline ephemeral node is removed.
     ephemeral_timeout_secs: Option<u64>,
+    /// Run the embedded DERP relay and STUN server (default true).
+    relay: Option<bool>,
+    /// UDP address of the STUN server (default: the listen address's host, port 3478).
+    stun_listen: Option<String>,
+    derp_region_id: Option<i32>,
+    derp_region_code: Option<String>,
+    derp_region_name: Option<String>,
+    /// Tell clients to skip verifying the relay's certificate (labs only).
+    derp_insecure_for_tests: Option<bool>,
 }
 
 /// The effective configuration.
@@ -31,6 +40,14 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub policy_file: Option<PathBuf>,
     pub ephemeral_timeout_secs: u64,
+    /// The embedded relay; `None` when turned off.
+    pub relay: Option<tsunagu_control::relay::RelaySettings>,
+}
+
+/// The STUN address that goes with `listen`: same host, port 3478.
+pub fn default_stun_listen(listen: &str) -> String {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    format!("{host}:{}", tsunagu_control::relay::DEFAULT_STUN_PORT)
 }
 
 impl Config {
@@ -69,6 +86,21 @@ impl Config {
         if !(server_url.starts_with("http://") || server_url.starts_with("https://")) {
             anyhow::bail!("server_url {server_url:?} must start with http:// or https://");
         }
+        let relay = f.relay.unwrap_or(true).then(|| {
+            let d = tsunagu_control::relay::RelaySettings::default();
+            tsunagu_control::relay::RelaySettings {
+                stun_listen: Some(
+                    f.stun_listen
+                        .clone()
+                        .unwrap_or_else(|| default_stun_listen(&listen)),
+                ),
+                region_id: f.derp_region_id.unwrap_or(d.region_id),
+                region_code: f.derp_region_code.clone().unwrap_or(d.region_code),
+                region_name: f.derp_region_name.clone().unwrap_or(d.region_name),
+                insecure_for_tests: f.derp_insecure_for_tests.unwrap_or(false),
+                mesh_key: None,
+            }
+        });
         Ok(Config {
             data_dir,
             listen,
@@ -76,6 +108,7 @@ impl Config {
             tls,
             policy_file: f.policy_file,
             ephemeral_timeout_secs: f.ephemeral_timeout_secs.unwrap_or(300),
+            relay,
         })
     }
 
@@ -112,6 +145,36 @@ mod tests {
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/y"));
         assert_eq!(c.listen, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn the_relay_is_on_by_default_with_stun_beside_the_listener() {
+        let c = Config::resolve(None, None, Some("198.51.100.4:443".into()), None).unwrap();
+        let r = c.relay.expect("relay on by default");
+        assert_eq!(r.stun_listen.as_deref(), Some("198.51.100.4:3478"));
+        assert_eq!(r.region_id, 900);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "relay = false\n").unwrap();
+        assert!(
+            Config::resolve(Some(&p), None, None, None)
+                .unwrap()
+                .relay
+                .is_none()
+        );
+        std::fs::write(
+            &p,
+            "stun_listen = \"[::]:3479\"\nderp_region_name = \"Lab\"\n",
+        )
+        .unwrap();
+        let r = Config::resolve(Some(&p), None, None, None)
+            .unwrap()
+            .relay
+            .unwrap();
+        assert_eq!(
+            (r.stun_listen.as_deref(), r.region_name.as_str()),
+            (Some("[::]:3479"), "Lab")
+        );
     }
 
     #[test]

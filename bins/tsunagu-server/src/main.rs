@@ -60,10 +60,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.server_url = cfg.server_url.replacen("http://", "https://", 1);
         }
     }
+    if let Command::Serve(s) = &cli.command {
+        if s.no_relay {
+            cfg.relay = None;
+        }
+        if let Some(r) = &mut cfg.relay {
+            if let Some(stun) = &s.stun_listen {
+                r.stun_listen = Some(stun.clone());
+            }
+            if let Some(name) = &s.derp_region_name {
+                r.region_name = name.clone();
+            }
+            r.insecure_for_tests |= s.derp_insecure_for_tests;
+        }
+    }
     let json_out = cli.common.json;
     let admin = AdminClient::new(&cfg.admin_socket());
     match cli.command {
         Command::Serve(_) => serve(cfg).await,
+        Command::Relay(r) => {
+            let stun_listen = match (r.no_stun, r.stun_listen) {
+                (true, _) => None,
+                (false, Some(s)) => Some(s),
+                (false, None) => Some(config::default_stun_listen(&r.listen)),
+            };
+            tsunagu_control::relay::serve_relay(tsunagu_control::relay::RelayOnlyConfig {
+                data_dir: cfg.data_dir.clone(),
+                listen: r.listen,
+                stun_listen,
+                tls: r.tls_cert.zip(r.tls_key),
+                mesh_key: None,
+            })
+            .await?;
+            Ok(())
+        }
         Command::Policy(PolicyCmd::Check { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("{}: cannot read", file.display()))?;
@@ -110,6 +140,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         policy_file: cfg.policy_file.clone(),
         admin_socket: cfg.admin_socket(),
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
+        relay: cfg.relay.clone(),
     })
     .await?;
     Ok(())

@@ -35,7 +35,7 @@ fn start() -> Running {
     let child = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir.path())
-        .args(["serve", "--listen", &listen])
+        .args(["serve", "--listen", &listen, "--stun-listen", "127.0.0.1:0"])
         .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
         .spawn()
         .unwrap();

@@ -64,6 +64,7 @@ fn start_with(dir: &Path, port: u16, global_args: &[&str]) -> Proc {
         .arg(dir)
         .args(global_args)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--stun-listen", "127.0.0.1:0"])
         .env("TSUNAGU_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)

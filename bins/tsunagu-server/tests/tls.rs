@@ -21,6 +21,7 @@ fn serves_https_with_the_given_certificate() {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--stun-listen", "127.0.0.1:0"])
         .arg("--tls-cert")
         .arg(&cert_pem)
         .arg("--tls-key")

@@ -3,5 +3,6 @@ pub mod admin;
 pub mod framing;
 pub mod machine;
 pub mod mapper;
+pub mod relay;
 pub mod server;
 pub mod state;

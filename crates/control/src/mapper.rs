@@ -90,10 +90,10 @@ pub fn node_view(
         ..Node::default()
     };
     node.set_home_derp(entry.home_derp);
-    if is_self && snap.derp_map.regions.is_empty() {
-        // Without relays of ours, Go clients would probe Tailscale's public DERP servers
-        // (their built-in list) for captive portals whenever connectivity looks impaired,
-        // which it always does without a home relay. Turn that off.
+    if is_self {
+        // Captive-portal detection probes DERP servers over plain HTTP: Tailscale's public
+        // ones (the client's built-in list) when we announce none, and port 80 of ours
+        // otherwise, which the relay does not serve unless `CanPort80`. Turn it off.
         node.cap_map.insert(
             NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION.to_string(),
             Vec::new(),

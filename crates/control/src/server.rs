@@ -5,12 +5,15 @@
 //!  client ──TCP──► axum: GET /key ─────────────► {"publicKey":"mkey:…"}
 //!                        POST /ts2021 (Upgrade) ─► Noise IK responder (tsunagu-noise)
 //!                           └─ HTTP/2 over Noise ─► /machine/register, /machine/map
+//!                        GET /derp (Upgrade) ────► DERP relay (tsunagu-derp, see [`crate::relay`])
+//!         ──UDP──► STUN ─────────────────────────► the relay's STUN server
 //!                        anything else ─────────► 501 with a clear message
 //!  admin CLI ─Unix socket (0600)─► admin API (JSON)
 //! ```
 
 use crate::admin;
 use crate::machine::{self, App, MAX_REQUEST, MachineCtx};
+use crate::relay::RelaySettings;
 use crate::state::State;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State as AxState};
@@ -46,6 +49,8 @@ pub struct ServerConfig {
     pub policy_file: Option<PathBuf>,
     pub admin_socket: PathBuf,
     pub ephemeral_timeout: Duration,
+    /// The embedded DERP relay and STUN server; `None` runs none and announces no map.
+    pub relay: Option<RelaySettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +67,7 @@ pub enum ServerError {
     Config(String),
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
     let context = context.into();
     move |source| ServerError::Io { context, source }
 }
@@ -116,6 +121,10 @@ impl Mode0600 for std::fs::OpenOptions {
 pub struct Server {
     pub app: Arc<App>,
     pub key: MachinePrivate,
+    /// The embedded relay, when configured.
+    pub relay: Option<Arc<tsunagu_derp::Relay>>,
+    /// The bound STUN socket, until [`serve`] takes it.
+    pub stun: Option<tokio::net::UdpSocket>,
 }
 
 impl Server {
@@ -131,12 +140,21 @@ impl Server {
                 .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
             store.set_policy(&text).await?;
         }
-        let state = State::load(store, DERPMap::default(), DOMAIN.to_string()).await?;
+        let (relay, stun, derp_map) = match &cfg.relay {
+            Some(settings) => start_relay(cfg, settings).await?,
+            None => (None, None, DERPMap::default()),
+        };
+        let state = State::load(store, derp_map, DOMAIN.to_string()).await?;
         let app = Arc::new(App {
             state,
             server_url: cfg.server_url.clone(),
         });
-        Ok(Server { app, key })
+        Ok(Server {
+            app,
+            key,
+            relay,
+            stun,
+        })
     }
 
     pub fn public_key(&self) -> MachinePublic {
@@ -149,14 +167,63 @@ impl Server {
             app: self.app.clone(),
             key: self.key.to_bytes(),
         };
-        Router::new()
+        let router = Router::new()
             .route("/key", get(get_key))
             .route("/ts2021", post(ts2021))
             .route("/register/{token}", get(register_page))
             .route("/health", get(|| async { "ok\n" }))
             .fallback(not_implemented)
-            .with_state(Arc::new(front))
+            .with_state(Arc::new(front));
+        match &self.relay {
+            Some(relay) => router.merge(relay.router()),
+            None => router,
+        }
     }
+}
+
+type RelayParts = (
+    Option<Arc<tsunagu_derp::Relay>>,
+    Option<tokio::net::UdpSocket>,
+    DERPMap,
+);
+
+/// The relay's key (created once in the data directory), its STUN socket, and the DERP
+/// map announcing it.
+async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts, ServerError> {
+    let key_path = cfg.data_dir.join(tsunagu_derp::relay::KEY_FILE);
+    let key = tsunagu_derp::load_or_create_key(&key_path)
+        .map_err(io_err(format!("DERP key {}", key_path.display())))?;
+    let relay = tsunagu_derp::Relay::new(
+        key,
+        tsunagu_derp::RelayOptions {
+            mesh_key: s.mesh_key.clone(),
+            ..Default::default()
+        },
+    );
+    let stun = match &s.stun_listen {
+        Some(addr) => Some(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(io_err(format!("binding STUN on {addr}")))?,
+        ),
+        None => None,
+    };
+    let stun_port = match &stun {
+        Some(sock) => Some(
+            sock.local_addr()
+                .map_err(io_err("STUN socket address"))?
+                .port(),
+        ),
+        None => None,
+    };
+    let map = crate::relay::derp_map(&cfg.server_url, stun_port, s).map_err(ServerError::Config)?;
+    tracing::info!(
+        region = s.region_id,
+        key = %relay.public_key().tailscale(),
+        stun = ?s.stun_listen,
+        "DERP relay enabled"
+    );
+    Ok((Some(relay), stun, map))
 }
 
 struct Front {
@@ -318,7 +385,7 @@ pub fn load_tls(cert: &FsPath, key: &FsPath) -> Result<tokio_rustls::TlsAcceptor
 }
 
 /// Serve `router` over TLS until `shutdown` completes.
-async fn serve_tls(
+pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
@@ -339,6 +406,8 @@ async fn serve_tls(
                     Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
+            // Handlers that log the peer (the relay) find it as with plain HTTP.
+            let router = router.layer(Extension(axum::extract::ConnectInfo(peer)));
             let service = TowerToHyperService::new(router);
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
@@ -357,7 +426,14 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
         Some((cert, key)) => Some(load_tls(cert, key)?),
         None => None,
     };
-    let server = Server::start(&cfg).await?;
+    let mut server = Server::start(&cfg).await?;
+    if let (Some(relay), Some(sock)) = (server.relay.clone(), server.stun.take()) {
+        tokio::spawn(async move {
+            if let Err(e) = relay.serve_stun(sock).await {
+                tracing::error!("STUN server stopped: {e}");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(io_err(format!("listening on {}", cfg.listen)))?;
@@ -376,10 +452,15 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
             Some(acceptor) => {
                 serve_tls(listener, acceptor, server.router(), shutdown_signal()).await
             }
-            None => axum::serve(listener, server.router())
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .map_err(io_err("serving")),
+            None => axum::serve(
+                listener,
+                server
+                    .router()
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(io_err("serving")),
         }
     };
     tokio::select! {
@@ -394,7 +475,7 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -151,15 +151,28 @@ impl<O: Outbox> Registry<O> {
 
     /// Relays `packet` from client `src` to `dst`.
     pub fn send(&mut self, src: NodePublic, dst: NodePublic, packet: Bytes) -> SendOutcome {
+        self.send_noting_new_pair(src, dst, packet).0
+    }
+
+    /// [`Registry::send`], also saying whether this is the first packet from `src` to
+    /// this connection of `dst` (for logs: "A and B now talk through the relay").
+    pub fn send_noting_new_pair(
+        &mut self,
+        src: NodePublic,
+        dst: NodePublic,
+        packet: Bytes,
+    ) -> (SendOutcome, bool) {
         let outcome = self.deliver(src, dst, packet);
+        let mut new_pair = false;
         if outcome != SendOutcome::NotHere
             && let Some(sender) = self.clients.get_mut(&src)
             && sender.sent_to.len() < MAX_REMEMBERED_PEERS
             && sender.sent_to.insert(dst)
         {
             self.senders.entry(dst).or_default().insert(src);
+            new_pair = true;
         }
-        outcome
+        (outcome, new_pair)
     }
 
     /// Delivers a packet that a mesh peer forwarded on behalf of `src`.

@@ -288,7 +288,12 @@ impl Relay {
             ConnEvent::Send { dst, packet } => {
                 let Some(src) = *me else { return };
                 let len = packet.len() as u64;
-                match self.registry.lock().send(src, dst, packet) {
+                let (outcome, new_pair) =
+                    self.registry.lock().send_noting_new_pair(src, dst, packet);
+                if new_pair {
+                    tracing::info!(src = %src.tailscale(), dst = %dst.tailscale(), "derp relaying between peers");
+                }
+                match outcome {
                     SendOutcome::Queued => {
                         m.packets_forwarded.fetch_add(1, Relaxed);
                         m.bytes_forwarded.fetch_add(len, Relaxed);

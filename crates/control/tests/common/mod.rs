@@ -36,6 +36,7 @@ pub async fn server() -> TestServer {
         policy_file: None,
         admin_socket: dir.path().join("admin.sock"),
         ephemeral_timeout: Duration::from_secs(300),
+        relay: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
