@@ -188,6 +188,9 @@ struct PeerInfo {
     offers_exit_node: bool,
     exit_node: bool,
     endpoint: Option<String>,
+    /// `direct IP:PORT` or `relay "REGION"` (older daemons: none).
+    #[serde(default)]
+    path: Option<String>,
     last_handshake_secs: Option<u64>,
 }
 
@@ -412,9 +415,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                                 st.peers
                                     .into_iter()
                                     .find(|p| p.ip == peer.ip)
-                                    .and_then(|p| p.endpoint)
+                                    .and_then(|p| {
+                                        p.path.or(p.endpoint.map(|e| format!("direct {e}")))
+                                    })
                             })
-                            .map(|e| format!("via {e}"))
+                            .map(|path| format!("via {}", path.trim_start_matches("direct ")))
                             .unwrap_or_else(|| "via an unknown path".into());
                         println!(
                             "pong from {} ({}) {path} in {:.1}ms",
@@ -690,7 +695,9 @@ fn peer_state(p: &PeerInfo) -> String {
     if active {
         let mut parts = vec!["active".to_string()];
         parts.extend(exit.map(String::from));
-        if let Some(ep) = &p.endpoint {
+        if let Some(path) = &p.path {
+            parts.push(path.clone());
+        } else if let Some(ep) = &p.endpoint {
             parts.push(format!("direct {ep}"));
         }
         return parts.join("; ");
@@ -886,6 +893,7 @@ mod tests {
             offers_exit_node: offers,
             exit_node: exit,
             endpoint: Some("198.51.100.2:41641".into()),
+            path: Some("direct 198.51.100.2:41641".into()),
             last_handshake_secs: hs,
         }
     }

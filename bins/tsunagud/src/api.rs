@@ -94,6 +94,8 @@ pub struct Shared {
     pub backend: tokio::sync::watch::Sender<Backend>,
     /// Bumped on every change of settings: the control loop restarts its session.
     pub generation: tokio::sync::watch::Sender<u64>,
+    /// The connection to the home relay, when the server announces one.
+    pub relay: Mutex<Option<crate::relay::Relay>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -126,6 +128,7 @@ impl Shared {
     pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
         let key = self.node_key();
         let state = lock(&self.map)?;
+        let relay = self.relay_link();
         let mut guard = lock(&self.engine)?;
         let current = guard.as_ref().and_then(|e| e.map().exit_node);
         let Some(map) = state.netmap_fail_closed(&key, prefs, self.mtu, current.as_ref()) else {
@@ -157,11 +160,64 @@ impl Shared {
                 *guard = Some(e);
             }
         }
+        if let Some(e) = guard.as_ref() {
+            e.device().set_relay(relay);
+        }
         Ok(())
+    }
+
+    /// Connect to the home relay of `map`'s DERP map (or keep the connection when it
+    /// is the same), and record its region in `map` so that peers homed there get a
+    /// relay path. True when the relay changed (the server should hear our new home).
+    pub fn ensure_relay(&self, map: &mut MapState, login_server: &str) -> bool {
+        let target = map
+            .derp_map
+            .as_ref()
+            .and_then(|d| crate::relay::RelayTarget::home(d, login_server));
+        let Ok(mut relay) = self.relay.lock() else {
+            return false;
+        };
+        let same = relay.as_ref().map(|r| &r.target) == target.as_ref();
+        map.relay_region = target.as_ref().map(|t| t.region);
+        if same {
+            return false;
+        }
+        *relay = target.map(|t| {
+            tracing::info!(region = t.region, code = %t.code, relay = %t.addr, "home relay");
+            crate::relay::Relay::start(
+                t,
+                self.node_key(),
+                self.engine_cfg.fwmark,
+                self.engine.clone(),
+            )
+        });
+        true
+    }
+
+    fn relay_link(&self) -> Option<Arc<dyn tsunagu_engine::device::RelayTx>> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref()
+            .map(|r| r.link.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
+    }
+
+    /// The relay region's code, for `status` (`relay "tsunagu"`).
+    fn relay_code(&self, region: u16) -> String {
+        self.relay
+            .lock()
+            .ok()
+            .and_then(|r| {
+                r.as_ref()
+                    .filter(|r| r.target.region == region)
+                    .map(|r| r.target.code.clone())
+            })
+            .unwrap_or_else(|| region.to_string())
     }
 
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
     pub fn stop_engine(&self) {
+        if let Ok(mut r) = self.relay.lock() {
+            *r = None;
+        }
         if let Ok(mut g) = self.engine.lock()
             && let Some(mut e) = g.take()
         {
@@ -266,6 +322,8 @@ pub struct PeerInfo {
     pub offers_exit_node: bool,
     pub exit_node: bool,
     pub endpoint: Option<String>,
+    /// How packets reach the peer: `direct IP:PORT` or `relay "REGION"`.
+    pub path: Option<String>,
     pub last_handshake_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -387,6 +445,12 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
             offers_exit_node: p.is_exit_node(),
             exit_node: exit_key == Some(p.key),
             endpoint: es.and_then(|e| e.endpoint).map(|e| e.to_string()),
+            path: es.and_then(|e| e.endpoint).map(|e| {
+                match tsunagu_engine::peers::relay_region(&e) {
+                    Some(region) => format!("relay \"{}\"", shared.relay_code(region)),
+                    None => format!("direct {e}"),
+                }
+            }),
             last_handshake_secs: es.and_then(|e| e.last_handshake_secs),
             tx_bytes: es.map_or(0, |e| e.tx_bytes),
             rx_bytes: es.map_or(0, |e| e.rx_bytes),

@@ -181,6 +181,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         auth_key: Mutex::new(args.auth_key.clone()),
         backend,
         generation,
+        relay: Mutex::new(None),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -409,17 +410,36 @@ async fn session(
             continue;
         }
         // Prefs first, then the map, then the engine: the lock order `Shared` documents.
-        let prefs = shared
-            .prefs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?;
-        state.apply(&msg);
-        *shared
-            .map
-            .lock()
-            .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
-        let applied = shared.apply_locked(&prefs.prefs);
-        drop(prefs);
+        let (relay_changed, applied) = {
+            let prefs = shared
+                .prefs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?;
+            state.apply(&msg);
+            let relay_changed = shared.ensure_relay(&mut state, server);
+            *shared
+                .map
+                .lock()
+                .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
+            (relay_changed, shared.apply_locked(&prefs.prefs))
+        };
+        if relay_changed {
+            // Tell the server (and so our peers) where we can be reached through a relay.
+            let mut hi = hostinfo(shared, p);
+            hi.net_info = Some(tsunagu_proto::tailcfg::NetInfo {
+                preferred_derp: state.relay_region.map_or(0, i32::from),
+                ..Default::default()
+            });
+            let update = MapRequest {
+                version: CURRENT_CAPABILITY_VERSION,
+                node_key: node.public(),
+                hostinfo: Some(hi),
+                endpoints: local_endpoints(port, tun),
+                omit_peers: true,
+                ..MapRequest::default()
+            };
+            bounded("reporting the home relay", client.map(&update)).await?;
+        }
         if let Err(e) = applied {
             if shared.engine.lock().map(|g| g.is_none()).unwrap_or(false) {
                 return Err(e);

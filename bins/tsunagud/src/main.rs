@@ -12,6 +12,7 @@
 mod api;
 mod config;
 mod control;
+mod relay;
 
 use anyhow::Context as _;
 use clap::Parser;

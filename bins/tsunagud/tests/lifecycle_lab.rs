@@ -172,10 +172,21 @@ fn revoked_exit_node_fails_closed_and_expired_nodes_are_cut_off() {
     assert!(list.contains("dev-m1sk9-s1"), "{list}");
     let sugg = ok(&tsunagu(&ns, &c.sock, &["exit-node", "suggest"]));
     assert!(sugg.contains("Suggested exit node: dev-m1sk9-s1"), "{sugg}");
-    let pong = ok(&tsunagu(&ns, &c.sock, &["ping", "-c", "2", "dev-m1sk9-s1"]));
+    // Each reply names its path: the relay at first, then the direct one.
+    let pong = ok(&tsunagu(&ns, &c.sock, &["ping", "-c", "3", "dev-m1sk9-s1"]));
+    eprintln!("{pong}");
+    let lines: Vec<&str> = pong.lines().collect();
+    assert_eq!(lines.len(), 3, "{pong}");
+    for l in &lines {
+        assert!(l.starts_with("pong from dev-m1sk9-s1 (100."), "{pong}");
+        assert!(
+            l.contains("via 198.51.100.2:41641") || l.contains("via relay \"tsunagu\""),
+            "{pong}"
+        );
+    }
     assert!(
-        pong.contains("pong from dev-m1sk9-s1 (100.") && pong.contains("via 198.51.100.2:41641"),
-        "{pong}"
+        lines[2].contains("via 198.51.100.2:41641"),
+        "direct by now: {pong}"
     );
     ok(&tsunagu(&ns, &c.sock, &["set", "--exit-node=dev-m1sk9-s1"]));
     web_sees(&ns, EXIT_PUBLIC, &logs);

@@ -8,7 +8,7 @@
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use tsunagu_proto::tailcfg::{FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
+use tsunagu_proto::tailcfg::{DERPMap, FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
 use tsunagu_proto::{NetMap, NodePrivate, NodePublic, Peer, SelfNode};
 
 /// What the user chose (persisted by the daemon).
@@ -46,6 +46,11 @@ pub struct MapState {
     pub domain: String,
     /// Users the map told us about (`UserProfiles` accumulate across the stream).
     pub users: BTreeMap<UserID, UserProfile>,
+    /// The relay regions the server announced (the latest map that had one).
+    pub derp_map: Option<DERPMap>,
+    /// The relay region this node is connected to (set by the daemon): peers homed
+    /// there get a relay path.
+    pub relay_region: Option<u16>,
 }
 
 /// A node's short name: the first label of its DNS name.
@@ -106,6 +111,9 @@ impl MapState {
                 if let Some(o) = patch.online {
                     p.online = Some(o);
                 }
+                if patch.derp_region != 0 {
+                    p.set_home_derp(patch.derp_region);
+                }
             }
         }
         for (id, online) in &m.online_change {
@@ -118,6 +126,9 @@ impl MapState {
         }
         for u in &m.user_profiles {
             self.users.insert(u.id, u.clone());
+        }
+        if let Some(d) = &m.derp_map {
+            self.derp_map = Some(d.clone());
         }
     }
 
@@ -260,6 +271,9 @@ impl MapState {
                         .iter()
                         .any(|a| self.may_use_us_as_exit(a.addr())),
                 keepalive: Some(25),
+                relay: self
+                    .relay_region
+                    .filter(|r| i32::from(*r) == p.derp_region()),
             });
         }
         // Node names are unique per tailnet, but two peers may share a short name across

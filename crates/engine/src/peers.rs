@@ -75,7 +75,7 @@ pub fn relay_region(addr: &SocketAddr) -> Option<u16> {
 }
 
 /// A direct endpoint that stays silent this long while we send falls back to the relay.
-pub const DIRECT_SILENCE: Duration = Duration::from_secs(3);
+pub const DIRECT_SILENCE: Duration = Duration::from_secs(2);
 /// While on the relay, one packet is also sent to the direct endpoint this often: if it
 /// gets through, the peer answers directly and both move to the direct path.
 pub const DIRECT_PROBE_EVERY: Duration = Duration::from_secs(2);
