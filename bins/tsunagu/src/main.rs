@@ -112,6 +112,11 @@ enum Cmd {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
         timeout: Duration,
     },
+    /// Report UDP reachability, the public endpoint, NAT behaviour and relay latency.
+    Netcheck {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this device's tailnet addresses.
     Ip {
         /// Only the IPv4 address.
@@ -439,6 +444,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Netcheck { json } => {
+            let body = request(sock, "GET", "/netcheck", None)?;
+            let v: serde_json::Value = serde_json::from_str(&body).context("tsunagud's answer")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render_netcheck(&v));
+            }
+            Ok(())
+        }
         Cmd::Ip { v4, v6 } => {
             let st = fetch_status(sock)?;
             let me = st
@@ -462,6 +477,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn render_netcheck(v: &serde_json::Value) -> String {
+    let mut out = String::from("\nReport:\n");
+    out.push_str(&format!(
+        "\t* UDP: {}\n",
+        v["udp"].as_bool().unwrap_or(false)
+    ));
+    match v["ipv4"].as_str() {
+        Some(a) => out.push_str(&format!("\t* IPv4: yes, {a}\n")),
+        None => out.push_str("\t* IPv4: (no STUN answer)\n"),
+    }
+    out.push_str(&format!(
+        "\t* MappingVariesByDestIP: {}\n",
+        match v["mapping_varies_by_dest_ip"].as_bool() {
+            Some(b) => b.to_string(),
+            None => "unknown (fewer than two STUN servers answered)".into(),
+        }
+    ));
+    out.push_str(&format!(
+        "\t* Nearest DERP: {}\n",
+        v["preferred_derp"].as_str().unwrap_or("none")
+    ));
+    out.push_str("\t* DERP latency:\n");
+    if let Some(m) = v["derp_latency_ms"].as_object() {
+        for (code, ms) in m {
+            out.push_str(&format!(
+                "\t\t- {code}: {:.1}ms\n",
+                ms.as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    out
 }
 
 fn fetch_status(sock: &Path) -> anyhow::Result<Status> {
@@ -1006,6 +1054,20 @@ mod tests {
         assert!(Cli::try_parse_from(["tsunagu", "up", "--timeout=soon"]).is_err());
         assert!(Cli::try_parse_from(["tsunagu", "exit-node", "list", "--filter=de"]).is_ok());
         assert!(Cli::try_parse_from(["tsunagu", "ping", "-c", "2", "dev-m1sk9-s1"]).is_ok());
+    }
+
+    #[test]
+    fn netcheck_reads_like_tailscale() {
+        let v = serde_json::json!({
+            "udp": true, "ipv4": "198.51.100.3:41641", "mapping_varies_by_dest_ip": null,
+            "preferred_derp": "tsunagu", "derp_latency_ms": {"tsunagu": 0.42},
+        });
+        assert_eq!(
+            render_netcheck(&v),
+            "\nReport:\n\t* UDP: true\n\t* IPv4: yes, 198.51.100.3:41641\n\
+             \t* MappingVariesByDestIP: unknown (fewer than two STUN servers answered)\n\
+             \t* Nearest DERP: tsunagu\n\t* DERP latency:\n\t\t- tsunagu: 0.4ms\n"
+        );
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct Shared {
     pub generation: tokio::sync::watch::Sender<u64>,
     /// The connection to the home relay, when the server announces one.
     pub relay: Mutex<Option<crate::relay::Relay>>,
+    /// STUN through the WireGuard socket: our public endpoint.
+    pub stun: Arc<crate::netcheck::Stun>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -162,6 +164,7 @@ impl Shared {
         }
         if let Some(e) = guard.as_ref() {
             e.device().set_relay(relay);
+            e.device().set_stun_sink(Some(self.stun.sink()));
         }
         Ok(())
     }
@@ -192,6 +195,28 @@ impl Shared {
             )
         });
         true
+    }
+
+    /// Send a STUN Binding Request to every STUN server of the map, from the WireGuard
+    /// socket (answers arrive through the device's STUN sink).
+    pub fn probe_stun(&self, map: &MapState) {
+        let Some(d) = map.derp_map.as_ref() else {
+            return;
+        };
+        let Ok(g) = self.engine.lock() else { return };
+        let Some(e) = g.as_ref() else { return };
+        for (_, server) in crate::netcheck::stun_servers(d) {
+            let req = self.stun.request(server);
+            if let Err(err) = e.device().send_datagram(server, &req) {
+                tracing::debug!(%server, "STUN request: {err}");
+            }
+        }
+    }
+
+    /// The home relay's region code, if connected to one.
+    pub fn home_relay_code(&self) -> Option<String> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref().map(|r| r.target.code.clone())
     }
 
     fn relay_link(&self) -> Option<Arc<dyn tsunagu_engine::device::RelayTx>> {
@@ -797,6 +822,42 @@ async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
     Ok(Json(LogoutResponse { warning }))
 }
 
+async fn get_netcheck(State(shared): State<Arc<Shared>>) -> ApiResult<crate::netcheck::Report> {
+    let map = lock(&shared.map)
+        .map_err(internal)?
+        .derp_map
+        .clone()
+        .ok_or_else(|| {
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server announced no relay or STUN server (or no map yet)",
+            )
+        })?;
+    if lock(&shared.engine).map_err(internal)?.is_none() {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data plane is not running",
+        ));
+    }
+    let engine = shared.engine.clone();
+    let send = move |to: std::net::SocketAddr, d: &[u8]| -> std::io::Result<()> {
+        match engine.lock().ok().as_ref().and_then(|g| g.as_ref()) {
+            Some(e) => e.device().send_datagram(to, d),
+            None => Err(std::io::Error::other("the data plane stopped")),
+        }
+    };
+    let home = shared.home_relay_code();
+    let report = crate::netcheck::run(
+        &shared.stun,
+        send,
+        &map,
+        home.as_deref(),
+        shared.engine_cfg.fwmark,
+    )
+    .await;
+    Ok(Json(report))
+}
+
 async fn get_status(State(shared): State<Arc<Shared>>) -> ApiResult<Status> {
     tokio::task::spawn_blocking(move || status(&shared))
         .await
@@ -868,6 +929,7 @@ pub async fn serve(
     tracing::info!(path = %path.display(), "local API listening");
     let app = axum::Router::new()
         .route("/status", get(get_status))
+        .route("/netcheck", get(get_netcheck))
         .route("/prefs", post(post_prefs))
         .route("/up", post(post_up))
         .route("/down", post(post_down))

@@ -117,6 +117,21 @@ fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
     out
 }
 
+/// Our endpoints as peers should try them: the public one STUN found first, then the
+/// local addresses.
+fn endpoints(shared: &Shared, port: u16, tun: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(r) = shared.stun.latest() {
+        out.push(r.mapped.to_string());
+    }
+    for e in local_endpoints(port, tun) {
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
+
 /// Load the identity and settings, start the local API, and run the control loop
 /// forever. The engine (started on the first usable map) lives in `engine`, so that the
 /// signal handler can stop it.
@@ -182,6 +197,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         backend,
         generation,
         relay: Mutex::new(None),
+        stun: Arc::new(crate::netcheck::Stun::default()),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -386,7 +402,7 @@ async fn session(
         version: CURRENT_CAPABILITY_VERSION,
         node_key: node.public(),
         hostinfo: Some(hostinfo(shared, p)),
-        endpoints: local_endpoints(port, tun),
+        endpoints: endpoints(shared, port, tun),
         omit_peers: true,
         ..MapRequest::default()
     };
@@ -401,11 +417,40 @@ async fn session(
     };
     let mut stream = bounded("starting the map stream", client.map(&req)).await?;
     let mut state = MapState::default();
-    while let Some(msg) = tokio::time::timeout(Duration::from_secs(150), stream.next())
-        .await
-        .context("no message (not even a keep-alive) for 150 s")?
-    {
-        let msg = msg?;
+    // STUN every 20 s (and right after the relay is known): when the public endpoint
+    // changes, the server hears it, and so do our peers.
+    let mut stun_tick = tokio::time::interval(Duration::from_secs(20));
+    stun_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = shared.stun.latest().map(|r| r.mapped);
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(Duration::from_secs(150), stream.next()) => {
+                match m.context("no message (not even a keep-alive) for 150 s")? {
+                    Some(m) => m?,
+                    None => break,
+                }
+            }
+            _ = stun_tick.tick() => {
+                shared.probe_stun(&state);
+                continue;
+            }
+            _ = shared.stun.answered.notified() => {
+                let mapped = shared.stun.latest().map(|r| r.mapped);
+                if mapped.is_some() && mapped != reported {
+                    tracing::info!(endpoint = ?mapped, "public endpoint (STUN)");
+                    reported = mapped;
+                    let update = MapRequest {
+                        version: CURRENT_CAPABILITY_VERSION,
+                        node_key: node.public(),
+                        endpoints: endpoints(shared, port, tun),
+                        omit_peers: true,
+                        ..MapRequest::default()
+                    };
+                    bounded("reporting endpoints", client.map(&update)).await?;
+                }
+                continue;
+            }
+        };
         if msg.keep_alive {
             continue;
         }
@@ -434,11 +479,12 @@ async fn session(
                 version: CURRENT_CAPABILITY_VERSION,
                 node_key: node.public(),
                 hostinfo: Some(hi),
-                endpoints: local_endpoints(port, tun),
+                endpoints: endpoints(shared, port, tun),
                 omit_peers: true,
                 ..MapRequest::default()
             };
             bounded("reporting the home relay", client.map(&update)).await?;
+            shared.probe_stun(&state);
         }
         if let Err(e) = applied {
             if shared.engine.lock().map(|g| g.is_none()).unwrap_or(false) {

@@ -12,6 +12,7 @@
 mod api;
 mod config;
 mod control;
+mod netcheck;
 mod relay;
 
 use anyhow::Context as _;

@@ -65,6 +65,12 @@ fn udp_blocked_cafe_goes_through_the_relay_and_moves_with_the_direct_path() {
     )
     .into_owned();
     assert!(pong.contains("via relay \"tsunagu\""), "{pong}");
+    // netcheck: no UDP, the relay still measured (over TCP).
+    let nc = String::from_utf8_lossy(&tsunagu(&ns, &c.sock, &["netcheck"]).stdout).into_owned();
+    eprintln!("{nc}");
+    assert!(nc.contains("* UDP: false"), "{nc}");
+    assert!(nc.contains("* Nearest DERP: tsunagu"), "{nc}");
+    assert!(nc.contains("- tsunagu: "), "{nc}");
 
     // UDP allowed again: the direct path is found and used.
     unblock_udp(&cafe);
@@ -85,4 +91,99 @@ fn udp_blocked_cafe_goes_through_the_relay_and_moves_with_the_direct_path() {
     });
     eprintln!("direct -> relay after {:?}", t.elapsed());
     web_sees(&ns, EXIT_PUBLIC, &logs);
+}
+
+#[test]
+fn behind_the_cafe_nat_the_path_to_a_public_exit_node_is_direct_and_netcheck_sees_the_nat() {
+    let mut j = setup("paths_direct");
+    let key = j.client_key.clone();
+    let start = Instant::now();
+    let c = j.start_client(
+        "client",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &key,
+            "--hostname",
+            "laptop",
+        ],
+    );
+    let ns = j.seed.ns(role::CLIENT);
+    wait("the exit node in the map", Duration::from_secs(30), || {
+        peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()
+    });
+    let joined = start.elapsed();
+    wait("a direct path", Duration::from_secs(5), || {
+        let _ = tsunagu(
+            &ns,
+            &c.sock,
+            &["ping", "-c", "1", "--timeout=500ms", "dev-m1sk9-s1"],
+        );
+        exit_path(&ns, &c.sock).contains("direct 198.51.100.2:41641")
+    });
+    eprintln!(
+        "joined after {joined:?}, direct after {:?}",
+        start.elapsed()
+    );
+    // STUN through the WireGuard socket sees the cafe's public address.
+    let out = tsunagu(&ns, &c.sock, &["netcheck", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["udp"], true, "{v}");
+    assert!(
+        v["ipv4"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("198.51.100.3:")),
+        "the cafe's public address: {v}"
+    );
+    // ... and the server has it as one of the laptop's endpoints, for peers to try.
+    wait(
+        "the public endpoint reported",
+        Duration::from_secs(30),
+        || {
+            j.nodes().as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|n| n["name"] == "laptop" && n.to_string().contains("198.51.100.3:"))
+            })
+        },
+    );
+}
+
+#[test]
+fn symmetric_nat_stays_on_a_working_path() {
+    let opts = tsunagu_lab::SeedOptions {
+        symmetric_nat: true,
+        ..tsunagu_lab::SeedOptions::default()
+    };
+    let mut j = common::setup_full("paths_symmetric", common::POLICY, opts);
+    let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
+    let key = j.client_key.clone();
+    let c = j.start_client(
+        "client",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &key,
+            "--hostname",
+            "laptop",
+            "--exit-node",
+            "dev-m1sk9-s1",
+        ],
+    );
+    let ns = j.seed.ns(role::CLIENT);
+    let logs = [c.log.clone(), j.exit_log.clone()];
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+    // It keeps working for a while, whatever path it settled on.
+    for _ in 0..10 {
+        let body = http_get(&ns, (WEB_ADDR, 80).into(), Duration::from_secs(2)).unwrap();
+        assert_eq!(body.trim(), EXIT_PUBLIC.to_string());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let line = exit_path(&ns, &c.sock);
+    assert!(
+        line.contains("relay \"tsunagu\"") || line.contains("direct "),
+        "{line}"
+    );
 }

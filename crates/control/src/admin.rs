@@ -87,6 +87,9 @@ pub struct NodeInfo {
     pub ephemeral: bool,
     pub expired: bool,
     pub created_at: DateTime<Utc>,
+    /// Where the node said it can be reached directly (public ones found by STUN first).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
 }
 
 pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
@@ -143,6 +146,7 @@ pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
         ephemeral: n.ephemeral,
         expired: n.is_expired(Utc::now()),
         created_at: n.created_at,
+        endpoints: n.endpoints.clone(),
     }
 }
 

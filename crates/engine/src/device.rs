@@ -127,9 +127,14 @@ pub trait RelayTx: Send + Sync {
     fn send(&self, dst: &NodePublic, datagram: &[u8]) -> bool;
 }
 
+/// Receives the STUN datagrams that arrive on the device's UDP socket (answers to the
+/// daemon's own Binding Requests); must not block.
+pub type StunSink = Arc<dyn Fn(&[u8], SocketAddr) + Send + Sync>;
+
 struct Shared {
     table: RwLock<Arc<PeerTable>>,
     relay: RwLock<Option<Arc<dyn RelayTx>>>,
+    stun: RwLock<Option<StunSink>>,
     /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
     /// stale entries are pruned by the timer thread.
     by_index: Mutex<HashMap<u32, Arc<PeerState>>>,
@@ -156,6 +161,7 @@ impl Device {
         let shared = Arc::new(Shared {
             table: RwLock::new(Arc::new(table)),
             relay: RwLock::new(None),
+            stun: RwLock::new(None),
             by_index: Mutex::new(HashMap::new()),
             index_table,
             udp,
@@ -191,6 +197,17 @@ impl Device {
     /// reachable through it.
     pub fn set_relay(&self, relay: Option<Arc<dyn RelayTx>>) {
         *self.shared.relay.write() = relay;
+    }
+
+    /// Where STUN answers go (the daemon's endpoint discovery).
+    pub fn set_stun_sink(&self, sink: Option<StunSink>) {
+        *self.shared.stun.write() = sink;
+    }
+
+    /// Send a datagram of our own (a STUN Binding Request) from the WireGuard socket, so
+    /// the answer tells the mapping that peers will see.
+    pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        self.shared.udp.send_to(datagram, to)
     }
 
     /// A datagram the relay delivered from `src` (its region `region`): handled like one
@@ -393,6 +410,11 @@ fn handle_datagram(
         DatagramKind::WireGuard => {}
         DatagramKind::Stun => {
             bump(&shared.counters.udp_stun, 1);
+            if relayed.is_none()
+                && let Some(sink) = shared.stun.read().clone()
+            {
+                sink(&buf, from);
+            }
             return;
         }
         DatagramKind::Disco => {

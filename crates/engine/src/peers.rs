@@ -91,6 +91,9 @@ struct PathState {
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
     last_probe: Option<Instant>,
+    /// Which configured endpoint the next probe goes to (they take turns: the public
+    /// one STUN found, local addresses, ...).
+    probe_next: usize,
     /// When `endpoint` was last chosen.
     since: Instant,
 }
@@ -105,6 +108,7 @@ impl PathState {
             last_rx: None,
             last_tx: None,
             last_probe: None,
+            probe_next: 0,
             since: now,
         }
     }
@@ -143,12 +147,13 @@ impl PeerState {
         p.last_tx = Some(now);
         let mut probe = None;
         if relay_region(&to).is_some()
-            && let Some(direct) = p.configured.first().copied()
+            && !p.configured.is_empty()
             && p.last_probe
                 .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_EVERY)
         {
             p.last_probe = Some(now);
-            probe = Some(direct);
+            probe = Some(p.configured[p.probe_next % p.configured.len()]);
+            p.probe_next = p.probe_next.wrapping_add(1);
         }
         Some(SendPlan { to, probe })
     }
