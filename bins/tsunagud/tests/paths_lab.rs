@@ -187,3 +187,101 @@ fn symmetric_nat_stays_on_a_working_path() {
         "{line}"
     );
 }
+
+/// Two laptops, one in the cafe and one at home, each behind its own NAT.
+fn two_nats(test: &str, symmetric: bool) -> (common::Joined, common::Client, common::Client) {
+    let opts = tsunagu_lab::SeedOptions {
+        home_nat: true,
+        symmetric_nat: symmetric,
+        ..tsunagu_lab::SeedOptions::default()
+    };
+    let mut j = common::setup_full(test, common::POLICY, opts);
+    let (k1, k2) = (j.client_key.clone(), j.new_key());
+    let a = j.start_client(
+        "laptop",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &k1,
+            "--hostname",
+            "laptop",
+        ],
+    );
+    let b = j.start_node(
+        role::CLIENT2,
+        "desktop",
+        &[
+            "--login-server",
+            SERVER,
+            "--auth-key",
+            &k2,
+            "--hostname",
+            "desktop",
+        ],
+    );
+    let ns = j.seed.ns(role::CLIENT);
+    wait(
+        "the two laptops see each other",
+        Duration::from_secs(30),
+        || peer_line(&status_text(&ns, &a.sock), "desktop").is_some(),
+    );
+    (j, a, b)
+}
+
+fn desktop_path(ns: &Netns, sock: &std::path::Path) -> String {
+    peer_line(&status_text(ns, sock), "desktop").unwrap_or_default()
+}
+
+#[test]
+fn two_clients_behind_their_own_nats_punch_a_direct_path() {
+    let (j, a, _b) = two_nats("paths_punch", false);
+    let ns = j.seed.ns(role::CLIENT);
+    let t = Instant::now();
+    let pong = String::from_utf8_lossy(
+        &tsunagu(
+            &ns,
+            &a.sock,
+            &["ping", "-c", "1", "--timeout=3s", "desktop"],
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(pong.contains("pong from desktop"), "{pong}");
+    // Both report their public endpoint (STUN); probes from both sides open the NATs.
+    wait(
+        "a direct path through both NATs",
+        Duration::from_secs(20),
+        || {
+            let _ = tsunagu(
+                &ns,
+                &a.sock,
+                &["ping", "-c", "1", "--timeout=500ms", "desktop"],
+            );
+            desktop_path(&ns, &a.sock).contains("direct 198.51.100.5:")
+        },
+    );
+    eprintln!("hole punched after {:?}", t.elapsed());
+    let out = tsunagu(&ns, &a.sock, &["ping", "-c", "2", "desktop"]);
+    let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{pong}");
+    assert!(pong.contains("via 198.51.100.5:"), "{pong}");
+}
+
+#[test]
+fn symmetric_nats_on_both_sides_stay_on_the_relay_and_keep_working() {
+    let (j, a, _b) = two_nats("paths_symmetric2", true);
+    let ns = j.seed.ns(role::CLIENT);
+    for _ in 0..8 {
+        let out = tsunagu(
+            &ns,
+            &a.sock,
+            &["ping", "-c", "1", "--timeout=2s", "desktop"],
+        );
+        let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{pong}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let line = desktop_path(&ns, &a.sock);
+    assert!(line.contains("relay \"tsunagu\""), "{line}");
+}

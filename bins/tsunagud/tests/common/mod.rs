@@ -111,6 +111,11 @@ impl Joined {
     /// Start tsunagud in the client (cafe) namespace with its state under `name`, and
     /// wait for its local API.
     pub fn start_client(&mut self, name: &str, extra: &[&str]) -> Client {
+        self.start_node(tsunagu_lab::seed::role::CLIENT, name, extra)
+    }
+
+    /// Start tsunagud in the namespace of `role`, state under `name`.
+    pub fn start_node(&mut self, role: &str, name: &str, extra: &[&str]) -> Client {
         let state = self.seed.lab.log_path(&format!("{name}-state"));
         let log = self.seed.lab.log_path(&format!("{name}.log"));
         let sock = state.join("tsunagud.sock");
@@ -125,11 +130,7 @@ impl Joined {
         let proc = self
             .seed
             .lab
-            .spawn(
-                &self.seed.ns(tsunagu_lab::seed::role::CLIENT),
-                &argv,
-                Some(&log),
-            )
+            .spawn(&self.seed.ns(role), &argv, Some(&log))
             .unwrap();
         wait("tsunagud's local API", Duration::from_secs(20), || {
             sock.exists()
@@ -149,6 +150,12 @@ impl Joined {
             &self.data,
             args,
         )
+    }
+
+    /// A fresh single-use pre-auth key of user `admin`.
+    pub fn new_key(&self) -> String {
+        let out = self.admin(&["preauthkeys", "create", "--user", "admin"]);
+        out.lines().last().unwrap().to_string()
     }
 
     /// The server's `nodes list --json`.
