@@ -213,6 +213,12 @@ impl Shared {
         }
     }
 
+    /// The home relay's region, if there is one.
+    pub fn home_relay_region(&self) -> Option<u16> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref().map(|r| r.target.region)
+    }
+
     /// The home relay's region code, if connected to one.
     pub fn home_relay_code(&self) -> Option<String> {
         let r = self.relay.lock().ok()?;

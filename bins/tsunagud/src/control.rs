@@ -297,6 +297,13 @@ fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
             "::/0".parse().expect("literal"),
         ];
     }
+    // Our home relay, in every report: a restarted server only knows it from us.
+    if let Some(region) = shared.home_relay_region() {
+        hi.net_info = Some(tsunagu_proto::tailcfg::NetInfo {
+            preferred_derp: i32::from(region),
+            ..Default::default()
+        });
+    }
     hi
 }
 
@@ -470,11 +477,7 @@ async fn session(
         };
         if relay_changed {
             // Tell the server (and so our peers) where we can be reached through a relay.
-            let mut hi = hostinfo(shared, p);
-            hi.net_info = Some(tsunagu_proto::tailcfg::NetInfo {
-                preferred_derp: state.relay_region.map_or(0, i32::from),
-                ..Default::default()
-            });
+            let hi = hostinfo(shared, p);
             let update = MapRequest {
                 version: CURRENT_CAPABILITY_VERSION,
                 node_key: node.public(),

@@ -91,6 +91,18 @@ fn udp_blocked_cafe_goes_through_the_relay_and_moves_with_the_direct_path() {
     });
     eprintln!("direct -> relay after {:?}", t.elapsed());
     web_sees(&ns, EXIT_PUBLIC, &logs);
+
+    // The relay (embedded in the server) restarts: both nodes reconnect by themselves
+    // and traffic flows through it again.
+    j.seed
+        .lab
+        .kill(j.server, tsunagu_lab::Signal::SIGKILL)
+        .unwrap();
+    j.restart_server();
+    let t = Instant::now();
+    web_sees(&ns, EXIT_PUBLIC, &logs);
+    eprintln!("through the restarted relay after {:?}", t.elapsed());
+    assert!(exit_path(&ns, &c.sock).contains("relay \"tsunagu\""));
 }
 
 #[test]
