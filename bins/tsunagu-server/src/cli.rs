@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Tell clients to skip verifying the relay's TLS certificate (labs only).
     #[arg(long)]
     pub derp_insecure_for_tests: bool,
+    /// Announce the relay region even without TLS (for clients that speak DERP over plain
+    /// HTTP; Go clients only with TS_DEBUG_USE_DERP_HTTP=1).
+    #[arg(long)]
+    pub derp_announce_http: bool,
 }
 
 #[derive(Debug, ClapArgs)]

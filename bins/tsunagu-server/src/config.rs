@@ -29,6 +29,8 @@ struct File {
     derp_region_name: Option<String>,
     /// Tell clients to skip verifying the relay's certificate (labs only).
     derp_insecure_for_tests: Option<bool>,
+    /// Announce the region even without TLS (clients that speak DERP over plain HTTP).
+    derp_announce_http: Option<bool>,
 }
 
 /// The effective configuration.
@@ -99,6 +101,7 @@ impl Config {
                 region_name: f.derp_region_name.clone().unwrap_or(d.region_name),
                 insecure_for_tests: f.derp_insecure_for_tests.unwrap_or(false),
                 mesh_key: None,
+                announce_plain_http: f.derp_announce_http.unwrap_or(false),
             }
         });
         Ok(Config {

@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.region_name = name.clone();
             }
             r.insecure_for_tests |= s.derp_insecure_for_tests;
+            r.announce_plain_http |= s.derp_announce_http;
         }
     }
     let json_out = cli.common.json;

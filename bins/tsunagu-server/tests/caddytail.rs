@@ -25,12 +25,14 @@
 //!   map watchdog, which only the server's keep-alives can feed in a quiet tailnet;
 //! * neither Go client went anywhere outside the lab: their logs name no IPv4 address
 //!   outside the lab's ranges and ran no captive-portal probe. Go clients given an empty
-//!   DERP map probe Tailscale's public relays (their built-in list) instead; a server
-//!   without relays sends no DERP map and turns captive-portal detection off.
+//!   DERP map probe Tailscale's public relays (their built-in list) instead; this
+//!   plain-HTTP server announces no relay region (Go clients reach relays over TLS only),
+//!   so it sends no DERP map, and it turns captive-portal detection off.
 //!
-//! Not covered: the data plane between the two. Without a DERP map a Go client reports no
-//! endpoints at all (magicsock drops STUN-less endpoint updates until it has a map), so
-//! the caddies cannot reach each other until the server has a relay region to announce.
+//! The relay tests at the end (`relay_scenario`) run the server with a region: over
+//! HTTPS with a lab CA, and over plain HTTP with the Go client's DERP-over-HTTP knob.
+//! There the caddies home on the embedded relay, learn their endpoints by STUN and reach
+//! each other.
 //!
 //! Both caddies run with `TS_NO_LOGS_NO_SUPPORT=true` (no log upload is attempted) in a
 //! clean environment whose HOME, XDG directories, STATE_DIRECTORY and tsnet state are in
@@ -298,16 +300,20 @@ fn wait_online(
 /// Starts tsunagu-server in the control namespace on a fresh data directory, with the
 /// map sessions' debug lines on.
 fn start_server(seed: &mut Seed, data: &Path) -> ProcId {
+    start_server_with(seed, data, PORT, &server_url(), &[])
+}
+
+/// [`start_server`] on `port` with the URL clients use and extra `serve` flags.
+fn start_server_with(seed: &mut Seed, data: &Path, port: u16, url: &str, extra: &[&str]) -> ProcId {
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
         .create(data)
         .expect("data dir");
     let control = seed.ns(role::CONTROL);
-    let listen = format!("{CONTROL_PUBLIC}:{PORT}");
-    let url = server_url();
+    let listen = format!("{CONTROL_PUBLIC}:{port}");
     let log = seed.lab.log_path("server.log");
     let data_s = data.to_str().expect("UTF-8 path");
     let path = format!("PATH={PATH}");
-    let argv = [
+    let mut argv = vec![
         "env",
         "-i",
         &path,
@@ -320,8 +326,9 @@ fn start_server(seed: &mut Seed, data: &Path) -> ProcId {
         "--listen",
         &listen,
         "--server-url",
-        &url,
+        url,
     ];
+    argv.extend_from_slice(extra);
     let id = seed
         .lab
         .spawn(&control, &argv, Some(&log))
@@ -345,6 +352,22 @@ fn start_server(seed: &mut Seed, data: &Path) -> ProcId {
 /// state are in the lab's scratch directory; its log (JSON, debug level, which includes
 /// tsnet's backend log) is `<name>.log`.
 fn start_caddy(seed: &mut Seed, caddy: &Path, ns_role: &str, name: &str, auth_key: &str) -> ProcId {
+    start_caddy_with(seed, caddy, ns_role, name, auth_key, &server_url(), &[], "")
+}
+
+/// [`start_caddy`] with the control URL, extra environment (`NAME=value`) and extra
+/// Caddyfile sites.
+#[allow(clippy::too_many_arguments)]
+fn start_caddy_with(
+    seed: &mut Seed,
+    caddy: &Path,
+    ns_role: &str,
+    name: &str,
+    auth_key: &str,
+    url: &str,
+    extra_env: &[String],
+    extra_sites: &str,
+) -> ProcId {
     let dir = seed.lab.dir().join(name);
     let sub = |s: &str| {
         let p = dir.join(s);
@@ -372,9 +395,8 @@ fn start_caddy(seed: &mut Seed, caddy: &Path, ns_role: &str, name: &str, auth_ke
 	bind tailscale/{name}
 	respond "hello from {name}"
 }}
-"#,
+{extra_sites}"#,
         data = sub("caddy-data"),
-        url = server_url(),
         state = sub("tsnet"),
     );
     let file = dir.join("Caddyfile");
@@ -389,7 +411,10 @@ fn start_caddy(seed: &mut Seed, caddy: &Path, ns_role: &str, name: &str, auth_ke
         format!("STATE_DIRECTORY={}", sub("state")),
         // Telemetry off: no log upload to Tailscale is attempted.
         "TS_NO_LOGS_NO_SUPPORT=true".to_string(),
-    ];
+    ]
+    .into_iter()
+    .chain(extra_env.iter().cloned())
+    .collect::<Vec<_>>();
     let file_s = file.to_str().expect("UTF-8 path");
     let caddy_s = caddy.to_str().expect("UTF-8 path");
     let mut argv = vec!["env", "-i"];
@@ -677,8 +702,26 @@ fn go_client_registers_and_follows_the_map_stream() {
     );
 
     // The Go clients stayed inside the lab (no probes of Tailscale's public relays).
+    // What each side said, for whoever reads the test's output.
+    for l in server_lines(&server_log)
+        .iter()
+        .filter(|l| l.contains("tsunagu_derp"))
+    {
+        eprintln!("server: {l}");
+    }
     for name in ["caddy-one", "caddy-two"] {
         let msgs = caddy_messages(&seed.lab.log_path(&format!("{name}.log")));
+        for m in msgs
+            .iter()
+            .filter(|m| {
+                m.contains("derp-900")
+                    || m.contains("netcheck: [v1] report")
+                    || m.contains("now using")
+            })
+            .take(6)
+        {
+            eprintln!("{name}: {m}");
+        }
         let outside = outside_lab(&msgs);
         assert!(
             outside.is_empty(),
@@ -691,6 +734,296 @@ fn go_client_registers_and_follows_the_map_stream() {
                     || m.contains("captivedetection:")
                     || m.contains("attempting to do captive portal detection")
             })
+            .collect();
+        assert!(
+            probes.is_empty(),
+            "{name} ran captive-portal probes: {probes:#?}"
+        );
+    }
+}
+
+/// The HTTPS port of the relay test's server: 443, so the DERP node needs no `DERPPort`.
+const TLS_PORT: u16 = 443;
+/// How long, once online, a Go client may take to pick our region as home, connect to
+/// the relay and report STUN endpoints.
+const RELAY_WITHIN: Duration = Duration::from_secs(60);
+/// Attempts (each bounded by the HTTP timeout) at a request across the tailnet.
+const TAILNET_TRIES: usize = 20;
+
+/// A CA and a certificate for the control server's address, as PEM files in `dir`:
+/// (CA, certificate, key).
+fn lab_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    fs::create_dir_all(dir).expect("tls dir");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tsunagu lab CA");
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("CA key"))
+            .expect("CA");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let cert = rcgen::CertificateParams::new(vec![CONTROL_PUBLIC.to_string()])
+        .expect("server params")
+        .signed_by(&key, &ca)
+        .expect("server certificate");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    fs::write(&paths.0, ca.pem()).expect("write CA");
+    fs::write(&paths.1, cert.pem()).expect("write certificate");
+    fs::write(&paths.2, key.serialize_pem()).expect("write key");
+    (paths.0, paths.1, paths.2)
+}
+
+/// Whether a Go client's log message says its home DERP region became 900: magicsock
+/// logs `home DERP changing from derp-0 [..] to derp-900 [..]` when netcheck picks it,
+/// and usually `home is now derp-900 (tsunagu)` after it (not when a key change races).
+fn says_home_is_900(m: &str) -> bool {
+    m.contains("home is now derp-900 (tsunagu)")
+        || (m.contains("home DERP changing from") && m.contains(" to derp-900 "))
+}
+
+/// Node keys (`nodekey:…`) the relay logged as connected.
+fn derp_connected(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("derp client connected"))
+        .filter_map(|l| field(l, "key").map(str::to_string))
+        .collect()
+}
+
+/// Pairs (src, dst) the relay logged relaying between.
+fn derp_pairs(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter(|l| l.contains("derp relaying between peers"))
+        .filter_map(|l| Some((field(l, "src")?.to_string(), field(l, "dst")?.to_string())))
+        .collect()
+}
+
+#[test]
+fn relay_log_parsers() {
+    let lines = vec![
+        "2026-01-01T00:00:00Z  INFO tsunagu_derp::relay: derp client connected key=nodekey:ab version=2 mesh=false".to_string(),
+        "2026-01-01T00:00:01Z  INFO tsunagu_derp::relay: derp relaying between peers src=nodekey:ab dst=nodekey:cd".to_string(),
+    ];
+    assert_eq!(derp_connected(&lines), vec!["nodekey:ab".to_string()]);
+    assert!(says_home_is_900(
+        "magicsock: home DERP changing from derp-0 [0ms] to derp-900 [2ms]"
+    ));
+    assert!(says_home_is_900(
+        "magicsock: home is now derp-900 (tsunagu)"
+    ));
+    assert!(!says_home_is_900(
+        "magicsock: home DERP changing from derp-900 [0ms] to derp-9001 [2ms]"
+    ));
+    assert_eq!(
+        derp_pairs(&lines),
+        vec![("nodekey:ab".to_string(), "nodekey:cd".to_string())]
+    );
+}
+
+/// The Go client against the embedded relay: with the server on HTTPS (a lab CA the Go
+/// clients trust through `SSL_CERT_FILE`), both caddies
+/// * pick region 900 ("tsunagu", the only one announced) as home and connect to it —
+///   their own logs say their home became derp-900 and `derp-900 connected`, and
+///   the relay logs a login for exactly their node keys (the NaCl-boxed ClientInfo
+///   opened with the key the control server has for them);
+/// * learn their endpoints through our STUN server and report them: the cafe client's
+///   list holds the cafe NAT's public address 198.51.100.3, which only STUN can tell it;
+///   and report region 900 as their home DERP;
+/// * reach each other: caddy-one reverse-proxies a request over the tailnet to
+///   caddy-two's tailnet site, and the relay logs relaying between their keys (disco and
+///   the first WireGuard packets go through DERP before a direct path is confirmed);
+/// * stay inside the lab and run no captive-portal probe.
+#[test]
+fn go_clients_home_on_the_embedded_relay_and_reach_each_other() {
+    relay_scenario("caddyderp", true);
+}
+
+/// The same over plain HTTP: the server announces its region anyway
+/// (`--derp-announce-http`) and the Go clients run with `TS_DEBUG_USE_DERP_HTTP=1`, the
+/// knob that makes them speak DERP without TLS.
+#[test]
+fn go_clients_use_the_relay_over_plain_http_in_the_lab() {
+    relay_scenario("caddyderph", false);
+}
+
+fn relay_scenario(lab_name: &str, tls: bool) {
+    let caddy = caddy_binary();
+    let mut seed = Lab::seed(lab_name, SeedOptions::default()).expect("seed lab");
+    let (ca, cert, key_pem) = lab_tls(&seed.lab.dir().join("tls"));
+    let data = seed.lab.dir().join("server");
+    let (cert_s, key_s) = (
+        cert.to_str().expect("UTF-8").to_string(),
+        key_pem.to_str().expect("UTF-8").to_string(),
+    );
+    let (url, server, env) = if tls {
+        let url = format!("https://{CONTROL_PUBLIC}");
+        let flags = ["--tls-cert", cert_s.as_str(), "--tls-key", key_s.as_str()];
+        let server = start_server_with(&mut seed, &data, TLS_PORT, &url, &flags);
+        (url, server, [format!("SSL_CERT_FILE={}", ca.display())])
+    } else {
+        let url = server_url();
+        let server = start_server_with(&mut seed, &data, PORT, &url, &["--derp-announce-http"]);
+        (url, server, ["TS_DEBUG_USE_DERP_HTTP=1".to_string()])
+    };
+    admin(&data, &["users", "create", USER]);
+    let out = admin(
+        &data,
+        &["preauthkeys", "create", "--user", USER, "--reusable"],
+    );
+    let key = out
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .expect("the key on the last line")
+        .to_string();
+    // caddy-one also proxies a local port to caddy-two's tailnet site.
+    let proxy = "
+:8081 {
+	bind 127.0.0.1
+	reverse_proxy http://caddy-two {
+		transport tailscale caddy-one
+	}
+}
+";
+    let one = start_caddy_with(
+        &mut seed,
+        &caddy,
+        role::CLIENT,
+        "caddy-one",
+        &key,
+        &url,
+        &env,
+        proxy,
+    );
+    let two = start_caddy_with(
+        &mut seed,
+        &caddy,
+        role::EXIT,
+        "caddy-two",
+        &key,
+        &url,
+        &env,
+        "",
+    );
+    let procs = [(server, "server"), (one, "caddy-one"), (two, "caddy-two")];
+    wait_online(&mut seed, &data, "caddy-one", &[], &procs);
+    wait_online(&mut seed, &data, "caddy-two", &["caddy-one"], &procs);
+
+    let server_log = seed.lab.log_path("server.log");
+    let start = Instant::now();
+    let (n1, n2) = loop {
+        let list = nodes(&data);
+        let get = |h| node_by_hostname(&list, h).cloned().expect("listed");
+        let (n1, n2) = (get("caddy-one"), get("caddy-two"));
+        let connected = derp_connected(&server_lines(&server_log));
+        let ready = |n: &Value, name: &str| {
+            let msgs = caddy_messages(&seed.lab.log_path(&format!("{name}.log")));
+            let node_key = n["node_key"].as_str().unwrap_or_default().to_string();
+            connected.contains(&node_key)
+                && n["home_derp"] == 900
+                && n["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+                && msgs.iter().any(|m| says_home_is_900(m))
+                && msgs.iter().any(|m| m.contains("derp-900 connected"))
+        };
+        if ready(&n1, "caddy-one") && ready(&n2, "caddy-two") {
+            eprintln!(
+                "both caddies homed on the relay after {:?}",
+                start.elapsed()
+            );
+            break (n1, n2);
+        }
+        assert_running(&mut seed, &procs);
+        assert!(
+            start.elapsed() < RELAY_WITHIN,
+            "the caddies did not both home on region 900 within {RELAY_WITHIN:?}\n\
+             relay logins: {connected:?}\nnodes: {n1:#}\n{n2:#}\n{}",
+            logs(&seed, &procs)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Only STUN can tell the cafe client its NAT's public address.
+    let eps1: Vec<&str> = n1["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        eps1.iter()
+            .any(|e| e.starts_with(&format!("{}:", tsunagu_lab::CAFE_PUBLIC))),
+        "caddy-one reported no endpoint on the cafe NAT's address: {eps1:?}"
+    );
+    eprintln!(
+        "caddy-one endpoints: {eps1:?}; caddy-two: {}",
+        n2["endpoints"]
+    );
+
+    // caddy-one → tailnet → caddy-two, through the relay first.
+    let client_ns = seed.ns(role::CLIENT);
+    let target: std::net::SocketAddr = (Ipv4Addr::LOCALHOST, 8081).into();
+    let mut answer = None;
+    for _ in 0..TAILNET_TRIES {
+        match tsunagu_lab::http_get(&client_ns, target, Duration::from_secs(10)) {
+            Ok(body) if body.contains("hello from caddy-two") => {
+                answer = Some(body);
+                break;
+            }
+            Ok(other) => eprintln!("proxy answered: {other}"),
+            Err(e) => eprintln!("proxy request failed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        answer.is_some(),
+        "caddy-one could not reach caddy-two over the tailnet\n{}",
+        logs(&seed, &procs)
+    );
+    let (k1, k2) = (
+        n1["node_key"].as_str().expect("node key").to_string(),
+        n2["node_key"].as_str().expect("node key").to_string(),
+    );
+    // Which side sends first over the relay, and whether the other one has to before
+    // a direct path takes over, varies from run to run: at least one direction must.
+    let pairs = derp_pairs(&server_lines(&server_log));
+    assert!(
+        pairs.contains(&(k1.clone(), k2.clone())) || pairs.contains(&(k2, k1)),
+        "the relay never relayed between the caddies: {pairs:?}"
+    );
+
+    // What each side said, for whoever reads the test's output.
+    for l in server_lines(&server_log)
+        .iter()
+        .filter(|l| l.contains("tsunagu_derp"))
+    {
+        eprintln!("server: {l}");
+    }
+    for name in ["caddy-one", "caddy-two"] {
+        let msgs = caddy_messages(&seed.lab.log_path(&format!("{name}.log")));
+        for m in msgs
+            .iter()
+            .filter(|m| {
+                m.contains("derp-900")
+                    || m.contains("netcheck: [v1] report")
+                    || m.contains("now using")
+            })
+            .take(6)
+        {
+            eprintln!("{name}: {m}");
+        }
+        let outside = outside_lab(&msgs);
+        assert!(
+            outside.is_empty(),
+            "{name} named addresses outside the lab: {outside:#?}"
+        );
+        let probes: Vec<&String> = msgs
+            .iter()
+            .filter(|m| m.contains("generate_204") || m.contains("captivedetection:"))
             .collect();
         assert!(
             probes.is_empty(),

@@ -87,9 +87,15 @@ pub struct NodeInfo {
     pub ephemeral: bool,
     pub expired: bool,
     pub created_at: DateTime<Utc>,
-    /// Where the node said it can be reached directly (public ones found by STUN first).
+    /// `nodekey:<hex>`, as the relay logs it.
+    #[serde(default)]
+    pub node_key: String,
+    /// The UDP endpoints the node last reported (STUN-discovered and local).
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// The DERP region the node reported as its home; 0 = none.
+    #[serde(default)]
+    pub home_derp: i32,
 }
 
 pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
@@ -146,7 +152,9 @@ pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
         ephemeral: n.ephemeral,
         expired: n.is_expired(Utc::now()),
         created_at: n.created_at,
+        node_key: n.node_key.clone(),
         endpoints: n.endpoints.clone(),
+        home_derp: e.home_derp,
     }
 }
 

@@ -8,9 +8,9 @@
 //! Go clients reach DERP nodes over TLS only (`derphttp`: HTTPS unless the client runs
 //! with `TS_DEBUG_USE_DERP_HTTP`), verifying the certificate against `HostName` (or
 //! `CertName`) unless the node says `InsecureForTests`. So with `--tls-cert/--tls-key`
-//! everything works as is; a plain-HTTP server still announces the region (STUN works,
-//! so clients learn and report their endpoints) but Go clients can relay through it only
-//! with that debug knob.
+//! everything works as is. A plain-HTTP server runs the relay and STUN but announces no
+//! region unless told to ([`RelaySettings::announce_plain_http`]): a Go client given a
+//! region it cannot reach retries forever and its reports churn.
 
 use crate::server::{ServerError, io_err, load_tls, serve_tls, shutdown_signal};
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +34,11 @@ pub struct RelaySettings {
     pub insecure_for_tests: bool,
     /// Pre-shared key of other relays that mesh with this one.
     pub mesh_key: Option<String>,
+    /// Announce the region even when the server URL is plain `http://`. Off by default:
+    /// Go clients would try TLS to it, fail, and retry forever, their network report
+    /// (and so their map requests) churning meanwhile. For clients that speak DERP over
+    /// plain HTTP (Go clients run with `TS_DEBUG_USE_DERP_HTTP=1`; tsunagud later).
+    pub announce_plain_http: bool,
 }
 
 impl Default for RelaySettings {
@@ -45,6 +50,7 @@ impl Default for RelaySettings {
             region_name: "tsunagu".to_string(),
             insecure_for_tests: false,
             mesh_key: None,
+            announce_plain_http: false,
         }
     }
 }

@@ -217,12 +217,21 @@ async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts
         None => None,
     };
     let map = crate::relay::derp_map(&cfg.server_url, stun_port, s).map_err(ServerError::Config)?;
+    let announce = cfg.server_url.starts_with("https://") || s.announce_plain_http;
     tracing::info!(
         region = s.region_id,
         key = %relay.public_key().tailscale(),
         stun = ?s.stun_listen,
+        announced = announce,
         "DERP relay enabled"
     );
+    if !announce {
+        tracing::warn!(
+            "the DERP region is not announced: Go clients reach relays over TLS only; give \
+             --tls-cert/--tls-key (or --derp-announce-http for clients that speak plain HTTP)"
+        );
+        return Ok((Some(relay), stun, DERPMap::default()));
+    }
     Ok((Some(relay), stun, map))
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tsunagu_client::{ControlClient, MapStream};
+use tsunagu_control::relay::RelaySettings;
 use tsunagu_control::server::{Server, ServerConfig};
 use tsunagu_control::state::State;
 use tsunagu_proto::tailcfg::{
@@ -27,6 +28,11 @@ impl Drop for TestServer {
 }
 
 pub async fn server() -> TestServer {
+    server_with(None).await
+}
+
+/// A server with the embedded relay (`relay`), or without (`None`).
+pub async fn server_with(relay: Option<RelaySettings>) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         data_dir: dir.path().to_path_buf(),
@@ -36,7 +42,7 @@ pub async fn server() -> TestServer {
         policy_file: None,
         admin_socket: dir.path().join("admin.sock"),
         ephemeral_timeout: Duration::from_secs(300),
-        relay: None,
+        relay,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -45,11 +51,16 @@ pub async fn server() -> TestServer {
         server_url: url.clone(),
         ..cfg
     };
-    let server = Server::start(&cfg).await.unwrap();
+    let mut server = Server::start(&cfg).await.unwrap();
     let key = server.public_key();
     let state = server.app.state.clone();
     let router = server.router();
+    let relay = server.relay.clone();
+    let stun = server.stun.take();
     let task = tokio::spawn(async move {
+        if let (Some(relay), Some(sock)) = (relay, stun) {
+            tokio::spawn(relay.serve_stun(sock));
+        }
         axum::serve(listener, router).await.unwrap();
     });
     TestServer {

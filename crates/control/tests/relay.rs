@@ -1,0 +1,155 @@
+//! The embedded relay seen from a node: the DERP map in its first map response, DERP on
+//! the server's own port, STUN on the announced port.
+
+mod common;
+
+use common::{SimNode, server_with, user_key};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tsunagu_control::relay::RelaySettings;
+use tsunagu_derp::client::{ClientConn, ClientEvent, parse_upgrade_response, upgrade_request};
+use tsunagu_derp::{ClientInfo, stun};
+use tsunagu_proto::NodePrivate;
+use tsunagu_proto::tailcfg::NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A DERP client logged in through `addr`'s `/derp`.
+async fn derp_client(addr: &str, key: NodePrivate) -> (tokio::net::TcpStream, ClientConn) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(upgrade_request("relay").as_bytes())
+        .await
+        .unwrap();
+    let mut conn = ClientConn::new(key, ClientInfo::default());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut upgraded = false;
+    loop {
+        while let Some(b) = conn.poll_transmit() {
+            tcp.write_all(&b).await.unwrap();
+        }
+        if let Some(ClientEvent::Connected { .. }) = conn.poll_event() {
+            return (tcp, conn);
+        }
+        let n = tokio::time::timeout(T, tcp.read(&mut buf))
+            .await
+            .expect("relay answers")
+            .unwrap();
+        assert!(n > 0, "relay closed");
+        if upgraded {
+            conn.handle_input(&buf[..n]).unwrap();
+        } else {
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = parse_upgrade_response(&got).unwrap() {
+                upgraded = true;
+                conn.handle_input(&got[end..]).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_get_the_region_and_can_use_it() {
+    let s = server_with(Some(RelaySettings {
+        stun_listen: Some("127.0.0.1:0".into()),
+        region_name: "Test lab".into(),
+        announce_plain_http: true,
+        ..RelaySettings::default()
+    }))
+    .await;
+    let key = user_key(&s, "alice", &[]).await;
+    let mut a = SimNode::connect(&s, "laptop").await;
+    assert!(a.register(&key).await.machine_authorized);
+    let mut stream = a.stream().await;
+    let first = stream.next_update(T).await.unwrap().unwrap();
+    let json = serde_json::to_string(&first).unwrap();
+    let parsed: Result<ts_control_serde::MapResponse, _> = serde_json::from_str(&json);
+    assert!(parsed.is_ok(), "{:?}\n{json}", parsed.err());
+
+    let map = first.derp_map.expect("a DERP map");
+    let region = &map.regions[&900];
+    assert_eq!(region.region_name, "Test lab");
+    let node = &region.nodes[0];
+    let addr = s.url.trim_start_matches("http://").to_string();
+    assert_eq!(
+        format!("{}:{}", node.host_name, node.derp_port),
+        addr,
+        "{node:?}"
+    );
+    assert_eq!(node.ipv4, "127.0.0.1");
+    assert!(node.stun_port > 0, "{node:?}");
+    // Captive-portal detection stays off with a region too.
+    assert!(
+        first
+            .node
+            .as_ref()
+            .unwrap()
+            .cap_map
+            .contains_key(NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION)
+    );
+
+    // DERP on the server's own port: two clients exchange a packet.
+    let (mut ta, mut ca) = derp_client(&addr, a.node.clone()).await;
+    let (mut tb, mut cb) = derp_client(&addr, NodePrivate::generate()).await;
+    ca.send_packet(cb.public_key(), b"over the relay").unwrap();
+    while let Some(b) = ca.poll_transmit() {
+        ta.write_all(&b).await.unwrap();
+    }
+    let mut buf = [0u8; 4096];
+    let got = loop {
+        if let Some(ev) = cb.poll_event() {
+            break ev;
+        }
+        let n = tokio::time::timeout(T, tb.read(&mut buf))
+            .await
+            .expect("packet")
+            .unwrap();
+        assert!(n > 0);
+        cb.handle_input(&buf[..n]).unwrap();
+    };
+    assert_eq!(
+        got,
+        ClientEvent::Packet {
+            src: a.node.public(),
+            packet: bytes::Bytes::from_static(b"over the relay")
+        }
+    );
+
+    // STUN on the announced port.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tx = stun::TxId::random();
+    udp.send_to(
+        &stun::binding_request(tx),
+        ("127.0.0.1", node.stun_port as u16),
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let (n, _) = tokio::time::timeout(T, udp.recv_from(&mut buf))
+        .await
+        .expect("STUN answer")
+        .unwrap();
+    assert_eq!(
+        stun::parse_binding_response(&buf[..n]),
+        Ok((tx, udp.local_addr().unwrap()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_server_announces_no_region_unless_told() {
+    let s = server_with(Some(RelaySettings {
+        stun_listen: Some("127.0.0.1:0".into()),
+        ..RelaySettings::default()
+    }))
+    .await;
+    let key = user_key(&s, "alice", &[]).await;
+    let mut a = SimNode::connect(&s, "laptop").await;
+    assert!(a.register(&key).await.machine_authorized);
+    let mut stream = a.stream().await;
+    let first = stream.next_update(T).await.unwrap().unwrap();
+    assert!(first.derp_map.is_none(), "{:?}", first.derp_map);
+    // The relay itself still serves on the port.
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let (_tcp, conn) = derp_client(&addr, NodePrivate::generate()).await;
+    assert!(conn.is_connected());
+}
