@@ -156,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             "198.51.100.4:8080",
             "--server-url",
             SERVER_URL,
+            "--derp-announce-http",
         ],
         Some(&server_log),
     )?;
@@ -328,10 +329,13 @@ fn main() -> anyhow::Result<()> {
         &lines,
         CLIENT_LAN,
         &format!("{EXIT_PUBLIC}.41641"),
-        Some(&format!("{CONTROL_PUBLIC}.8080")),
+        &[
+            &format!("{CONTROL_PUBLIC}.8080"),
+            &format!("{CONTROL_PUBLIC}.3478"),
+        ],
     );
     println!(
-        "   the cafe Wi-Fi meanwhile: {} packets, {} outside the tunnel and the control connection",
+        "   the cafe Wi-Fi meanwhile: {} packets, {} outside the tunnel and the connections to the server",
         lines.len(),
         leaks.len()
     );

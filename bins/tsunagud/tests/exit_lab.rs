@@ -148,7 +148,7 @@ fn exit_node_changes_the_address_the_internet_sees() {
 /// [`tsunagu_lab::tunnel_leaks`]); any other line is a leak.
 fn leaks(lines: &[String]) -> Vec<String> {
     let exit_ep = format!("{EXIT_PUBLIC}.41641");
-    tsunagu_lab::tunnel_leaks(lines, tsunagu_lab::CLIENT_LAN, &exit_ep, None)
+    tsunagu_lab::tunnel_leaks(lines, tsunagu_lab::CLIENT_LAN, &exit_ep, &[])
 }
 
 #[test]

@@ -29,11 +29,12 @@ fn failed(out: &std::process::Output) -> String {
 }
 
 /// Leaks in a cafe-LAN capture: anything but the tunnel to the exit node and the
-/// daemon's own control connection.
+/// daemon's own connections to the server (control, relay, STUN).
 fn leaks(lines: &[String]) -> Vec<String> {
     let exit_ep = format!("{EXIT_PUBLIC}.41641");
     let control = format!("{CONTROL_PUBLIC}.8080");
-    tsunagu_lab::tunnel_leaks(lines, CLIENT_LAN, &exit_ep, Some(&control))
+    let stun = format!("{CONTROL_PUBLIC}.3478");
+    tsunagu_lab::tunnel_leaks(lines, CLIENT_LAN, &exit_ep, &[&control, &stun])
 }
 
 #[test]

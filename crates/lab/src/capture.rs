@@ -158,15 +158,16 @@ pub fn read_pcap(file: &Path) -> Result<Vec<String>, LabError> {
 ///
 /// Allowed: UDP between `client` (any port, the LAN side of the NAT) and the exit node's
 /// WireGuard endpoint `exit_ep` (`"198.51.100.2.41641"`, tcpdump's notation) in either
-/// direction; the exit node's ICMP error about that UDP; with `control`, TCP between the
-/// client and the coordination server (`"198.51.100.4.8080"`), which the daemon keeps
-/// outside the tunnel on purpose; ARP, IPv6 link-local control (`fe80::` to `ff02::`)
-/// and link-local multicast from others (IGMP to 224.0.0.x). Anything else is a leak.
+/// direction; the exit node's ICMP error about that UDP; traffic between the client and
+/// the endpoints in `allowed` (the coordination server `"198.51.100.4.8080"`, its relay
+/// and STUN `"198.51.100.4.3478"`), which the daemon keeps outside the tunnel on purpose;
+/// ARP, IPv6 link-local control (`fe80::` to `ff02::`) and link-local multicast from
+/// others (IGMP to 224.0.0.x). Anything else is a leak.
 pub fn tunnel_leaks(
     lines: &[String],
     client: std::net::Ipv4Addr,
     exit_ep: &str,
-    control: Option<&str>,
+    allowed: &[&str],
 ) -> Vec<String> {
     let client = client.to_string();
     let exit_ip = exit_ep.rsplit_once('.').map_or(exit_ep, |(ip, _)| ip);
@@ -196,7 +197,7 @@ pub fn tunnel_leaks(
                     "udp port {} unreachable",
                     exit_ep.rsplit('.').next().unwrap_or("")
                 ));
-            let control = control.is_some_and(|c| !rest.contains("UDP") && between(c));
+            let control = allowed.iter().any(|c| between(c));
             let link_control = dst.starts_with("224.0.0.") && !client_side(src);
             !(tunnel || icmp_about_tunnel || control || link_control)
         })

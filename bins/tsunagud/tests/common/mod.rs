@@ -219,6 +219,8 @@ pub fn setup_full(test: &str, policy_text: &str, opts: SeedOptions) -> Joined {
         "198.51.100.4:8080",
         "--server-url",
         "http://198.51.100.4:8080",
+        // tsunagud speaks DERP over plain HTTP (Go clients would need TLS).
+        "--derp-announce-http",
     ]
     .iter()
     .map(|s| s.to_string())
