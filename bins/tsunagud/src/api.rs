@@ -98,6 +98,8 @@ pub struct Shared {
     pub relay: Mutex<Option<crate::relay::Relay>>,
     /// STUN through the WireGuard socket: our public endpoint.
     pub stun: Arc<crate::netcheck::Stun>,
+    /// The disco public key announced to the server.
+    pub disco: tsunagu_proto::DiscoPublic,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {

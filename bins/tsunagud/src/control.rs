@@ -198,6 +198,10 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         generation,
         relay: Mutex::new(None),
         stun: Arc::new(crate::netcheck::Stun::default()),
+        // A disco key for this run, as Tailscale clients make one per process: Go
+        // peers configure and reach only peers that have one (or a home relay). tsunagu
+        // does not answer disco yet; Go peers then keep to the relay for it.
+        disco: tsunagu_proto::DiscoPublic(NodePrivate::generate().public().0),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -407,6 +411,7 @@ async fn session(
     }
     let update = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
+        disco_key: shared.disco,
         node_key: node.public(),
         hostinfo: Some(hostinfo(shared, p)),
         endpoints: endpoints(shared, port, tun),
@@ -416,6 +421,7 @@ async fn session(
     bounded("sending endpoints", client.map(&update)).await?;
     let req = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
+        disco_key: shared.disco,
         compress: "zstd".into(),
         keep_alive: true,
         node_key: node.public(),
@@ -448,6 +454,7 @@ async fn session(
                     reported = mapped;
                     let update = MapRequest {
                         version: CURRENT_CAPABILITY_VERSION,
+                        disco_key: shared.disco,
                         node_key: node.public(),
                         endpoints: endpoints(shared, port, tun),
                         omit_peers: true,
@@ -480,6 +487,7 @@ async fn session(
             let hi = hostinfo(shared, p);
             let update = MapRequest {
                 version: CURRENT_CAPABILITY_VERSION,
+                disco_key: shared.disco,
                 node_key: node.public(),
                 hostinfo: Some(hi),
                 endpoints: endpoints(shared, port, tun),

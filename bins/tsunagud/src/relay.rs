@@ -179,7 +179,12 @@ async fn session(
     };
     let mut conn = ClientConn::new(key.clone(), ClientInfo::default());
     conn.handle_input(&head[start..])?;
-    let mut keepalive = tokio::time::interval(Duration::from_secs(30));
+    // Pings keep NAT state and idle proxies alive; the first one after 30 s, never
+    // before the login (a frame before ClientInfo closes the connection).
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(30),
+        Duration::from_secs(30),
+    );
     loop {
         while let Some(out) = conn.poll_transmit() {
             tcp.write_all(&out).await?;
@@ -219,7 +224,11 @@ async fn session(
                     tracing::debug!("relay send: {e}");
                 }
             }
-            _ = keepalive.tick() => conn.ping(*b"tsunagu!"),
+            _ = keepalive.tick() => {
+                if conn.is_connected() {
+                    conn.ping(*b"tsunagu!");
+                }
+            }
         }
     }
 }
