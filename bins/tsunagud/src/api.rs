@@ -370,6 +370,9 @@ pub struct Status {
     pub self_node: Option<SelfStatus>,
     pub exit_node: Option<ExitStatus>,
     pub peers: Vec<PeerInfo>,
+    /// The data plane's counters (drops by cause, relay traffic), for scripts.
+    #[serde(default)]
+    pub counters: Option<tsunagu_engine::CounterSnapshot>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -426,17 +429,18 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
     let dprefs = lock(&shared.prefs)?.clone();
     let prefs = &dprefs.prefs;
     let state = lock(&shared.map)?.clone();
-    let (running, engine_peers, exit_key, blocked) = match shared.engine.lock() {
+    let (running, engine_peers, exit_key, blocked, counters) = match shared.engine.lock() {
         Ok(g) => match g.as_ref() {
             Some(e) => (
                 true,
                 e.device().peers(),
                 e.map().exit_node,
                 e.map().exit_node_blocked,
+                Some(e.device().counters()),
             ),
-            None => (false, Vec::new(), None, false),
+            None => (false, Vec::new(), None, false, None),
         },
-        Err(_) => (false, Vec::new(), None, false),
+        Err(_) => (false, Vec::new(), None, false, None),
     };
     let users = engine_peers
         .iter()
@@ -531,6 +535,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         self_node,
         exit_node,
         peers,
+        counters,
     })
 }
 

@@ -69,7 +69,7 @@ pub struct DeviceCounters {
 }
 
 /// A snapshot of [`DeviceCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CounterSnapshot {
     pub udp_unknown: u64,
     pub udp_stun: u64,
