@@ -463,6 +463,29 @@ fn encode_shared(snap: &Snapshot, m: &MapMessage, compress: bool) -> std::io::Re
     Ok(b)
 }
 
+/// How long a new stream waits for a full-map permit before sending without one.
+const FULL_MAP_PERMIT_WAIT: Duration = Duration::from_secs(2);
+
+/// `bytes` holding `permit` until they are dropped.
+fn with_permit(bytes: Bytes, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Bytes {
+    struct Owner {
+        bytes: Bytes,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    match permit {
+        Some(p) => Bytes::from_owner(Owner {
+            bytes,
+            _permit: p,
+        }),
+        None => bytes,
+    }
+}
+
 /// One map stream: the full map, then deltas and keep-alives until the client goes.
 async fn session(
     state: Arc<State>,
@@ -488,8 +511,18 @@ async fn session(
     let ok = match first {
         Some(m) => {
             tracing::debug!(node = id, version = view.version, peers = ?m.peer_ids, "full map sent");
+            // A permit travels with the encoded bytes and returns when HTTP/2 has written
+            // them out and dropped them. A client that does not read keeps its permit, so
+            // waiting for one is bounded.
+            let permit = tokio::time::timeout(
+                FULL_MAP_PERMIT_WAIT,
+                state.full_maps.clone().acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok);
             match encode_message(&m, compress) {
-                Ok(b) => tx.send(Ok(b)).await.is_ok(),
+                Ok(b) => tx.send(Ok(with_permit(b, permit))).await.is_ok(),
                 Err(e) => {
                     tracing::error!("encoding a map response: {e}");
                     false

@@ -32,11 +32,17 @@ const LOG_LEN: usize = 4096;
 
 /// The least time between two snapshots while changes keep coming: every snapshot wakes
 /// every session, so with many sessions, fewer and larger snapshots cost less in total
-/// (25 ms plus 20 µs per live session: 125 ms at 5,000). A change after a quiet
-/// period is still published after [`COALESCE`].
+/// (25 ms plus 60 µs per live session: 325 ms at 5,000, so that waking them all takes
+/// a fraction of the time between snapshots). A change after a quiet period is still
+/// published after [`COALESCE`].
 pub fn min_interval(sessions: usize) -> Duration {
-    COALESCE + Duration::from_micros(20).saturating_mul(u32::try_from(sessions).unwrap_or(u32::MAX))
+    COALESCE + Duration::from_micros(60).saturating_mul(u32::try_from(sessions).unwrap_or(u32::MAX))
 }
+
+/// Full maps allowed in flight at once (built, and not yet written out by HTTP/2): a
+/// full map of a big tailnet is megabytes, and a burst of joins would otherwise hold
+/// one per joining node.
+pub const FULL_MAPS_IN_FLIGHT: usize = 8;
 
 /// A node with what only the server's memory knows.
 #[derive(Debug, Clone)]
@@ -124,6 +130,8 @@ pub struct State {
     snapshot: watch::Sender<Arc<Snapshot>>,
     derp_map: DERPMap,
     domain: String,
+    /// Permits for [`FULL_MAPS_IN_FLIGHT`].
+    pub full_maps: Arc<tokio::sync::Semaphore>,
 }
 
 fn policy_nodes(
@@ -229,6 +237,7 @@ impl State {
             snapshot: tx,
             derp_map,
             domain,
+            full_maps: Arc::new(tokio::sync::Semaphore::new(FULL_MAPS_IN_FLIGHT)),
         });
         let weak = Arc::downgrade(&state);
         tokio::spawn(async move { rebuild_loop(weak).await });
