@@ -606,7 +606,12 @@ async fn drain(
             continue;
         }
         let now = shared.now_ns() + 1;
-        for p in m.peers.iter().flatten().chain(m.peers_changed.iter().flatten()) {
+        for p in m
+            .peers
+            .iter()
+            .flatten()
+            .chain(m.peers_changed.iter().flatten())
+        {
             let Some(&idx) = shared.index.get(&p.key) else {
                 continue;
             };

@@ -223,12 +223,10 @@ fn decompress(
 impl MapStream {
     /// The next message, `None` when the server ended the stream.
     pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
-        Some(
-            match self.next_json().await? {
-                Ok(json) => serde_json::from_slice(&json).map_err(ClientError::from),
-                Err(e) => Err(e),
-            },
-        )
+        Some(match self.next_json().await? {
+            Ok(json) => serde_json::from_slice(&json).map_err(ClientError::from),
+            Err(e) => Err(e),
+        })
     }
 
     /// The next message as JSON, undecoded (for callers that read only part of it).

@@ -478,10 +478,7 @@ fn with_permit(bytes: Bytes, permit: Option<tokio::sync::OwnedSemaphorePermit>) 
         }
     }
     match permit {
-        Some(p) => Bytes::from_owner(Owner {
-            bytes,
-            _permit: p,
-        }),
+        Some(p) => Bytes::from_owner(Owner { bytes, _permit: p }),
         None => bytes,
     }
 }
