@@ -221,6 +221,7 @@ impl ControlClient {
             body: resp.into_body(),
             buf: Vec::new(),
             compressed: req.compress == "zstd",
+            zstd: None,
         })
     }
 }
@@ -230,13 +231,46 @@ pub struct MapStream {
     body: Incoming,
     buf: Vec<u8>,
     compressed: bool,
+    /// One decompression context for the whole stream (creating one per message costs
+    /// more than decompressing a small message).
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// Decompresses one message (one zstd frame, as servers write them; anything else, e.g.
+/// a frame without its size, takes the general path).
+fn decompress(
+    ctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    body: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .and_then(|s| usize::try_from(s).ok());
+    if let Some(size) = size.filter(|&s| s <= MAX_MESSAGE) {
+        let d = match ctx {
+            Some(d) => d,
+            None => ctx.insert(zstd::bulk::Decompressor::new()?),
+        };
+        if let Ok(out) = d.decompress(body, size) {
+            return Ok(out);
+        }
+    }
+    zstd::stream::decode_all(body)
+}
+
 impl MapStream {
     /// The next message, `None` when the server ended the stream.
     pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
+        Some(match self.next_json().await? {
+            Ok(json) => serde_json::from_slice(&json).map_err(ClientError::from),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// The next message as JSON, undecoded (for callers that read only part of it).
+    pub async fn next_json(&mut self) -> Option<Result<Vec<u8>, ClientError>> {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
@@ -249,14 +283,14 @@ impl MapStream {
                 if self.buf.len() >= 4 + len {
                     let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
                     let json = if self.compressed {
-                        match zstd::stream::decode_all(&body[..]) {
+                        match decompress(&mut self.zstd, &body) {
                             Ok(j) => j,
                             Err(e) => return Some(Err(ClientError::Stream(format!("zstd: {e}")))),
                         }
                     } else {
                         body
                     };
-                    return Some(serde_json::from_slice(&json).map_err(ClientError::from));
+                    return Some(Ok(json));
                 }
             }
             match self.body.frame().await {
