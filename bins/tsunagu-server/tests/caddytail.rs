@@ -1075,3 +1075,160 @@ fn relay_scenario(lab_name: &str, tls: bool, cafe_blocks_udp: bool) {
         }
     }
 }
+
+/// tsunagud, next to the server binary (`scripts/test` builds every binary first).
+fn tsunagud_binary() -> PathBuf {
+    let p = Path::new(SERVER).with_file_name("tsunagud");
+    assert!(
+        p.exists(),
+        "{} missing: build every binary first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// The data plane between tsunagud and the official Go client, both ways, over the
+/// relay (plain HTTP in the lab: `--derp-announce-http` and `TS_DEBUG_USE_DERP_HTTP`):
+/// tsunagud (on the exit node's host) fetches caddy-one's page on caddy-one's tailnet
+/// address, and caddy-one reverse-proxies a local port over the tailnet to a web server
+/// listening on tsunagud's tailnet address. caddy-one sits behind the cafe NAT.
+#[test]
+fn tsunagud_and_the_go_client_reach_each_other() {
+    let caddy = caddy_binary();
+    let tsunagud = tsunagud_binary();
+    let mut seed = Lab::seed("go_tsunagud", SeedOptions::default()).expect("seed lab");
+    let data = seed.lab.dir().join("server");
+    let url = server_url();
+    let server = start_server_with(&mut seed, &data, PORT, &url, &["--derp-announce-http"]);
+    admin(&data, &["users", "create", USER]);
+    let out = admin(
+        &data,
+        &["preauthkeys", "create", "--user", USER, "--reusable"],
+    );
+    let key = out
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .expect("the key on the last line")
+        .to_string();
+    // tsunagud on the exit host (public address), named "tsunagud-node".
+    let state = seed.lab.dir().join("tsunagud-state");
+    let sock = state.join("tsunagud.sock");
+    let tlog = seed.lab.log_path("tsunagud.log");
+    let t = seed
+        .lab
+        .spawn(
+            &seed.ns(role::EXIT),
+            &[
+                tsunagud.to_str().expect("UTF-8"),
+                "--login-server",
+                &url,
+                "--auth-key",
+                &key,
+                "--hostname",
+                "tsunagud-node",
+                "--state-dir",
+                state.to_str().expect("UTF-8"),
+                "--socket",
+                sock.to_str().expect("UTF-8"),
+            ],
+            Some(&tlog),
+        )
+        .expect("start tsunagud");
+    wait_online(
+        &mut seed,
+        &data,
+        "tsunagud-node",
+        &[],
+        &[(server, "server"), (t, "tsunagud")],
+    );
+    let list = nodes(&data);
+    let t_ip = first_v4(node_by_hostname(&list, "tsunagud-node").expect("listed"));
+    // A web server on tsunagud's tailnet address, for caddy-one to proxy to.
+    let _web = tsunagu_lab::whoami_server(&seed.ns(role::EXIT), (t_ip, 8088).into())
+        .expect("web server on the tailnet address");
+    let proxy = format!(
+        "
+:8081 {{
+	bind 127.0.0.1
+	reverse_proxy http://{t_ip}:8088 {{
+		transport tailscale caddy-one
+	}}
+}}
+"
+    );
+    let env = ["TS_DEBUG_USE_DERP_HTTP=1".to_string()];
+    let one = start_caddy_with(
+        &mut seed,
+        &caddy,
+        role::CLIENT,
+        "caddy-one",
+        &key,
+        &url,
+        &env,
+        &proxy,
+    );
+    let procs = [(server, "server"), (t, "tsunagud"), (one, "caddy-one")];
+    wait_online(&mut seed, &data, "caddy-one", &["tsunagud-node"], &procs);
+    let list = nodes(&data);
+    let c_ip = first_v4(node_by_hostname(&list, "caddy-one").expect("listed"));
+
+    // tsunagud → Go: caddy-one's page on its tailnet address.
+    let exit_ns = seed.ns(role::EXIT);
+    let start = Instant::now();
+    let mut got = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        match tsunagu_lab::http_get(&exit_ns, (c_ip, 80).into(), Duration::from_secs(3)) {
+            Ok(b) if b.contains("hello from caddy-one") => {
+                got = Some(b);
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    assert!(
+        got.is_some(),
+        "tsunagud could not fetch caddy-one's page at {c_ip}\n{}\n{}",
+        logs(&seed, &procs),
+        fs::read_to_string(&tlog).unwrap_or_default()
+    );
+    eprintln!(
+        "tsunagud fetched caddy-one's page after {:?}",
+        start.elapsed()
+    );
+
+    // Go → tsunagud: caddy-one proxies to the web server on tsunagud's address.
+    let client_ns = seed.ns(role::CLIENT);
+    let start = Instant::now();
+    let mut got = None;
+    while start.elapsed() < Duration::from_secs(60) {
+        match tsunagu_lab::http_get(
+            &client_ns,
+            (Ipv4Addr::LOCALHOST, 8081).into(),
+            Duration::from_secs(5),
+        ) {
+            Ok(b) if b.trim() == c_ip.to_string() => {
+                got = Some(b);
+                break;
+            }
+            Ok(other) => eprintln!("proxy answered: {other}"),
+            Err(e) => eprintln!("proxy request failed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        got.is_some(),
+        "caddy-one could not reach the web server on tsunagud ({t_ip}) over the tailnet\n{}",
+        logs(&seed, &procs)
+    );
+    eprintln!(
+        "caddy-one reached tsunagud's web server after {:?}",
+        start.elapsed()
+    );
+    let st = Command::new(tsunagud.with_file_name("tsunagu"))
+        .args(["--socket", sock.to_str().expect("UTF-8"), "status"])
+        .output();
+    if let Ok(o) = st {
+        eprintln!("tsunagu status:\n{}", text(&o.stdout));
+    }
+}

@@ -1,8 +1,16 @@
-//! The local API: JSON over HTTP/1.1 on a Unix socket (mode 0600), for the `tsunagu` CLI.
+//! The local API: JSON over HTTP/1.1 on a Unix socket, for the `tsunagu` CLI.
 //!
-//! `GET /status` describes this node and its peers as the daemon knows them (map stream +
-//! engine); `POST /prefs` changes the exit node choice, checked against the current map,
-//! applied at once and persisted to `<state-dir>/prefs.json`.
+//! * `GET /status`: this node, the control connection's state, the exit node and peers,
+//!   as the daemon knows them (map stream + engine).
+//! * `POST /prefs`: exit node, LAN access, exit-node offer, hostname; the exit node is
+//!   checked against the current map; applied at once and persisted.
+//! * `POST /up`: log in (login server, auth key, hostname, tags, ...) and run. Answers
+//!   when the node runs, when an admin must approve it (with the URL), or with the
+//!   reason it failed, in which case the previous settings are restored.
+//! * `POST /down`: disconnect (routes removed, the choices kept); `POST /logout`: tell
+//!   the server, forget the node key; the next `up` must authenticate again.
+//!
+//! Settings live in `<state-dir>/prefs.json` (mode 0600), written atomically.
 
 use anyhow::Context as _;
 use axum::Json;
@@ -11,48 +19,135 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tsunagu_client::netmap::{MapState, Prefs, short_name};
 use tsunagu_engine::engine::{Engine, EngineConfig};
-use tsunagu_proto::NodePrivate;
+use tsunagu_proto::{MachinePrivate, NodePrivate};
 
 /// A handshake younger than this makes a peer "active" (WireGuard rekeys every 2 min
 /// while traffic flows).
 const ACTIVE_SECS: u64 = 180;
+/// How long `up` waits for the outcome of a login before answering "still starting".
+const UP_WAIT: Duration = Duration::from_secs(25);
+
+/// Everything the daemon keeps across restarts besides its keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonPrefs {
+    /// The coordination server; empty until the first `up`.
+    pub login_server: String,
+    /// The name to register with; empty for the system's hostname.
+    pub hostname: String,
+    pub advertise_tags: Vec<String>,
+    /// `up` sets it, `down` clears it.
+    pub want_running: bool,
+    /// After `logout`: the node key is new and `up` must authenticate again.
+    pub logged_out: bool,
+    #[serde(flatten)]
+    pub prefs: Prefs,
+}
+
+/// Where the control connection stands, as `status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendState {
+    /// No login server or logged out: `tsunagu up` is needed.
+    #[default]
+    NeedsLogin,
+    /// Registered interactively: an admin must approve the node at `auth_url`.
+    NeedsMachineAuth,
+    /// Connecting to the server or waiting for the first map.
+    Starting,
+    /// Following the map stream; the data plane runs.
+    Running,
+    /// `tsunagu down`.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub state: BackendState,
+    /// With `NeedsMachineAuth`: where the admin approves this node.
+    pub auth_url: String,
+    /// The last control error of this generation, empty when none.
+    pub error: String,
+    /// The settings generation this describes (bumped by every change of settings).
+    pub generation: u64,
+}
 
 /// What the control loop and the API share.
 pub struct Shared {
-    /// The user's choices; locked first (then `map`, then `engine`) by whoever applies.
-    pub prefs: Mutex<Prefs>,
+    /// The settings; locked first (then `map`, then `engine`) by whoever applies.
+    pub prefs: Mutex<DaemonPrefs>,
     pub map: Mutex<MapState>,
     pub engine: Arc<Mutex<Option<Engine>>>,
     pub engine_cfg: EngineConfig,
-    pub node: NodePrivate,
+    pub machine: MachinePrivate,
+    pub node: Mutex<NodePrivate>,
     pub mtu: u16,
-    pub prefs_path: PathBuf,
+    pub state_dir: PathBuf,
+    /// The system's hostname, used when the settings name none.
+    pub default_hostname: String,
+    /// A pre-auth key for the next registration only; never written to disk.
+    pub auth_key: Mutex<Option<String>>,
+    /// The control loop's state, published.
+    pub backend: tokio::sync::watch::Sender<Backend>,
+    /// Bumped on every change of settings: the control loop restarts its session.
+    pub generation: tokio::sync::watch::Sender<u64>,
+    /// The connection to the home relay, when the server announces one.
+    pub relay: Mutex<Option<crate::relay::Relay>>,
+    /// STUN through the WireGuard socket: our public endpoint.
+    pub stun: Arc<crate::netcheck::Stun>,
+    /// The disco public key announced to the server.
+    pub disco: tsunagu_proto::DiscoPublic,
+}
+
+fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| anyhow::anyhow!("a lock was poisoned"))
 }
 
 impl Shared {
-    /// Build the NetMap from the current map and `prefs` and give it to the engine
-    /// (starting it on the first usable map). Callers hold the prefs lock.
-    pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
-        let map = {
-            let state = self
-                .map
-                .lock()
-                .map_err(|_| anyhow::anyhow!("map lock poisoned"))?;
-            match state.netmap(&self.node, prefs, self.mtu)? {
-                Some(m) => m,
-                None => return Ok(()),
-            }
-        };
-        let mut guard = self
-            .engine
+    pub fn prefs_path(&self) -> PathBuf {
+        self.state_dir.join("prefs.json")
+    }
+
+    pub fn node_key(&self) -> NodePrivate {
+        self.node
             .lock()
-            .map_err(|_| anyhow::anyhow!("engine lock poisoned"))?;
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn hostname(&self, p: &DaemonPrefs) -> String {
+        if p.hostname.is_empty() {
+            self.default_hostname.clone()
+        } else {
+            p.hostname.clone()
+        }
+    }
+
+    /// Build the NetMap from the current map and `prefs` and give it to the engine
+    /// (starting it on the first usable map). An exit node that cannot be used blocks
+    /// internet traffic (fail closed). Callers hold the prefs lock.
+    pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
+        let key = self.node_key();
+        let state = lock(&self.map)?;
+        let relay = self.relay_link();
+        let mut guard = lock(&self.engine)?;
+        let current = guard.as_ref().and_then(|e| e.map().exit_node);
+        let Some(map) = state.netmap_fail_closed(&key, prefs, self.mtu, current.as_ref()) else {
+            return Ok(());
+        };
+        drop(state);
         match guard.as_mut() {
             Some(e) => {
                 if e.map() != &map {
+                    if map.exit_node_blocked && !e.map().exit_node_blocked {
+                        tracing::warn!(
+                            exit_node = %prefs.exit_node,
+                            "the chosen exit node cannot be used: internet traffic blocked until it returns or another is chosen"
+                        );
+                    }
                     e.apply(&map).context("the engine refused the map")?;
                 }
             }
@@ -63,17 +158,132 @@ impl Shared {
                     name = %map.self_node.name,
                     addresses = ?map.self_node.addresses,
                     exit_node = map.exit_peer().map(|p| p.name.as_str()).unwrap_or("none"),
+                    blocked = map.exit_node_blocked,
                     "running"
                 );
                 *guard = Some(e);
             }
         }
+        if let Some(e) = guard.as_ref() {
+            e.device().set_relay(relay);
+            e.device().set_stun_sink(Some(self.stun.sink()));
+        }
         Ok(())
+    }
+
+    /// Connect to the home relay of `map`'s DERP map (or keep the connection when it
+    /// is the same), and record its region in `map` so that peers homed there get a
+    /// relay path. True when the relay changed (the server should hear our new home).
+    pub fn ensure_relay(&self, map: &mut MapState, login_server: &str) -> bool {
+        let target = map
+            .derp_map
+            .as_ref()
+            .and_then(|d| crate::relay::RelayTarget::home(d, login_server));
+        let Ok(mut relay) = self.relay.lock() else {
+            return false;
+        };
+        let same = relay.as_ref().map(|r| &r.target) == target.as_ref();
+        map.relay_region = target.as_ref().map(|t| t.region);
+        if same {
+            return false;
+        }
+        *relay = target.map(|t| {
+            tracing::info!(region = t.region, code = %t.code, relay = %t.addr, "home relay");
+            crate::relay::Relay::start(
+                t,
+                self.node_key(),
+                self.engine_cfg.fwmark,
+                self.engine.clone(),
+            )
+        });
+        true
+    }
+
+    /// Send a STUN Binding Request to every STUN server of the map, from the WireGuard
+    /// socket (answers arrive through the device's STUN sink).
+    pub fn probe_stun(&self, map: &MapState) {
+        let Some(d) = map.derp_map.as_ref() else {
+            return;
+        };
+        let Ok(g) = self.engine.lock() else { return };
+        let Some(e) = g.as_ref() else { return };
+        for (_, server) in crate::netcheck::stun_servers(d) {
+            let req = self.stun.request(server);
+            if let Err(err) = e.device().send_datagram(server, &req) {
+                tracing::debug!(%server, "STUN request: {err}");
+            }
+        }
+    }
+
+    /// The home relay's region, if there is one.
+    pub fn home_relay_region(&self) -> Option<u16> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref().map(|r| r.target.region)
+    }
+
+    /// The home relay's region code, if connected to one.
+    pub fn home_relay_code(&self) -> Option<String> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref().map(|r| r.target.code.clone())
+    }
+
+    fn relay_link(&self) -> Option<Arc<dyn tsunagu_engine::device::RelayTx>> {
+        let r = self.relay.lock().ok()?;
+        r.as_ref()
+            .map(|r| r.link.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
+    }
+
+    /// The relay region's code, for `status` (`relay "tsunagu"`).
+    fn relay_code(&self, region: u16) -> String {
+        self.relay
+            .lock()
+            .ok()
+            .and_then(|r| {
+                r.as_ref()
+                    .filter(|r| r.target.region == region)
+                    .map(|r| r.target.code.clone())
+            })
+            .unwrap_or_else(|| region.to_string())
+    }
+
+    /// Stop the data plane and remove everything it installed (`down`, `logout`).
+    pub fn stop_engine(&self) {
+        if let Ok(mut r) = self.relay.lock() {
+            *r = None;
+        }
+        if let Ok(mut g) = self.engine.lock()
+            && let Some(mut e) = g.take()
+        {
+            e.shutdown();
+            tracing::info!("data plane stopped");
+        }
+    }
+
+    /// Publish the control loop's state for generation `generation`.
+    pub fn set_backend(&self, generation: u64, state: BackendState, auth_url: &str, error: &str) {
+        self.backend.send_replace(Backend {
+            state,
+            auth_url: auth_url.into(),
+            error: error.into(),
+            generation,
+        });
+    }
+
+    /// Persist `next` and restart the control session with it.
+    fn commit(&self, prefs: &mut DaemonPrefs, next: DaemonPrefs) -> anyhow::Result<u64> {
+        save_prefs(&self.prefs_path(), &next)?;
+        *prefs = next;
+        let mut generation = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        Ok(generation)
     }
 }
 
-/// Prefs saved in the state directory, if any.
-pub fn load_prefs(path: &Path) -> anyhow::Result<Option<Prefs>> {
+/// Settings saved in the state directory, if any.
+pub fn load_prefs(path: &Path) -> anyhow::Result<Option<DaemonPrefs>> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(
             serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))?,
@@ -83,11 +293,13 @@ pub fn load_prefs(path: &Path) -> anyhow::Result<Option<Prefs>> {
     }
 }
 
-/// Write prefs atomically with mode 0600.
-pub fn save_prefs(path: &Path, prefs: &Prefs) -> anyhow::Result<()> {
+/// Write a file atomically with mode 0600.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -95,10 +307,14 @@ pub fn save_prefs(path: &Path, prefs: &Prefs) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(prefs)?.as_bytes())?;
+    f.write_all(contents)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+pub fn save_prefs(path: &Path, prefs: &DaemonPrefs) -> anyhow::Result<()> {
+    write_private(path, serde_json::to_string_pretty(prefs)?.as_bytes())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +325,10 @@ pub struct SelfStatus {
     pub user: String,
     pub os: String,
     pub running: bool,
+    /// `None` when not offering; `awaiting approval` or `approved`.
+    pub offering_exit_node: Option<String>,
+    /// Peers that sent internet traffic through us recently (we are their exit node).
+    pub exit_node_users: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +339,8 @@ pub struct ExitStatus {
     pub ip: String,
     /// `active`, `idle`, `offline`, `connecting`, or the error that keeps it unused.
     pub state: String,
+    /// The chosen exit node cannot be used and internet traffic is blocked.
+    pub blocked: bool,
     pub allow_lan_access: bool,
 }
 
@@ -133,6 +355,8 @@ pub struct PeerInfo {
     pub offers_exit_node: bool,
     pub exit_node: bool,
     pub endpoint: Option<String>,
+    /// How packets reach the peer: `direct IP:PORT` or `relay "REGION"`.
+    pub path: Option<String>,
     pub last_handshake_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -140,20 +364,40 @@ pub struct PeerInfo {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
+    pub backend: Backend,
+    pub login_server: String,
     #[serde(rename = "self")]
     pub self_node: Option<SelfStatus>,
     pub exit_node: Option<ExitStatus>,
     pub peers: Vec<PeerInfo>,
+    /// The data plane's counters (drops by cause, relay traffic), for scripts.
+    #[serde(default)]
+    pub counters: Option<tsunagu_engine::CounterSnapshot>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct PrefsRequest {
     pub exit_node: Option<String>,
     pub exit_node_allow_lan_access: Option<bool>,
+    pub advertise_exit_node: Option<bool>,
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct UpRequest {
+    pub login_server: Option<String>,
+    pub auth_key: Option<String>,
+    pub advertise_tags: Option<Vec<String>>,
+    /// Settings not given return to their defaults (instead of staying as they are).
+    pub reset: bool,
+    #[serde(flatten)]
+    pub prefs: PrefsRequest,
 }
 
 #[derive(Debug, Serialize)]
-struct ApiError {
+pub struct ApiError {
     error: String,
 }
 
@@ -168,6 +412,10 @@ fn err(code: StatusCode, e: impl std::fmt::Display) -> (StatusCode, Json<ApiErro
     )
 }
 
+fn internal(e: impl std::fmt::Display) -> (StatusCode, Json<ApiError>) {
+    err(StatusCode::INTERNAL_SERVER_ERROR, e)
+}
+
 fn activity(online: Option<bool>, hs: Option<u64>) -> &'static str {
     match (online, hs) {
         (Some(false), _) => "offline",
@@ -178,23 +426,26 @@ fn activity(online: Option<bool>, hs: Option<u64>) -> &'static str {
 }
 
 pub fn status(shared: &Shared) -> anyhow::Result<Status> {
-    let prefs = shared
-        .prefs
-        .lock()
-        .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?
-        .clone();
-    let state = shared
-        .map
-        .lock()
-        .map_err(|_| anyhow::anyhow!("map lock poisoned"))?
-        .clone();
-    let (running, engine_peers, exit_key) = match shared.engine.lock() {
+    let dprefs = lock(&shared.prefs)?.clone();
+    let prefs = &dprefs.prefs;
+    let state = lock(&shared.map)?.clone();
+    let (running, engine_peers, exit_key, blocked, counters) = match shared.engine.lock() {
         Ok(g) => match g.as_ref() {
-            Some(e) => (true, e.device().peers(), e.map().exit_node),
-            None => (false, Vec::new(), None),
+            Some(e) => (
+                true,
+                e.device().peers(),
+                e.map().exit_node,
+                e.map().exit_node_blocked,
+                Some(e.device().counters()),
+            ),
+            None => (false, Vec::new(), None, false, None),
         },
-        Err(_) => (false, Vec::new(), None),
+        Err(_) => (false, Vec::new(), None, false, None),
     };
+    let users = engine_peers
+        .iter()
+        .filter(|p| p.exit_rx_packets > 0 && p.last_handshake_secs.is_some_and(|s| s < ACTIVE_SECS))
+        .count();
     let self_node = state.self_node.as_ref().map(|n| SelfStatus {
         name: short_name(n).to_string(),
         dns_name: n.name.clone(),
@@ -202,6 +453,14 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         user: state.user_name(n),
         os: n.hostinfo.os.clone(),
         running,
+        offering_exit_node: prefs.advertise_exit_node.then(|| {
+            if n.is_exit_node() {
+                "approved".to_string()
+            } else {
+                "awaiting approval".to_string()
+            }
+        }),
+        exit_node_users: users,
     });
     let mut peers = Vec::new();
     for p in state.peers.values() {
@@ -223,6 +482,12 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
             offers_exit_node: p.is_exit_node(),
             exit_node: exit_key == Some(p.key),
             endpoint: es.and_then(|e| e.endpoint).map(|e| e.to_string()),
+            path: es.and_then(|e| e.endpoint).map(|e| {
+                match tsunagu_engine::peers::relay_region(&e) {
+                    Some(region) => format!("relay \"{}\"", shared.relay_code(region)),
+                    None => format!("direct {e}"),
+                }
+            }),
             last_handshake_secs: es.and_then(|e| e.last_handshake_secs),
             tx_bytes: es.map_or(0, |e| e.tx_bytes),
             rx_bytes: es.map_or(0, |e| e.rx_bytes),
@@ -231,107 +496,421 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
     let exit_node = if prefs.exit_node.is_empty() {
         None
     } else {
-        Some(match state.resolve_exit(&prefs.exit_node) {
-            Ok(Some(n)) => {
-                let info = peers.iter().find(|p| p.dns_name == n.name);
-                let state = match info {
-                    Some(i) if !i.exit_node => "connecting".to_string(),
-                    Some(i) => match activity(i.online, i.last_handshake_secs) {
-                        "-" => "connecting".to_string(),
-                        a => a.to_string(),
-                    },
-                    None => "connecting".to_string(),
-                };
-                ExitStatus {
-                    chosen: prefs.exit_node.clone(),
-                    name: short_name(n).to_string(),
-                    ip: info.map(|i| i.ip.clone()).unwrap_or_default(),
-                    state,
-                    allow_lan_access: prefs.exit_node_allow_lan_access,
+        Some(
+            match state.resolve_exit_sticky(&prefs.exit_node, exit_key.as_ref()) {
+                Ok(Some(n)) => {
+                    let info = peers.iter().find(|p| p.dns_name == n.name);
+                    let state = match info {
+                        Some(i) if !i.exit_node => "connecting".to_string(),
+                        Some(i) => match activity(i.online, i.last_handshake_secs) {
+                            "-" => "connecting".to_string(),
+                            a => a.to_string(),
+                        },
+                        None => "connecting".to_string(),
+                    };
+                    ExitStatus {
+                        chosen: prefs.exit_node.clone(),
+                        name: short_name(n).to_string(),
+                        ip: info.map(|i| i.ip.clone()).unwrap_or_default(),
+                        state,
+                        blocked: false,
+                        allow_lan_access: prefs.exit_node_allow_lan_access,
+                    }
                 }
-            }
-            Ok(None) => unreachable!("non-empty choice"),
-            Err(e) => ExitStatus {
-                chosen: prefs.exit_node.clone(),
-                name: String::new(),
-                ip: String::new(),
-                state: format!("unusable: {e}"),
-                allow_lan_access: prefs.exit_node_allow_lan_access,
+                Ok(None) => unreachable!("non-empty choice"),
+                Err(e) => ExitStatus {
+                    chosen: prefs.exit_node.clone(),
+                    name: String::new(),
+                    ip: String::new(),
+                    state: format!("unusable: {e}"),
+                    blocked,
+                    allow_lan_access: prefs.exit_node_allow_lan_access,
+                },
             },
-        })
+        )
     };
     Ok(Status {
+        backend: shared.backend.borrow().clone(),
+        login_server: dprefs.login_server.clone(),
         self_node,
         exit_node,
         peers,
+        counters,
     })
 }
 
-/// Validate and apply new prefs; on success they are persisted and in force.
-pub fn set_prefs(shared: &Shared, req: &PrefsRequest) -> Result<Prefs, (StatusCode, String)> {
-    let internal = |e: &dyn std::fmt::Display| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let mut prefs = shared
-        .prefs
-        .lock()
-        .map_err(|_| internal(&"prefs lock poisoned"))?;
-    let mut next = prefs.clone();
+/// Apply the data-plane part of a request to `next`; `Err` (400) when the exit node does
+/// not fit the current map.
+fn merge_prefs(
+    shared: &Shared,
+    next: &mut DaemonPrefs,
+    req: &PrefsRequest,
+) -> Result<(), (StatusCode, Json<ApiError>)> {
     if let Some(x) = &req.exit_node {
-        next.exit_node = x.trim().to_string();
+        next.prefs.exit_node = x.trim().to_string();
     }
     if let Some(l) = req.exit_node_allow_lan_access {
-        next.exit_node_allow_lan_access = l;
+        next.prefs.exit_node_allow_lan_access = l;
     }
+    if let Some(a) = req.advertise_exit_node {
+        next.prefs.advertise_exit_node = a;
+    }
+    if let Some(h) = &req.hostname {
+        let h = h.trim();
+        if !h.is_empty() && !valid_hostname(h) {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid hostname {h:?}: use letters, digits and '-', at most 63 characters"
+                ),
+            ));
+        }
+        next.hostname = h.to_string();
+    }
+    let state = lock(&shared.map).map_err(internal)?;
+    if let Some(x) = &req.exit_node
+        && !x.trim().is_empty()
     {
-        let state = shared
-            .map
-            .lock()
-            .map_err(|_| internal(&"map lock poisoned"))?;
-        if state.self_node.is_none() && !next.exit_node.is_empty() {
-            return Err((
+        if state.self_node.is_none() {
+            return Err(err(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no network map yet (not connected to the coordination server)".into(),
+                "no network map yet (not connected to the coordination server)",
             ));
         }
         state
-            .resolve_exit(&next.exit_node)
-            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+            .resolve_exit(x.trim())
+            .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
     }
-    shared.apply_locked(&next).map_err(|e| internal(&e))?;
-    save_prefs(&shared.prefs_path, &next).map_err(|e| internal(&format!("{e:#}")))?;
+    Ok(())
+}
+
+fn valid_hostname(h: &str) -> bool {
+    h.len() <= 63
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+}
+
+/// Whether a settings change needs a new session (what we tell the server changed).
+fn needs_new_session(old: &DaemonPrefs, next: &DaemonPrefs) -> bool {
+    old.login_server != next.login_server
+        || old.hostname != next.hostname
+        || old.advertise_tags != next.advertise_tags
+        || old.prefs.advertise_exit_node != next.prefs.advertise_exit_node
+        || old.want_running != next.want_running
+        || old.logged_out != next.logged_out
+}
+
+fn log_prefs(p: &DaemonPrefs, what: &str) {
     tracing::info!(
-        exit_node = if next.exit_node.is_empty() {
+        exit_node = if p.prefs.exit_node.is_empty() {
             "none"
         } else {
-            next.exit_node.as_str()
+            p.prefs.exit_node.as_str()
         },
-        allow_lan = next.exit_node_allow_lan_access,
-        "preferences changed"
+        allow_lan = p.prefs.exit_node_allow_lan_access,
+        advertise_exit_node = p.prefs.advertise_exit_node,
+        "{what}"
     );
-    *prefs = next.clone();
+}
+
+/// Validate and apply new prefs; on success they are persisted and in force.
+pub fn set_prefs(
+    shared: &Shared,
+    req: &PrefsRequest,
+) -> Result<DaemonPrefs, (StatusCode, Json<ApiError>)> {
+    let mut prefs = lock(&shared.prefs).map_err(internal)?;
+    let mut next = prefs.clone();
+    merge_prefs(shared, &mut next, req)?;
+    shared
+        .apply_locked(&next.prefs)
+        .map_err(|e| internal(format!("{e:#}")))?;
+    let restart = needs_new_session(&prefs, &next);
+    if restart {
+        shared
+            .commit(&mut prefs, next.clone())
+            .map_err(|e| internal(format!("{e:#}")))?;
+    } else {
+        save_prefs(&shared.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
+        *prefs = next.clone();
+    }
+    log_prefs(&next, "preferences changed");
     Ok(next)
+}
+
+/// What `up` answers.
+#[derive(Debug, Serialize)]
+pub struct UpResponse {
+    pub backend: Backend,
+}
+
+/// Wait until the control loop reports on `generation`: running, waiting for an admin,
+/// or failed. `None` when it is still connecting after `UP_WAIT`.
+async fn outcome(shared: &Shared, generation: u64) -> Option<Backend> {
+    let mut rx = shared.backend.subscribe();
+    let wait = rx.wait_for(|b| {
+        b.generation == generation
+            && (matches!(
+                b.state,
+                BackendState::Running | BackendState::NeedsMachineAuth
+            ) || !b.error.is_empty())
+    });
+    match tokio::time::timeout(UP_WAIT, wait).await {
+        Ok(Ok(b)) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
+    let s = shared.clone();
+    let planned =
+        tokio::task::spawn_blocking(move || -> Result<_, (StatusCode, Json<ApiError>)> {
+            let mut prefs = lock(&s.prefs).map_err(internal)?;
+            let old = prefs.clone();
+            let mut next = if req.reset {
+                DaemonPrefs {
+                    login_server: old.login_server.clone(),
+                    ..DaemonPrefs::default()
+                }
+            } else {
+                old.clone()
+            };
+            if let Some(url) = &req.login_server {
+                let url = url.trim().trim_end_matches('/');
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid login server {url:?}: give http://HOST:PORT"),
+                    ));
+                }
+                next.login_server = url.to_string();
+            }
+            if next.login_server.is_empty() {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "no coordination server known yet: give --login-server=URL",
+                ));
+            }
+            if let Some(tags) = &req.advertise_tags {
+                if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid tag {bad:?}: tags look like tag:NAME"),
+                    ));
+                }
+                next.advertise_tags = tags.clone();
+            }
+            merge_prefs(&s, &mut next, &req.prefs)?;
+            let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
+            if auth_key.is_some() || old.login_server != next.login_server {
+                next.logged_out = false;
+            }
+            next.want_running = true;
+            let running = s.backend.borrow().state == BackendState::Running;
+            if next == old && auth_key.is_none() && running {
+                return Ok(None);
+            }
+            if !needs_new_session(&old, &next) && auth_key.is_none() && running {
+                // Only data-plane choices changed: apply them like `set`.
+                s.apply_locked(&next.prefs)
+                    .map_err(|e| internal(format!("{e:#}")))?;
+                save_prefs(&s.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
+                *prefs = next;
+                return Ok(None);
+            }
+            *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
+            let generation = s
+                .commit(&mut prefs, next.clone())
+                .map_err(|e| internal(format!("{e:#}")))?;
+            log_prefs(&next, "up");
+            Ok(Some((old, generation)))
+        })
+        .await
+        .map_err(internal)??;
+    let Some((old, generation)) = planned else {
+        return Ok(Json(UpResponse {
+            backend: shared.backend.borrow().clone(),
+        }));
+    };
+    match outcome(&shared, generation).await {
+        Some(b) if b.error.is_empty() => Ok(Json(UpResponse { backend: b })),
+        Some(b) => {
+            // Failed: put the previous settings back, so nothing changed.
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let mut prefs = lock(&s.prefs)?;
+                *lock(&s.auth_key)? = None;
+                s.commit(&mut prefs, old)?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(format!("{e:#}")))?;
+            tracing::warn!(error = %b.error, "up failed; previous settings restored");
+            Err(err(StatusCode::BAD_GATEWAY, b.error))
+        }
+        None => Ok(Json(UpResponse {
+            backend: shared.backend.borrow().clone(),
+        })),
+    }
+}
+
+async fn down(shared: Arc<Shared>) -> ApiResult<UpResponse> {
+    let s = shared.clone();
+    let generation = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut prefs = lock(&s.prefs)?;
+        let next = DaemonPrefs {
+            want_running: false,
+            ..prefs.clone()
+        };
+        s.commit(&mut prefs, next)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| internal(format!("{e:#}")))?;
+    let mut rx = shared.backend.subscribe();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|b| b.generation == generation && b.state != BackendState::Running),
+    )
+    .await;
+    tracing::info!("down");
+    Ok(Json(UpResponse {
+        backend: shared.backend.borrow().clone(),
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogoutResponse {
+    /// Empty when the server was told; otherwise why it could not be.
+    pub warning: String,
+}
+
+async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
+    let (server, node) = {
+        let p = lock(&shared.prefs).map_err(internal)?;
+        (p.login_server.clone(), shared.node_key())
+    };
+    let mut warning = String::new();
+    if !server.is_empty() {
+        let told = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::control::logout(&server, &shared.machine, &node, shared.engine_cfg.fwmark),
+        )
+        .await;
+        match told {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warning = format!("the server was not told: {e:#}"),
+            Err(_) => warning = "the server was not told: timed out".into(),
+        }
+    }
+    let s = shared.clone();
+    let generation = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut prefs = lock(&s.prefs)?;
+        // A new node key: the old one is expired on the server.
+        let fresh = NodePrivate::generate();
+        write_private(
+            &s.state_dir.join("node.key"),
+            format!("{}\n", fresh.to_base64()).as_bytes(),
+        )?;
+        *lock(&s.node)? = fresh;
+        *lock(&s.map)? = MapState::default();
+        let next = DaemonPrefs {
+            want_running: false,
+            logged_out: true,
+            ..prefs.clone()
+        };
+        s.commit(&mut prefs, next)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| internal(format!("{e:#}")))?;
+    let mut rx = shared.backend.subscribe();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|b| b.generation == generation && b.state == BackendState::NeedsLogin),
+    )
+    .await;
+    tracing::info!(%warning, "logged out");
+    Ok(Json(LogoutResponse { warning }))
+}
+
+async fn get_netcheck(State(shared): State<Arc<Shared>>) -> ApiResult<crate::netcheck::Report> {
+    let map = lock(&shared.map)
+        .map_err(internal)?
+        .derp_map
+        .clone()
+        .ok_or_else(|| {
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server announced no relay or STUN server (or no map yet)",
+            )
+        })?;
+    if lock(&shared.engine).map_err(internal)?.is_none() {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data plane is not running",
+        ));
+    }
+    let engine = shared.engine.clone();
+    let send = move |to: std::net::SocketAddr, d: &[u8]| -> std::io::Result<()> {
+        match engine.lock().ok().as_ref().and_then(|g| g.as_ref()) {
+            Some(e) => e.device().send_datagram(to, d),
+            None => Err(std::io::Error::other("the data plane stopped")),
+        }
+    };
+    let home = shared.home_relay_code();
+    let report = crate::netcheck::run(
+        &shared.stun,
+        send,
+        &map,
+        home.as_deref(),
+        shared.engine_cfg.fwmark,
+    )
+    .await;
+    Ok(Json(report))
 }
 
 async fn get_status(State(shared): State<Arc<Shared>>) -> ApiResult<Status> {
     tokio::task::spawn_blocking(move || status(&shared))
         .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(internal)?
         .map(Json)
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))
+        .map_err(|e| internal(format!("{e:#}")))
 }
 
 async fn post_prefs(
     State(shared): State<Arc<Shared>>,
     Json(req): Json<PrefsRequest>,
-) -> ApiResult<Prefs> {
+) -> ApiResult<DaemonPrefs> {
     tokio::task::spawn_blocking(move || set_prefs(&shared, &req))
         .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(internal)?
         .map(Json)
-        .map_err(|(c, e)| err(c, e))
 }
 
-/// Bind the socket (replacing a stale one, mode 0600) and serve until the process ends.
-pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn post_up(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<UpRequest>,
+) -> ApiResult<UpResponse> {
+    up(shared, req).await
+}
+
+async fn post_down(State(shared): State<Arc<Shared>>) -> ApiResult<UpResponse> {
+    down(shared).await
+}
+
+async fn post_logout(State(shared): State<Arc<Shared>>) -> ApiResult<LogoutResponse> {
+    logout(shared).await
+}
+
+/// Bind the socket (replacing a stale one) and serve until the process ends. The socket
+/// is owner-only (0600), or group read-write (0660) for `operator_group`.
+pub async fn serve(
+    path: PathBuf,
+    operator_group: Option<nix::unistd::Gid>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -351,12 +930,23 @@ pub async fn serve(path: PathBuf, shared: Arc<Shared>) -> anyhow::Result<()> {
     }
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+    let mode = if let Some(gid) = operator_group {
+        nix::unistd::chown(&path, None, Some(gid))
+            .with_context(|| format!("chgrp {}", path.display()))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))?;
     tracing::info!(path = %path.display(), "local API listening");
     let app = axum::Router::new()
         .route("/status", get(get_status))
+        .route("/netcheck", get(get_netcheck))
         .route("/prefs", post(post_prefs))
+        .route("/up", post(post_up))
+        .route("/down", post(post_down))
+        .route("/logout", post(post_logout))
         .with_state(shared);
     axum::serve(listener, app).await.context("local API")?;
     Ok(())
@@ -372,10 +962,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prefs.json");
         assert_eq!(load_prefs(&path).unwrap(), None);
-        let p = Prefs {
-            exit_node: "dev-m1sk9-s1".into(),
-            exit_node_allow_lan_access: true,
-            advertise_exit_node: false,
+        let p = DaemonPrefs {
+            login_server: "http://198.51.100.4:8080".into(),
+            want_running: true,
+            prefs: Prefs {
+                exit_node: "dev-m1sk9-s1".into(),
+                exit_node_allow_lan_access: true,
+                advertise_exit_node: false,
+            },
+            ..DaemonPrefs::default()
         };
         save_prefs(&path, &p).unwrap();
         save_prefs(&path, &p).unwrap();
@@ -385,10 +980,51 @@ mod tests {
     }
 
     #[test]
+    fn older_prefs_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prefs.json");
+        std::fs::write(
+            &path,
+            r#"{"exit_node":"x","exit_node_allow_lan_access":true,"advertise_exit_node":false}"#,
+        )
+        .unwrap();
+        let p = load_prefs(&path).unwrap().unwrap();
+        assert_eq!(p.prefs.exit_node, "x");
+        assert!(p.prefs.exit_node_allow_lan_access);
+        assert!(p.login_server.is_empty() && !p.want_running);
+    }
+
+    #[test]
     fn activity_words() {
         assert_eq!(activity(Some(false), Some(1)), "offline");
         assert_eq!(activity(Some(true), Some(1)), "active");
         assert_eq!(activity(None, Some(500)), "idle");
         assert_eq!(activity(Some(true), None), "-");
+    }
+
+    #[test]
+    fn session_restarts_only_for_what_the_server_sees() {
+        let a = DaemonPrefs {
+            login_server: "http://198.51.100.4:8080".into(),
+            want_running: true,
+            ..DaemonPrefs::default()
+        };
+        let mut b = a.clone();
+        b.prefs.exit_node = "dev-m1sk9-s1".into();
+        b.prefs.exit_node_allow_lan_access = true;
+        assert!(!needs_new_session(&a, &b));
+        b.prefs.advertise_exit_node = true;
+        assert!(needs_new_session(&a, &b));
+        let mut c = a.clone();
+        c.hostname = "laptop".into();
+        assert!(needs_new_session(&a, &c));
+    }
+
+    #[test]
+    fn hostnames_are_dns_labels() {
+        assert!(valid_hostname("dev-m1sk9-s1"));
+        assert!(!valid_hostname("-x"));
+        assert!(!valid_hostname("a b"));
+        assert!(!valid_hostname(&"a".repeat(64)));
     }
 }

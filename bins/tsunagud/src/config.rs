@@ -158,6 +158,7 @@ impl Config {
                 offers_exit: p.offers_exit_node,
                 exit_client: p.may_use_exit_node,
                 keepalive: p.persistent_keepalive.filter(|&k| k > 0),
+                relay: None,
             });
         }
         let mut map = NetMap {
@@ -170,6 +171,7 @@ impl Config {
             peers,
             exit_node: None,
             exit_node_allow_lan_access: file.exit_node_allow_lan_access,
+            exit_node_blocked: false,
             mtu: file.mtu.unwrap_or(DEFAULT_MTU),
         };
         if !file.exit_node.is_empty() {

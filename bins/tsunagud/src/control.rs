@@ -7,34 +7,41 @@
 //! a `NetMap` for the engine. On any error it retries with backoff and jitter; the data
 //! plane keeps running on the last map meanwhile.
 
-use crate::api::Shared;
+use crate::api::{BackendState, DaemonPrefs, Shared};
 use anyhow::Context as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tsunagu_client::netmap::{MapState, Prefs};
-use tsunagu_client::{ControlClient, fetch_server_key};
+use tsunagu_client::{ControlClient, fetch_server_key_marked};
 use tsunagu_engine::engine::{Engine, EngineConfig};
 use tsunagu_proto::tailcfg::{
     CURRENT_CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, RegisterResponseAuth,
 };
 use tsunagu_proto::{MachinePrivate, NodePrivate};
 
-/// What the daemon needs to join.
+/// What the daemon starts with: settings from the command line override the saved ones.
 #[derive(Debug, Clone)]
 pub struct JoinArgs {
-    pub login_server: String,
+    /// From `--login-server` (then the daemon also wants to run).
+    pub login_server: Option<String>,
     pub auth_key: Option<String>,
     pub state_dir: PathBuf,
-    pub hostname: String,
+    /// The system's hostname (used when none is configured).
+    pub default_hostname: String,
+    pub hostname: Option<String>,
     pub advertise_tags: Vec<String>,
     pub prefs: Prefs,
     pub engine: EngineConfig,
     pub mtu: u16,
     /// The local API's Unix socket.
     pub socket: PathBuf,
+    pub operator_group: Option<nix::unistd::Gid>,
 }
+
+/// How long connecting to the server, or one registration, may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn read_or_create<T: std::str::FromStr + std::fmt::Display>(
     path: &Path,
@@ -110,8 +117,24 @@ fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
     out
 }
 
-/// Run the control loop forever; the engine (started on the first usable map) is put
-/// into `engine` so that the signal handler can shut it down.
+/// Our endpoints as peers should try them: the public one STUN found first, then the
+/// local addresses.
+fn endpoints(shared: &Shared, port: u16, tun: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(r) = shared.stun.latest() {
+        out.push(r.mapped.to_string());
+    }
+    for e in local_endpoints(port, tun) {
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Load the identity and settings, start the local API, and run the control loop
+/// forever. The engine (started on the first usable map) lives in `engine`, so that the
+/// signal handler can stop it.
 pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
@@ -124,43 +147,136 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
     })?
     .0;
     let prefs_path = args.state_dir.join("prefs.json");
-    let mut prefs = args.prefs.clone();
-    match crate::api::load_prefs(&prefs_path) {
-        Ok(Some(saved)) => {
-            // A choice on the command line wins over the saved one.
-            if prefs.exit_node.is_empty() {
-                prefs.exit_node = saved.exit_node;
-            }
-            prefs.exit_node_allow_lan_access |= saved.exit_node_allow_lan_access;
+    let on_disk = match crate::api::load_prefs(&prefs_path) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("ignoring saved settings: {e:#}");
+            None
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("ignoring saved preferences: {e:#}"),
+    };
+    let mut saved = on_disk.clone().unwrap_or_default();
+    // What the command line says wins over what was saved.
+    if let Some(url) = &args.login_server {
+        if saved.login_server != *url {
+            saved.logged_out = false;
+        }
+        saved.login_server.clone_from(url);
+        saved.want_running = true;
     }
+    if args.auth_key.is_some() {
+        saved.logged_out = false;
+    }
+    if let Some(h) = &args.hostname {
+        saved.hostname.clone_from(h);
+    }
+    if !args.advertise_tags.is_empty() {
+        saved.advertise_tags.clone_from(&args.advertise_tags);
+    }
+    if !args.prefs.exit_node.is_empty() {
+        saved.prefs.exit_node.clone_from(&args.prefs.exit_node);
+    }
+    saved.prefs.exit_node_allow_lan_access |= args.prefs.exit_node_allow_lan_access;
+    saved.prefs.advertise_exit_node |= args.prefs.advertise_exit_node;
+    if on_disk.as_ref() != Some(&saved) {
+        // A restart without those flags comes back the same.
+        crate::api::save_prefs(&prefs_path, &saved)?;
+    }
+    let (backend, _) = tokio::sync::watch::channel(crate::api::Backend::default());
+    let (generation, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
-        prefs: Mutex::new(prefs),
+        prefs: Mutex::new(saved),
         map: Mutex::new(MapState::default()),
         engine,
         engine_cfg: args.engine.clone(),
-        node: node.clone(),
+        machine,
+        node: Mutex::new(node),
         mtu: args.mtu,
-        prefs_path,
+        state_dir: args.state_dir.clone(),
+        default_hostname: args.default_hostname.clone(),
+        auth_key: Mutex::new(args.auth_key.clone()),
+        backend,
+        generation,
+        relay: Mutex::new(None),
+        stun: Arc::new(crate::netcheck::Stun::default()),
+        // A disco key for this run, as Tailscale clients make one per process: Go
+        // peers configure and reach only peers that have one (or a home relay). tsunagu
+        // does not answer disco yet; Go peers then keep to the relay for it.
+        disco: tsunagu_proto::DiscoPublic(NodePrivate::generate().public().0),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
+    let group = args.operator_group;
     tokio::spawn(async move {
-        if let Err(e) = crate::api::serve(socket, api).await {
+        if let Err(e) = crate::api::serve(socket, group, api).await {
             tracing::error!("local API stopped: {e:#}");
         }
     });
-    let mut backoff = Duration::from_millis(500);
+    control_loop(&shared, args.engine.listen_port, &args.engine.tun_name).await;
+    Ok(())
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Follow the settings: idle while logged out or down, otherwise one session after the
+/// other with backoff and jitter; a change of settings starts a new session at once.
+async fn control_loop(shared: &Shared, port: u16, tun: &str) {
+    let mut wake = shared.generation.subscribe();
+    let mut backoff = MIN_BACKOFF;
     loop {
-        match session(&args, &machine, &node, &shared).await {
-            Ok(()) => tracing::info!("map stream ended; reconnecting"),
-            Err(e) => tracing::warn!("control: {e:#}; retrying in {backoff:?}"),
+        let generation = *wake.borrow_and_update();
+        let p = match shared.prefs.lock() {
+            Ok(p) => p.clone(),
+            Err(_) => return,
+        };
+        let idle = if p.login_server.is_empty() || p.logged_out {
+            Some(BackendState::NeedsLogin)
+        } else if !p.want_running {
+            Some(BackendState::Stopped)
+        } else {
+            None
+        };
+        if let Some(state) = idle {
+            shared.stop_engine();
+            shared.set_backend(generation, state, "", "");
+            let _ = wake.changed().await;
+            backoff = MIN_BACKOFF;
+            continue;
+        }
+        if shared.backend.borrow().state != BackendState::Running {
+            shared.set_backend(generation, BackendState::Starting, "", "");
+        }
+        let result = tokio::select! {
+            r = session(shared, &p, generation, port, tun) => Some(r),
+            _ = wake.changed() => None,
+        };
+        match result {
+            None => {
+                backoff = MIN_BACKOFF;
+                continue;
+            }
+            Some(Ok(())) => {
+                backoff = MIN_BACKOFF;
+                tracing::info!("map stream ended; reconnecting");
+            }
+            Some(Err(e)) => {
+                tracing::warn!("control: {e:#}; retrying in {backoff:?}");
+                let b = shared.backend.borrow().clone();
+                let state = if b.state == BackendState::Running {
+                    // The data plane keeps running on the last map.
+                    BackendState::Running
+                } else {
+                    b.state
+                };
+                shared.set_backend(generation, state, &b.auth_url, &format!("{e:#}"));
+            }
         }
         let jitter = Duration::from_millis(rand_jitter(backoff.as_millis() as u64 / 2));
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = wake.changed() => { backoff = MIN_BACKOFF; continue; }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -172,104 +288,227 @@ fn rand_jitter(max: u64) -> u64 {
     if max == 0 { 0 } else { nanos % max }
 }
 
-fn hostinfo(args: &JoinArgs) -> Hostinfo {
+fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
     let mut hi = Hostinfo {
-        hostname: args.hostname.clone(),
+        hostname: shared.hostname(p),
         os: "linux".into(),
-        request_tags: args.advertise_tags.clone(),
+        request_tags: p.advertise_tags.clone(),
         ..Hostinfo::default()
     };
-    if args.prefs.advertise_exit_node {
+    if p.prefs.advertise_exit_node {
         hi.routable_ips = vec![
             "0.0.0.0/0".parse().expect("literal"),
             "::/0".parse().expect("literal"),
         ];
     }
+    // Our home relay, in every report: a restarted server only knows it from us.
+    if let Some(region) = shared.home_relay_region() {
+        hi.net_info = Some(tsunagu_proto::tailcfg::NetInfo {
+            preferred_derp: i32::from(region),
+            ..Default::default()
+        });
+    }
     hi
 }
 
-async fn session(
-    args: &JoinArgs,
+async fn bounded<T, E: Into<anyhow::Error>>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CONTROL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(Into::into).with_context(|| what.to_string()),
+        Err(_) => anyhow::bail!("{what}: timed out after {CONTROL_TIMEOUT:?}"),
+    }
+}
+
+/// Dial the server on a socket with the engine's bypass mark, so the control
+/// connection takes the physical network whatever the tunnel does with the default
+/// route (exit node, or its fail-closed block).
+async fn connect(
+    server: &str,
+    machine: &MachinePrivate,
+    fwmark: u32,
+) -> anyhow::Result<ControlClient> {
+    let what = format!("cannot reach the coordination server {server}");
+    let mark = Some(fwmark);
+    let server_key = bounded(&what, fetch_server_key_marked(server, mark)).await?;
+    bounded(
+        &what,
+        ControlClient::connect_marked(server, &server_key, machine, mark),
+    )
+    .await
+}
+
+/// Tell the server this node logs out (its key expires now).
+pub async fn logout(
+    server: &str,
     machine: &MachinePrivate,
     node: &NodePrivate,
-    shared: &Shared,
+    fwmark: u32,
 ) -> anyhow::Result<()> {
-    let server_key = fetch_server_key(&args.login_server).await?;
-    let mut client = ControlClient::connect(&args.login_server, &server_key, machine).await?;
+    let mut client = connect(server, machine, fwmark).await?;
     let reg = RegisterRequest {
         version: CURRENT_CAPABILITY_VERSION,
         node_key: node.public(),
-        hostinfo: Some(hostinfo(args)),
-        auth: args.auth_key.as_ref().map(|k| RegisterResponseAuth {
+        expiry: tsunagu_proto::tailcfg::Time(chrono::Utc::now() - chrono::Duration::seconds(1)),
+        ..RegisterRequest::default()
+    };
+    let r = bounded("logging out", client.register(&reg)).await?;
+    if !r.error.is_empty() {
+        anyhow::bail!("the server refused the logout: {}", r.error);
+    }
+    Ok(())
+}
+
+async fn session(
+    shared: &Shared,
+    p: &DaemonPrefs,
+    generation: u64,
+    port: u16,
+    tun: &str,
+) -> anyhow::Result<()> {
+    let server = p.login_server.as_str();
+    let node = shared.node_key();
+    let mut client = connect(server, &shared.machine, shared.engine_cfg.fwmark).await?;
+    let auth_key = shared.auth_key.lock().ok().and_then(|k| k.clone());
+    let mut reg = RegisterRequest {
+        version: CURRENT_CAPABILITY_VERSION,
+        node_key: node.public(),
+        hostinfo: Some(hostinfo(shared, p)),
+        auth: auth_key.as_ref().map(|k| RegisterResponseAuth {
             auth_key: k.clone(),
             ..RegisterResponseAuth::default()
         }),
         ..RegisterRequest::default()
     };
-    let r = client.register(&reg).await?;
+    let mut r = bounded("registering", client.register(&reg)).await?;
     if !r.error.is_empty() {
         anyhow::bail!("the server refused the registration: {}", r.error);
     }
-    if !r.auth_url.is_empty() {
-        anyhow::bail!(
-            "the server wants interactive login at {} (give --auth-key)",
-            r.auth_url
-        );
+    if !r.auth_url.is_empty() && !r.machine_authorized {
+        // Interactive: an admin approves the node; the follow-up waits for that.
+        let url = r.auth_url.clone();
+        tracing::info!(%url, "waiting for an admin to approve this node");
+        shared.set_backend(generation, BackendState::NeedsMachineAuth, &url, "");
+        reg.auth = None;
+        reg.followup = url.clone();
+        loop {
+            r = client.register(&reg).await?;
+            if !r.error.is_empty() {
+                anyhow::bail!("the server refused the registration: {}", r.error);
+            }
+            if r.machine_authorized {
+                break;
+            }
+        }
+        shared.set_backend(generation, BackendState::Starting, "", "");
     }
     if !r.machine_authorized {
         anyhow::bail!("this node is not authorized yet");
     }
-    let port = args.engine.listen_port;
+    if let Ok(mut k) = shared.auth_key.lock() {
+        *k = None; // used
+    }
     let update = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
+        disco_key: shared.disco,
         node_key: node.public(),
-        hostinfo: Some(hostinfo(args)),
-        endpoints: local_endpoints(port, &args.engine.tun_name),
+        hostinfo: Some(hostinfo(shared, p)),
+        endpoints: endpoints(shared, port, tun),
         omit_peers: true,
         ..MapRequest::default()
     };
-    client.map(&update).await?;
+    bounded("sending endpoints", client.map(&update)).await?;
     let req = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
+        disco_key: shared.disco,
         compress: "zstd".into(),
         keep_alive: true,
         node_key: node.public(),
         stream: true,
         ..MapRequest::default()
     };
-    let mut stream = client.map(&req).await?;
+    let mut stream = bounded("starting the map stream", client.map(&req)).await?;
     let mut state = MapState::default();
-    while let Some(msg) = tokio::time::timeout(Duration::from_secs(150), stream.next())
-        .await
-        .context("no message (not even a keep-alive) for 150 s")?
-    {
-        let msg = msg?;
+    // STUN every 20 s (and right after the relay is known): when the public endpoint
+    // changes, the server hears it, and so do our peers.
+    let mut stun_tick = tokio::time::interval(Duration::from_secs(20));
+    stun_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = shared.stun.latest().map(|r| r.mapped);
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(Duration::from_secs(150), stream.next()) => {
+                match m.context("no message (not even a keep-alive) for 150 s")? {
+                    Some(m) => m?,
+                    None => break,
+                }
+            }
+            _ = stun_tick.tick() => {
+                shared.probe_stun(&state);
+                continue;
+            }
+            _ = shared.stun.answered.notified() => {
+                let mapped = shared.stun.latest().map(|r| r.mapped);
+                if mapped.is_some() && mapped != reported {
+                    tracing::info!(endpoint = ?mapped, "public endpoint (STUN)");
+                    reported = mapped;
+                    let update = MapRequest {
+                        version: CURRENT_CAPABILITY_VERSION,
+                        disco_key: shared.disco,
+                        node_key: node.public(),
+                        endpoints: endpoints(shared, port, tun),
+                        omit_peers: true,
+                        ..MapRequest::default()
+                    };
+                    bounded("reporting endpoints", client.map(&update)).await?;
+                }
+                continue;
+            }
+        };
         if msg.keep_alive {
             continue;
         }
         // Prefs first, then the map, then the engine: the lock order `Shared` documents.
-        let prefs = shared
-            .prefs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?;
-        state.apply(&msg);
-        *shared
-            .map
-            .lock()
-            .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
-        if let Err(e) = shared.apply_locked(&prefs) {
-            if e.downcast_ref::<tsunagu_client::netmap::PrefsError>()
-                .is_some()
-            {
-                tracing::error!("cannot apply the preferences to this map: {e}");
-                continue;
-            }
+        let (relay_changed, applied) = {
+            let prefs = shared
+                .prefs
+                .lock()
+                .map_err(|_| anyhow::anyhow!("prefs lock poisoned"))?;
+            state.apply(&msg);
+            let relay_changed = shared.ensure_relay(&mut state, server);
+            *shared
+                .map
+                .lock()
+                .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
+            (relay_changed, shared.apply_locked(&prefs.prefs))
+        };
+        if relay_changed {
+            // Tell the server (and so our peers) where we can be reached through a relay.
+            let hi = hostinfo(shared, p);
+            let update = MapRequest {
+                version: CURRENT_CAPABILITY_VERSION,
+                disco_key: shared.disco,
+                node_key: node.public(),
+                hostinfo: Some(hi),
+                endpoints: endpoints(shared, port, tun),
+                omit_peers: true,
+                ..MapRequest::default()
+            };
+            bounded("reporting the home relay", client.map(&update)).await?;
+            shared.probe_stun(&state);
+        }
+        if let Err(e) = applied {
             if shared.engine.lock().map(|g| g.is_none()).unwrap_or(false) {
                 return Err(e);
             }
             tracing::error!("{e:#}");
         }
-        drop(prefs);
+        if shared.backend.borrow().state != BackendState::Running
+            || shared.backend.borrow().generation != generation
+            || !shared.backend.borrow().error.is_empty()
+        {
+            shared.set_backend(generation, BackendState::Running, "", "");
+        }
         tracing::debug!(peers = state.peers.len(), "map applied");
     }
     Ok(())

@@ -1,12 +1,19 @@
 //! tsunagud: the node daemon.
 //!
-//! Today it takes its network map from a TOML file ([`config`]); SIGHUP reloads the file
-//! (a bad file is reported and the running map kept), SIGTERM/SIGINT shut down cleanly,
-//! removing every route, rule and NAT table the daemon installed.
+//! Joined to a coordination server (the default): identity and settings in the state
+//! directory, the `tsunagu` CLI on the local API socket ([`api`], [`control`]). SIGTERM or
+//! SIGINT stop it; while an exit node is in use the fail-closed rules stay until the next
+//! start, so nothing leaks across a restart (`tsunagu down` removes everything).
+//!
+//! Without a server, `--config FILE` takes the network map from a TOML file ([`config`]);
+//! SIGHUP reloads it (a bad file is reported and the running map kept), SIGTERM/SIGINT
+//! remove every route, rule and NAT table the daemon installed.
 
 mod api;
 mod config;
 mod control;
+mod netcheck;
+mod relay;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -23,11 +30,11 @@ struct Args {
         long,
         short = 'c',
         value_name = "FILE",
-        required_unless_present = "login_server",
         conflicts_with = "login_server"
     )]
     config: Option<PathBuf>,
-    /// Join this coordination server instead (e.g. http://198.51.100.4:8080).
+    /// Join this coordination server (e.g. http://198.51.100.4:8080); without it the
+    /// saved one, or none until `tsunagu up --login-server=URL`.
     #[arg(long, value_name = "URL")]
     login_server: Option<String>,
     /// Pre-auth key for the first registration.
@@ -64,6 +71,9 @@ struct Args {
         default_value = "/run/tsunagud/tsunagud.sock"
     )]
     socket: PathBuf,
+    /// Group allowed to use the local API besides root (socket mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    operator_group: Option<String>,
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
@@ -99,7 +109,7 @@ fn load(args: &Args) -> anyhow::Result<Config> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.login_server.is_some() {
+    if args.config.is_none() {
         return run_joined(args);
     }
     let cfg = load(&args)?;
@@ -179,18 +189,28 @@ fn block_signals() -> anyhow::Result<SigSet> {
 /// Joined to a coordination server: the control loop runs on its own runtime thread; this
 /// thread waits for signals and shuts the engine down cleanly.
 fn run_joined(args: Args) -> anyhow::Result<()> {
-    let signals = block_signals()?;
-    let hostname = match &args.hostname {
-        Some(h) => h.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "linux".into()),
+    if args.check {
+        anyhow::bail!("--check needs --config FILE");
+    }
+    let operator_group = match &args.operator_group {
+        None => None,
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up group {name:?}"))?
+                .with_context(|| format!("no group {name:?}"))?
+                .gid,
+        ),
     };
+    let signals = block_signals()?;
+    let default_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "linux".into());
     let join = control::JoinArgs {
-        login_server: args.login_server.clone().unwrap_or_default(),
+        login_server: args.login_server.clone(),
         auth_key: args.auth_key.clone(),
         state_dir: args.state_dir.clone(),
-        hostname,
+        default_hostname,
+        hostname: args.hostname.clone(),
         advertise_tags: args.advertise_tags.clone(),
         prefs: tsunagu_client::netmap::Prefs {
             exit_node: args.exit_node.clone(),
@@ -207,6 +227,7 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
         },
         mtu: tsunagu_proto::netmap::DEFAULT_MTU,
         socket: args.socket.clone(),
+        operator_group,
     };
     let engine = std::sync::Arc::new(std::sync::Mutex::new(None::<Engine>));
     let shared = engine.clone();
@@ -237,7 +258,8 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
         if let Ok(mut guard) = engine.lock()
             && let Some(mut e) = guard.take()
         {
-            e.shutdown();
+            // With an exit node in use, keep blocking until the next start.
+            e.stop_keeping_block();
         }
         let _ = std::fs::remove_file(&args.socket);
         return Ok(());

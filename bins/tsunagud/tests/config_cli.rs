@@ -79,3 +79,32 @@ fn a_missing_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn joined_mode_refuses_bad_flags_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_tsunagud"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--operator-group", "no-such-group-tsunagu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no group \"no-such-group-tsunagu\""), "{err}");
+    assert!(!state.exists(), "nothing created");
+    let out = Command::new(env!("CARGO_BIN_EXE_tsunagud"))
+        .args([
+            "--config",
+            "x.toml",
+            "--login-server",
+            "http://198.51.100.4:8080",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a file and a server exclude each other"
+    );
+}

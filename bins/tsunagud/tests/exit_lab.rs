@@ -144,42 +144,11 @@ fn exit_node_changes_the_address_the_internet_sees() {
     let _ = r.exit;
 }
 
-/// Every packet in a cafe-LAN capture must belong to the tunnel: UDP between the client
-/// and the exit node's endpoint (either direction, any client port after NAT), or the
-/// exit node's ICMP error about that UDP. ARP and IPv6 link-local control (router and
-/// neighbour discovery, MLD: `fe80::` to `ff02::`) stay on the link and are allowed;
-/// any other line is a leak.
+/// Every packet in a cafe-LAN capture must belong to the tunnel (see
+/// [`tsunagu_lab::tunnel_leaks`]); any other line is a leak.
 fn leaks(lines: &[String]) -> Vec<String> {
     let exit_ep = format!("{EXIT_PUBLIC}.41641");
-    lines
-        .iter()
-        .filter(|l| {
-            if l.contains(" ARP,") {
-                return false;
-            }
-            if let Some(rest) = l.split(" IP6 ").nth(1) {
-                let link_local = rest.starts_with("fe80:") && rest.contains(" > ff02:");
-                return !link_local;
-            }
-            let Some(rest) = l.split(" IP ").nth(1) else {
-                return true; // not IP, not ARP: unexpected
-            };
-            let mut words = rest.split_whitespace();
-            let (src, _, dst) = (words.next(), words.next(), words.next());
-            let (src, dst) = (src.unwrap_or(""), dst.unwrap_or("").trim_end_matches(':'));
-            let client = tsunagu_lab::CLIENT_LAN.to_string();
-            let client_side = |a: &str| a == client || a.starts_with(&format!("{client}."));
-            let tunnel = rest.contains("UDP")
-                && ((client_side(src) && dst == exit_ep) || (src == exit_ep && client_side(dst)));
-            let icmp_about_tunnel = src == EXIT_PUBLIC.to_string()
-                && rest.contains("ICMP")
-                && rest.contains("udp port 41641 unreachable");
-            // Link-local multicast control (IGMP to 224.0.0.x) from the LAN's router.
-            let link_control = dst.starts_with("224.0.0.") && !client_side(src);
-            !(tunnel || icmp_about_tunnel || link_control)
-        })
-        .cloned()
-        .collect()
+    tsunagu_lab::tunnel_leaks(lines, tsunagu_lab::CLIENT_LAN, &exit_ep, &[])
 }
 
 #[test]

@@ -75,15 +75,44 @@ pub async fn resolve(server_url: &str) -> Result<(String, SocketAddr), ClientErr
     Ok((host, addr))
 }
 
+/// A TCP connection to `addr`, its socket marked with `fwmark` (`SO_MARK`) when given:
+/// tsunagud marks its control connections like its tunnel packets, so they take the
+/// physical network even while an exit node (or its fail-closed block) holds the
+/// default route.
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    fwmark: Option<u32>,
+) -> Result<tokio::net::TcpStream, ClientError> {
+    let io = |source| ClientError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    if let Some(mark) = fwmark {
+        socket2::SockRef::from(&sock).set_mark(mark).map_err(io)?;
+    }
+    let tcp = sock.connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    Ok(tcp)
+}
+
 /// `GET /key?v=…`: the server's Noise public key.
 pub async fn fetch_server_key(server_url: &str) -> Result<MachinePublic, ClientError> {
+    fetch_server_key_marked(server_url, None).await
+}
+
+/// [`fetch_server_key`] over a socket marked with `fwmark`.
+pub async fn fetch_server_key_marked(
+    server_url: &str,
+    fwmark: Option<u32>,
+) -> Result<MachinePublic, ClientError> {
     let (host, addr) = resolve(server_url).await?;
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let tcp = tcp_connect(addr, fwmark).await?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
@@ -119,9 +148,20 @@ impl ControlClient {
         server_key: &MachinePublic,
         machine: &MachinePrivate,
     ) -> Result<Self, ClientError> {
+        Self::connect_marked(server_url, server_key, machine, None).await
+    }
+
+    /// [`ControlClient::connect`] over a socket marked with `fwmark`.
+    pub async fn connect_marked(
+        server_url: &str,
+        server_key: &MachinePublic,
+        machine: &MachinePrivate,
+        fwmark: Option<u32>,
+    ) -> Result<Self, ClientError> {
         let (host, addr) = resolve(server_url).await?;
-        let (stream, _early) = tsunagu_noise::upgrade::dial_tcp(
-            addr,
+        let tcp = tcp_connect(addr, fwmark).await?;
+        let (stream, _early) = tsunagu_noise::upgrade::dial(
+            tcp,
             &host,
             server_key.to_bytes(),
             machine.to_bytes(),
@@ -181,6 +221,7 @@ impl ControlClient {
             body: resp.into_body(),
             buf: Vec::new(),
             compressed: req.compress == "zstd",
+            zstd: None,
         })
     }
 }
@@ -190,13 +231,46 @@ pub struct MapStream {
     body: Incoming,
     buf: Vec<u8>,
     compressed: bool,
+    /// One decompression context for the whole stream (creating one per message costs
+    /// more than decompressing a small message).
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// Decompresses one message (one zstd frame, as servers write them; anything else, e.g.
+/// a frame without its size, takes the general path).
+fn decompress(
+    ctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    body: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .and_then(|s| usize::try_from(s).ok());
+    if let Some(size) = size.filter(|&s| s <= MAX_MESSAGE) {
+        let d = match ctx {
+            Some(d) => d,
+            None => ctx.insert(zstd::bulk::Decompressor::new()?),
+        };
+        if let Ok(out) = d.decompress(body, size) {
+            return Ok(out);
+        }
+    }
+    zstd::stream::decode_all(body)
+}
+
 impl MapStream {
     /// The next message, `None` when the server ended the stream.
     pub async fn next(&mut self) -> Option<Result<MapResponse, ClientError>> {
+        Some(match self.next_json().await? {
+            Ok(json) => serde_json::from_slice(&json).map_err(ClientError::from),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// The next message as JSON, undecoded (for callers that read only part of it).
+    pub async fn next_json(&mut self) -> Option<Result<Vec<u8>, ClientError>> {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
@@ -209,14 +283,14 @@ impl MapStream {
                 if self.buf.len() >= 4 + len {
                     let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
                     let json = if self.compressed {
-                        match zstd::stream::decode_all(&body[..]) {
+                        match decompress(&mut self.zstd, &body) {
                             Ok(j) => j,
                             Err(e) => return Some(Err(ClientError::Stream(format!("zstd: {e}")))),
                         }
                     } else {
                         body
                     };
-                    return Some(serde_json::from_slice(&json).map_err(ClientError::from));
+                    return Some(Ok(json));
                 }
             }
             match self.body.frame().await {

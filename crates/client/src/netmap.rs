@@ -8,8 +8,8 @@
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use tsunagu_proto::tailcfg::{FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
-use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
+use tsunagu_proto::tailcfg::{DERPMap, FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
+use tsunagu_proto::{NetMap, NodePrivate, NodePublic, Peer, SelfNode};
 
 /// What the user chose (persisted by the daemon).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -29,7 +29,13 @@ pub enum PrefsError {
     SelfNode(String),
     #[error("{0} is not an approved exit node (or the policy does not let this device use it)")]
     NotExitNode(String),
+    #[error("no exit node is online and available to this device")]
+    NoExitNodeAvailable,
 }
+
+/// The exit-node choice "any available one": the one in use while it stays online and
+/// approved, otherwise another (failover), by name for determinism.
+pub const AUTO_ANY: &str = "auto:any";
 
 /// The client's view of the tailnet, updated message by message.
 #[derive(Debug, Default, Clone)]
@@ -40,6 +46,11 @@ pub struct MapState {
     pub domain: String,
     /// Users the map told us about (`UserProfiles` accumulate across the stream).
     pub users: BTreeMap<UserID, UserProfile>,
+    /// The relay regions the server announced (the latest map that had one).
+    pub derp_map: Option<DERPMap>,
+    /// The relay region this node is connected to (set by the daemon): peers homed
+    /// there get a relay path.
+    pub relay_region: Option<u16>,
 }
 
 /// A node's short name: the first label of its DNS name.
@@ -100,6 +111,9 @@ impl MapState {
                 if let Some(o) = patch.online {
                     p.online = Some(o);
                 }
+                if patch.derp_region != 0 {
+                    p.set_home_derp(patch.derp_region);
+                }
             }
         }
         for (id, online) in &m.online_change {
@@ -112,6 +126,9 @@ impl MapState {
         }
         for u in &m.user_profiles {
             self.users.insert(u.id, u.clone());
+        }
+        if let Some(d) = &m.derp_map {
+            self.derp_map = Some(d.clone());
         }
     }
 
@@ -140,8 +157,33 @@ impl MapState {
 
     /// Resolve the chosen exit node to a peer, with the reason when it cannot be used.
     pub fn resolve_exit(&self, what: &str) -> Result<Option<&Node>, PrefsError> {
+        self.resolve_exit_sticky(what, None)
+    }
+
+    /// [`MapState::resolve_exit`], where `auto:any` keeps `current` (the exit node in
+    /// use) while it is usable.
+    pub fn resolve_exit_sticky(
+        &self,
+        what: &str,
+        current: Option<&NodePublic>,
+    ) -> Result<Option<&Node>, PrefsError> {
         if what.is_empty() {
             return Ok(None);
+        }
+        if what == AUTO_ANY {
+            let usable = |p: &&Node| p.is_exit_node() && p.online != Some(false);
+            if let Some(cur) = current
+                && let Some(p) = self.peers.values().filter(usable).find(|p| p.key == *cur)
+            {
+                return Ok(Some(p));
+            }
+            return self
+                .peers
+                .values()
+                .filter(usable)
+                .min_by(|a, b| a.name.cmp(&b.name))
+                .map(Some)
+                .ok_or(PrefsError::NoExitNodeAvailable);
         }
         let me = self.self_node.as_ref();
         let is_me = me.is_some_and(|m| {
@@ -179,10 +221,37 @@ impl MapState {
         prefs: &Prefs,
         mtu: u16,
     ) -> Result<Option<NetMap>, PrefsError> {
-        let Some(me) = &self.self_node else {
-            return Ok(None);
-        };
         let exit = self.resolve_exit(&prefs.exit_node)?;
+        Ok(self.build(key, prefs, mtu, exit, false))
+    }
+
+    /// The engine's network map, failing closed: when the chosen exit node cannot be
+    /// used (revoked, removed, not allowed), internet traffic is blocked rather than
+    /// sent directly, until the user chooses again or the node comes back. `None`
+    /// until the map has our own node.
+    /// With `auto:any`, `current` (the exit node in use) is kept while usable.
+    pub fn netmap_fail_closed(
+        &self,
+        key: &NodePrivate,
+        prefs: &Prefs,
+        mtu: u16,
+        current: Option<&NodePublic>,
+    ) -> Option<NetMap> {
+        match self.resolve_exit_sticky(&prefs.exit_node, current) {
+            Ok(exit) => self.build(key, prefs, mtu, exit, false),
+            Err(_) => self.build(key, prefs, mtu, None, true),
+        }
+    }
+
+    fn build(
+        &self,
+        key: &NodePrivate,
+        prefs: &Prefs,
+        mtu: u16,
+        exit: Option<&Node>,
+        blocked: bool,
+    ) -> Option<NetMap> {
+        let me = self.self_node.as_ref()?;
         let mut peers = Vec::with_capacity(self.peers.len());
         for p in self.peers.values() {
             let allowed: Vec<IpNet> = p
@@ -202,6 +271,9 @@ impl MapState {
                         .iter()
                         .any(|a| self.may_use_us_as_exit(a.addr())),
                 keepalive: Some(25),
+                relay: self
+                    .relay_region
+                    .filter(|r| i32::from(*r) == p.derp_region()),
             });
         }
         // Node names are unique per tailnet, but two peers may share a short name across
@@ -213,7 +285,7 @@ impl MapState {
                 seen.insert(p.name.clone());
             }
         }
-        Ok(Some(NetMap {
+        Some(NetMap {
             self_node: SelfNode {
                 name: short_name(me).to_string(),
                 private_key: key.clone(),
@@ -223,8 +295,9 @@ impl MapState {
             peers,
             exit_node: exit.map(|p| p.key),
             exit_node_allow_lan_access: prefs.exit_node_allow_lan_access,
+            exit_node_blocked: blocked,
             mtu,
-        }))
+        })
     }
 }
 
@@ -332,8 +405,74 @@ mod tests {
             e.unwrap_err(),
             PrefsError::NotExitNode("dev-m1sk9-s1".into())
         );
+        // The daemon's map fails closed: no exit peer, internet blocked, peers kept.
+        let prefs = Prefs {
+            exit_node: "dev-m1sk9-s1".into(),
+            ..Prefs::default()
+        };
+        let m = s
+            .netmap_fail_closed(&NodePrivate::generate(), &prefs, 1280, None)
+            .unwrap();
+        assert!(m.exit_node.is_none() && m.exit_node_blocked);
+        assert_eq!(m.peers.len(), 1);
+        m.validate().unwrap();
+        // With no exit node chosen nothing is blocked.
+        let m = s
+            .netmap_fail_closed(&NodePrivate::generate(), &Prefs::default(), 1280, None)
+            .unwrap();
+        assert!(!m.exit_node_blocked);
         s.apply(&MapResponse::keep_alive());
         assert_eq!(s.peers.len(), 1);
+    }
+
+    #[test]
+    fn auto_any_sticks_to_the_exit_node_in_use_and_fails_over() {
+        let mut s = state();
+        let other = node(4, "backup-exit", "100.64.0.4", true);
+        let other_key = other.key;
+        s.apply(&MapResponse {
+            peers_changed: vec![other],
+            ..MapResponse::default()
+        });
+        let first = s.resolve_exit(AUTO_ANY).unwrap().unwrap();
+        assert_eq!(
+            short_name(first),
+            "backup-exit",
+            "by name without a current one"
+        );
+        let primary = s.find("dev-m1sk9-s1").unwrap().key;
+        let kept = s
+            .resolve_exit_sticky(AUTO_ANY, Some(&primary))
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.key, primary, "the one in use is kept");
+        // The one in use goes offline: fail over to the other.
+        s.apply(&MapResponse {
+            online_change: [(NodeID(2), false)].into_iter().collect(),
+            ..MapResponse::default()
+        });
+        let next = s
+            .resolve_exit_sticky(AUTO_ANY, Some(&primary))
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.key, other_key);
+        // None left: fail closed with a reason.
+        s.apply(&MapResponse {
+            online_change: [(NodeID(4), false)].into_iter().collect(),
+            ..MapResponse::default()
+        });
+        assert_eq!(
+            s.resolve_exit_sticky(AUTO_ANY, Some(&primary)).unwrap_err(),
+            PrefsError::NoExitNodeAvailable
+        );
+        let prefs = Prefs {
+            exit_node: AUTO_ANY.into(),
+            ..Prefs::default()
+        };
+        let m = s
+            .netmap_fail_closed(&NodePrivate::generate(), &prefs, 1280, Some(&primary))
+            .unwrap();
+        assert!(m.exit_node_blocked);
     }
 
     #[test]

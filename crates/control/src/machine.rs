@@ -3,8 +3,8 @@
 //! here as [`MachineCtx`].
 
 use crate::framing;
-use crate::mapper::{self, SessionView};
-use crate::state::{NodeEntry, State, policy_node};
+use crate::mapper::{self, MapMessage, SessionView};
+use crate::state::{NodeEntry, Snapshot, State, policy_node};
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State as AxState};
 use axum::http::StatusCode;
@@ -383,7 +383,7 @@ pub async fn map(
         app.state.rebuild();
         let snap = app.state.current();
         let mut view = SessionView::new(id);
-        return match view.full_map(&snap).map(|m| encode(&m, compress)) {
+        return match view.full_map(&snap).map(|m| encode_message(&m, compress)) {
             Some(Ok(b)) => b.into_response(),
             Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             None => error(StatusCode::NOT_FOUND, "node not found"),
@@ -442,6 +442,47 @@ fn encode(m: &MapResponse, compress: bool) -> std::io::Result<Bytes> {
     framing::encode(&json, compress).map(Bytes::from)
 }
 
+fn encode_message(m: &MapMessage, compress: bool) -> std::io::Result<Bytes> {
+    let json = m.to_json().map_err(std::io::Error::other)?;
+    framing::encode(&json, compress).map(Bytes::from)
+}
+
+/// A delta as framed bytes: encoded (and compressed) once per snapshot when other
+/// sessions send the same message.
+fn encode_shared(snap: &Snapshot, m: &MapMessage, compress: bool) -> std::io::Result<Bytes> {
+    let Some(key) = &m.share else {
+        return encode_message(m, compress);
+    };
+    let key = (key.clone(), compress);
+    if let Some(b) = snap.encoded.lock().get(&key) {
+        return Ok(b.clone());
+    }
+    // Two sessions may both encode it; the second insert is harmless.
+    let b = encode_message(m, compress)?;
+    snap.encoded.lock().insert(key, b.clone());
+    Ok(b)
+}
+
+/// How long a new stream waits for a full-map permit before sending without one.
+const FULL_MAP_PERMIT_WAIT: Duration = Duration::from_secs(2);
+
+/// `bytes` holding `permit` until they are dropped.
+fn with_permit(bytes: Bytes, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Bytes {
+    struct Owner {
+        bytes: Bytes,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    match permit {
+        Some(p) => Bytes::from_owner(Owner { bytes, _permit: p }),
+        None => bytes,
+    }
+}
+
 /// One map stream: the full map, then deltas and keep-alives until the client goes.
 async fn session(
     state: Arc<State>,
@@ -450,23 +491,40 @@ async fn session(
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let mut rx = state.subscribe();
-    state.session_started(id);
-    // Make the node's own "online" visible before its first map.
-    state.rebuild();
+    // The first map comes from the first snapshot that shows the node online (the next
+    // coalesced rebuild), so that a burst of joins shares rebuilds.
+    let ready = state.session_started(id);
     let mut view = SessionView::new(id);
-    let first = {
+    let first = loop {
         let snap = rx.borrow_and_update().clone();
-        view.full_map(&snap)
+        if snap.version >= ready {
+            break view.full_map(&snap);
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break None },
+            _ = tx.closed() => break None,
+        }
     };
     let ok = match first {
         Some(m) => {
-            tracing::debug!(
-                node = id,
-                version = view.version,
-                peers = ?m.peers.iter().flatten().map(|p| p.id.0).collect::<Vec<_>>(),
-                "full map sent"
-            );
-            send(&tx, &m, compress).await
+            tracing::debug!(node = id, version = view.version, peers = ?m.peer_ids, "full map sent");
+            // A permit travels with the encoded bytes and returns when HTTP/2 has written
+            // them out and dropped them. A client that does not read keeps its permit, so
+            // waiting for one is bounded.
+            let permit = tokio::time::timeout(
+                FULL_MAP_PERMIT_WAIT,
+                state.full_maps.clone().acquire_owned(),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok);
+            match encode_message(&m, compress) {
+                Ok(b) => tx.send(Ok(with_permit(b, permit))).await.is_ok(),
+                Err(e) => {
+                    tracing::error!("encoding a map response: {e}");
+                    false
+                }
+            }
         }
         None => false,
     };
@@ -488,13 +546,19 @@ async fn session(
                         tracing::debug!(
                             node = id,
                             version = view.version,
-                            peers_changed = ?m.peers_changed.iter().map(|p| p.id.0).collect::<Vec<_>>(),
-                            peers_removed = ?m.peers_removed.iter().map(|p| p.0).collect::<Vec<_>>(),
-                            self_changed = m.node.is_some(),
-                            filter_changed = m.packet_filter.is_some(),
+                            peers_changed = ?m.peer_ids,
+                            peers_removed = ?m.response.peers_removed.iter().map(|p| p.0).collect::<Vec<_>>(),
+                            self_changed = m.response.node.is_some(),
                             "map delta sent"
                         );
-                        if !send(&tx, &m, compress).await {
+                        let sent = match encode_shared(&snap, &m, compress) {
+                            Ok(b) => tx.send(Ok(b)).await.is_ok(),
+                            Err(e) => {
+                                tracing::error!("encoding a map response: {e}");
+                                false
+                            }
+                        };
+                        if !sent {
                             break;
                         }
                     }

@@ -3,20 +3,31 @@
 //!
 //! * [`full_map`]: the first message of a map stream (self, peers, filter, DERP map,
 //!   user profiles).
-//! * [`SessionView::delta`]: later messages. A session remembers a fingerprint of each
-//!   peer and of the filter it last sent; given the node IDs that changed since, it sends
-//!   only `PeersChanged` (new or different peers, complete), `PeersRemoved` (gone or no
-//!   longer visible), a new `PacketFilter` and a new self `Node` when they differ.
+//! * [`SessionView::delta`]: later messages. A session remembers which peers it has sent
+//!   (a bit per node) and the version it is at, plus fingerprints of the filter and self
+//!   node; given the node IDs that changed since, it sends only `PeersChanged` (new peers,
+//!   or peers whose view changed after that version, complete), `PeersRemoved` (gone or
+//!   no longer visible), a new `PacketFilter` and a new self `Node` when they differ.
 //!   Work per change is proportional to the nodes that changed, not to the tailnet.
+//!
+//! What makes that cheap with thousands of sessions: peers are serialized once per
+//! change of the node ([`PeerEntry`], kept across snapshots), filters once per class of
+//! viewers with equal filters ([`FilterEntry`]), and a message is assembled by splicing
+//! that JSON ([`MapMessage::to_json`]). Deltas that are identical for many sessions (a
+//! new node, seen the same way by everyone) carry a [`ShareKey`]: the session shell
+//! encodes and compresses such a message once per snapshot.
 //!
 //! Exit nodes: a peer's `0.0.0.0/0` and `::/0` appear in its `AllowedIPs` only when the
 //! admin (or `autoApprovers.exitNode`) approved them **and** the viewer's policy lets it
 //! use `autogroup:internet`; clients offer a peer as exit node only when both are there.
 
 use crate::state::{NodeEntry, Snapshot};
+use bytes::Bytes;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use tsunagu_policy::FilterClass;
 use tsunagu_proto::tailcfg::{
     DERPMap, FilterRule, MapResponse, NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION, NetPortRange,
     Node, NodeID, PortRange, StableNodeID, Time, UserID, UserProfile,
@@ -42,6 +53,22 @@ pub fn node_view(
     viewer_may_use_exit: bool,
     is_self: bool,
 ) -> Node {
+    let mut node = build_node(&snap.domain, entry, viewer_may_use_exit, is_self);
+    node.expired = entry.node.is_expired(snap.now);
+    if is_self {
+        // Captive-portal detection probes DERP servers over plain HTTP: Tailscale's public
+        // ones (the client's built-in list) when we announce none, and port 80 of ours
+        // otherwise, which the relay does not serve unless `CanPort80`. Turn it off.
+        node.cap_map.insert(
+            NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION.to_string(),
+            Vec::new(),
+        );
+    }
+    node
+}
+
+/// What [`node_view`] shows, except what depends on the time (`Expired`) or the DERP map.
+fn build_node(domain: &str, entry: &NodeEntry, viewer_may_use_exit: bool, is_self: bool) -> Node {
     let n = &entry.node;
     let addresses: Vec<IpNet> = vec![
         IpNet::from(std::net::IpAddr::V4(n.ipv4)),
@@ -66,7 +93,7 @@ pub fn node_view(
     let mut node = Node {
         id: NodeID(n.id),
         stable_id: StableNodeID(format!("n{}", n.id)),
-        name: format!("{}.{}.", n.given_name, snap.domain),
+        name: format!("{}.{}.", n.given_name, domain),
         user: UserID(node_user_id(entry)),
         key: n.node_key.parse().unwrap_or_default(),
         key_expiry: n.expiry.map(Time).unwrap_or(Time::ZERO),
@@ -86,19 +113,9 @@ pub fn node_view(
             n.last_seen.map(Time)
         },
         machine_authorized: n.authorized,
-        expired: n.is_expired(snap.now),
         ..Node::default()
     };
     node.set_home_derp(entry.home_derp);
-    if is_self {
-        // Captive-portal detection probes DERP servers over plain HTTP: Tailscale's public
-        // ones (the client's built-in list) when we announce none, and port 80 of ours
-        // otherwise, which the relay does not serve unless `CanPort80`. Turn it off.
-        node.cap_map.insert(
-            NODE_ATTR_DISABLE_CAPTIVE_PORTAL_DETECTION.to_string(),
-            Vec::new(),
-        );
-    }
     node
 }
 
@@ -113,25 +130,6 @@ pub fn node_view(
 /// reach each other until the server announces a relay region.
 fn derp_map(snap: &Snapshot) -> Option<DERPMap> {
     (!snap.derp_map.regions.is_empty()).then(|| snap.derp_map.clone())
-}
-
-/// The view of peer `entry` for viewers with `may_use_exit`, built once per snapshot.
-fn peer_view(snap: &Snapshot, entry: &NodeEntry, may_use_exit: bool) -> crate::state::PeerView {
-    let key = (entry.node.id, may_use_exit);
-    if let Some(v) = snap.peer_views.lock().get(&key) {
-        return v.clone();
-    }
-    let node = node_view(snap, entry, may_use_exit, false);
-    let fp = fingerprint(&node);
-    let v = (std::sync::Arc::new(node), fp);
-    snap.peer_views.lock().insert(key, v.clone());
-    v
-}
-
-fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 /// The packet filter for `viewer`, in the wire form.
@@ -200,13 +198,266 @@ fn user_profiles(snap: &Snapshot, ids: impl IntoIterator<Item = i64>) -> Vec<Use
     out.into_values().collect()
 }
 
+/// A node as its peers see it, serialized once and shared by every session and every
+/// snapshot until the node changes. Peer views do not depend on the time: an expired
+/// node is shown to no one, so every view carries `Expired: false`.
+#[derive(Debug)]
+pub struct PeerEntry {
+    pub id: i64,
+    /// The UserID the node is shown with.
+    pub user: i64,
+    /// JSON of the node without its exit routes.
+    json: Bytes,
+    /// JSON with its approved exit routes, for viewers that may use exit nodes; `None`
+    /// when it has none (`json` serves everyone).
+    json_exit: Option<Bytes>,
+    /// Snapshot version at which the JSON last changed: a session at a later version has
+    /// sent this very JSON already (if the peer was visible to it).
+    pub changed: u64,
+    /// The cache entry it was built from: the same `Arc` means nothing to rebuild.
+    source: Arc<NodeEntry>,
+}
+
+impl PeerEntry {
+    fn build(domain: &str, source: &Arc<NodeEntry>, version: u64) -> serde_json::Result<Self> {
+        let plain = build_node(domain, source, false, false);
+        let json = Bytes::from(serde_json::to_vec(&plain)?);
+        let has_exit = source
+            .node
+            .approved_routes
+            .iter()
+            .any(|r| is_default_route(r) && source.node.advertised_routes.contains(r));
+        let json_exit = if has_exit {
+            let with = build_node(domain, source, true, false);
+            Some(Bytes::from(serde_json::to_vec(&with)?))
+        } else {
+            None
+        };
+        Ok(PeerEntry {
+            id: source.node.id,
+            user: node_user_id(source),
+            json,
+            json_exit,
+            changed: version,
+            source: source.clone(),
+        })
+    }
+
+    /// The JSON a viewer with `may_use_exit` gets.
+    pub fn json(&self, may_use_exit: bool) -> &Bytes {
+        match (&self.json_exit, may_use_exit) {
+            (Some(j), true) => j,
+            _ => &self.json,
+        }
+    }
+
+    fn same_views(&self, other: &PeerEntry) -> bool {
+        self.json == other.json && self.json_exit == other.json_exit && self.user == other.user
+    }
+}
+
+/// The peer views of a new snapshot: `prev`'s, with the nodes in `changed` (or all of
+/// them, for `None`) rebuilt when their cache entry is a new one. An entry whose JSON
+/// came out the same keeps its old `changed` version.
+pub fn update_peers(
+    prev: &BTreeMap<i64, Arc<PeerEntry>>,
+    nodes: &BTreeMap<i64, Arc<NodeEntry>>,
+    changed: Option<&BTreeSet<i64>>,
+    domain: &str,
+    version: u64,
+) -> BTreeMap<i64, Arc<PeerEntry>> {
+    let mut out = prev.clone();
+    let ids: Vec<i64> = match changed {
+        Some(ids) => ids.iter().copied().collect(),
+        None => nodes.keys().chain(prev.keys()).copied().collect(),
+    };
+    for id in ids {
+        let Some(source) = nodes.get(&id) else {
+            out.remove(&id);
+            continue;
+        };
+        let old = out.get(&id);
+        if old.is_some_and(|o| Arc::ptr_eq(&o.source, source)) {
+            continue;
+        }
+        let mut entry = match PeerEntry::build(domain, source, version) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(node = id, "serializing a peer: {e}");
+                out.remove(&id);
+                continue;
+            }
+        };
+        if let Some(o) = old
+            && o.same_views(&entry)
+        {
+            entry.changed = o.changed;
+        }
+        out.insert(id, Arc::new(entry));
+    }
+    out
+}
+
+/// A packet filter, in wire form and serialized, shared by a class of viewers
+/// ([`tsunagu_policy::FilterClass`]) within a snapshot.
+#[derive(Debug)]
+pub struct FilterEntry {
+    json: Bytes,
+    fp: u64,
+}
+
+fn filter_entry(snap: &Snapshot, viewer: i64) -> (Arc<FilterEntry>, FilterClass) {
+    let class = snap.compiled.filter_class(viewer);
+    let shared = !matches!(class, FilterClass::Node(_));
+    if shared && let Some(f) = snap.filters.lock().get(&class) {
+        return (f.clone(), class);
+    }
+    let json = serde_json::to_vec(&packet_filter(snap, viewer)).unwrap_or_else(|_| b"[]".to_vec());
+    let mut h = DefaultHasher::new();
+    json.hash(&mut h);
+    let entry = Arc::new(FilterEntry {
+        fp: h.finish(),
+        json: Bytes::from(json),
+    });
+    if shared {
+        snap.filters.lock().insert(class.clone(), entry.clone());
+    }
+    (entry, class)
+}
+
+fn fingerprint<T: serde::Serialize>(v: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+/// A set of node IDs in 64-ID blocks: a session's record of the peers it has sent costs
+/// about a bit per node of the tailnet, not a tree node per peer.
+#[derive(Debug, Default, Clone)]
+struct IdSet(BTreeMap<i64, u64>);
+
+impl IdSet {
+    fn split(id: i64) -> (i64, u64) {
+        (id.div_euclid(64), 1u64 << id.rem_euclid(64))
+    }
+    /// Whether it was absent.
+    fn insert(&mut self, id: i64) -> bool {
+        let (b, m) = Self::split(id);
+        let w = self.0.entry(b).or_insert(0);
+        let was = *w & m != 0;
+        *w |= m;
+        !was
+    }
+    /// Whether it was present.
+    fn remove(&mut self, id: i64) -> bool {
+        let (b, m) = Self::split(id);
+        match self.0.get_mut(&b) {
+            Some(w) if *w & m != 0 => {
+                *w &= !m;
+                if *w == 0 {
+                    self.0.remove(&b);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.iter().flat_map(|(&b, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = i64::from(w.trailing_zeros());
+                w &= w - 1;
+                Some(b * 64 + bit)
+            })
+        })
+    }
+}
+
+/// What makes two sessions' deltas identical within one snapshot: then the message is
+/// serialized and compressed once and the bytes shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShareKey {
+    changed: Vec<(i64, bool)>,
+    removed: Vec<i64>,
+    filter: Option<FilterClass>,
+    users: Vec<i64>,
+}
+
+/// One map message: a [`MapResponse`] for everything but the peer lists and the packet
+/// filter, which are spliced in as the shared JSON they already are.
+#[derive(Debug)]
+pub struct MapMessage {
+    pub response: MapResponse,
+    peers: Option<Vec<Bytes>>,
+    peers_changed: Vec<Bytes>,
+    filter: Option<Arc<FilterEntry>>,
+    /// IDs of the peers in `Peers` or `PeersChanged` (for logs).
+    pub peer_ids: Vec<i64>,
+    /// Set when every session with the same key sends exactly this message.
+    pub share: Option<ShareKey>,
+}
+
+impl MapMessage {
+    /// The message as JSON (field order differs from a serialized [`MapResponse`]; JSON
+    /// objects are unordered).
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut out = serde_json::to_vec(&self.response)?;
+        // A serialized struct is an object: `{...}`.
+        out.pop();
+        let mut first = out.len() == 1;
+        let mut field = |out: &mut Vec<u8>, name: &str| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+        };
+        let list = |out: &mut Vec<u8>, items: &[Bytes]| {
+            out.push(b'[');
+            for (i, j) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(j);
+            }
+            out.push(b']');
+        };
+        if let Some(peers) = &self.peers {
+            field(&mut out, "Peers");
+            list(&mut out, peers);
+        }
+        if !self.peers_changed.is_empty() {
+            field(&mut out, "PeersChanged");
+            list(&mut out, &self.peers_changed);
+        }
+        if let Some(f) = &self.filter {
+            field(&mut out, "PacketFilter");
+            out.extend_from_slice(&f.json);
+        }
+        out.push(b'}');
+        Ok(out)
+    }
+
+    /// The message as Tailscale's type (tests and tools; the server sends [`Self::to_json`]).
+    pub fn to_response(&self) -> serde_json::Result<MapResponse> {
+        serde_json::from_slice(&self.to_json()?)
+    }
+}
+
 /// What a session has told its client so far.
 #[derive(Debug, Default)]
 pub struct SessionView {
     pub viewer: i64,
     /// Snapshot version the view is at.
     pub version: u64,
-    sent_peers: BTreeMap<i64, u64>,
+    /// Peers sent and not removed since.
+    sent: IdSet,
     sent_filter: u64,
     sent_self: u64,
     sent_users: BTreeSet<i64>,
@@ -222,39 +473,42 @@ impl SessionView {
     }
 
     /// The complete map (first message of a stream, or a non-streaming answer).
-    pub fn full_map(&mut self, snap: &Snapshot) -> Option<MapResponse> {
+    pub fn full_map(&mut self, snap: &Snapshot) -> Option<MapMessage> {
         let me = snap.nodes.get(&self.viewer)?;
         self.may_use_exit = snap.compiled.may_use_exit_nodes(self.viewer);
         let self_node = node_view(snap, me, false, true);
         let mut peers = Vec::new();
-        self.sent_peers.clear();
+        let mut peer_ids = Vec::new();
+        let mut users = BTreeSet::from([self_node.user.0]);
+        self.sent = IdSet::default();
         for id in visible_peers(snap, self.viewer) {
-            if let Some(e) = snap.nodes.get(&id) {
-                let (p, fp) = peer_view(snap, e, self.may_use_exit);
-                self.sent_peers.insert(id, fp);
-                peers.push((*p).clone());
+            if let Some(p) = snap.peers.get(&id) {
+                self.sent.insert(id);
+                peers.push(p.json(self.may_use_exit).clone());
+                peer_ids.push(id);
+                users.insert(p.user);
             }
         }
-        let filter = packet_filter(snap, self.viewer);
-        self.sent_filter = fingerprint(&filter);
+        let (filter, _) = filter_entry(snap, self.viewer);
+        self.sent_filter = filter.fp;
         self.sent_self = fingerprint(&self_node);
-        let users: BTreeSet<i64> = peers
-            .iter()
-            .map(|p| p.user.0)
-            .chain([self_node.user.0])
-            .collect();
         self.sent_users = users.clone();
         self.version = snap.version;
-        Some(MapResponse {
-            node: Some(self_node),
-            derp_map: derp_map(snap),
+        Some(MapMessage {
+            response: MapResponse {
+                node: Some(self_node),
+                derp_map: derp_map(snap),
+                user_profiles: user_profiles(snap, users),
+                domain: snap.domain.clone(),
+                collect_services: Some(false),
+                control_time: Some(Time::now()),
+                ..MapResponse::default()
+            },
             peers: Some(peers),
-            packet_filter: Some(filter),
-            user_profiles: user_profiles(snap, users),
-            domain: snap.domain.clone(),
-            collect_services: Some(false),
-            control_time: Some(Time::now()),
-            ..MapResponse::default()
+            peers_changed: Vec::new(),
+            filter: Some(filter),
+            peer_ids,
+            share: None,
         })
     }
 
@@ -265,9 +519,8 @@ impl SessionView {
         &mut self,
         snap: &Snapshot,
         changed: Option<&BTreeSet<i64>>,
-    ) -> Option<MapResponse> {
+    ) -> Option<MapMessage> {
         let me = snap.nodes.get(&self.viewer)?;
-        let mut resp = MapResponse::default();
         let may_use_exit = snap.compiled.may_use_exit_nodes(self.viewer);
         let exit_permission_changed = may_use_exit != self.may_use_exit;
         self.may_use_exit = may_use_exit;
@@ -278,18 +531,19 @@ impl SessionView {
             Some(ids) if !exit_permission_changed && !ids.contains(&self.viewer) => Some(ids),
             _ => None,
         };
-        let (candidates, visible): (BTreeSet<i64>, Option<BTreeSet<i64>>) = match partial {
-            Some(ids) => (ids.clone(), None),
+        let (candidates, visible): (Vec<i64>, Option<BTreeSet<i64>>) = match partial {
+            Some(ids) => (ids.iter().copied().collect(), None),
             None => {
                 let visible = visible_peers(snap, self.viewer);
-                let all = visible
-                    .iter()
-                    .chain(self.sent_peers.keys())
-                    .copied()
-                    .collect();
+                let mut all: Vec<i64> = visible.iter().copied().chain(self.sent.iter()).collect();
+                all.sort_unstable();
+                all.dedup();
                 (all, Some(visible))
             }
         };
+        let mut peers_changed = Vec::new();
+        let mut changed_ids = Vec::new();
+        let mut removed = Vec::new();
         for id in candidates {
             let is_visible = match &visible {
                 Some(v) => v.contains(&id),
@@ -301,52 +555,69 @@ impl SessionView {
                             .is_some_and(|e| e.node.authorized && !e.node.is_expired(snap.now))
                 }
             };
-            match (is_visible, snap.nodes.get(&id)) {
-                (true, Some(e)) => {
-                    let (p, fp) = peer_view(snap, e, may_use_exit);
-                    if self.sent_peers.insert(id, fp) != Some(fp) {
-                        resp.peers_changed.push((*p).clone());
+            match (is_visible, snap.peers.get(&id)) {
+                (true, Some(p)) => {
+                    let new = self.sent.insert(id);
+                    let variant_changed = exit_permission_changed && p.json_exit.is_some();
+                    if new || p.changed > self.version || variant_changed {
+                        peers_changed.push(p.json(may_use_exit).clone());
+                        changed_ids.push((id, may_use_exit && p.json_exit.is_some()));
                     }
                 }
                 _ => {
-                    if self.sent_peers.remove(&id).is_some() {
-                        resp.peers_removed.push(NodeID(id));
+                    if self.sent.remove(id) {
+                        removed.push(id);
                     }
                 }
             }
         }
         // The self node changes only when the viewer itself changed.
+        let mut self_node = None;
         if partial.is_none() {
-            let self_node = node_view(snap, me, false, true);
-            let fp = fingerprint(&self_node);
+            let node = node_view(snap, me, false, true);
+            let fp = fingerprint(&node);
             if fp != self.sent_self {
                 self.sent_self = fp;
-                resp.node = Some(self_node);
+                self_node = Some(node);
             }
         }
-        let filter = packet_filter(snap, self.viewer);
-        let fp = fingerprint(&filter);
-        if fp != self.sent_filter {
-            self.sent_filter = fp;
-            resp.packet_filter = Some(filter);
-        }
-        let new_users: Vec<i64> = resp
-            .peers_changed
+        let (filter, class) = filter_entry(snap, self.viewer);
+        let filter = (filter.fp != self.sent_filter).then(|| {
+            self.sent_filter = filter.fp;
+            filter
+        });
+        let new_users: Vec<i64> = changed_ids
             .iter()
-            .map(|p| p.user.0)
-            .filter(|u| !self.sent_users.contains(u))
+            .filter_map(|(id, _)| snap.peers.get(id).map(|p| p.user))
+            .filter(|u| self.sent_users.insert(*u))
             .collect();
-        self.sent_users.extend(new_users.iter().copied());
-        resp.user_profiles = user_profiles(snap, new_users);
         self.version = snap.version;
-        let nothing = resp.peers_changed.is_empty()
-            && resp.peers_removed.is_empty()
-            && resp.node.is_none()
-            && resp.packet_filter.is_none();
-        if nothing {
+        if peers_changed.is_empty() && removed.is_empty() && self_node.is_none() && filter.is_none()
+        {
             return None;
         }
-        resp.control_time = Some(Time::now());
-        Some(resp)
+        let shareable =
+            self_node.is_none() && (filter.is_none() || !matches!(class, FilterClass::Node(_)));
+        let share = shareable.then(|| ShareKey {
+            changed: changed_ids.clone(),
+            removed: removed.clone(),
+            filter: filter.as_ref().map(|_| class),
+            users: new_users.clone(),
+        });
+        Some(MapMessage {
+            response: MapResponse {
+                node: self_node,
+                peers_removed: removed.into_iter().map(NodeID).collect(),
+                user_profiles: user_profiles(snap, new_users),
+                // The snapshot's time, so that shared messages are equal.
+                control_time: Some(Time(snap.now)),
+                ..MapResponse::default()
+            },
+            peers: None,
+            peers_changed,
+            filter,
+            peer_ids: changed_ids.into_iter().map(|(id, _)| id).collect(),
+            share,
+        })
     }
 }

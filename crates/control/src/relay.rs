@@ -233,7 +233,9 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
     match tls {
         Some(acceptor) => serve_tls(listener, acceptor, router, shutdown_signal()).await?,
         None => axum::serve(
-            listener,
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown_signal())

@@ -415,6 +415,7 @@ pub(crate) async fn serve_tls(
             a = listener.accept() => a.map_err(io_err("accepting"))?,
             _ = &mut shutdown => return Ok(()),
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
@@ -478,7 +479,11 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
                 serve_tls(listener, acceptor, server.router(), shutdown_signal()).await
             }
             None => axum::serve(
-                listener,
+                // Small frames (map deltas, relayed packets) go out at once: Nagle's
+                // delay against delayed ACKs costs relayed traffic tens of ms.
+                axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
                 server
                     .router()
                     .into_make_service_with_connect_info::<std::net::SocketAddr>(),

@@ -16,7 +16,9 @@
 //! change; per-peer WireGuard state sits behind a per-peer lock.
 
 use crate::demux::{DatagramKind, classify};
-use crate::peers::{LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints};
+use crate::peers::{
+    LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr, relay_region,
+};
 use crate::tun::TunIo;
 use crate::udp::UdpSock;
 use gotatun::noise::TunnResult;
@@ -32,7 +34,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tsunagu_proto::{NetMap, NodePublic};
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -59,10 +61,15 @@ pub struct DeviceCounters {
     /// Packets from the TUN that are not IP.
     pub tun_not_ip: AtomicU64,
     pub udp_send_errors: AtomicU64,
+    /// Datagrams handed to the relay, received from it, and dropped for want of one (or
+    /// because its queue was full).
+    pub relay_tx: AtomicU64,
+    pub relay_rx: AtomicU64,
+    pub relay_drops: AtomicU64,
 }
 
 /// A snapshot of [`DeviceCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CounterSnapshot {
     pub udp_unknown: u64,
     pub udp_stun: u64,
@@ -73,6 +80,9 @@ pub struct CounterSnapshot {
     pub no_route: u64,
     pub tun_not_ip: u64,
     pub udp_send_errors: u64,
+    pub relay_tx: u64,
+    pub relay_rx: u64,
+    pub relay_drops: u64,
 }
 
 impl DeviceCounters {
@@ -88,6 +98,9 @@ impl DeviceCounters {
             no_route: g(&self.no_route),
             tun_not_ip: g(&self.tun_not_ip),
             udp_send_errors: g(&self.udp_send_errors),
+            relay_tx: g(&self.relay_tx),
+            relay_rx: g(&self.relay_rx),
+            relay_drops: g(&self.relay_drops),
         }
     }
 }
@@ -103,10 +116,25 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// Packets the peer sent through us to the internet (we are its exit node).
+    pub exit_rx_packets: u64,
 }
+
+/// Where datagrams for the relay go: the DERP client, outside the engine. `send` must not
+/// block (a full queue drops, as a full socket buffer would).
+pub trait RelayTx: Send + Sync {
+    /// Queue `datagram` for the peer `dst`; false when it was dropped.
+    fn send(&self, dst: &NodePublic, datagram: &[u8]) -> bool;
+}
+
+/// Receives the STUN datagrams that arrive on the device's UDP socket (answers to the
+/// daemon's own Binding Requests); must not block.
+pub type StunSink = Arc<dyn Fn(&[u8], SocketAddr) + Send + Sync>;
 
 struct Shared {
     table: RwLock<Arc<PeerTable>>,
+    relay: RwLock<Option<Arc<dyn RelayTx>>>,
+    stun: RwLock<Option<StunSink>>,
     /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
     /// stale entries are pruned by the timer thread.
     by_index: Mutex<HashMap<u32, Arc<PeerState>>>,
@@ -132,6 +160,8 @@ impl Device {
         let table = PeerTable::build(map, &empty, &index_table);
         let shared = Arc::new(Shared {
             table: RwLock::new(Arc::new(table)),
+            relay: RwLock::new(None),
+            stun: RwLock::new(None),
             by_index: Mutex::new(HashMap::new()),
             index_table,
             udp,
@@ -163,6 +193,37 @@ impl Device {
         *table = Arc::new(next);
     }
 
+    /// Give the device a relay (or take it away): peers with a relay region are then
+    /// reachable through it.
+    pub fn set_relay(&self, relay: Option<Arc<dyn RelayTx>>) {
+        *self.shared.relay.write() = relay;
+    }
+
+    /// Where STUN answers go (the daemon's endpoint discovery).
+    pub fn set_stun_sink(&self, sink: Option<StunSink>) {
+        *self.shared.stun.write() = sink;
+    }
+
+    /// Send a datagram of our own (a STUN Binding Request) from the WireGuard socket, so
+    /// the answer tells the mapping that peers will see.
+    pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        self.shared.udp.send_to(datagram, to)
+    }
+
+    /// A datagram the relay delivered from `src` (its region `region`): handled like one
+    /// from the UDP socket, with the relay as the return path.
+    pub fn receive_relayed(&self, src: &NodePublic, region: u16, datagram: &[u8]) {
+        let shared = &self.shared;
+        bump(&shared.counters.relay_rx, 1);
+        if datagram.len() > BUF_SIZE {
+            bump(&shared.counters.wg_rejected, 1);
+            return;
+        }
+        let buf = Packet::from_bytes(bytes::BytesMut::from(datagram));
+        let mut mtu = MtuWatcher::new(shared.mtu);
+        handle_datagram(shared, buf, relay_addr(region), Some(src), &mut mtu);
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.shared.udp.local_addr()
     }
@@ -187,6 +248,7 @@ impl Device {
                 last_handshake_secs: e.state.last_handshake().map(|d| d.as_secs()),
                 tx_bytes: e.state.counters.tx_bytes.load(Ordering::Relaxed),
                 rx_bytes: e.state.counters.rx_bytes.load(Ordering::Relaxed),
+                exit_rx_packets: e.state.counters.exit_rx_packets.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -214,12 +276,52 @@ impl Drop for Device {
     }
 }
 
-fn send(shared: &Shared, packet: WgKind, to: SocketAddr) {
+/// 100.64.0.0/10 or fd7a:115c:a1e0::/48: an address inside the tailnet.
+fn is_tailnet_addr(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64,
+        std::net::IpAddr::V6(a) => {
+            let s = a.segments();
+            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+        }
+    }
+}
+
+/// Send a datagram to `to`: over UDP, or through the relay to `key` when `to` is a relay
+/// endpoint.
+fn send(shared: &Shared, packet: WgKind, to: SocketAddr, key: Option<&NodePublic>) {
     let packet: Packet = packet.into();
-    if let Err(e) = shared.udp.send_to(&packet, to) {
+    send_bytes(shared, &packet, to, key);
+}
+
+fn send_bytes(shared: &Shared, datagram: &[u8], to: SocketAddr, key: Option<&NodePublic>) {
+    if relay_region(&to).is_some() {
+        let relay = shared.relay.read().clone();
+        match (relay, key) {
+            (Some(r), Some(k)) if r.send(k, datagram) => bump(&shared.counters.relay_tx, 1),
+            _ => bump(&shared.counters.relay_drops, 1),
+        }
+        return;
+    }
+    if let Err(e) = shared.udp.send_to(datagram, to) {
         bump(&shared.counters.udp_send_errors, 1);
         tracing::trace!(%to, error = %e, "udp send");
     }
+}
+
+/// Send a datagram to a peer on its current path; while that is the relay, now and then
+/// also straight to its direct endpoint (a probe that moves both sides to the direct
+/// path when it gets through).
+fn send_to_peer(shared: &Shared, peer: &PeerState, packet: WgKind) -> bool {
+    let Some(plan) = peer.plan_send(Instant::now()) else {
+        return false;
+    };
+    let packet: Packet = packet.into();
+    if let Some(direct) = plan.probe {
+        send_bytes(shared, &packet, direct, Some(&peer.key));
+    }
+    send_bytes(shared, &packet, plan.to, Some(&peer.key));
+    true
 }
 
 /// Remember which peer a handshake we are about to send belongs to, so that the answer
@@ -265,10 +367,9 @@ fn outbound(shared: &Shared) {
             .handle_outgoing_packet(packet, Some(&mut mtu));
         if let Some(out) = out {
             register_index(shared, &out, peer);
-            match peer.endpoint() {
-                Some(ep) => send(shared, out, ep),
+            if !send_to_peer(shared, peer, out) {
                 // No endpoint yet: the packet waits in the Tunn queue for the peer to call.
-                None => bump(&shared.counters.no_route, 1),
+                bump(&shared.counters.no_route, 1);
             }
         }
     }
@@ -291,97 +392,116 @@ fn inbound(shared: &Shared) {
             }
         };
         buf.truncate(n);
-        match classify(&buf) {
-            DatagramKind::WireGuard => {}
-            DatagramKind::Stun => {
-                bump(&shared.counters.udp_stun, 1);
-                continue;
+        handle_datagram(shared, buf, from, None, &mut mtu);
+    }
+}
+
+/// One datagram from the UDP socket (`relayed: None`) or from the relay (`relayed:
+/// Some(sender)`, `from` then being the relay endpoint): WireGuard in, plaintext to the
+/// TUN; STUN, disco and junk counted.
+fn handle_datagram(
+    shared: &Shared,
+    buf: Packet,
+    from: SocketAddr,
+    relayed: Option<&NodePublic>,
+    mtu: &mut MtuWatcher,
+) {
+    match classify(&buf) {
+        DatagramKind::WireGuard => {}
+        DatagramKind::Stun => {
+            bump(&shared.counters.udp_stun, 1);
+            if relayed.is_none()
+                && let Some(sink) = shared.stun.read().clone()
+            {
+                sink(&buf, from);
             }
-            DatagramKind::Disco => {
-                bump(&shared.counters.udp_disco, 1);
-                continue;
-            }
-            _ => {
-                bump(&shared.counters.udp_unknown, 1);
-                continue;
+            return;
+        }
+        DatagramKind::Disco => {
+            bump(&shared.counters.udp_disco, 1);
+            return;
+        }
+        _ => {
+            bump(&shared.counters.udp_unknown, 1);
+            return;
+        }
+    }
+    let table = shared.table.read().clone();
+    let kind = match table.local.rate_limiter.verify_packet(from, buf) {
+        Ok(kind) => kind,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            send(shared, cookie, from, relayed);
+            return;
+        }
+        Err(_) => {
+            bump(&shared.counters.wg_rejected, 1);
+            return;
+        }
+    };
+    let peer = match &kind {
+        WgKind::HandshakeInit(p) => {
+            parse_handshake_anon(&table.local.private, &table.local.public, p)
+                .ok()
+                .and_then(|half| {
+                    let key = NodePublic(PublicKey::from(half.peer_static_public).to_bytes());
+                    table.get(&key).map(|e| e.state.clone())
+                })
+        }
+        WgKind::HandshakeResp(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
+        WgKind::CookieReply(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
+        WgKind::Data(p) => shared
+            .by_index
+            .lock()
+            .get(&p.header.receiver_idx.get())
+            .cloned(),
+    };
+    let Some(peer) = peer else {
+        bump(&shared.counters.wg_unknown_peer, 1);
+        return;
+    };
+    let mut tunn = peer.tunn.lock();
+    match tunn.handle_incoming_packet(kind) {
+        TunnResult::Done => {}
+        TunnResult::Err(e) => {
+            bump(&shared.counters.wg_rejected, 1);
+            tracing::trace!(peer = %peer.key.short(), error = ?e, "wireguard");
+        }
+        TunnResult::WriteToNetwork(reply) => {
+            // A handshake completed or answered: the sender is authenticated.
+            peer.set_endpoint(from);
+            register_index(shared, &reply, &peer);
+            send(shared, reply, from, Some(&peer.key));
+            let queued: Vec<WgKind> = tunn.get_queued_packets(mtu).collect();
+            drop(tunn);
+            for p in queued {
+                send(shared, p, from, Some(&peer.key));
             }
         }
-        let table = shared.table.read().clone();
-        let kind = match table.local.rate_limiter.verify_packet(from, buf) {
-            Ok(kind) => kind,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                send(shared, cookie, from);
-                continue;
+        TunnResult::WriteToTunnel(plain) => {
+            drop(tunn);
+            peer.set_endpoint(from);
+            if plain.is_empty() {
+                return; // keepalive
             }
-            Err(_) => {
-                bump(&shared.counters.wg_rejected, 1);
-                continue;
-            }
-        };
-        let peer = match &kind {
-            WgKind::HandshakeInit(p) => {
-                parse_handshake_anon(&table.local.private, &table.local.public, p)
-                    .ok()
-                    .and_then(|half| {
-                        let key = NodePublic(PublicKey::from(half.peer_static_public).to_bytes());
-                        table.get(&key).map(|e| e.state.clone())
-                    })
-            }
-            WgKind::HandshakeResp(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
-            WgKind::CookieReply(p) => shared.by_index.lock().get(&p.receiver_idx.get()).cloned(),
-            WgKind::Data(p) => shared
-                .by_index
-                .lock()
-                .get(&p.header.receiver_idx.get())
-                .cloned(),
-        };
-        let Some(peer) = peer else {
-            bump(&shared.counters.wg_unknown_peer, 1);
-            continue;
-        };
-        let mut tunn = peer.tunn.lock();
-        match tunn.handle_incoming_packet(kind) {
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                bump(&shared.counters.wg_rejected, 1);
-                tracing::trace!(peer = %peer.key.short(), error = ?e, "wireguard");
-            }
-            TunnResult::WriteToNetwork(reply) => {
-                // A handshake completed or answered: the sender is authenticated.
-                peer.set_endpoint(from);
-                register_index(shared, &reply, &peer);
-                send(shared, reply, from);
-                let queued: Vec<WgKind> = tunn.get_queued_packets(&mut mtu).collect();
-                drop(tunn);
-                for p in queued {
-                    send(shared, p, from);
+            // Deliver only what the peer may send (cryptokey routing), cut to the
+            // length the IP header declares (WireGuard pads to 16 bytes).
+            let mut plain = plain;
+            let ends = ip_endpoints(&plain);
+            let allowed = ends.is_some_and(|(src, _)| table.allows_source(&peer, src));
+            match ip_declared_len(&plain) {
+                Some(len) if allowed && (20..=plain.len()).contains(&len) => plain.truncate(len),
+                _ => {
+                    bump(&shared.counters.src_rejected, 1);
+                    return;
                 }
             }
-            TunnResult::WriteToTunnel(plain) => {
-                drop(tunn);
-                peer.set_endpoint(from);
-                if plain.is_empty() {
-                    continue; // keepalive
-                }
-                // Deliver only what the peer may send (cryptokey routing), cut to the
-                // length the IP header declares (WireGuard pads to 16 bytes).
-                let mut plain = plain;
-                let allowed =
-                    ip_endpoints(&plain).is_some_and(|(src, _)| table.allows_source(&peer, src));
-                match ip_declared_len(&plain) {
-                    Some(len) if allowed && (20..=plain.len()).contains(&len) => {
-                        plain.truncate(len)
-                    }
-                    _ => {
-                        bump(&shared.counters.src_rejected, 1);
-                        continue;
-                    }
-                }
-                bump(&peer.counters.rx_packets, 1);
-                bump(&peer.counters.rx_bytes, plain.len());
-                if let Err(e) = shared.tun.send(&plain) {
-                    tracing::trace!(error = %e, "tun write");
-                }
+            bump(&peer.counters.rx_packets, 1);
+            bump(&peer.counters.rx_bytes, plain.len());
+            if ends.is_some_and(|(_, dst)| !is_tailnet_addr(dst)) {
+                bump(&peer.counters.exit_rx_packets, 1);
+            }
+            if let Err(e) = shared.tun.send(&plain) {
+                tracing::trace!(error = %e, "tun write");
             }
         }
     }
@@ -402,13 +522,12 @@ fn timers(shared: &Shared) {
             match out {
                 Ok(Some(packet)) => {
                     register_index(shared, &packet, peer);
-                    if let Some(ep) = peer.endpoint() {
-                        send(shared, packet, ep);
-                    }
+                    send_to_peer(shared, peer, packet);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::trace!(peer = %peer.key.short(), error = ?e, "timers"),
             }
+            peer.check_path(Instant::now());
         }
     }
 }

@@ -83,6 +83,7 @@ fn route_state(map: &NetMap) -> RouteState {
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect(),
         exit_node: map.exit_node.is_some(),
+        block_internet: map.exit_node_blocked,
         allow_lan_access: map.exit_node_allow_lan_access,
         mtu: map.mtu,
     }
@@ -112,7 +113,13 @@ impl Engine {
             rule_priority_base: cfg.rule_priority_base,
             tun_ifname: cfg.tun_name.clone(),
         };
-        route::cleanup_stale(&route_cfg)?;
+        // A previous run that used an exit node left its fail-closed rules and
+        // `unreachable default` behind on purpose (crash, or a stop that kept the block).
+        // If this map blocks the internet too, converge from them instead of removing
+        // them first: removing would open a window in which traffic leaves directly.
+        if map.exit_node.is_none() && !map.exit_node_blocked {
+            route::cleanup_stale(&route_cfg)?;
+        }
         ExitNat::remove_stale(&cfg.nat_table)?;
 
         let tun = TunDevice::create(&cfg.tun_name, map.mtu)?;
@@ -190,6 +197,31 @@ impl Engine {
     /// The UDP port in use (useful with `listen_port = 0`).
     pub fn local_port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether this map keeps internet traffic away from the physical network (an exit
+    /// node in use, or chosen but unusable).
+    pub fn blocks_direct_internet(&self) -> bool {
+        self.map.exit_node.is_some() || self.map.exit_node_blocked
+    }
+
+    /// Stop for a restart: like [`Engine::shutdown`], except that while an exit node is
+    /// in use (or blocked) the rules and the `unreachable default` stay, so nothing
+    /// leaves directly until the next start converges from them (or `cleanup_stale`
+    /// runs). The routes through the tun go with the tun.
+    pub fn stop_keeping_block(&mut self) {
+        if !self.blocks_direct_internet() {
+            return self.shutdown();
+        }
+        if let Some(nat) = self.nat.take()
+            && let Err(e) = nat.remove()
+        {
+            tracing::error!("removing exit-node NAT: {e}");
+        }
+        if self.routes.take().is_some() {
+            tracing::info!("leaving the fail-closed rules in place until the next start");
+        }
+        self.device.stop_threads();
     }
 
     /// Remove our NAT table, rules and routes, and stop the packet path. Errors are

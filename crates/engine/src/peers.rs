@@ -13,10 +13,10 @@ use gotatun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tsunagu_proto::{NetMap, NodePublic};
 
 /// Handshake initiations per second before the cookie mechanism kicks in (as WireGuard's).
@@ -46,31 +46,140 @@ pub struct PeerCounters {
     pub rx_bytes: AtomicU64,
     pub tx_packets: AtomicU64,
     pub rx_packets: AtomicU64,
+    /// Packets from this peer to destinations outside the tailnet: it uses us as its
+    /// exit node.
+    pub exit_rx_packets: AtomicU64,
 }
 
 /// WireGuard state of one peer.
 pub struct PeerState {
     pub key: NodePublic,
     pub(crate) tunn: Mutex<Tunn>,
-    /// Where we send to. Configured from the map, then follows the peer when it roams
-    /// (updated from every authenticated packet, as WireGuard does).
-    endpoint: Mutex<Option<SocketAddr>>,
-    /// The endpoints the map gave the last time, to tell a map change from roaming.
-    configured: Mutex<Vec<SocketAddr>>,
+    /// Where we send to, and how we got there.
+    path: Mutex<PathState>,
     pub counters: PeerCounters,
+}
+
+/// The address that stands for "through the relay, region N" in endpoint slots
+/// (Tailscale's magic DERP address): it never reaches the network.
+pub const RELAY_MAGIC_IP: Ipv4Addr = Ipv4Addr::new(127, 3, 3, 40);
+
+/// The endpoint that means "through the relay, region `region`".
+pub fn relay_addr(region: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(RELAY_MAGIC_IP), region)
+}
+
+/// The relay region an endpoint stands for, if it is a relay endpoint.
+pub fn relay_region(addr: &SocketAddr) -> Option<u16> {
+    (addr.ip() == IpAddr::V4(RELAY_MAGIC_IP)).then_some(addr.port())
+}
+
+/// A direct endpoint that stays silent this long while we send falls back to the relay.
+pub const DIRECT_SILENCE: Duration = Duration::from_secs(2);
+/// While on the relay, one packet is also sent to the direct endpoint this often: if it
+/// gets through, the peer answers directly and both move to the direct path.
+pub const DIRECT_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// How we reach one peer: the endpoint in use, the direct endpoints the map gave, the
+/// relay, and the times that drive moving between them.
+#[derive(Debug)]
+struct PathState {
+    endpoint: Option<SocketAddr>,
+    /// The endpoints the map gave the last time, to tell a map change from roaming.
+    configured: Vec<SocketAddr>,
+    relay: Option<SocketAddr>,
+    last_rx: Option<Instant>,
+    last_tx: Option<Instant>,
+    last_probe: Option<Instant>,
+    /// Which configured endpoint the next probe goes to (they take turns: the public
+    /// one STUN found, local addresses, ...).
+    probe_next: usize,
+    /// When `endpoint` was last chosen.
+    since: Instant,
+}
+
+impl PathState {
+    fn new(configured: &[SocketAddr], relay: Option<SocketAddr>, now: Instant) -> Self {
+        PathState {
+            // Start on the relay when there is one (it always works), else direct.
+            endpoint: relay.or(configured.first().copied()),
+            configured: configured.to_vec(),
+            relay,
+            last_rx: None,
+            last_tx: None,
+            last_probe: None,
+            probe_next: 0,
+            since: now,
+        }
+    }
+}
+
+/// What to do with one outgoing datagram for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SendPlan {
+    pub to: SocketAddr,
+    /// Also send a copy here (a direct probe while on the relay).
+    pub probe: Option<SocketAddr>,
 }
 
 impl PeerState {
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        *self.endpoint.lock()
+        self.path.lock().endpoint
     }
 
+    /// An authenticated packet came from `addr`: the peer is there (WireGuard roaming;
+    /// a packet over the relay moves us to the relay, one from a direct address to it).
     pub(crate) fn set_endpoint(&self, addr: SocketAddr) {
-        let mut ep = self.endpoint.lock();
-        if *ep != Some(addr) {
+        let mut p = self.path.lock();
+        let now = Instant::now();
+        p.last_rx = Some(now);
+        if p.endpoint != Some(addr) {
             tracing::debug!(peer = %self.key.short(), %addr, "endpoint");
-            *ep = Some(addr);
+            p.endpoint = Some(addr);
+            p.since = now;
         }
+    }
+
+    /// Where the next datagram goes (and whether to probe the direct path too).
+    pub(crate) fn plan_send(&self, now: Instant) -> Option<SendPlan> {
+        let mut p = self.path.lock();
+        let to = p.endpoint?;
+        p.last_tx = Some(now);
+        let mut probe = None;
+        if relay_region(&to).is_some()
+            && !p.configured.is_empty()
+            && p.last_probe
+                .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_EVERY)
+        {
+            p.last_probe = Some(now);
+            probe = Some(p.configured[p.probe_next % p.configured.len()]);
+            p.probe_next = p.probe_next.wrapping_add(1);
+        }
+        Some(SendPlan { to, probe })
+    }
+
+    /// A direct endpoint that went silent while we kept sending: move to the relay.
+    /// Returns the new endpoint when it changed.
+    pub(crate) fn check_path(&self, now: Instant) -> Option<SocketAddr> {
+        let mut p = self.path.lock();
+        let relay = p.relay?;
+        let ep = p.endpoint?;
+        if relay_region(&ep).is_some() {
+            return None;
+        }
+        let sending = p
+            .last_tx
+            .is_some_and(|t| now.duration_since(t) < DIRECT_SILENCE);
+        let heard = p.last_rx.unwrap_or(p.since);
+        let silent = now.duration_since(heard.max(p.since)) >= DIRECT_SILENCE;
+        if sending && silent {
+            tracing::info!(peer = %self.key.short(), from = %ep, "direct path silent; using the relay");
+            p.endpoint = Some(relay);
+            p.since = now;
+            p.last_probe = Some(now);
+            return Some(relay);
+        }
+        None
     }
 
     /// Time since the last completed handshake, if a session exists.
@@ -151,13 +260,13 @@ impl PeerTable {
             let state = match reused {
                 Some(state) => {
                     state.tunn.lock().set_persistent_keepalive(peer.keepalive);
-                    let mut configured = state.configured.lock();
-                    if *configured != peer.endpoints {
+                    let relay = peer.relay.map(relay_addr);
+                    let mut path = state.path.lock();
+                    if path.configured != peer.endpoints || path.relay != relay {
                         // The map moved the peer: follow the map, not what we learned.
-                        *state.endpoint.lock() = peer.endpoints.first().copied();
-                        configured.clone_from(&peer.endpoints);
+                        *path = PathState::new(&peer.endpoints, relay, Instant::now());
                     }
-                    drop(configured);
+                    drop(path);
                     state
                 }
                 None => {
@@ -173,8 +282,11 @@ impl PeerTable {
                     Arc::new(PeerState {
                         key: peer.key,
                         tunn: Mutex::new(tunn),
-                        endpoint: Mutex::new(peer.endpoints.first().copied()),
-                        configured: Mutex::new(peer.endpoints.clone()),
+                        path: Mutex::new(PathState::new(
+                            &peer.endpoints,
+                            peer.relay.map(relay_addr),
+                            Instant::now(),
+                        )),
                         counters: PeerCounters::default(),
                     })
                 }
@@ -279,6 +391,7 @@ mod tests {
             offers_exit: true,
             exit_client: false,
             keepalive: None,
+            relay: None,
         };
         NetMap {
             self_node: SelfNode {
@@ -290,6 +403,7 @@ mod tests {
             peers: vec![peer("a", "100.64.0.2/32"), peer("b", "100.64.0.3/32")],
             exit_node: None,
             exit_node_allow_lan_access: false,
+            exit_node_blocked: false,
             mtu: 1280,
         }
     }
@@ -297,6 +411,53 @@ mod tests {
     fn build(m: &NetMap, prev: Option<&PeerTable>) -> PeerTable {
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&m.self_node.private_key)));
         PeerTable::build(m, prev.unwrap_or(&empty), &IndexTable::from_os_rng())
+    }
+
+    #[test]
+    fn relay_first_then_direct_and_back_when_direct_goes_silent() {
+        let mut m = map();
+        let direct: SocketAddr = "198.51.100.2:41641".parse().unwrap();
+        m.peers[0].endpoints = vec![direct];
+        m.peers[0].relay = Some(900);
+        let t = build(&m, None);
+        let peer = &t.entries()[0].state;
+        let relay = relay_addr(900);
+        assert_eq!(relay_region(&relay), Some(900));
+        assert_eq!(relay_region(&direct), None);
+        // Starts on the relay, probing the direct endpoint with the first datagram only.
+        let t0 = Instant::now();
+        let plan = peer.plan_send(t0).unwrap();
+        assert_eq!((plan.to, plan.probe), (relay, Some(direct)));
+        let plan = peer.plan_send(t0 + Duration::from_millis(500)).unwrap();
+        assert_eq!((plan.to, plan.probe), (relay, None));
+        let plan = peer.plan_send(t0 + DIRECT_PROBE_EVERY).unwrap();
+        assert_eq!(plan.probe, Some(direct), "probes again after the interval");
+        // The peer answers directly: direct from now on, no more probes.
+        peer.set_endpoint(direct);
+        let now = Instant::now();
+        let plan = peer.plan_send(now).unwrap();
+        assert_eq!((plan.to, plan.probe), (direct, None));
+        assert_eq!(peer.check_path(now), None, "not silent yet");
+        // We keep sending, the peer goes silent: back to the relay.
+        let later = now + DIRECT_SILENCE + Duration::from_millis(100);
+        peer.plan_send(later).unwrap();
+        assert_eq!(peer.check_path(later), Some(relay));
+        assert_eq!(peer.endpoint(), Some(relay));
+        // Idle (nothing sent) is not silence.
+        peer.set_endpoint(direct);
+        let idle = Instant::now() + Duration::from_secs(60);
+        assert_eq!(peer.check_path(idle), None);
+        // Without a relay, the direct endpoint stays whatever happens.
+        let mut m2 = map();
+        m2.peers[0].endpoints = vec![direct];
+        let t2 = build(&m2, None);
+        let p2 = &t2.entries()[0].state;
+        assert_eq!(p2.endpoint(), Some(direct));
+        p2.plan_send(Instant::now()).unwrap();
+        assert_eq!(
+            p2.check_path(Instant::now() + Duration::from_secs(10)),
+            None
+        );
     }
 
     #[test]

@@ -50,9 +50,11 @@ fn map(
             offers_exit: true,
             exit_client: true,
             keepalive: None,
+            relay: None,
         }],
         exit_node: None,
         exit_node_allow_lan_access: false,
+        exit_node_blocked: false,
         mtu: 1280,
     }
 }
@@ -256,4 +258,109 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
             .is_err()
     );
     assert_eq!(a.device.counters().src_rejected, 1);
+}
+
+/// A relay in a test: queues each datagram and hands it to the destination device from
+/// its own thread, as a DERP client would, unless cut.
+struct FakeRelay {
+    dst: tsunagu_proto::NodePublic,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<Vec<u8>>>,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl FakeRelay {
+    fn new(
+        me: tsunagu_proto::NodePublic,
+        dst: tsunagu_proto::NodePublic,
+        to: &Arc<Device>,
+    ) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let to = Arc::downgrade(to);
+        std::thread::spawn(move || {
+            while let Ok(d) = rx.recv() {
+                match to.upgrade() {
+                    Some(dev) => dev.receive_relayed(&me, 900, &d),
+                    None => return,
+                }
+            }
+        });
+        Arc::new(FakeRelay {
+            dst,
+            queue: std::sync::Mutex::new(tx),
+            cut: false.into(),
+        })
+    }
+}
+
+impl tsunagu_engine::device::RelayTx for FakeRelay {
+    fn send(&self, dst: &tsunagu_proto::NodePublic, datagram: &[u8]) -> bool {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed) || *dst != self.dst {
+            return false;
+        }
+        self.queue.lock().unwrap().send(datagram.to_vec()).is_ok()
+    }
+}
+
+#[test]
+fn relay_carries_traffic_when_no_direct_path_answers_and_direct_takes_over() {
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let ua = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let ub = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let eb = ub.local_addr().unwrap();
+    // A black hole for a's "direct" endpoint of b: bound, never read.
+    let hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (ta, app_a) = ChannelTun::pair();
+    let (tb, app_b) = ChannelTun::pair();
+    let mut ma = map(
+        &ka,
+        "100.64.0.1/32",
+        &kb,
+        "100.64.0.2/32",
+        Some(hole.local_addr().unwrap()),
+    );
+    ma.peers[0].relay = Some(900);
+    let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
+    mb.peers[0].relay = Some(900);
+    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    let ra = FakeRelay::new(ka.public(), kb.public(), &b);
+    let rb = FakeRelay::new(kb.public(), ka.public(), &a);
+    a.set_relay(Some(ra.clone()));
+    b.set_relay(Some(rb.clone()));
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"via relay");
+    app_a.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&app_b), p);
+    let q = ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], b"back");
+    app_b.to_tun.send(q.clone()).unwrap();
+    assert_eq!(recv(&app_a), q);
+    assert_eq!(
+        a.peers()[0].endpoint,
+        Some(tsunagu_engine::peers::relay_addr(900))
+    );
+    assert!(a.counters().relay_tx > 0 && b.counters().relay_rx > 0);
+
+    // The map now gives a the real direct endpoint: a probe gets through, b answers
+    // directly, and both move to the direct path.
+    let mut ma2 = ma.clone();
+    ma2.peers[0].endpoints = vec![eb];
+    a.apply(&ma2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.peers()[0].endpoint != Some(eb) && Instant::now() < deadline {
+        app_a.to_tun.send(p.clone()).unwrap();
+        let _ = app_b.from_tun.recv_timeout(Duration::from_millis(200));
+        app_b.to_tun.send(q.clone()).unwrap();
+        let _ = app_a.from_tun.recv_timeout(Duration::from_millis(200));
+    }
+    assert_eq!(
+        a.peers()[0].endpoint,
+        Some(eb),
+        "a moved to the direct path"
+    );
+    // Cut the relay: traffic keeps flowing directly.
+    ra.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    rb.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    while app_b.from_tun.try_recv().is_ok() {}
+    app_a.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&app_b), p);
+    drop(hole);
 }

@@ -64,6 +64,7 @@ fn state(exit_node: bool, allow_lan_access: bool) -> RouteState {
             "::/0".parse().unwrap(),
         ],
         exit_node,
+        block_internet: false,
         allow_lan_access,
         mtu: 1280,
     }

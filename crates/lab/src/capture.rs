@@ -153,3 +153,54 @@ pub fn read_pcap(file: &Path) -> Result<Vec<String>, LabError> {
         .map(str::to_owned)
         .collect())
 }
+
+/// The lines of a cafe-LAN capture that are *not* the tunnel: leaks.
+///
+/// Allowed: UDP between `client` (any port, the LAN side of the NAT) and the exit node's
+/// WireGuard endpoint `exit_ep` (`"198.51.100.2.41641"`, tcpdump's notation) in either
+/// direction; the exit node's ICMP error about that UDP; traffic between the client and
+/// the endpoints in `allowed` (the coordination server `"198.51.100.4.8080"`, its relay
+/// and STUN `"198.51.100.4.3478"`), which the daemon keeps outside the tunnel on purpose;
+/// ARP, IPv6 link-local control (`fe80::` to `ff02::`) and link-local multicast from
+/// others (IGMP to 224.0.0.x). Anything else is a leak.
+pub fn tunnel_leaks(
+    lines: &[String],
+    client: std::net::Ipv4Addr,
+    exit_ep: &str,
+    allowed: &[&str],
+) -> Vec<String> {
+    let client = client.to_string();
+    let exit_ip = exit_ep.rsplit_once('.').map_or(exit_ep, |(ip, _)| ip);
+    let client_side = |a: &str| a == client || a.starts_with(&format!("{client}."));
+    lines
+        .iter()
+        .filter(|l| {
+            if l.contains(" ARP,") {
+                return false;
+            }
+            if let Some(rest) = l.split(" IP6 ").nth(1) {
+                let link_local = rest.starts_with("fe80:") && rest.contains(" > ff02:");
+                return !link_local;
+            }
+            let Some(rest) = l.split(" IP ").nth(1) else {
+                return true; // not IP, not ARP: unexpected
+            };
+            let mut words = rest.split_whitespace();
+            let (src, _, dst) = (words.next(), words.next(), words.next());
+            let (src, dst) = (src.unwrap_or(""), dst.unwrap_or("").trim_end_matches(':'));
+            let between =
+                |ep: &str| (client_side(src) && dst == ep) || (src == ep && client_side(dst));
+            let tunnel = rest.contains("UDP") && between(exit_ep);
+            let icmp_about_tunnel = src == exit_ip
+                && rest.contains("ICMP")
+                && rest.contains(&format!(
+                    "udp port {} unreachable",
+                    exit_ep.rsplit('.').next().unwrap_or("")
+                ));
+            let control = allowed.iter().any(|c| between(c));
+            let link_control = dst.starts_with("224.0.0.") && !client_side(src);
+            !(tunnel || icmp_about_tunnel || control || link_control)
+        })
+        .cloned()
+        .collect()
+}

@@ -37,15 +37,15 @@ mod services;
 pub mod tailnet;
 
 pub use addr::{Cidr, is_lab_addr};
-pub use capture::{Capture, capture, capture_filtered, read_pcap};
+pub use capture::{Capture, capture, capture_filtered, read_pcap, tunnel_leaks};
 pub use cmd::{DEFAULT_EXEC_TIMEOUT, which};
 pub use error::LabError;
 pub use lab::{Lab, NAME_PREFIX, ProcId, require};
 pub use netns::Netns;
 pub use nix::sys::signal::Signal;
 pub use seed::{
-    CAFE_PUBLIC, CLIENT_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, PRINTER_LAN, RESOLVER,
-    Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
+    CAFE_PUBLIC, CLIENT_LAN, CLIENT2_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, HOME_PUBLIC,
+    PRINTER_LAN, RESOLVER, Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
 };
 pub use services::{
     IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, http_get, ping, tcp_connect_ok, tcp_echo,

@@ -63,6 +63,14 @@ pub const CLIENT_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 pub const PRINTER_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 20);
 /// The cafe LAN.
 pub const CAFE_LAN_NET: &str = "198.18.1.0/24";
+/// The home router's public address (only with [`SeedOptions::home_nat`]).
+pub const HOME_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
+/// The home router's LAN address.
+pub const HOME_LAN_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// The second client's address on the home LAN.
+pub const CLIENT2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
+/// The home LAN.
+pub const HOME_LAN_NET: &str = "198.18.2.0/24";
 
 /// Role names of the seed's namespaces, for use with [`Seed::ns`].
 pub mod role {
@@ -80,6 +88,10 @@ pub mod role {
     pub const EXIT: &str = "exit";
     /// The second exit node (only with [`super::SeedOptions::second_exit`]).
     pub const EXIT2: &str = "exit2";
+    /// A home router with its own NAT (only with [`super::SeedOptions::home_nat`]).
+    pub const HOME: &str = "home";
+    /// A second client, behind the home NAT.
+    pub const CLIENT2: &str = "client2";
     /// Control server, relay, STUN.
     pub const CONTROL: &str = "control";
 }
@@ -107,8 +119,11 @@ pub struct SeedOptions {
     /// The cafe drops UDP from its LAN to the outside (TCP still passes): relay only.
     pub cafe_blocks_udp: bool,
     /// The cafe's NAT picks a fresh random port per destination (`masquerade random`):
-    /// hole punching fails.
+    /// hole punching fails. With `home_nat`, the home NAT does the same.
     pub symmetric_nat: bool,
+    /// Add a home router (198.51.100.5) with its own NAT and "client2" (198.18.2.10)
+    /// behind it: two clients each behind their own NAT.
+    pub home_nat: bool,
 }
 
 /// The seed scenario, built by [`Lab::seed`]. Dropping it tears everything down.
@@ -154,12 +169,27 @@ impl Seed {
 
 /// The cafe's nftables ruleset.
 fn cafe_ruleset(opts: SeedOptions) -> String {
-    let masquerade = if opts.symmetric_nat {
+    nat_ruleset(
+        CAFE_NFT_TABLE,
+        CAFE_LAN_NET,
+        opts.symmetric_nat,
+        opts.cafe_blocks_udp,
+    )
+}
+
+/// A NAT router's ruleset: masquerade the LAN out of the WAN (random ports per
+/// destination when `symmetric`), optionally dropping UDP from the LAN. Unsolicited
+/// packets to the router itself are dropped, as home routers do: besides being
+/// realistic, this keeps them from leaving a conntrack entry that would make the NAT
+/// pick another port for the LAN host's own packets to the same peer (hole punching
+/// would then fail by accident, not by NAT type).
+fn nat_ruleset(table: &str, lan_net: &str, symmetric: bool, blocks_udp: bool) -> String {
+    let masquerade = if symmetric {
         "masquerade random"
     } else {
         "masquerade"
     };
-    let udp_rule = if opts.cafe_blocks_udp {
+    let udp_rule = if blocks_udp {
         format!(
             "    iifname \"{CAFE_LAN_BRIDGE}\" oifname \"{CAFE_WAN}\" meta l4proto udp counter drop\n"
         )
@@ -167,14 +197,18 @@ fn cafe_ruleset(opts: SeedOptions) -> String {
         String::new()
     };
     format!(
-        "table ip {CAFE_NFT_TABLE} {{\n\
+        "table ip {table} {{\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
-         \x20   oifname \"{CAFE_WAN}\" ip saddr {CAFE_LAN_NET} {masquerade}\n\
+         \x20   oifname \"{CAFE_WAN}\" ip saddr {lan_net} {masquerade}\n\
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
          {udp_rule}\
+         \x20 }}\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter; policy accept;\n\
+         \x20   iifname \"{CAFE_WAN}\" ct state new counter drop\n\
          \x20 }}\n\
          }}\n"
     )
@@ -208,10 +242,22 @@ fn attach_cafe_lan(
     role: &str,
     addr: &str,
 ) -> Result<(), LabError> {
+    attach_lan(lab, cafe, leaf, role, addr, CAFE_LAN_GW)
+}
+
+/// Joins a leaf namespace to a router's LAN bridge, with `gw` as its default route.
+fn attach_lan(
+    lab: &mut Lab,
+    router: &Netns,
+    leaf: &Netns,
+    role: &str,
+    addr: &str,
+    gw: Ipv4Addr,
+) -> Result<(), LabError> {
     let port = format!("p-{role}");
-    lab.link((cafe, &port, &[]), (leaf, LEAF_IFACE, &[addr]))?;
-    cafe.enslave(&port, CAFE_LAN_BRIDGE)?;
-    leaf.set_default_route(IpAddr::V4(CAFE_LAN_GW))
+    lab.link((router, &port, &[]), (leaf, LEAF_IFACE, &[addr]))?;
+    router.enslave(&port, CAFE_LAN_BRIDGE)?;
+    leaf.set_default_route(IpAddr::V4(gw))
 }
 
 /// Builds the seed scenario. On error the partially built lab is dropped, which removes
@@ -317,6 +363,38 @@ pub(crate) fn build(test_name: &str, opts: SeedOptions) -> Result<Seed, LabError
         )?;
     }
 
+    if opts.home_nat {
+        // A second NAT'd LAN, like the cafe's (same interface names, its own namespace).
+        let home = lab.add_ns(role::HOME)?;
+        attach_public(
+            &mut lab,
+            &inet,
+            &home,
+            role::HOME,
+            CAFE_WAN,
+            &[&format!("{HOME_PUBLIC}/24")],
+        )?;
+        home.add_bridge(CAFE_LAN_BRIDGE)?;
+        home.add_addr(CAFE_LAN_BRIDGE, &format!("{HOME_LAN_GW}/24"))?;
+        home.sysctl("net.ipv4.ip_forward", "1")?;
+        home.sysctl("net.ipv6.conf.all.forwarding", "0")?;
+        home.nft(&nat_ruleset(
+            "home_nat",
+            HOME_LAN_NET,
+            opts.symmetric_nat,
+            false,
+        ))?;
+        let client2 = lab.add_ns(role::CLIENT2)?;
+        attach_lan(
+            &mut lab,
+            &home,
+            &client2,
+            role::CLIENT2,
+            &format!("{CLIENT2_LAN}/24"),
+            HOME_LAN_GW,
+        )?;
+    }
+
     tracing::debug!(prefix = lab.prefix(), ?opts, "seed scenario built");
     Ok(Seed { lab, opts })
 }
@@ -330,6 +408,7 @@ mod tests {
         let plain = cafe_ruleset(SeedOptions::default());
         assert!(plain.contains("ip saddr 198.18.1.0/24 masquerade\n"));
         assert!(!plain.contains("udp"));
+        assert!(plain.contains("iifname \"wan\" ct state new counter drop"));
         let strict = cafe_ruleset(SeedOptions {
             cafe_blocks_udp: true,
             symmetric_nat: true,
@@ -351,6 +430,8 @@ mod tests {
             EXIT_PUBLIC,
             CLIENT_LAN,
             PRINTER_LAN,
+            HOME_PUBLIC,
+            CLIENT2_LAN,
         ] {
             assert!(crate::is_lab_addr(IpAddr::V4(ip)));
         }

@@ -4,7 +4,9 @@
 //! Memory is bounded per connection: the read buffer holds at most one
 //! partial record plus what one read brought in (8 KiB), and the write
 //! buffer at most [`WRITE_BUF_CAP`] sealed bytes; `poll_write` returns
-//! `Pending` rather than buffering more (backpressure).
+//! `Pending` rather than buffering more (backpressure). An idle stream holds
+//! neither buffer: a server with thousands of quiet map streams would
+//! otherwise keep 24 KiB per connection for nothing.
 
 use std::io;
 use std::ops::Range;
@@ -83,7 +85,7 @@ impl<T> NoiseStream<T> {
             plain: 0..0,
             read_eof: false,
             unread: Vec::new(),
-            wbuf: Vec::with_capacity(WRITE_BUF_CAP),
+            wbuf: Vec::new(),
             wpos: 0,
             write_failed: false,
         }
@@ -152,7 +154,8 @@ impl<T: AsyncWrite + Unpin> NoiseStream<T> {
                 }
             }
         }
-        self.wbuf.clear();
+        // Everything is out: release the buffer until the next write.
+        self.wbuf = Vec::new();
         self.wpos = 0;
         Poll::Ready(Ok(()))
     }
@@ -221,10 +224,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for NoiseStream<T> {
                 this.rend -= this.rstart;
                 this.rstart = 0;
             }
+            if this.rbuf.is_empty() {
+                this.rbuf = vec![0u8; READ_BUF_CAP].into_boxed_slice();
+            }
             // A partial record is below MAX_FRAME_SIZE bytes (its size was
             // validated), so there is always room here.
             let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    if this.rend == 0 {
+                        // Nothing buffered (rstart is 0 here): hold no buffer while idle.
+                        this.rbuf = Box::default();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r?,
+            }
             let n = rb.filled().len();
             if n == 0 {
                 this.read_eof = true;
@@ -253,6 +268,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for NoiseStream<T> {
         if this.wpos > 0 {
             this.wbuf.drain(..this.wpos);
             this.wpos = 0;
+        }
+        if this.wbuf.capacity() == 0 {
+            this.wbuf.reserve_exact(WRITE_BUF_CAP);
         }
         let records = (WRITE_BUF_CAP - this.wbuf.len()) / MAX_FRAME_SIZE;
         let n = buf.len().min(records * MAX_PLAINTEXT_SIZE);

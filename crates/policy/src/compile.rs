@@ -68,6 +68,19 @@ pub struct NetPortRange {
     pub last: u16,
 }
 
+/// Which packet filter a node gets, as far as [`CompiledPolicy::filter_class`] can tell
+/// without building it: equal classes mean equal filters (within one compiled policy).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FilterClass {
+    /// Not in the compiled node set: the empty filter.
+    Unknown,
+    /// The filter is the listed rules (by index), all with `*` destinations.
+    Rules(Vec<u32>),
+    /// The filter names this node's own addresses: shared with no one.
+    Node(i64),
+}
+
 #[derive(Clone, Debug)]
 struct BitSet(Vec<u64>);
 
@@ -494,6 +507,30 @@ impl CompiledPolicy {
             }
         }
         out
+    }
+
+    /// A key such that two viewers with equal keys get equal [`Self::filter`]s, so that a
+    /// server computes (and serializes) one filter per class instead of one per node.
+    /// Viewers whose filter names their own addresses (node, prefix, internet or
+    /// `autogroup:self` destinations) are a class of their own.
+    pub fn filter_class(&self, viewer: i64) -> FilterClass {
+        let Some(v) = self.idx(viewer) else {
+            return FilterClass::Unknown;
+        };
+        let own = self.dst_rules[v].iter().any(|&ri| {
+            self.rules[ri as usize]
+                .dst
+                .iter()
+                .any(|d| !matches!(d.target, Target::Any))
+        }) || (self.own_devices(v).is_some()
+            && self.src_rules[v]
+                .iter()
+                .any(|&ri| !self.rules[ri as usize].self_ports.is_empty()));
+        if own {
+            FilterClass::Node(viewer)
+        } else {
+            FilterClass::Rules(self.dst_rules[v].clone())
+        }
     }
 
     /// Peers `viewer` should be told about: every node it may reach or that

@@ -37,7 +37,7 @@ mod parse;
 
 use ipnet::IpNet;
 
-pub use compile::{CompiledPolicy, FilterRule, NetPortRange, PolicyNode};
+pub use compile::{CompiledPolicy, FilterClass, FilterRule, NetPortRange, PolicyNode};
 pub use error::{ErrorKind, PolicyError};
 pub use model::{PortRange, canonical_user};
 

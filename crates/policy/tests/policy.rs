@@ -811,3 +811,52 @@ fn can_see_agrees_with_visible_peers() {
     );
     assert!(c.can_see(3, 4), "autogroup:self");
 }
+
+#[test]
+fn equal_filter_classes_mean_equal_filters() {
+    let p = Policy::parse(
+        r#"{
+  "groups": { "group:family": ["alice", "bob"], "group:guests": ["carol"] },
+  "tagOwners": { "tag:exit": ["alice"], "tag:printer": ["alice"] },
+  "acls": [
+    { "action": "accept", "src": ["group:family"], "dst": ["*:*"] },
+    { "action": "accept", "src": ["group:guests"], "dst": ["tag:printer:9100"] },
+    { "action": "accept", "src": ["carol"], "dst": ["autogroup:self:22"] },
+    { "action": "accept", "src": ["autogroup:tagged"], "dst": ["*:443"] },
+  ],
+}"#,
+    )
+    .unwrap();
+    let nodes = vec![
+        node(1, Some("alice"), &[], &["100.64.0.1"], &[]),
+        node(2, Some("bob"), &[], &["100.64.0.2"], &[]),
+        node(3, Some("carol"), &[], &["100.64.0.3"], &[]),
+        node(4, Some("carol"), &[], &["100.64.0.4"], &[]),
+        node(
+            5,
+            None,
+            &["tag:exit"],
+            &["100.64.0.5"],
+            &["0.0.0.0/0", "::/0"],
+        ),
+        node(6, None, &["tag:printer"], &["100.64.0.6"], &[]),
+        node(7, None, &["tag:exit"], &["100.64.0.7"], &[]),
+    ];
+    for c in [p.compile(&nodes), Policy::default_policy().compile(&nodes)] {
+        for a in 1..=8 {
+            for b in 1..=8 {
+                if c.filter_class(a) == c.filter_class(b) {
+                    assert_eq!(c.filter(a), c.filter(b), "viewers {a} and {b}");
+                }
+            }
+        }
+    }
+    let c = Policy::default_policy().compile(&nodes);
+    assert_eq!(
+        c.filter_class(1),
+        c.filter_class(6),
+        "the default policy gives everyone the same filter"
+    );
+    let c = p.compile(&nodes);
+    assert_ne!(c.filter_class(3), c.filter_class(4), "autogroup:self");
+}

@@ -97,7 +97,14 @@ fn parse32(s: &str, prefix: &'static str) -> Result<[u8; 32], KeyError> {
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // A table, not `format!` per byte: keys are written for every peer of every map.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 /// A node's public key: its identity on the tailnet and its WireGuard static public key.

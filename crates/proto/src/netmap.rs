@@ -40,6 +40,10 @@ pub struct Peer {
     pub exit_client: bool,
     /// Seconds between keepalives; set when we sit behind a NAT that would forget us.
     pub keepalive: Option<u16>,
+    /// The relay (DERP) region through which the peer can always be reached, when this
+    /// node has a relay connection there. The data plane starts on it and moves to a
+    /// direct endpoint as soon as one answers.
+    pub relay: Option<u16>,
 }
 
 /// The complete configuration of a node's data plane.
@@ -51,6 +55,10 @@ pub struct NetMap {
     pub exit_node: Option<NodePublic>,
     /// With an exit node in use, keep the local LAN subnets reachable directly.
     pub exit_node_allow_lan_access: bool,
+    /// The user chose an exit node that cannot be used now (revoked, offline from the
+    /// map, not allowed by the policy): internet traffic is blocked, not sent directly,
+    /// until they choose again. Only meaningful with `exit_node: None`.
+    pub exit_node_blocked: bool,
     /// Tunnel MTU.
     pub mtu: u16,
 }
@@ -119,6 +127,12 @@ impl NetMap {
                 }
             }
         }
+        if self.exit_node.is_some() && self.exit_node_blocked {
+            return Err(invalid(
+                "exit_node_blocked",
+                "an exit node in use cannot also be blocked",
+            ));
+        }
         if let Some(exit) = self.exit_node {
             match self.peers.iter().find(|p| p.key == exit) {
                 None => return Err(invalid("exit_node", format!("no peer has key {exit}"))),
@@ -163,6 +177,7 @@ mod tests {
             offers_exit: true,
             exit_client: false,
             keepalive: None,
+            relay: None,
         }
     }
 
@@ -177,6 +192,7 @@ mod tests {
             peers: vec![peer("exit")],
             exit_node: None,
             exit_node_allow_lan_access: false,
+            exit_node_blocked: false,
             mtu: DEFAULT_MTU,
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{Lab, Netns, Seed, SeedOptions, WEB_ADDR, http_get};
+use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions, WEB_ADDR, http_get};
 
 pub const POLICY: &str = r#"{
   "tagOwners": { "tag:exit": ["admin"] },
@@ -94,39 +94,145 @@ pub struct Joined {
     pub exit_log: PathBuf,
     /// A pre-auth key of user `admin` for a member node.
     pub client_key: String,
+    pub server: ProcId,
+    pub server_argv: Vec<String>,
+    pub server_log: PathBuf,
+}
+
+/// A tsunagud started in the client namespace.
+pub struct Client {
+    pub proc: ProcId,
+    pub sock: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Joined {
+    /// Start tsunagud in the client (cafe) namespace with its state under `name`, and
+    /// wait for its local API.
+    pub fn start_client(&mut self, name: &str, extra: &[&str]) -> Client {
+        self.start_node(tsunagu_lab::seed::role::CLIENT, name, extra)
+    }
+
+    /// Start tsunagud in the namespace of `role`, state under `name`.
+    pub fn start_node(&mut self, role: &str, name: &str, extra: &[&str]) -> Client {
+        let state = self.seed.lab.log_path(&format!("{name}-state"));
+        let log = self.seed.lab.log_path(&format!("{name}.log"));
+        let sock = state.join("tsunagud.sock");
+        let mut argv = vec![
+            TSUNAGUD,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(extra);
+        let proc = self
+            .seed
+            .lab
+            .spawn(&self.seed.ns(role), &argv, Some(&log))
+            .unwrap();
+        wait("tsunagud's local API", Duration::from_secs(20), || {
+            sock.exists()
+        });
+        Client {
+            proc,
+            sock,
+            state,
+            log,
+        }
+    }
+
+    /// `tsunagu-server --data-dir DATA args...` in the control namespace (stdout).
+    pub fn admin(&self, args: &[&str]) -> String {
+        cli(
+            &self.seed.ns(tsunagu_lab::seed::role::CONTROL),
+            &self.data,
+            args,
+        )
+    }
+
+    /// A fresh single-use pre-auth key of user `admin`.
+    pub fn new_key(&self) -> String {
+        let out = self.admin(&["preauthkeys", "create", "--user", "admin"]);
+        out.lines().last().unwrap().to_string()
+    }
+
+    /// The server's `nodes list --json`.
+    pub fn nodes(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin(&["--json", "nodes", "list"])).unwrap_or_default()
+    }
+
+    /// Start the server again (after it was stopped), same data directory.
+    pub fn restart_server(&mut self) {
+        let argv: Vec<&str> = self.server_argv.iter().map(String::as_str).collect();
+        let ns = self.seed.ns(tsunagu_lab::seed::role::CONTROL);
+        self.server = self
+            .seed
+            .lab
+            .spawn(&ns, &argv, Some(&self.server_log))
+            .unwrap();
+    }
+}
+
+/// `tsunagu status` text (whatever the exit code).
+pub fn status_text(ns: &Netns, sock: &Path) -> String {
+    let out = tsunagu(ns, sock, &["status"]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The line of `tsunagu status` for peer `name`.
+pub fn peer_line(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .map(String::from)
 }
 
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
 
 pub fn setup(test: &str) -> Joined {
-    let mut seed = Lab::seed(test, SeedOptions::default()).unwrap();
+    setup_with_policy(test, POLICY)
+}
+
+pub fn setup_with_policy(test: &str, policy_text: &str) -> Joined {
+    setup_full(test, policy_text, SeedOptions::default())
+}
+
+pub fn setup_full(test: &str, policy_text: &str, opts: SeedOptions) -> Joined {
+    let mut seed = Lab::seed(test, opts).unwrap();
     let control = seed.ns(role::CONTROL);
     let data = seed.lab.log_path("server-data");
     let data_s = data.to_str().unwrap().to_string();
     let bin = server_bin();
     let log = seed.lab.log_path("server.log");
-    seed.lab
-        .spawn(
-            &control,
-            &[
-                bin.to_str().unwrap(),
-                "--data-dir",
-                &data_s,
-                "serve",
-                "--listen",
-                "198.51.100.4:8080",
-                "--server-url",
-                "http://198.51.100.4:8080",
-            ],
-            Some(&log),
-        )
-        .unwrap();
+    let server_argv: Vec<String> = [
+        bin.to_str().unwrap(),
+        "--data-dir",
+        &data_s,
+        "serve",
+        "--listen",
+        "198.51.100.4:8080",
+        "--server-url",
+        "http://198.51.100.4:8080",
+        // tsunagud speaks DERP over plain HTTP (Go clients would need TLS).
+        "--derp-announce-http",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let argv: Vec<&str> = server_argv.iter().map(String::as_str).collect();
+    let server = seed.lab.spawn(&control, &argv, Some(&log)).unwrap();
     wait("server start", Duration::from_secs(20), || {
         data.join("admin.sock").exists()
     });
     cli(&control, &data_s, &["users", "create", "admin"]);
     let policy = seed.lab.log_path("policy.hujson");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, policy_text).unwrap();
     cli(
         &control,
         &data_s,
@@ -199,5 +305,8 @@ pub fn setup(test: &str) -> Joined {
         data: data_s,
         exit_log,
         client_key,
+        server,
+        server_argv,
+        server_log: log,
     }
 }

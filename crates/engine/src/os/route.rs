@@ -180,6 +180,10 @@ pub struct RouteState {
     pub peer_routes: Vec<IpNet>,
     /// Route 0.0.0.0/0 and ::/0 into the tunnel.
     pub exit_node: bool,
+    /// No usable exit node although one is chosen: only the fail-closed `unreachable
+    /// default` (and, with `allow_lan_access`, the LAN rules), so internet traffic fails
+    /// instead of leaving directly. Ignored when `exit_node` is set.
+    pub block_internet: bool,
     /// With an exit node, keep directly connected LAN subnets reachable directly.
     pub allow_lan_access: bool,
     /// MTU of the tun.
@@ -192,6 +196,7 @@ impl Default for RouteState {
             addresses: Vec::new(),
             peer_routes: Vec::new(),
             exit_node: false,
+            block_internet: false,
             allow_lan_access: false,
             mtu: MIN_MTU,
         }
@@ -485,7 +490,7 @@ impl RouteManager {
         self.sync_addresses(&tun, desired, &families)?;
 
         let want_routes = desired_routes(&self.cfg, desired, tun.index, &families);
-        let lan = if desired.exit_node && desired.allow_lan_access {
+        let lan = if (desired.exit_node || desired.block_internet) && desired.allow_lan_access {
             self.lan_subnets(tun.index, desired, &families)?
         } else {
             Vec::new()
@@ -728,9 +733,11 @@ fn desired_routes(
         }
     }
     let mut routes: Vec<Route> = dsts.into_iter().map(via_tun).collect();
-    if state.exit_node {
+    if state.exit_node || state.block_internet {
         for fam in families {
-            routes.push(via_tun(fam.default_route()));
+            if state.exit_node {
+                routes.push(via_tun(fam.default_route()));
+            }
             routes.push(Route {
                 dst: fam.default_route(),
                 table: cfg.table,
@@ -1649,6 +1656,7 @@ mod tests {
             addresses: vec![net("100.64.0.1/32"), net("fd7a:115c:a1e0::1/128")],
             peer_routes: vec![net("100.64.0.2/32"), net("0.0.0.0/0")],
             exit_node: exit,
+            block_internet: false,
             allow_lan_access: lan,
             mtu: 1280,
         }
@@ -1722,6 +1730,36 @@ mod tests {
                 .iter()
                 .any(|r| r.action == RuleAction::Table(100))
         );
+    }
+
+    #[test]
+    fn blocked_exit_node_keeps_only_the_unreachable_default() {
+        let (mut m, f) = host();
+        m.apply(&state(true, true)).unwrap();
+        let blocked = RouteState {
+            exit_node: false,
+            block_internet: true,
+            ..state(false, true)
+        };
+        m.apply(&blocked).unwrap();
+        let mut table = table52(&f);
+        table.sort();
+        // No route into the tunnel for the internet, and nothing falls through to main.
+        assert_eq!(
+            table,
+            [
+                "100.64.0.2/32 dev #7 table 52 metric 0",
+                "unreachable 0.0.0.0/0 table 52 metric 2147483647",
+                "unreachable ::/0 table 52 metric 2147483647",
+            ]
+        );
+        // LAN access still applies while blocked.
+        assert!(f.k().rules.iter().any(|r| r.priority == 5240
+            && r.action == RuleAction::Table(TABLE_MAIN)
+            && r.dst.map(|d| d.to_string()) == Some("198.18.1.0/24".into())));
+        // Choosing "no exit node" lifts the block.
+        m.apply(&state(false, false)).unwrap();
+        assert_eq!(table52(&f), ["100.64.0.2/32 dev #7 table 52 metric 0"]);
     }
 
     #[test]

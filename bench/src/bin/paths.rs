@@ -1,0 +1,493 @@
+//! paths: the two ways packets travel between tsunagud nodes, measured in the seed lab,
+//! and what the relay costs.
+//!
+//! ```text
+//!  direct: [client] iperf3 -c ─► tunnel (UDP through the cafe NAT) ─► [exit] iperf3 -s
+//!  relay:  the same, with the cafe dropping UDP: tunnel over DERP (TCP) via 198.51.100.4
+//!  idle:   N DERP clients (this program) logged in to `tsunagu-server relay` on loopback
+//! ```
+//!
+//! For each path: iperf3 TCP throughput (median of `--reps` runs of `--seconds`), ping
+//! RTT between the two nodes' tailnet addresses, and for the relay the packets it
+//! forwarded per second during the runs (the client's relay counters). Then the relay's
+//! resident memory per idle client with `--idle-clients` connected. The last line is
+//! `paths: direct X.XX Gbit/s, relay Y.YY Gbit/s, relay-rss-per-client Z KiB`.
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tsunagu_lab::seed::role;
+use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions};
+
+const SERVER_URL: &str = "http://198.51.100.4:8080";
+const IPERF_PORT: &str = "5201";
+
+struct Args {
+    bin_dir: PathBuf,
+    seconds: u32,
+    reps: usize,
+    idle_clients: usize,
+}
+
+fn progress(msg: &str) {
+    eprintln!("paths: {msg}");
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        bin_dir: PathBuf::from("target/release"),
+        seconds: 10,
+        reps: 3,
+        idle_clients: 1000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--bin-dir" => a.bin_dir = PathBuf::from(val()?),
+            "--seconds" => a.seconds = val()?.parse().context("--seconds")?,
+            "--reps" => a.reps = val()?.parse().context("--reps")?,
+            "--idle-clients" => a.idle_clients = val()?.parse().context("--idle-clients")?,
+            "-h" | "--help" => {
+                println!(
+                    "usage: paths [--bin-dir DIR (target/release)] [--seconds N (10)] \
+                     [--reps N (3)] [--idle-clients N (1000)]   (root)"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if a.reps == 0 || a.seconds == 0 {
+        bail!("--reps and --seconds must be at least 1");
+    }
+    Ok(a)
+}
+
+fn bin(args: &Args, name: &str) -> Result<String> {
+    let p = args.bin_dir.join(name);
+    if !p.exists() {
+        bail!("{} missing: cargo build --release", p.display());
+    }
+    Ok(std::fs::canonicalize(p)?.to_string_lossy().into_owned())
+}
+
+fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > within {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// A tailnet of two in the seed lab: the server, "exit" (public) and "client" (cafe).
+struct Net {
+    seed: Seed,
+    cli: String,
+    client_sock: String,
+    exit_ip: String,
+}
+
+fn status(ns: &Netns, cli: &str, sock: &str) -> Option<serde_json::Value> {
+    let out = ns
+        .exec_status(&[cli, "--socket", sock, "status", "--json"])
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn build_net(args: &Args, name: &str, opts: SeedOptions) -> Result<Net> {
+    let (server, daemon, cli) = (
+        bin(args, "tsunagu-server")?,
+        bin(args, "tsunagud")?,
+        bin(args, "tsunagu")?,
+    );
+    let mut seed = Lab::seed(name, opts).context("building the lab (root?)")?;
+    let control = seed.ns(role::CONTROL);
+    let data = seed.lab.log_path("server-data");
+    let data_s = data.to_string_lossy().into_owned();
+    let log = seed.lab.log_path("server.log");
+    seed.lab.spawn(
+        &control,
+        &[
+            &server,
+            "--data-dir",
+            &data_s,
+            "serve",
+            "--listen",
+            "198.51.100.4:8080",
+            "--server-url",
+            SERVER_URL,
+            "--derp-announce-http",
+        ],
+        Some(&log),
+    )?;
+    wait("the server", Duration::from_secs(20), || {
+        data.join("admin.sock").exists()
+    })?;
+    let admin = |a: &[&str]| -> Result<String> {
+        let mut argv = vec![server.as_str(), "--data-dir", &data_s];
+        argv.extend_from_slice(a);
+        let out = control.exec(&argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    admin(&["users", "create", "bench"])?;
+    let key = admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?;
+    let key = key.lines().last().unwrap_or_default().to_string();
+    let mut socks = Vec::new();
+    for (r, host) in [(role::EXIT, "exit"), (role::CLIENT, "client")] {
+        let state = seed.lab.log_path(&format!("{host}-state"));
+        let sock = state.join("tsunagud.sock").to_string_lossy().into_owned();
+        let l = seed.lab.log_path(&format!("{host}.log"));
+        seed.lab.spawn(
+            &seed.ns(r),
+            &[
+                &daemon,
+                "--login-server",
+                SERVER_URL,
+                "--auth-key",
+                &key,
+                "--hostname",
+                host,
+                "--state-dir",
+                &state.to_string_lossy(),
+                "--socket",
+                &sock,
+            ],
+            Some(&l),
+        )?;
+        socks.push(sock);
+    }
+    let client_ns = seed.ns(role::CLIENT);
+    let client_sock = socks[1].clone();
+    let mut exit_ip = String::new();
+    wait(
+        "the client sees the exit host",
+        Duration::from_secs(30),
+        || {
+            if let Some(v) = status(&client_ns, &cli, &client_sock)
+                && let Some(p) = v["peers"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["name"] == "exit"))
+            {
+                exit_ip = p["ip"].as_str().unwrap_or_default().to_string();
+            }
+            !exit_ip.is_empty()
+        },
+    )?;
+    Ok(Net {
+        seed,
+        cli,
+        client_sock,
+        exit_ip,
+    })
+}
+
+/// The path the client uses to the exit host (`direct …` or `relay …`), after pinging.
+fn path(net: &Net) -> String {
+    let ns = net.seed.ns(role::CLIENT);
+    let _ = ns.exec_status(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        &net.exit_ip,
+    ]);
+    status(&ns, &net.cli, &net.client_sock)
+        .and_then(|v| {
+            v["peers"]
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["name"] == "exit"))
+                .and_then(|p| p["path"].as_str().map(String::from))
+        })
+        .unwrap_or_default()
+}
+
+fn rtt_ms(ns: &Netns, target: &str) -> Result<f64> {
+    let out = ns.exec_status(&[
+        "ping", "-n", "-q", "-c", "20", "-i", "0.05", "-W", "2", target,
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("ping {target}: no replies\n{text}"))
+}
+
+fn iperf(ns: &Netns, target: &str, seconds: u32) -> Result<f64> {
+    let secs = seconds.to_string();
+    let out = ns.exec_status_timeout(
+        &[
+            "iperf3",
+            "-c",
+            target,
+            "-p",
+            IPERF_PORT,
+            "-t",
+            &secs,
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ],
+        Duration::from_secs(u64::from(seconds) + 30),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| anyhow!("iperf3 gave no throughput"))
+}
+
+fn relay_packets(net: &Net) -> u64 {
+    let ns = net.seed.ns(role::CLIENT);
+    status(&ns, &net.cli, &net.client_sock)
+        .map(|v| {
+            v["counters"]["relay_tx"].as_u64().unwrap_or(0)
+                + v["counters"]["relay_rx"].as_u64().unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+struct PathFigures {
+    gbps: f64,
+    rtt_ms: f64,
+    relay_pps: f64,
+    path: String,
+}
+
+fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
+    let label = if relay { "relay" } else { "direct" };
+    progress(&format!("=== {label}: building the lab"));
+    let opts = SeedOptions {
+        cafe_blocks_udp: relay,
+        ..SeedOptions::default()
+    };
+    let mut net = build_net(args, &format!("bench_paths_{label}"), opts)?;
+    let want = if relay { "relay" } else { "direct" };
+    let mut p = String::new();
+    wait(&format!("the {want} path"), Duration::from_secs(30), || {
+        p = path(&net);
+        p.starts_with(want)
+    })?;
+    progress(&format!("{label}: client -> exit host via {p}"));
+    let exit_ns = net.seed.ns(role::EXIT);
+    let log = net.seed.lab.log_path("iperf3.log");
+    let srv: ProcId = net.seed.lab.spawn(
+        &exit_ns,
+        &[
+            "iperf3",
+            "-s",
+            "-B",
+            &net.exit_ip,
+            "-p",
+            IPERF_PORT,
+            "--forceflush",
+        ],
+        Some(&log),
+    )?;
+    wait("iperf3 server", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Server listening"))
+    })?;
+    let client_ns = net.seed.ns(role::CLIENT);
+    let rtt = rtt_ms(&client_ns, &net.exit_ip)?;
+    let before = relay_packets(&net);
+    let t0 = Instant::now();
+    let mut runs = Vec::new();
+    for i in 0..args.reps {
+        let g = iperf(&client_ns, &net.exit_ip, args.seconds)?;
+        progress(&format!("{label}: run {}: {g:.2} Gbit/s", i + 1));
+        runs.push(g);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let pps = (relay_packets(&net) - before) as f64 / t0.elapsed().as_secs_f64();
+    runs.sort_by(|a, b| a.total_cmp(b));
+    let gbps = runs[runs.len() / 2];
+    let after = path(&net);
+    net.seed.lab.kill(srv, tsunagu_lab::Signal::SIGTERM)?;
+    progress(&format!(
+        "{label}: median {gbps:.2} Gbit/s, rtt {rtt:.3} ms, relay {pps:.0} packets/s, path after: {after}"
+    ));
+    Ok(PathFigures {
+        gbps,
+        rtt_ms: rtt,
+        relay_pps: pps,
+        path: p,
+    })
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
+}
+
+fn raise_nofile(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit with a valid struct; failure only leaves the old limit.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// One idle DERP client: connect, upgrade, log in, then hold the connection.
+async fn idle_client(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(tsunagu_derp::client::upgrade_request(&addr.to_string()).as_bytes())
+        .await?;
+    let mut conn = tsunagu_derp::ClientConn::new(
+        tsunagu_proto::NodePrivate::generate(),
+        tsunagu_derp::ClientInfo::default(),
+    );
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut upgraded = false;
+    loop {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the relay closed the connection");
+        }
+        if upgraded {
+            conn.handle_input(&buf[..n])?;
+        } else {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) =
+                tsunagu_derp::client::parse_upgrade_response(&head).map_err(anyhow::Error::msg)?
+            {
+                upgraded = true;
+                conn.handle_input(&head[end..])?;
+            }
+        }
+        while let Some(out) = conn.poll_transmit() {
+            tcp.write_all(&out).await?;
+        }
+        if conn.is_connected() {
+            return Ok(tcp);
+        }
+    }
+}
+
+fn measure_idle(args: &Args) -> Result<f64> {
+    progress(&format!(
+        "=== idle: {} DERP clients on a standalone relay (loopback)",
+        args.idle_clients
+    ));
+    raise_nofile(args.idle_clients as u64 * 2 + 1024);
+    let server = bin(args, "tsunagu-server")?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let dir = tempfile::tempdir()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(&server)
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["relay", "--listen", &listen, "--no-stun"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting tsunagu-server relay")?;
+    let addr: std::net::SocketAddr = listen.parse()?;
+    let result = (|| -> Result<f64> {
+        wait("the relay", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(addr).is_ok()
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        // Warm up with a few clients so the baseline includes the relay's fixed costs.
+        let warm: Vec<_> = rt.block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..10 {
+                v.push(idle_client(addr).await?);
+            }
+            Ok::<_, anyhow::Error>(v)
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        let before = rss_kib(child.id())?;
+        let t0 = Instant::now();
+        let conns = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            let mut held = Vec::new();
+            for i in 0..args.idle_clients {
+                set.spawn(idle_client(addr));
+                if i % 100 == 99 {
+                    while let Some(r) = set.join_next().await {
+                        held.push(r??);
+                    }
+                }
+            }
+            while let Some(r) = set.join_next().await {
+                held.push(r??);
+            }
+            Ok::<_, anyhow::Error>(held)
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        let after = rss_kib(child.id())?;
+        let per = (after.saturating_sub(before)) as f64 / conns.len() as f64;
+        progress(&format!(
+            "idle: {} clients logged in within {:.1} s; relay RSS {before} KiB -> {after} KiB: {per:.1} KiB per client",
+            conns.len(),
+            t0.elapsed().as_secs_f64()
+        ));
+        drop(conns);
+        drop(warm);
+        Ok(per)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("paths: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let run = || -> Result<()> {
+        let direct = measure_path(&args, false)?;
+        let relay = measure_path(&args, true)?;
+        let per_client = measure_idle(&args)?;
+        println!(
+            "direct: {:.2} Gbit/s, rtt {:.3} ms ({})",
+            direct.gbps, direct.rtt_ms, direct.path
+        );
+        println!(
+            "relay:  {:.2} Gbit/s, rtt {:.3} ms ({}), {:.0} packets/s through the relay",
+            relay.gbps, relay.rtt_ms, relay.path, relay.relay_pps
+        );
+        println!(
+            "paths: direct {:.2} Gbit/s, relay {:.2} Gbit/s, relay-rss-per-client {:.0} KiB",
+            direct.gbps, relay.gbps, per_client
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        eprintln!("paths: {e:#}");
+        std::process::exit(1);
+    }
+}
