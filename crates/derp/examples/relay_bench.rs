@@ -91,6 +91,10 @@ async fn run(idle: usize, packets: usize, size: usize) {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app = relay.router();
+    // As tsunagu-server does: small frames leave at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     // 1. Idle clients.
