@@ -235,7 +235,16 @@ impl ServerProc {
         let mut cmd = Command::new(bin);
         cmd.arg("--data-dir")
             .arg(&data)
-            .args(["serve", "--listen", &listen, "--server-url", &url])
+            // No relay: it would bind STUN on 127.0.0.1:3478 (taken by anything else
+            // on the host) and is not what this benchmark measures.
+            .args([
+                "serve",
+                "--listen",
+                &listen,
+                "--server-url",
+                &url,
+                "--no-relay",
+            ])
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
