@@ -161,12 +161,12 @@ impl Shared {
                     blocked = map.exit_node_blocked,
                     "running"
                 );
+                e.device().set_stun_sink(Some(self.stun.sink()));
                 *guard = Some(e);
             }
         }
         if let Some(e) = guard.as_ref() {
             e.device().set_relay(relay);
-            e.device().set_stun_sink(Some(self.stun.sink()));
         }
         Ok(())
     }
@@ -215,35 +215,16 @@ impl Shared {
         }
     }
 
-    /// The home relay's region, if there is one.
-    pub fn home_relay_region(&self) -> Option<u16> {
+    /// Where the home relay is (region, code, address), if there is one.
+    pub fn home_relay(&self) -> Option<crate::relay::RelayTarget> {
         let r = self.relay.lock().ok()?;
-        r.as_ref().map(|r| r.target.region)
-    }
-
-    /// The home relay's region code, if connected to one.
-    pub fn home_relay_code(&self) -> Option<String> {
-        let r = self.relay.lock().ok()?;
-        r.as_ref().map(|r| r.target.code.clone())
+        r.as_ref().map(|r| r.target.clone())
     }
 
     fn relay_link(&self) -> Option<Arc<dyn tsunagu_engine::device::RelayTx>> {
         let r = self.relay.lock().ok()?;
         r.as_ref()
             .map(|r| r.link.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
-    }
-
-    /// The relay region's code, for `status` (`relay "tsunagu"`).
-    fn relay_code(&self, region: u16) -> String {
-        self.relay
-            .lock()
-            .ok()
-            .and_then(|r| {
-                r.as_ref()
-                    .filter(|r| r.target.region == region)
-                    .map(|r| r.target.code.clone())
-            })
-            .unwrap_or_else(|| region.to_string())
     }
 
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
@@ -462,6 +443,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         }),
         exit_node_users: users,
     });
+    let home = shared.home_relay();
     let mut peers = Vec::new();
     for p in state.peers.values() {
         let key = p.key.to_string();
@@ -484,7 +466,12 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
             endpoint: es.and_then(|e| e.endpoint).map(|e| e.to_string()),
             path: es.and_then(|e| e.endpoint).map(|e| {
                 match tsunagu_engine::peers::relay_region(&e) {
-                    Some(region) => format!("relay \"{}\"", shared.relay_code(region)),
+                    Some(region) => format!(
+                        "relay \"{}\"",
+                        home.as_ref()
+                            .filter(|h| h.region == region)
+                            .map_or_else(|| region.to_string(), |h| h.code.clone())
+                    ),
                     None => format!("direct {e}"),
                 }
             }),
@@ -644,21 +631,32 @@ pub struct UpResponse {
     pub backend: Backend,
 }
 
-/// Wait until the control loop reports on `generation`: running, waiting for an admin,
-/// or failed. `None` when it is still connecting after `UP_WAIT`.
-async fn outcome(shared: &Shared, generation: u64) -> Option<Backend> {
+/// Wait (at most `within`) until the control loop reports on `generation` a state that
+/// `done` accepts; `None` on timeout.
+async fn wait_backend(
+    shared: &Shared,
+    generation: u64,
+    within: Duration,
+    done: impl Fn(&Backend) -> bool,
+) -> Option<Backend> {
     let mut rx = shared.backend.subscribe();
-    let wait = rx.wait_for(|b| {
-        b.generation == generation
-            && (matches!(
-                b.state,
-                BackendState::Running | BackendState::NeedsMachineAuth
-            ) || !b.error.is_empty())
-    });
-    match tokio::time::timeout(UP_WAIT, wait).await {
+    let wait = rx.wait_for(|b| b.generation == generation && done(b));
+    match tokio::time::timeout(within, wait).await {
         Ok(Ok(b)) => Some(b.clone()),
         _ => None,
     }
+}
+
+/// Wait until the control loop reports on `generation`: running, waiting for an admin,
+/// or failed. `None` when it is still connecting after `UP_WAIT`.
+async fn outcome(shared: &Shared, generation: u64) -> Option<Backend> {
+    wait_backend(shared, generation, UP_WAIT, |b| {
+        matches!(
+            b.state,
+            BackendState::Running | BackendState::NeedsMachineAuth
+        ) || !b.error.is_empty()
+    })
+    .await
 }
 
 async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
@@ -768,11 +766,9 @@ async fn down(shared: Arc<Shared>) -> ApiResult<UpResponse> {
     .await
     .map_err(internal)?
     .map_err(|e| internal(format!("{e:#}")))?;
-    let mut rx = shared.backend.subscribe();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|b| b.generation == generation && b.state != BackendState::Running),
-    )
+    wait_backend(&shared, generation, Duration::from_secs(10), |b| {
+        b.state != BackendState::Running
+    })
     .await;
     tracing::info!("down");
     Ok(Json(UpResponse {
@@ -825,11 +821,9 @@ async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
     .await
     .map_err(internal)?
     .map_err(|e| internal(format!("{e:#}")))?;
-    let mut rx = shared.backend.subscribe();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|b| b.generation == generation && b.state == BackendState::NeedsLogin),
-    )
+    wait_backend(&shared, generation, Duration::from_secs(10), |b| {
+        b.state == BackendState::NeedsLogin
+    })
     .await;
     tracing::info!(%warning, "logged out");
     Ok(Json(LogoutResponse { warning }))
@@ -859,7 +853,7 @@ async fn get_netcheck(State(shared): State<Arc<Shared>>) -> ApiResult<crate::net
             None => Err(std::io::Error::other("the data plane stopped")),
         }
     };
-    let home = shared.home_relay_code();
+    let home = shared.home_relay().map(|h| h.code);
     let report = crate::netcheck::run(
         &shared.stun,
         send,

@@ -302,13 +302,33 @@ fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
         ];
     }
     // Our home relay, in every report: a restarted server only knows it from us.
-    if let Some(region) = shared.home_relay_region() {
+    if let Some(region) = shared.home_relay().map(|h| h.region) {
         hi.net_info = Some(tsunagu_proto::tailcfg::NetInfo {
             preferred_derp: i32::from(region),
             ..Default::default()
         });
     }
     hi
+}
+
+/// A map request without a stream that tells the server what it should know of us:
+/// hostinfo (with the home relay) and endpoints (the public one from STUN first).
+fn report(
+    shared: &Shared,
+    p: &DaemonPrefs,
+    node: &NodePrivate,
+    port: u16,
+    tun: &str,
+) -> MapRequest {
+    MapRequest {
+        version: CURRENT_CAPABILITY_VERSION,
+        disco_key: shared.disco,
+        node_key: node.public(),
+        hostinfo: Some(hostinfo(shared, p)),
+        endpoints: endpoints(shared, port, tun),
+        omit_peers: true,
+        ..MapRequest::default()
+    }
 }
 
 async fn bounded<T, E: Into<anyhow::Error>>(
@@ -409,16 +429,11 @@ async fn session(
     if let Ok(mut k) = shared.auth_key.lock() {
         *k = None; // used
     }
-    let update = MapRequest {
-        version: CURRENT_CAPABILITY_VERSION,
-        disco_key: shared.disco,
-        node_key: node.public(),
-        hostinfo: Some(hostinfo(shared, p)),
-        endpoints: endpoints(shared, port, tun),
-        omit_peers: true,
-        ..MapRequest::default()
-    };
-    bounded("sending endpoints", client.map(&update)).await?;
+    bounded(
+        "sending endpoints",
+        client.map(&report(shared, p, &node, port, tun)),
+    )
+    .await?;
     let req = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
         disco_key: shared.disco,
@@ -452,14 +467,7 @@ async fn session(
                 if mapped.is_some() && mapped != reported {
                     tracing::info!(endpoint = ?mapped, "public endpoint (STUN)");
                     reported = mapped;
-                    let update = MapRequest {
-                        version: CURRENT_CAPABILITY_VERSION,
-                        disco_key: shared.disco,
-                        node_key: node.public(),
-                        endpoints: endpoints(shared, port, tun),
-                        omit_peers: true,
-                        ..MapRequest::default()
-                    };
+                    let update = report(shared, p, &node, port, tun);
                     bounded("reporting endpoints", client.map(&update)).await?;
                 }
                 continue;
@@ -484,16 +492,7 @@ async fn session(
         };
         if relay_changed {
             // Tell the server (and so our peers) where we can be reached through a relay.
-            let hi = hostinfo(shared, p);
-            let update = MapRequest {
-                version: CURRENT_CAPABILITY_VERSION,
-                disco_key: shared.disco,
-                node_key: node.public(),
-                hostinfo: Some(hi),
-                endpoints: endpoints(shared, port, tun),
-                omit_peers: true,
-                ..MapRequest::default()
-            };
+            let update = report(shared, p, &node, port, tun);
             bounded("reporting the home relay", client.map(&update)).await?;
             shared.probe_stun(&state);
         }

@@ -12,7 +12,7 @@ use tsunagu_lab::{
     CAFE_PUBLIC, CLIENT_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, Signal, WEB_ADDR, http_get, whoami_server,
 };
 
-const SERVER: &str = "http://198.51.100.4:8080";
+use common::SERVER_URL as SERVER;
 
 fn web() -> std::net::SocketAddr {
     (WEB_ADDR, 80).into()
@@ -41,23 +41,9 @@ fn leaks(lines: &[String]) -> Vec<String> {
 fn restarts_keep_identity_and_exit_node_without_leaking() {
     let mut j: Joined = setup("life_restart");
     let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
-    let key = j.client_key.clone();
-    let mut c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-            "--exit-node",
-            "dev-m1sk9-s1",
-        ],
-    );
+    let mut c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     web_sees(&ns, EXIT_PUBLIC, &logs);
     let ips = ok(&tsunagu(&ns, &c.sock, &["ip"]));
     let node_ids = |j: &Joined| -> Vec<i64> {
@@ -150,21 +136,9 @@ fn restarts_keep_identity_and_exit_node_without_leaking() {
 fn revoked_exit_node_fails_closed_and_expired_nodes_are_cut_off() {
     let mut j = setup("life_revoke");
     let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
-    let key = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-        ],
-    );
+    let c = j.join_laptop(&[]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     wait("the exit node in the map", Duration::from_secs(30), || {
         peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()
     });
@@ -270,23 +244,9 @@ fn revoked_exit_node_fails_closed_and_expired_nodes_are_cut_off() {
 fn server_outage_keeps_tunnels_and_the_daemon_reconnects() {
     let mut j = setup("life_outage");
     let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
-    let key = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-            "--exit-node",
-            "dev-m1sk9-s1",
-        ],
-    );
+    let c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     web_sees(&ns, EXIT_PUBLIC, &logs);
     j.seed.lab.kill(j.server, Signal::SIGKILL).unwrap();
     // The tunnel does not need the server.
@@ -571,21 +531,9 @@ fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
             Some(&backup_log),
         )
         .unwrap();
-    let ckey = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &ckey,
-            "--hostname",
-            "laptop",
-        ],
-    );
+    let c = j.join_laptop(&[]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone(), backup_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     wait("both exit nodes offered", Duration::from_secs(30), || {
         let list = String::from_utf8_lossy(&tsunagu(&ns, &c.sock, &["exit-node", "list"]).stdout)
             .into_owned();
@@ -645,21 +593,9 @@ fn lan_access_is_switched_through_the_cli() {
     let printer: std::net::SocketAddr = (tsunagu_lab::PRINTER_LAN, 9100).into();
     let _p = tsunagu_lab::tcp_echo(&j.seed.ns(role::PRINTER), printer).unwrap();
     let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
-    let key = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-        ],
-    );
+    let c = j.join_laptop(&[]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     let short = Duration::from_secs(2);
     wait("the exit node in the map", Duration::from_secs(30), || {
         peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()

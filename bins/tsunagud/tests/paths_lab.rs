@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{EXIT_PUBLIC, Netns, WEB_ADDR, http_get, whoami_server};
 
-const SERVER: &str = "http://198.51.100.4:8080";
+use common::SERVER_URL as SERVER;
 
 /// Drop all forwarded UDP in the cafe's router (its NAT keeps working for TCP).
 fn block_udp(cafe: &Netns) {
@@ -38,23 +38,9 @@ fn udp_blocked_cafe_goes_through_the_relay_and_moves_with_the_direct_path() {
     let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
     let cafe = j.seed.ns(role::CAFE);
     block_udp(&cafe);
-    let key = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-            "--exit-node",
-            "dev-m1sk9-s1",
-        ],
-    );
+    let c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     // Exit-node traffic to the internet, over TCP to the relay only.
     web_sees(&ns, EXIT_PUBLIC, &logs);
     let line = exit_path(&ns, &c.sock);
@@ -108,19 +94,8 @@ fn udp_blocked_cafe_goes_through_the_relay_and_moves_with_the_direct_path() {
 #[test]
 fn behind_the_cafe_nat_the_path_to_a_public_exit_node_is_direct_and_netcheck_sees_the_nat() {
     let mut j = setup("paths_direct");
-    let key = j.client_key.clone();
     let start = Instant::now();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-        ],
-    );
+    let c = j.join_laptop(&[]);
     let ns = j.seed.ns(role::CLIENT);
     wait("the exit node in the map", Duration::from_secs(30), || {
         peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()
@@ -169,23 +144,9 @@ fn symmetric_nat_stays_on_a_working_path() {
     };
     let mut j = common::setup_full("paths_symmetric", common::POLICY, opts);
     let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
-    let key = j.client_key.clone();
-    let c = j.start_client(
-        "client",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "laptop",
-            "--exit-node",
-            "dev-m1sk9-s1",
-        ],
-    );
+    let c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
     let ns = j.seed.ns(role::CLIENT);
     let logs = [c.log.clone(), j.exit_log.clone()];
-    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     web_sees(&ns, EXIT_PUBLIC, &logs);
     // It keeps working for a while, whatever path it settled on.
     for _ in 0..10 {

@@ -12,8 +12,8 @@
 //! region unless told to ([`RelaySettings::announce_plain_http`]): a Go client given a
 //! region it cannot reach retries forever and its reports churn.
 
-use crate::server::{ServerError, io_err, load_tls, serve_tls, shutdown_signal};
-use std::net::{IpAddr, SocketAddr};
+use crate::server::{ServerError, io_err, load_tls, serve_front};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use tsunagu_proto::tailcfg::{DERPMap, DERPNode, DERPRegion};
 
@@ -230,18 +230,7 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
     let router = relay
         .router()
         .route("/health", axum::routing::get(|| async { "ok\n" }));
-    match tls {
-        Some(acceptor) => serve_tls(listener, acceptor, router, shutdown_signal()).await?,
-        None => axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(io_err("serving"))?,
-    }
+    serve_front(listener, tls, router).await?;
     tracing::info!("stopped");
     Ok(())
 }

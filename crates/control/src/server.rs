@@ -439,6 +439,28 @@ pub(crate) async fn serve_tls(
     }
 }
 
+/// Serve `router` on `listener` (over TLS with `tls`) until SIGINT or SIGTERM. Accepted
+/// connections send small frames (map deltas, relayed packets) at once: Nagle's delay
+/// against delayed ACKs would cost relayed traffic tens of ms.
+pub(crate) async fn serve_front(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+) -> Result<(), ServerError> {
+    match tls {
+        Some(acceptor) => serve_tls(listener, acceptor, router, shutdown_signal()).await,
+        None => axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(io_err("serving")),
+    }
+}
+
 /// Run the server until SIGINT or SIGTERM.
 pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
     let tls = match &cfg.tls {
@@ -473,26 +495,7 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
         server.relay.clone(),
         cfg.admin_socket.clone(),
     ));
-    let front = async {
-        match tls {
-            Some(acceptor) => {
-                serve_tls(listener, acceptor, server.router(), shutdown_signal()).await
-            }
-            None => axum::serve(
-                // Small frames (map deltas, relayed packets) go out at once: Nagle's
-                // delay against delayed ACKs costs relayed traffic tens of ms.
-                axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                server
-                    .router()
-                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(io_err("serving")),
-        }
-    };
+    let front = serve_front(listener, tls, server.router());
     tokio::select! {
         r = front => r?,
         r = admin => match r {

@@ -58,7 +58,7 @@ pub fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// Poll the web server (bounded: 30 s) until it reports `want` as our source address.
-pub fn web_sees(client: &Netns, want: std::net::Ipv4Addr, logs: &[&Path]) {
+pub fn web_sees<P: AsRef<Path>>(client: &Netns, want: std::net::Ipv4Addr, logs: &[P]) {
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < Duration::from_secs(30) {
@@ -75,7 +75,7 @@ pub fn web_sees(client: &Netns, want: std::net::Ipv4Addr, logs: &[&Path]) {
         .map(|l| {
             format!(
                 "{}:\n{}",
-                l.display(),
+                l.as_ref().display(),
                 std::fs::read_to_string(l).unwrap_or_default()
             )
         })
@@ -110,6 +110,22 @@ pub struct Client {
 impl Joined {
     /// Start tsunagud in the client (cafe) namespace with its state under `name`, and
     /// wait for its local API.
+    /// The member laptop of the seed: tsunagud in the cafe, joining the server as
+    /// `laptop` with the member key of the setup, plus `extra` flags.
+    pub fn join_laptop(&mut self, extra: &[&str]) -> Client {
+        let key = self.client_key.clone();
+        let mut argv = vec![
+            "--login-server",
+            SERVER_URL,
+            "--auth-key",
+            &key,
+            "--hostname",
+            "laptop",
+        ];
+        argv.extend_from_slice(extra);
+        self.start_client("client", &argv)
+    }
+
     pub fn start_client(&mut self, name: &str, extra: &[&str]) -> Client {
         self.start_node(tsunagu_lab::seed::role::CLIENT, name, extra)
     }
@@ -194,6 +210,8 @@ pub fn peer_line(status: &str, name: &str) -> Option<String> {
 }
 
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
+/// The server's URL in the seed lab.
+pub const SERVER_URL: &str = "http://198.51.100.4:8080";
 
 pub fn setup(test: &str) -> Joined {
     setup_with_policy(test, POLICY)
