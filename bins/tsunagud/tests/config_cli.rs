@@ -108,3 +108,30 @@ fn joined_mode_refuses_bad_flags_before_starting() {
         "a file and a server exclude each other"
     );
 }
+
+#[test]
+fn operator_group_gets_the_socket_read_write() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("tsunagud.sock");
+    // Without a server the daemon only serves its local API (logged out): no network.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsunagud"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--operator-group", "root"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let meta = std::fs::metadata(&sock);
+    let _ = child.kill();
+    let _ = child.wait();
+    let meta = meta.expect("the socket appeared");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 0, "owned by the operator group");
+}
