@@ -159,6 +159,7 @@ impl Config {
                 exit_client: p.may_use_exit_node,
                 keepalive: p.persistent_keepalive.filter(|&k| k > 0),
                 relay: None,
+                disco: None,
             });
         }
         let mut map = NetMap {

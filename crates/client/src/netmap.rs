@@ -274,6 +274,7 @@ impl MapState {
                 relay: self
                     .relay_region
                     .filter(|r| i32::from(*r) == p.derp_region()),
+                disco: (!p.disco_key.is_zero()).then_some(p.disco_key),
             });
         }
         // Node names are unique per tailnet, but two peers may share a short name across

@@ -17,7 +17,8 @@
 
 use crate::demux::{DatagramKind, classify};
 use crate::peers::{
-    LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr, relay_region,
+    DiscoSend, LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr,
+    relay_region,
 };
 use crate::tun::TunIo;
 use crate::udp::UdpSock;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tsunagu_disco::{DiscoPrivate, Message, PeerBox};
 use tsunagu_proto::{NetMap, NodePublic};
 
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -66,6 +68,10 @@ pub struct DeviceCounters {
     pub relay_tx: AtomicU64,
     pub relay_rx: AtomicU64,
     pub relay_drops: AtomicU64,
+    /// Disco messages sent, and received ones refused (unknown sender key, a box that
+    /// does not open, a malformed message, a relayed sender that is not the key's node).
+    pub disco_tx: AtomicU64,
+    pub disco_rejected: AtomicU64,
 }
 
 /// A snapshot of [`DeviceCounters`].
@@ -83,6 +89,8 @@ pub struct CounterSnapshot {
     pub relay_tx: u64,
     pub relay_rx: u64,
     pub relay_drops: u64,
+    pub disco_tx: u64,
+    pub disco_rejected: u64,
 }
 
 impl DeviceCounters {
@@ -101,6 +109,8 @@ impl DeviceCounters {
             relay_tx: g(&self.relay_tx),
             relay_rx: g(&self.relay_rx),
             relay_drops: g(&self.relay_drops),
+            disco_tx: g(&self.disco_tx),
+            disco_rejected: g(&self.disco_rejected),
         }
     }
 }
@@ -135,6 +145,12 @@ struct Shared {
     table: RwLock<Arc<PeerTable>>,
     relay: RwLock<Option<Arc<dyn RelayTx>>>,
     stun: RwLock<Option<StunSink>>,
+    /// Our disco key (none: we neither answer nor send disco).
+    disco: RwLock<Option<Arc<DiscoPrivate>>>,
+    /// Our endpoints, as CallMeMaybe tells peers.
+    endpoints: RwLock<Vec<SocketAddr>>,
+    /// Refused disco input is logged at most once a second.
+    disco_log: RateLog,
     /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
     /// stale entries are pruned by the timer thread.
     by_index: Mutex<HashMap<u32, Arc<PeerState>>>,
@@ -162,6 +178,9 @@ impl Device {
             table: RwLock::new(Arc::new(table)),
             relay: RwLock::new(None),
             stun: RwLock::new(None),
+            disco: RwLock::new(None),
+            endpoints: RwLock::new(Vec::new()),
+            disco_log: RateLog::new(Duration::from_secs(1)),
             by_index: Mutex::new(HashMap::new()),
             index_table,
             udp,
@@ -202,6 +221,17 @@ impl Device {
     /// Where STUN answers go (the daemon's endpoint discovery).
     pub fn set_stun_sink(&self, sink: Option<StunSink>) {
         *self.shared.stun.write() = sink;
+    }
+
+    /// Speak disco with this key: answer peers' pings, and find direct paths to peers
+    /// that have a disco key with pings of our own.
+    pub fn set_disco(&self, key: Option<DiscoPrivate>) {
+        *self.shared.disco.write() = key.map(Arc::new);
+    }
+
+    /// Our endpoints (public ones first), for the CallMeMaybe messages we send.
+    pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
+        *self.shared.endpoints.write() = endpoints;
     }
 
     /// Send a datagram of our own (a STUN Binding Request) from the WireGuard socket, so
@@ -419,6 +449,7 @@ fn handle_datagram(
         }
         DatagramKind::Disco => {
             bump(&shared.counters.udp_disco, 1);
+            handle_disco(shared, &buf, from, relayed);
             return;
         }
         _ => {
@@ -516,6 +547,9 @@ fn timers(shared: &Shared) {
             .lock()
             .retain(|idx, _| shared.index_table.in_use(*idx));
         let table = shared.table.read().clone();
+        let disco = shared.disco.read().clone();
+        let endpoints = shared.endpoints.read().clone();
+        let own = NodePublic(table.local.public.to_bytes());
         for entry in table.entries() {
             let peer = &entry.state;
             let out = peer.tunn.lock().update_timers();
@@ -528,6 +562,124 @@ fn timers(shared: &Shared) {
                 Err(e) => tracing::trace!(peer = %peer.key.short(), error = ?e, "timers"),
             }
             peer.check_path(Instant::now());
+            if disco.is_some() {
+                let due = peer.disco_poll(Instant::now(), own, &endpoints);
+                send_disco(shared, peer, due);
+            }
+        }
+    }
+}
+
+/// The box shared with `peer`'s disco key (made once per key pair).
+fn peer_box(shared: &Shared, peer: &PeerState) -> Option<Arc<PeerBox>> {
+    let own = shared.disco.read().clone()?;
+    let key = peer.disco_key()?;
+    let mut slot = peer.disco_box.lock();
+    if let Some(b) = slot.as_ref()
+        && b.peer() == &key
+        && b.own() == &own.public()
+    {
+        return Some(b.clone());
+    }
+    let b = Arc::new(PeerBox::new(&own, &key));
+    *slot = Some(b.clone());
+    Some(b)
+}
+
+/// Seal and send disco messages to a peer.
+fn send_disco(shared: &Shared, peer: &PeerState, msgs: Vec<DiscoSend>) {
+    if msgs.is_empty() {
+        return;
+    }
+    let Some(b) = peer_box(shared, peer) else {
+        return;
+    };
+    for m in msgs {
+        tracing::trace!(peer = %peer.key.short(), to = %m.to, msg = ?m.msg, "disco send");
+        send_bytes(shared, &b.seal(&m.msg), m.to, Some(&peer.key));
+        bump(&shared.counters.disco_tx, 1);
+    }
+}
+
+/// A disco datagram from `from` (over the relay from `relayed`): find the peer by its
+/// disco key, open the box, act on the message. Anything else is counted and dropped.
+fn handle_disco(shared: &Shared, datagram: &[u8], from: SocketAddr, relayed: Option<&NodePublic>) {
+    let reject = |why: &dyn std::fmt::Display| {
+        bump(&shared.counters.disco_rejected, 1);
+        if let Some(suppressed) = shared.disco_log.allow() {
+            tracing::debug!(%from, suppressed, "disco message refused: {why}");
+        }
+    };
+    if shared.disco.read().is_none() {
+        return reject(&"we do not speak disco");
+    }
+    let Some(sender) = tsunagu_disco::sender(datagram) else {
+        return reject(&"malformed header");
+    };
+    let table = shared.table.read().clone();
+    let Some(entry) = table.by_disco(&sender) else {
+        return reject(&"unknown disco key");
+    };
+    let peer = entry.state.clone();
+    if relayed.is_some_and(|src| *src != peer.key) {
+        return reject(&"relayed by another node than the key's");
+    }
+    let Some(b) = peer_box(shared, &peer) else {
+        return;
+    };
+    let msg = match b.open(datagram) {
+        Ok(m) => m,
+        Err(e) => return reject(&e),
+    };
+    let now = Instant::now();
+    let own = NodePublic(table.local.public.to_bytes());
+    tracing::trace!(peer = %peer.key.short(), %from, ?msg, "disco recv");
+    let out = match msg {
+        Message::Ping { tx, node_key } => {
+            if node_key.is_some_and(|k| k != peer.key) {
+                return reject(&"ping names another node key");
+            }
+            peer.disco_on_ping(tx, from, now, own)
+        }
+        Message::Pong { tx, .. } => {
+            peer.disco_on_pong(tx, from, now);
+            Vec::new()
+        }
+        Message::CallMeMaybe { endpoints } => {
+            if relayed.is_none() {
+                return reject(&"CallMeMaybe not over the relay");
+            }
+            peer.disco_on_call_me_maybe(&endpoints, now, own)
+        }
+    };
+    send_disco(shared, &peer, out);
+}
+
+/// Lets a log line through at most once per interval, and says how many were held back.
+struct RateLog {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLog {
+    fn new(every: Duration) -> Self {
+        RateLog {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last one)` when a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        if s.0.is_none_or(|t| now.duration_since(t) >= self.every) {
+            let held = s.1;
+            *s = (Some(now), 0);
+            Some(held)
+        } else {
+            s.1 += 1;
+            None
         }
     }
 }

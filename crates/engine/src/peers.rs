@@ -12,12 +12,13 @@ use gotatun::noise::{TimerParams, Tunn};
 use gotatun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tsunagu_proto::{NetMap, NodePublic};
+use tsunagu_disco::{Message, TxId};
+use tsunagu_proto::{DiscoPublic, NetMap, NodePublic};
 
 /// Handshake initiations per second before the cookie mechanism kicks in (as WireGuard's).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -57,6 +58,8 @@ pub struct PeerState {
     pub(crate) tunn: Mutex<Tunn>,
     /// Where we send to, and how we got there.
     path: Mutex<PathState>,
+    /// The NaCl box shared with the peer's disco key (made on first use).
+    pub(crate) disco_box: Mutex<Option<Arc<tsunagu_disco::PeerBox>>>,
     pub counters: PeerCounters,
 }
 
@@ -76,9 +79,25 @@ pub fn relay_region(addr: &SocketAddr) -> Option<u16> {
 
 /// A direct endpoint that stays silent this long while we send falls back to the relay.
 pub const DIRECT_SILENCE: Duration = Duration::from_secs(2);
-/// While on the relay, one packet is also sent to the direct endpoint this often: if it
-/// gets through, the peer answers directly and both move to the direct path.
+/// While on the relay, the direct paths are tried this often: with one WireGuard packet
+/// (peers without disco) or a round of disco pings (peers with it).
 pub const DIRECT_PROBE_EVERY: Duration = Duration::from_secs(2);
+/// A peer we sent to this recently is active: only active peers are probed and kept
+/// alive with heartbeats (an idle peer costs nothing).
+pub const ACTIVE: Duration = Duration::from_secs(10);
+/// On a direct path, a disco ping this often keeps the NAT mappings open and shows the
+/// path still works.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+/// On a direct path, all endpoints are pinged again this often, to find a better one.
+pub const UPGRADE_EVERY: Duration = Duration::from_secs(30);
+/// A disco ping unanswered this long is forgotten.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// CallMeMaybe over the relay at most this often.
+pub const CALL_ME_MAYBE_EVERY: Duration = Duration::from_secs(5);
+/// Pings in flight per peer, and endpoints learned per peer (from its pings and its
+/// CallMeMaybe), at most.
+const MAX_PINGS: usize = 32;
+const MAX_LEARNED: usize = 16;
 
 /// How we reach one peer: the endpoint in use, the direct endpoints the map gave, the
 /// relay, and the times that drive moving between them.
@@ -88,6 +107,7 @@ struct PathState {
     /// The endpoints the map gave the last time, to tell a map change from roaming.
     configured: Vec<SocketAddr>,
     relay: Option<SocketAddr>,
+    /// Last authenticated packet (or disco pong) over the endpoint in use.
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
     last_probe: Option<Instant>,
@@ -96,13 +116,96 @@ struct PathState {
     probe_next: usize,
     /// When `endpoint` was last chosen.
     since: Instant,
+    /// Disco state, for peers that speak it.
+    disco: Option<DiscoPath>,
+}
+
+/// The disco side of a path: pings in flight, endpoints learned, latency of the path in
+/// use.
+#[derive(Debug)]
+struct DiscoPath {
+    key: DiscoPublic,
+    pings: VecDeque<SentPing>,
+    learned: Vec<SocketAddr>,
+    last_round: Option<Instant>,
+    last_call: Option<Instant>,
+    last_heartbeat: Option<Instant>,
+    /// Round-trip time of the direct endpoint in use.
+    latency: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SentPing {
+    tx: TxId,
+    to: SocketAddr,
+    at: Instant,
+}
+
+impl DiscoPath {
+    fn new(key: DiscoPublic) -> Self {
+        DiscoPath {
+            key,
+            pings: VecDeque::new(),
+            learned: Vec::new(),
+            last_round: None,
+            last_call: None,
+            last_heartbeat: None,
+            latency: None,
+        }
+    }
+
+    fn learn(&mut self, addr: SocketAddr) {
+        if !self.learned.contains(&addr) {
+            if self.learned.len() >= MAX_LEARNED {
+                self.learned.remove(0);
+            }
+            self.learned.push(addr);
+        }
+    }
+
+    fn ping(&mut self, to: SocketAddr, now: Instant, node_key: NodePublic) -> DiscoSend {
+        self.pings
+            .retain(|p| now.duration_since(p.at) < PING_TIMEOUT);
+        if self.pings.len() >= MAX_PINGS {
+            self.pings.pop_front();
+        }
+        let tx = tsunagu_disco::new_tx();
+        self.pings.push_back(SentPing { tx, to, at: now });
+        DiscoSend {
+            to,
+            msg: Message::Ping {
+                tx,
+                node_key: Some(node_key),
+            },
+        }
+    }
+}
+
+/// A disco message to send to a peer: over UDP, or over the relay when `to` is a relay
+/// endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DiscoSend {
+    pub to: SocketAddr,
+    pub msg: Message,
 }
 
 impl PathState {
-    fn new(configured: &[SocketAddr], relay: Option<SocketAddr>, now: Instant) -> Self {
+    fn new(
+        configured: &[SocketAddr],
+        relay: Option<SocketAddr>,
+        disco: Option<DiscoPublic>,
+        now: Instant,
+    ) -> Self {
+        // Start on the relay when there is one (it always works). Without one, go
+        // straight to the first endpoint, unless disco will find the way (a disco peer
+        // is reached directly only at an endpoint that answered).
+        let endpoint = match (relay, disco) {
+            (Some(r), _) => Some(r),
+            (None, Some(_)) => None,
+            (None, None) => configured.first().copied(),
+        };
         PathState {
-            // Start on the relay when there is one (it always works), else direct.
-            endpoint: relay.or(configured.first().copied()),
+            endpoint,
             configured: configured.to_vec(),
             relay,
             last_rx: None,
@@ -110,7 +213,38 @@ impl PathState {
             last_probe: None,
             probe_next: 0,
             since: now,
+            disco: disco.map(DiscoPath::new),
         }
+    }
+
+    fn on_relay(&self) -> bool {
+        self.endpoint.is_none_or(|e| relay_region(&e).is_some())
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        self.last_tx.is_some_and(|t| now.duration_since(t) < ACTIVE)
+    }
+
+    fn move_to(&mut self, to: SocketAddr, now: Instant, why: &str, key: &NodePublic) {
+        if self.endpoint != Some(to) {
+            tracing::info!(peer = %key.short(), %to, why, "path");
+            self.endpoint = Some(to);
+            self.since = now;
+            self.last_rx = Some(now);
+        }
+    }
+
+    /// Every endpoint worth a ping: the map's and the learned ones.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut all = self.configured.clone();
+        if let Some(d) = &self.disco {
+            for a in &d.learned {
+                if !all.contains(a) {
+                    all.push(*a);
+                }
+            }
+        }
+        all
     }
 }
 
@@ -127,26 +261,39 @@ impl PeerState {
         self.path.lock().endpoint
     }
 
-    /// An authenticated packet came from `addr`: the peer is there (WireGuard roaming;
-    /// a packet over the relay moves us to the relay, one from a direct address to it).
+    /// The peer's disco key, if it speaks disco.
+    pub fn disco_key(&self) -> Option<DiscoPublic> {
+        self.path.lock().disco.as_ref().map(|d| d.key)
+    }
+
+    /// An authenticated WireGuard packet came from `addr`. Over the endpoint in use, it
+    /// shows the path works. From elsewhere: a peer without disco has roamed there
+    /// (WireGuard's rule: follow the latest authenticated source); a disco peer moves
+    /// to another *direct* address the same way, but a packet over the relay does not
+    /// pull it off a direct path (its sender may simply not have found that path yet).
     pub(crate) fn set_endpoint(&self, addr: SocketAddr) {
         let mut p = self.path.lock();
         let now = Instant::now();
-        p.last_rx = Some(now);
-        if p.endpoint != Some(addr) {
-            tracing::debug!(peer = %self.key.short(), %addr, "endpoint");
-            p.endpoint = Some(addr);
-            p.since = now;
+        if p.endpoint == Some(addr) {
+            p.last_rx = Some(now);
+            return;
         }
+        let from_relay = relay_region(&addr).is_some();
+        if p.disco.is_some() && from_relay && !p.on_relay() {
+            return;
+        }
+        p.move_to(addr, now, "authenticated packet", &self.key);
     }
 
     /// Where the next datagram goes (and whether to probe the direct path too).
     pub(crate) fn plan_send(&self, now: Instant) -> Option<SendPlan> {
         let mut p = self.path.lock();
-        let to = p.endpoint?;
+        // Wanting to send makes the peer active, path or not (disco then looks for one).
         p.last_tx = Some(now);
+        let to = p.endpoint?;
         let mut probe = None;
-        if relay_region(&to).is_some()
+        if p.disco.is_none()
+            && relay_region(&to).is_some()
             && !p.configured.is_empty()
             && p.last_probe
                 .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_EVERY)
@@ -177,9 +324,166 @@ impl PeerState {
             p.endpoint = Some(relay);
             p.since = now;
             p.last_probe = Some(now);
+            if let Some(d) = p.disco.as_mut() {
+                d.latency = None;
+                d.last_round = Some(now);
+            }
             return Some(relay);
         }
         None
+    }
+
+    /// The disco messages due now (`own` is our WireGuard key, which pings carry;
+    /// `our_endpoints` what a CallMeMaybe tells the peer):
+    /// * on the relay while active: a ping to every candidate endpoint every
+    ///   [`DIRECT_PROBE_EVERY`], and a CallMeMaybe over the relay so that the peer pings
+    ///   us back at the same time (hole punching);
+    /// * on a direct path while active: a heartbeat ping every [`HEARTBEAT`], and a full
+    ///   round every [`UPGRADE_EVERY`] in case a better endpoint appeared.
+    pub(crate) fn disco_poll(
+        &self,
+        now: Instant,
+        own: NodePublic,
+        our_endpoints: &[SocketAddr],
+    ) -> Vec<DiscoSend> {
+        let mut p = self.path.lock();
+        if p.disco.is_none() || !p.active(now) {
+            return Vec::new();
+        }
+        let on_relay = p.on_relay();
+        let candidates = p.candidates();
+        let relay = p.relay;
+        let endpoint = p.endpoint;
+        let d = p.disco.as_mut().expect("checked above");
+        let due = |last: Option<Instant>, every: Duration| {
+            last.is_none_or(|t| now.duration_since(t) >= every)
+        };
+        let mut out = Vec::new();
+        let round_every = if on_relay {
+            DIRECT_PROBE_EVERY
+        } else {
+            UPGRADE_EVERY
+        };
+        if due(d.last_round, round_every) && !candidates.is_empty() {
+            d.last_round = Some(now);
+            d.last_heartbeat = Some(now);
+            for c in candidates {
+                out.push(d.ping(c, now, own));
+            }
+            if on_relay
+                && let Some(r) = relay
+                && !our_endpoints.is_empty()
+                && due(d.last_call, CALL_ME_MAYBE_EVERY)
+            {
+                d.last_call = Some(now);
+                out.push(DiscoSend {
+                    to: r,
+                    msg: Message::CallMeMaybe {
+                        endpoints: our_endpoints.to_vec(),
+                    },
+                });
+            }
+        } else if !on_relay
+            && let Some(ep) = endpoint
+            && due(d.last_heartbeat, HEARTBEAT)
+        {
+            d.last_heartbeat = Some(now);
+            out.push(d.ping(ep, now, own));
+        }
+        out
+    }
+
+    /// A disco ping from the peer arrived from `from` (a relay endpoint when it came
+    /// over the relay). Answer with a pong to where it came from; a ping over UDP also
+    /// shows an address where the peer can be reached: learn it, and while we are on the
+    /// relay, ping it back at once.
+    pub(crate) fn disco_on_ping(
+        &self,
+        tx: TxId,
+        from: SocketAddr,
+        now: Instant,
+        own: NodePublic,
+    ) -> Vec<DiscoSend> {
+        let mut out = vec![DiscoSend {
+            to: from,
+            msg: Message::Pong { tx, src: from },
+        }];
+        if relay_region(&from).is_some() {
+            return out;
+        }
+        let mut p = self.path.lock();
+        let on_relay = p.on_relay();
+        if let Some(d) = p.disco.as_mut() {
+            d.learn(from);
+            if on_relay
+                && !d
+                    .pings
+                    .iter()
+                    .any(|s| s.to == from && now.duration_since(s.at) < Duration::from_millis(500))
+            {
+                out.push(d.ping(from, now, own));
+            }
+        }
+        out
+    }
+
+    /// A disco pong arrived from `from`. It counts only if it answers a ping we sent to
+    /// that very address; then that address works both ways: use it when we are on the
+    /// relay, or when it is clearly faster than the direct path in use. True when the
+    /// path changed.
+    pub(crate) fn disco_on_pong(&self, tx: TxId, from: SocketAddr, now: Instant) -> bool {
+        let mut p = self.path.lock();
+        let on_relay = p.on_relay();
+        let endpoint = p.endpoint;
+        let Some(d) = p.disco.as_mut() else {
+            return false;
+        };
+        let Some(i) = d.pings.iter().position(|s| s.tx == tx && s.to == from) else {
+            return false;
+        };
+        let sent = d.pings.remove(i).expect("index from position");
+        let rtt = now.saturating_duration_since(sent.at);
+        if relay_region(&from).is_some() {
+            return false; // a ping over the relay measures the relay, it is not a path
+        }
+        if endpoint == Some(from) {
+            d.latency = Some(rtt);
+            p.last_rx = Some(now);
+            return false;
+        }
+        let better = on_relay || d.latency.is_none_or(|cur| rtt * 10 < cur * 8);
+        if better {
+            d.latency = Some(rtt);
+            p.move_to(from, now, "disco pong", &self.key);
+            return true;
+        }
+        false
+    }
+
+    /// A CallMeMaybe over the relay: the peer just pinged us from `endpoints`; ping them
+    /// (and every other candidate) now, so that both NATs open together.
+    pub(crate) fn disco_on_call_me_maybe(
+        &self,
+        endpoints: &[SocketAddr],
+        now: Instant,
+        own: NodePublic,
+    ) -> Vec<DiscoSend> {
+        let mut p = self.path.lock();
+        if p.disco.is_none() {
+            return Vec::new();
+        }
+        if let Some(d) = p.disco.as_mut() {
+            for e in endpoints {
+                d.learn(*e);
+            }
+        }
+        let candidates = p.candidates();
+        let d = p.disco.as_mut().expect("checked above");
+        d.last_round = Some(now);
+        candidates
+            .into_iter()
+            .map(|c| d.ping(c, now, own))
+            .collect()
     }
 
     /// Time since the last completed handshake, if a session exists.
@@ -221,6 +525,7 @@ pub struct PeerTable {
     pub(crate) local: Arc<LocalKey>,
     entries: Vec<PeerEntry>,
     by_key: BTreeMap<NodePublic, usize>,
+    by_disco: HashMap<DiscoPublic, usize>,
     routes: AllowedIps,
     exit: Option<usize>,
 }
@@ -232,6 +537,7 @@ impl PeerTable {
             local,
             entries: Vec::new(),
             by_key: BTreeMap::new(),
+            by_disco: HashMap::new(),
             routes: AllowedIps::new(),
             exit: None,
         }
@@ -250,6 +556,7 @@ impl PeerTable {
         };
         let mut entries = Vec::with_capacity(map.peers.len());
         let mut by_key = BTreeMap::new();
+        let mut by_disco = HashMap::new();
         let mut routes = AllowedIps::new();
         let mut exit = None;
         for peer in &map.peers {
@@ -262,9 +569,14 @@ impl PeerTable {
                     state.tunn.lock().set_persistent_keepalive(peer.keepalive);
                     let relay = peer.relay.map(relay_addr);
                     let mut path = state.path.lock();
-                    if path.configured != peer.endpoints || path.relay != relay {
-                        // The map moved the peer: follow the map, not what we learned.
-                        *path = PathState::new(&peer.endpoints, relay, Instant::now());
+                    let disco = path.disco.as_ref().map(|d| d.key);
+                    if path.configured != peer.endpoints
+                        || path.relay != relay
+                        || disco != peer.disco
+                    {
+                        // The map moved the peer (or it restarted with a new disco
+                        // key): follow the map, not what we learned.
+                        *path = PathState::new(&peer.endpoints, relay, peer.disco, Instant::now());
                     }
                     drop(path);
                     state
@@ -285,8 +597,10 @@ impl PeerTable {
                         path: Mutex::new(PathState::new(
                             &peer.endpoints,
                             peer.relay.map(relay_addr),
+                            peer.disco,
                             Instant::now(),
                         )),
+                        disco_box: Mutex::new(None),
                         counters: PeerCounters::default(),
                     })
                 }
@@ -302,6 +616,9 @@ impl PeerTable {
                 routes.insert(*net, idx);
             }
             by_key.insert(peer.key, idx);
+            if let Some(d) = peer.disco {
+                by_disco.insert(d, idx);
+            }
             entries.push(PeerEntry {
                 name: peer.name.clone(),
                 state,
@@ -312,6 +629,7 @@ impl PeerTable {
             local,
             entries,
             by_key,
+            by_disco,
             routes,
             exit,
         }
@@ -319,6 +637,11 @@ impl PeerTable {
 
     pub fn get(&self, key: &NodePublic) -> Option<&PeerEntry> {
         self.by_key.get(key).map(|&i| &self.entries[i])
+    }
+
+    /// The peer with this disco key.
+    pub fn by_disco(&self, key: &DiscoPublic) -> Option<&PeerEntry> {
+        self.by_disco.get(key).map(|&i| &self.entries[i])
     }
 
     /// The peer that packets to `dst` go to.
@@ -392,6 +715,7 @@ mod tests {
             exit_client: false,
             keepalive: None,
             relay: None,
+            disco: None,
         };
         NetMap {
             self_node: SelfNode {
@@ -411,6 +735,188 @@ mod tests {
     fn build(m: &NetMap, prev: Option<&PeerTable>) -> PeerTable {
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&m.self_node.private_key)));
         PeerTable::build(m, prev.unwrap_or(&empty), &IndexTable::from_os_rng())
+    }
+
+    fn disco_peer() -> (PeerTable, SocketAddr, SocketAddr) {
+        let mut m = map();
+        let direct: SocketAddr = "198.51.100.2:41641".parse().unwrap();
+        let lan: SocketAddr = "198.18.2.10:41641".parse().unwrap();
+        m.peers[0].endpoints = vec![direct, lan];
+        m.peers[0].relay = Some(900);
+        m.peers[0].disco = Some(DiscoPublic([4; 32]));
+        (build(&m, None), direct, lan)
+    }
+
+    fn pings(out: &[DiscoSend]) -> Vec<(SocketAddr, TxId)> {
+        out.iter()
+            .filter_map(|s| match s.msg {
+                Message::Ping { tx, .. } => Some((s.to, tx)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn disco_pings_on_the_relay_and_moves_on_a_matching_pong_only() {
+        let (t, direct, lan) = disco_peer();
+        let peer = &t.entries()[0].state;
+        let own = NodePublic([1; 32]);
+        let ours: Vec<SocketAddr> = vec!["198.51.100.3:5000".parse().unwrap()];
+        let relay = relay_addr(900);
+        let t0 = Instant::now();
+        // Idle: nothing to do. Once we send (over the relay; no WireGuard probe copies
+        // for a disco peer), a round of pings and a CallMeMaybe over the relay.
+        assert!(peer.disco_poll(t0, own, &ours).is_empty());
+        let plan = peer.plan_send(t0).unwrap();
+        assert_eq!((plan.to, plan.probe), (relay, None));
+        let out = peer.disco_poll(t0, own, &ours);
+        let sent = pings(&out);
+        assert_eq!(
+            sent.iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![direct, lan]
+        );
+        assert!(out.iter().any(|s| s.to == relay
+            && s.msg
+                == Message::CallMeMaybe {
+                    endpoints: ours.clone()
+                }));
+        assert!(out.iter().all(|s| match s.msg {
+            Message::Ping { node_key, .. } => node_key == Some(own),
+            _ => true,
+        }));
+        assert!(
+            peer.disco_poll(t0 + Duration::from_millis(500), own, &ours)
+                .is_empty()
+        );
+        // A pong with an unknown id, or from another address than pinged, is ignored.
+        let t1 = t0 + Duration::from_millis(30);
+        assert!(!peer.disco_on_pong([0; 12], direct, t1));
+        assert!(!peer.disco_on_pong(sent[0].1, lan, t1));
+        assert_eq!(peer.endpoint(), Some(relay));
+        // The matching pong: direct.
+        assert!(peer.disco_on_pong(sent[0].1, direct, t1));
+        assert_eq!(peer.endpoint(), Some(direct));
+        assert!(
+            !peer.disco_on_pong(sent[0].1, direct, t1),
+            "a pong counts once"
+        );
+        // The LAN pong comes later and is not clearly faster: stays.
+        assert!(!peer.disco_on_pong(sent[1].1, lan, t0 + Duration::from_millis(40)));
+        assert_eq!(peer.endpoint(), Some(direct));
+        // A WireGuard packet over the relay does not pull a disco peer off the direct path.
+        peer.set_endpoint(relay);
+        assert_eq!(peer.endpoint(), Some(direct));
+        // Heartbeats on the direct path while active, a full round after UPGRADE_EVERY.
+        let hb = t1 + HEARTBEAT;
+        peer.plan_send(hb);
+        let out = peer.disco_poll(hb, own, &ours);
+        assert_eq!(
+            pings(&out).iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![direct]
+        );
+        assert!(
+            peer.disco_poll(hb + Duration::from_secs(1), own, &ours)
+                .is_empty()
+        );
+        let up = t0 + UPGRADE_EVERY;
+        peer.plan_send(up);
+        let out = peer.disco_poll(up, own, &ours);
+        assert_eq!(
+            pings(&out).len(),
+            2,
+            "all candidates, no CallMeMaybe on a direct path"
+        );
+        assert_eq!(out.len(), 2);
+        // A faster LAN path takes over.
+        let lan_tx = pings(&out)[1].1;
+        assert!(peer.disco_on_pong(lan_tx, lan, up + Duration::from_micros(100)));
+        assert_eq!(peer.endpoint(), Some(lan));
+    }
+
+    #[test]
+    fn disco_answers_pings_learns_their_source_and_follows_call_me_maybe() {
+        let (t, direct, _) = disco_peer();
+        let peer = &t.entries()[0].state;
+        let own = NodePublic([1; 32]);
+        let now = Instant::now();
+        // A ping over the relay: a pong over the relay, nothing learned.
+        let out = peer.disco_on_ping([5; 12], relay_addr(900), now, own);
+        assert_eq!(
+            out,
+            vec![DiscoSend {
+                to: relay_addr(900),
+                msg: Message::Pong {
+                    tx: [5; 12],
+                    src: relay_addr(900)
+                }
+            }]
+        );
+        // A ping from an address the map does not list (a symmetric NAT's port): pong
+        // there, and ping it back at once while on the relay.
+        let odd: SocketAddr = "198.51.100.3:61000".parse().unwrap();
+        let out = peer.disco_on_ping([6; 12], odd, now, own);
+        assert_eq!(
+            out[0],
+            DiscoSend {
+                to: odd,
+                msg: Message::Pong {
+                    tx: [6; 12],
+                    src: odd
+                }
+            }
+        );
+        let back = pings(&out);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0, odd);
+        assert!(peer.disco_on_pong(back[0].1, odd, now + Duration::from_millis(1)));
+        assert_eq!(peer.endpoint(), Some(odd));
+        // CallMeMaybe: ping the endpoints it names and the known ones, now.
+        let (t2, _, _) = disco_peer();
+        let p2 = &t2.entries()[0].state;
+        let named: SocketAddr = "198.51.100.9:7".parse().unwrap();
+        let out = p2.disco_on_call_me_maybe(&[named], now, own);
+        let to: Vec<SocketAddr> = pings(&out).iter().map(|p| p.0).collect();
+        assert!(to.contains(&named) && to.contains(&direct), "{to:?}");
+    }
+
+    #[test]
+    fn disco_direct_path_silent_goes_back_to_the_relay_and_map_change_resets() {
+        let (t, direct, _) = disco_peer();
+        let peer = &t.entries()[0].state;
+        let own = NodePublic([1; 32]);
+        let now = Instant::now();
+        peer.plan_send(now);
+        let tx = pings(&peer.disco_poll(now, own, &[]))[0].1;
+        assert!(peer.disco_on_pong(tx, direct, now));
+        let later = now + DIRECT_SILENCE + Duration::from_millis(10);
+        peer.plan_send(later);
+        assert_eq!(peer.check_path(later), Some(relay_addr(900)));
+        // No relay and disco: no path until a pong (never a blind send).
+        let mut m = map();
+        m.peers[0].disco = Some(DiscoPublic([4; 32]));
+        let t2 = build(&m, None);
+        assert_eq!(t2.entries()[0].state.endpoint(), None);
+        // The peer restarts with a new disco key: the path starts over.
+        let mut m3 = map();
+        m3.peers[0].disco = Some(DiscoPublic([4; 32]));
+        m3.peers[0].relay = Some(900);
+        let a = build(&m3, None);
+        let tx = {
+            let p = &a.entries()[0].state;
+            p.plan_send(now);
+            pings(&p.disco_poll(now, own, &[]))[0].1
+        };
+        assert!(
+            a.entries()[0]
+                .state
+                .disco_on_pong(tx, m3.peers[0].endpoints[0], now)
+        );
+        m3.peers[0].disco = Some(DiscoPublic([5; 32]));
+        let b = build(&m3, Some(&a));
+        assert_eq!(b.entries()[0].state.endpoint(), Some(relay_addr(900)));
+        assert_eq!(b.entries()[0].state.disco_key(), Some(DiscoPublic([5; 32])));
+        assert!(b.by_disco(&DiscoPublic([5; 32])).is_some());
+        assert!(b.by_disco(&DiscoPublic([4; 32])).is_none());
     }
 
     #[test]

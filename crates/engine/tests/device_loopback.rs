@@ -51,6 +51,7 @@ fn map(
             exit_client: true,
             keepalive: None,
             relay: None,
+            disco: None,
         }],
         exit_node: None,
         exit_node_allow_lan_access: false,
@@ -362,5 +363,102 @@ fn relay_carries_traffic_when_no_direct_path_answers_and_direct_takes_over() {
     while app_b.from_tun.try_recv().is_ok() {}
     app_a.to_tun.send(p.clone()).unwrap();
     assert_eq!(recv(&app_b), p);
+    drop(hole);
+}
+
+/// Both nodes speak disco: they start on the relay, a's pings reach b directly, b learns
+/// a's address from them and pings back, and both move to the direct path, without
+/// either having been told the other's real endpoint up front except a's view of b.
+/// Disco datagrams that fail (bad box, unknown key, truncated, a relayed CallMeMaybe's
+/// sender that is not the key's node) are counted and change nothing.
+#[test]
+fn disco_finds_the_direct_path_and_refuses_bad_boxes() {
+    use tsunagu_disco::{DiscoPrivate, Message, PeerBox};
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let (da, db) = (DiscoPrivate::generate(), DiscoPrivate::generate());
+    let ua = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let ub = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let (ea, eb) = (ua.local_addr().unwrap(), ub.local_addr().unwrap());
+    let hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (ta, app_a) = ChannelTun::pair();
+    let (tb, app_b) = ChannelTun::pair();
+    let mut ma = map(&ka, "100.64.0.1/32", &kb, "100.64.0.2/32", None);
+    ma.peers[0].endpoints = vec![hole.local_addr().unwrap(), eb];
+    ma.peers[0].relay = Some(900);
+    ma.peers[0].disco = Some(db.public());
+    let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
+    mb.peers[0].relay = Some(900);
+    mb.peers[0].disco = Some(da.public());
+    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    a.set_disco(Some(da.clone()));
+    b.set_disco(Some(db.clone()));
+    a.set_endpoints(vec![ea]);
+    b.set_endpoints(vec![eb]);
+    a.set_relay(Some(FakeRelay::new(ka.public(), kb.public(), &b)));
+    b.set_relay(Some(FakeRelay::new(kb.public(), ka.public(), &a)));
+
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"hello");
+    let q = ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], b"back");
+    app_a.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&app_b), p, "first packet over the relay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (a.peers()[0].endpoint != Some(eb) || b.peers()[0].endpoint != Some(ea))
+        && Instant::now() < deadline
+    {
+        app_a.to_tun.send(p.clone()).unwrap();
+        let _ = app_b.from_tun.recv_timeout(Duration::from_millis(100));
+        app_b.to_tun.send(q.clone()).unwrap();
+        let _ = app_a.from_tun.recv_timeout(Duration::from_millis(100));
+    }
+    assert_eq!(a.peers()[0].endpoint, Some(eb), "a went direct");
+    assert_eq!(b.peers()[0].endpoint, Some(ea), "b went direct");
+    assert!(a.counters().disco_tx > 0 && b.counters().disco_tx > 0);
+    assert_eq!(a.counters().disco_rejected, 0);
+    assert_eq!(b.counters().disco_rejected, 0);
+
+    // Bad input at b's socket.
+    let evil = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let good = PeerBox::new(&da, &db.public()).seal(&Message::Pong {
+        tx: [0; 12],
+        src: eb,
+    });
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 0x80;
+    let stranger = PeerBox::new(&DiscoPrivate::generate(), &db.public()).seal(&Message::Ping {
+        tx: [1; 12],
+        node_key: None,
+    });
+    let mut forged = stranger.clone();
+    forged[6..38].copy_from_slice(&da.public().0); // claims to be a, sealed by a stranger
+    let wrong_node = PeerBox::new(&da, &db.public()).seal(&Message::Ping {
+        tx: [2; 12],
+        node_key: Some(NodePrivate::generate().public()),
+    });
+    let cmm_over_udp = PeerBox::new(&da, &db.public()).seal(&Message::CallMeMaybe {
+        endpoints: vec![hole.local_addr().unwrap()],
+    });
+    let bad: Vec<&[u8]> = vec![&flipped, &stranger, &forged, &wrong_node, &cmm_over_udp];
+    for d in &bad {
+        evil.send_to(d, eb).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.counters().disco_rejected < bad.len() as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.counters().disco_rejected, bad.len() as u64);
+    assert!(
+        evil.set_read_timeout(Some(Duration::from_millis(300)))
+            .is_ok()
+    );
+    let mut buf = [0u8; 2048];
+    assert!(
+        evil.recv_from(&mut buf).is_err(),
+        "no answer to refused input"
+    );
+    // Still direct, still working.
+    app_a.to_tun.send(p.clone()).unwrap();
+    assert_eq!(recv(&app_b), p);
+    assert_eq!(b.peers()[0].endpoint, Some(ea));
     drop(hole);
 }

@@ -4,7 +4,7 @@
 //! previous one), so whoever produces maps (a config file today, the control client later)
 //! never has to describe changes.
 
-use crate::key::{NodePrivate, NodePublic};
+use crate::key::{DiscoPublic, NodePrivate, NodePublic};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -44,6 +44,10 @@ pub struct Peer {
     /// node has a relay connection there. The data plane starts on it and moves to a
     /// direct endpoint as soon as one answers.
     pub relay: Option<u16>,
+    /// The peer's disco key, when it speaks disco (Tailscale clients and tsunagud in
+    /// joined mode): paths to it are then found with disco pings, and a direct path is
+    /// used only once a pong has come back over it.
+    pub disco: Option<DiscoPublic>,
 }
 
 /// The complete configuration of a node's data plane.
@@ -178,6 +182,7 @@ mod tests {
             exit_client: false,
             keepalive: None,
             relay: None,
+            disco: None,
         }
     }
 
