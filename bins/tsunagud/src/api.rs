@@ -98,8 +98,11 @@ pub struct Shared {
     pub relay: Mutex<Option<crate::relay::Relay>>,
     /// STUN through the WireGuard socket: our public endpoint.
     pub stun: Arc<crate::netcheck::Stun>,
-    /// The disco public key announced to the server.
-    pub disco: tsunagu_proto::DiscoPublic,
+    /// The disco key of this run (its public half is announced to the server).
+    pub disco: tsunagu_disco::DiscoPrivate,
+    /// Our endpoints as last reported to the server (public first), which the engine
+    /// also puts in its CallMeMaybe messages.
+    pub endpoints: Mutex<Vec<std::net::SocketAddr>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -162,6 +165,10 @@ impl Shared {
                     "running"
                 );
                 e.device().set_stun_sink(Some(self.stun.sink()));
+                e.device().set_disco(Some(self.disco.clone()));
+                if let Ok(eps) = self.endpoints.lock() {
+                    e.device().set_endpoints(eps.clone());
+                }
                 *guard = Some(e);
             }
         }

@@ -129,6 +129,16 @@ fn endpoints(shared: &Shared, port: u16, tun: &str) -> Vec<String> {
             out.push(e);
         }
     }
+    // The engine tells peers the same in its CallMeMaybe messages.
+    let parsed: Vec<std::net::SocketAddr> = out.iter().filter_map(|e| e.parse().ok()).collect();
+    if let Ok(mut eps) = shared.endpoints.lock() {
+        *eps = parsed.clone();
+    }
+    if let Ok(g) = shared.engine.lock()
+        && let Some(e) = g.as_ref()
+    {
+        e.device().set_endpoints(parsed);
+    }
     out
 }
 
@@ -198,10 +208,10 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         generation,
         relay: Mutex::new(None),
         stun: Arc::new(crate::netcheck::Stun::default()),
-        // A disco key for this run, as Tailscale clients make one per process: Go
-        // peers configure and reach only peers that have one (or a home relay). tsunagu
-        // does not answer disco yet; Go peers then keep to the relay for it.
-        disco: tsunagu_proto::DiscoPublic(NodePrivate::generate().public().0),
+        // A disco key for this run, as Tailscale clients make one per process: peers
+        // find direct paths to us with disco pings sealed to it.
+        disco: tsunagu_disco::DiscoPrivate::generate(),
+        endpoints: Mutex::new(Vec::new()),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -322,7 +332,7 @@ fn report(
 ) -> MapRequest {
     MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
-        disco_key: shared.disco,
+        disco_key: shared.disco.public(),
         node_key: node.public(),
         hostinfo: Some(hostinfo(shared, p)),
         endpoints: endpoints(shared, port, tun),
@@ -436,7 +446,7 @@ async fn session(
     .await?;
     let req = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
-        disco_key: shared.disco,
+        disco_key: shared.disco.public(),
         compress: "zstd".into(),
         keep_alive: true,
         node_key: node.public(),
