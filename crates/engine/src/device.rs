@@ -230,8 +230,22 @@ impl Device {
     }
 
     /// Our endpoints (public ones first), for the CallMeMaybe messages we send.
+    /// A change (a new public mapping, a new local address: the network changed) makes
+    /// every active disco peer probed again at once.
     pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
-        *self.shared.endpoints.write() = endpoints;
+        let mut cur = self.shared.endpoints.write();
+        if *cur == endpoints {
+            return;
+        }
+        let changed = !cur.is_empty();
+        *cur = endpoints;
+        drop(cur);
+        if changed {
+            let table = self.shared.table.read().clone();
+            for e in table.entries() {
+                e.state.disco_reprobe();
+            }
+        }
     }
 
     /// Send a datagram of our own (a STUN Binding Request) from the WireGuard socket, so

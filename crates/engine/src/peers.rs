@@ -486,6 +486,16 @@ impl PeerState {
             .collect()
     }
 
+    /// Our network changed (new endpoints): probe again at the next tick instead of
+    /// waiting out the intervals, and tell the peer where we are now.
+    pub(crate) fn disco_reprobe(&self) {
+        if let Some(d) = self.path.lock().disco.as_mut() {
+            d.last_round = None;
+            d.last_call = None;
+            d.last_heartbeat = None;
+        }
+    }
+
     /// Time since the last completed handshake, if a session exists.
     pub fn last_handshake(&self) -> Option<Duration> {
         self.tunn.lock().time_since_last_handshake()
@@ -818,7 +828,11 @@ mod tests {
             peer.disco_poll(hb + Duration::from_secs(1), own, &ours)
                 .is_empty()
         );
-        let up = t0 + UPGRADE_EVERY;
+        // Our network changed: a heartbeat is due at once, not after HEARTBEAT.
+        peer.disco_reprobe();
+        let out = peer.disco_poll(hb + Duration::from_secs(1), own, &ours);
+        assert_eq!(pings(&out).len(), 2, "a full round right after the change");
+        let up = hb + Duration::from_secs(1) + UPGRADE_EVERY;
         peer.plan_send(up);
         let out = peer.disco_poll(up, own, &ours);
         assert_eq!(
