@@ -174,6 +174,8 @@ impl Config {
             exit_node_allow_lan_access: file.exit_node_allow_lan_access,
             exit_node_blocked: false,
             mtu: file.mtu.unwrap_or(DEFAULT_MTU),
+            // A file lists trusted peers by key; there is no policy to apply.
+            packet_filter: None,
         };
         if !file.exit_node.is_empty() {
             let peer = map.find_peer(&file.exit_node).ok_or_else(|| {

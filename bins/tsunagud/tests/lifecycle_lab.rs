@@ -632,3 +632,71 @@ fn lan_access_is_switched_through_the_cli() {
     );
     web_sees(&ns, EXIT_PUBLIC, &logs);
 }
+
+const MEMBERS_TO_8080: &str = r#"{
+  "tagOwners": { "tag:exit": ["admin"] },
+  "autoApprovers": { "exitNode": ["tag:exit"] },
+  "acls": [
+    // Members reach tagged devices on port 8080 only, and the internet; tagged devices
+    // open nothing.
+    { "action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:tagged:8080", "autogroup:internet:*"] },
+  ],
+}"#;
+
+fn tailnet_v4(ns: &tsunagu_lab::Netns, sock: &std::path::Path) -> std::net::Ipv4Addr {
+    ok(&tsunagu(ns, sock, &["ip", "-4"]))
+        .trim()
+        .parse()
+        .expect("an IPv4 tailnet address")
+}
+
+fn filter_dropped(ns: &tsunagu_lab::Netns, sock: &std::path::Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&tsunagu(ns, sock, &["status", "--json"]))).unwrap();
+    v["counters"]["filter_dropped"].as_u64().unwrap_or(0)
+}
+
+/// Each node enforces the policy on what reaches it, whatever its peers send: the laptop
+/// (a member) opens port 8080 on the tagged exit node but not 8081, and pings it (a port
+/// rule allows ICMP to its destination, as in Tailscale); the exit node opens nothing on
+/// the laptop. Answers to what a node opened get back in (TCP, and the web through the
+/// exit node).
+#[test]
+fn each_node_enforces_the_policy_on_what_reaches_it() {
+    let mut j = setup_with_policy("life_filter", MEMBERS_TO_8080);
+    let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
+    let c = j.join_laptop(&[]);
+    let ns = j.seed.ns(role::CLIENT);
+    let exit_ns = j.seed.ns(role::EXIT);
+    let exit_sock = j.seed.lab.log_path("exit-state").join("tsunagud.sock");
+    wait("the exit node in the map", Duration::from_secs(30), || {
+        peer_line(&status_text(&ns, &c.sock), "dev-m1sk9-s1").is_some()
+    });
+    let exit_ip = tailnet_v4(&exit_ns, &exit_sock);
+    let laptop_ip = tailnet_v4(&ns, &c.sock);
+    let _open = tsunagu_lab::tcp_listener(&exit_ns, (exit_ip, 8080).into()).unwrap();
+    let _closed = tsunagu_lab::tcp_listener(&exit_ns, (exit_ip, 8081).into()).unwrap();
+    let _laptop = tsunagu_lab::tcp_listener(&ns, (laptop_ip, 9000).into()).unwrap();
+    wait(
+        "the laptop connects to the exit node's port 8080",
+        Duration::from_secs(20),
+        || tsunagu_lab::tcp_connect_ok(&ns, (exit_ip, 8080).into(), Duration::from_secs(2)),
+    );
+    let before = filter_dropped(&exit_ns, &exit_sock);
+    assert!(
+        !tsunagu_lab::tcp_connect_ok(&ns, (exit_ip, 8081).into(), Duration::from_secs(2)),
+        "port 8081 is not in the policy"
+    );
+    assert!(filter_dropped(&exit_ns, &exit_sock) > before, "counted");
+    ok(&tsunagu(&ns, &c.sock, &["ping", "-c", "1", "dev-m1sk9-s1"]));
+    // The other way: nothing allows the tagged exit node to open anything on the laptop.
+    let before = filter_dropped(&ns, &c.sock);
+    assert!(
+        !tsunagu_lab::tcp_connect_ok(&exit_ns, (laptop_ip, 9000).into(), Duration::from_secs(2)),
+        "the exit node may not open connections to members"
+    );
+    assert!(filter_dropped(&ns, &c.sock) > before, "counted");
+    // Answers still get in: the web through the exit node.
+    ok(&tsunagu(&ns, &c.sock, &["set", "--exit-node=dev-m1sk9-s1"]));
+    web_sees(&ns, EXIT_PUBLIC, &[c.log.clone(), j.exit_log.clone()]);
+}

@@ -298,6 +298,7 @@ impl MapState {
             exit_node_allow_lan_access: prefs.exit_node_allow_lan_access,
             exit_node_blocked: blocked,
             mtu,
+            packet_filter: Some(self.filter.clone()),
         })
     }
 }

@@ -16,6 +16,7 @@
 //! change; per-peer WireGuard state sits behind a per-peer lock.
 
 use crate::demux::{DatagramKind, classify};
+use crate::filter::{Flows, Verdict};
 use crate::peers::{
     DiscoSend, LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr,
     relay_region,
@@ -72,6 +73,8 @@ pub struct DeviceCounters {
     /// does not open, a malformed message, a relayed sender that is not the key's node).
     pub disco_tx: AtomicU64,
     pub disco_rejected: AtomicU64,
+    /// Decrypted packets the packet filter refused (or not for this node).
+    pub filter_dropped: AtomicU64,
 }
 
 /// A snapshot of [`DeviceCounters`].
@@ -91,6 +94,7 @@ pub struct CounterSnapshot {
     pub relay_drops: u64,
     pub disco_tx: u64,
     pub disco_rejected: u64,
+    pub filter_dropped: u64,
 }
 
 impl DeviceCounters {
@@ -111,6 +115,7 @@ impl DeviceCounters {
             relay_drops: g(&self.relay_drops),
             disco_tx: g(&self.disco_tx),
             disco_rejected: g(&self.disco_rejected),
+            filter_dropped: g(&self.filter_dropped),
         }
     }
 }
@@ -151,6 +156,10 @@ struct Shared {
     endpoints: RwLock<Vec<SocketAddr>>,
     /// Refused disco input is logged at most once a second.
     disco_log: RateLog,
+    /// Outgoing UDP flows, whose answers the packet filter lets in.
+    flows: Flows,
+    /// Packets the filter refused are logged at most once a second.
+    filter_log: RateLog,
     /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
     /// stale entries are pruned by the timer thread.
     by_index: Mutex<HashMap<u32, Arc<PeerState>>>,
@@ -181,6 +190,8 @@ impl Device {
             disco: RwLock::new(None),
             endpoints: RwLock::new(Vec::new()),
             disco_log: RateLog::new(Duration::from_secs(1)),
+            flows: Flows::default(),
+            filter_log: RateLog::new(Duration::from_secs(1)),
             by_index: Mutex::new(HashMap::new()),
             index_table,
             udp,
@@ -403,6 +414,9 @@ fn outbound(shared: &Shared) {
             bump(&shared.counters.no_route, 1);
             continue;
         };
+        if table.tracks_flows() {
+            shared.flows.note_out(&packet, Instant::now());
+        }
         bump(&peer.counters.tx_packets, 1);
         bump(&peer.counters.tx_bytes, n);
         let out = peer
@@ -539,6 +553,13 @@ fn handle_datagram(
                     bump(&shared.counters.src_rejected, 1);
                     return;
                 }
+            }
+            if let Verdict::Drop(why) = table.check_in(&plain, &shared.flows, Instant::now()) {
+                bump(&shared.counters.filter_dropped, 1);
+                if let Some(suppressed) = shared.filter_log.allow() {
+                    tracing::debug!(peer = %peer.key.short(), ends = ?ends, suppressed, "packet filtered: {why}");
+                }
+                return;
             }
             bump(&peer.counters.rx_packets, 1);
             bump(&peer.counters.rx_bytes, plain.len());

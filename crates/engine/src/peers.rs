@@ -6,6 +6,7 @@
 //! never drops a session.
 
 use crate::allowed_ips::AllowedIps;
+use crate::filter::{Filter, Flows, Verdict};
 use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::noise::{TimerParams, Tunn};
@@ -538,6 +539,12 @@ pub struct PeerTable {
     by_disco: HashMap<DiscoPublic, usize>,
     routes: AllowedIps,
     exit: Option<usize>,
+    /// The map's packet filter, compiled (none: filter nothing).
+    filter: Option<Filter>,
+    /// Our own addresses, and whether we forward for exit-node clients: a packet to
+    /// any other address is dropped unless we do.
+    own_addrs: Vec<IpAddr>,
+    serve_exit: bool,
 }
 
 impl PeerTable {
@@ -550,6 +557,9 @@ impl PeerTable {
             by_disco: HashMap::new(),
             routes: AllowedIps::new(),
             exit: None,
+            filter: None,
+            own_addrs: Vec::new(),
+            serve_exit: false,
         }
     }
 
@@ -642,6 +652,12 @@ impl PeerTable {
             by_disco,
             routes,
             exit,
+            filter: map
+                .packet_filter
+                .as_ref()
+                .map(|rules| Filter::new(rules, &map.self_node.addresses)),
+            own_addrs: map.self_node.addresses.iter().map(IpNet::addr).collect(),
+            serve_exit: map.self_node.serve_exit,
         }
     }
 
@@ -665,6 +681,26 @@ impl PeerTable {
         self.routes
             .lookup(src)
             .is_some_and(|i| self.entries[i].state.key == peer.key)
+    }
+
+    /// Whether a decrypted packet from a peer may go to the TUN: it must be for us
+    /// (or we must be an exit node, whose nftables table then judges the peer), and the
+    /// packet filter must let it in.
+    pub fn check_in(&self, packet: &[u8], flows: &Flows, now: Instant) -> Verdict {
+        if !self.serve_exit
+            && ip_endpoints(packet).is_some_and(|(_, dst)| !self.own_addrs.contains(&dst))
+        {
+            return Verdict::Drop("not for this node, which is no exit node");
+        }
+        match &self.filter {
+            Some(f) => f.check_in(packet, flows, now),
+            None => Verdict::Accept("no filter"),
+        }
+    }
+
+    /// Whether outgoing packets must be noted for the filter (UDP answers).
+    pub fn tracks_flows(&self) -> bool {
+        self.filter.is_some()
     }
 
     pub fn entries(&self) -> &[PeerEntry] {
@@ -739,6 +775,7 @@ mod tests {
             exit_node_allow_lan_access: false,
             exit_node_blocked: false,
             mtu: 1280,
+            packet_filter: None,
         }
     }
 

@@ -57,6 +57,7 @@ fn map(
         exit_node_allow_lan_access: false,
         exit_node_blocked: false,
         mtu: 1280,
+        packet_filter: None,
     }
 }
 
@@ -241,6 +242,19 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
     ma.exit_node = Some(b.key.public());
     a.device.apply(&ma);
     let web = ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"GET /");
+    // b does not offer itself as an exit node: it drops what is not addressed to it
+    // (never an exit node by accident, whatever the host's forwarding settings).
+    a.app.to_tun.send(web.clone()).unwrap();
+    assert!(
+        b.app
+            .from_tun
+            .recv_timeout(Duration::from_millis(500))
+            .is_err()
+    );
+    assert_eq!(b.device.counters().filter_dropped, 1);
+    let mut mb = map(&b.key, "100.64.0.2/32", &a.key, "100.64.0.1/32", None);
+    mb.self_node.serve_exit = true;
+    b.device.apply(&mb);
     a.app.to_tun.send(web.clone()).unwrap();
     assert_eq!(recv(&b.app), web, "internet traffic goes to the exit node");
     // The answer from the internet is accepted only because b is a's exit node.

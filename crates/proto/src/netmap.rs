@@ -65,6 +65,10 @@ pub struct NetMap {
     pub exit_node_blocked: bool,
     /// Tunnel MTU.
     pub mtu: u16,
+    /// What peers may open to this node (the policy compiled by the server, in
+    /// Tailscale's form). `None` (a map from a file) filters nothing; an empty list lets
+    /// nothing in but answers to what we opened.
+    pub packet_filter: Option<Vec<crate::tailcfg::FilterRule>>,
 }
 
 /// Why a network map is unusable. Every variant names the field at fault.
@@ -199,6 +203,7 @@ mod tests {
             exit_node_allow_lan_access: false,
             exit_node_blocked: false,
             mtu: DEFAULT_MTU,
+            packet_filter: None,
         }
     }
 
