@@ -718,3 +718,20 @@ impl RateLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_log_lets_one_line_per_interval_through_and_counts_the_rest() {
+        let log = RateLog::new(Duration::from_millis(200));
+        assert_eq!(log.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(log.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(220));
+        assert_eq!(log.allow(), Some(1000), "the next line says how many were held back");
+        assert_eq!(log.allow(), None);
+    }
+}
