@@ -1098,7 +1098,7 @@ fn tsunagud_binary() -> PathBuf {
 /// listening on tsunagud's tailnet address; tsunagud's status says relay.
 #[test]
 fn tsunagud_and_the_go_client_reach_each_other_over_the_relay() {
-    go_and_tsunagud("go_tsunagud_r", true);
+    go_and_tsunagud("go_tsunagud_r", true, false);
 }
 
 /// The same behind the cafe's ordinary (endpoint-independent) NAT: disco finds the
@@ -1107,7 +1107,16 @@ fn tsunagud_and_the_go_client_reach_each_other_over_the_relay() {
 /// pong), and both directions work over it.
 #[test]
 fn tsunagud_and_the_go_client_go_direct_behind_the_cafe_nat() {
-    go_and_tsunagud("go_tsunagud_d", false);
+    go_and_tsunagud("go_tsunagud_d", false, false);
+}
+
+/// Both behind NATs (caddy-one at the cafe, tsunagud at home): neither can be reached
+/// before it has sent. tsunagud's CallMeMaybe over the relay makes the Go client ping
+/// back while tsunagud pings, the NATs open, and both go direct: hole punching between
+/// the two implementations.
+#[test]
+fn tsunagud_and_the_go_client_punch_through_two_nats() {
+    go_and_tsunagud("go_tsunagud_p", false, true);
 }
 
 /// tsunagud's view of one peer (`tsunagu status --json`): its `path`.
@@ -1125,12 +1134,19 @@ fn tsunagud_path(tsunagud: &Path, sock: &Path, peer: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
+fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool, tsunagud_at_home: bool) {
     let caddy = caddy_binary();
     let tsunagud = tsunagud_binary();
     let opts = SeedOptions {
         cafe_blocks_udp,
+        home_nat: tsunagud_at_home,
         ..SeedOptions::default()
+    };
+    // Where tsunagud runs, and the address its peers see it at.
+    let (t_role, t_public) = if tsunagud_at_home {
+        (role::CLIENT2, tsunagu_lab::HOME_PUBLIC)
+    } else {
+        (role::EXIT, EXIT_PUBLIC)
     };
     let mut seed = Lab::seed(lab_name, opts).expect("seed lab");
     let data = seed.lab.dir().join("server");
@@ -1154,7 +1170,7 @@ fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
     let t = seed
         .lab
         .spawn(
-            &seed.ns(role::EXIT),
+            &seed.ns(t_role),
             &[
                 tsunagud.to_str().expect("UTF-8"),
                 "--login-server",
@@ -1181,7 +1197,7 @@ fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
     let list = nodes(&data);
     let t_ip = first_v4(node_by_hostname(&list, "tsunagud-node").expect("listed"));
     // A web server on tsunagud's tailnet address, for caddy-one to proxy to.
-    let _web = tsunagu_lab::whoami_server(&seed.ns(role::EXIT), (t_ip, 8088).into())
+    let _web = tsunagu_lab::whoami_server(&seed.ns(t_role), (t_ip, 8088).into())
         .expect("web server on the tailnet address");
     let proxy = format!(
         "
@@ -1210,7 +1226,7 @@ fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
     let c_ip = first_v4(node_by_hostname(&list, "caddy-one").expect("listed"));
 
     // tsunagud → Go: caddy-one's page on its tailnet address.
-    let exit_ns = seed.ns(role::EXIT);
+    let exit_ns = seed.ns(t_role);
     let start = Instant::now();
     let mut got = None;
     while start.elapsed() < Duration::from_secs(60) {
@@ -1279,7 +1295,7 @@ fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool) {
         ours = tsunagud_path(&tsunagud, &sock, "caddy-one");
         let go_line = caddy_messages(&caddy_log)
             .into_iter()
-            .find(|m| m.contains("now using") && m.contains(&format!("{EXIT_PUBLIC}:")));
+            .find(|m| m.contains("now using") && m.contains(&format!("{t_public}:")));
         if let Some(l) = &go_line {
             eprintln!("Go client: {l}");
         }

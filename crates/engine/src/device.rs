@@ -731,7 +731,11 @@ mod tests {
             assert_eq!(log.allow(), None);
         }
         std::thread::sleep(Duration::from_millis(220));
-        assert_eq!(log.allow(), Some(1000), "the next line says how many were held back");
+        assert_eq!(
+            log.allow(),
+            Some(1000),
+            "the next line says how many were held back"
+        );
         assert_eq!(log.allow(), None);
     }
 }
