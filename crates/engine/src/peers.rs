@@ -95,6 +95,9 @@ pub const UPGRADE_EVERY: Duration = Duration::from_secs(30);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// CallMeMaybe over the relay at most this often.
 pub const CALL_ME_MAYBE_EVERY: Duration = Duration::from_secs(5);
+/// A peer's CallMeMaybe makes us ping at most this often (more are only learned from):
+/// a member cannot turn us into a stream of pings at addresses it names.
+pub const CALL_ME_MAYBE_ANSWER_EVERY: Duration = Duration::from_secs(1);
 /// Pings in flight per peer, and endpoints learned per peer (from its pings and its
 /// CallMeMaybe), at most.
 const MAX_PINGS: usize = 32;
@@ -131,6 +134,8 @@ struct DiscoPath {
     last_round: Option<Instant>,
     last_call: Option<Instant>,
     last_heartbeat: Option<Instant>,
+    /// When a CallMeMaybe of the peer last made us ping.
+    last_call_answered: Option<Instant>,
     /// Round-trip time of the direct endpoint in use.
     latency: Option<Duration>,
 }
@@ -151,6 +156,7 @@ impl DiscoPath {
             last_round: None,
             last_call: None,
             last_heartbeat: None,
+            last_call_answered: None,
             latency: None,
         }
     }
@@ -480,6 +486,12 @@ impl PeerState {
         }
         let candidates = p.candidates();
         let d = p.disco.as_mut().expect("checked above");
+        if d.last_call_answered
+            .is_some_and(|t| now.duration_since(t) < CALL_ME_MAYBE_ANSWER_EVERY)
+        {
+            return Vec::new();
+        }
+        d.last_call_answered = Some(now);
         d.last_round = Some(now);
         candidates
             .into_iter()
@@ -928,6 +940,19 @@ mod tests {
         let out = p2.disco_on_call_me_maybe(&[named], now, own);
         let to: Vec<SocketAddr> = pings(&out).iter().map(|p| p.0).collect();
         assert!(to.contains(&named) && to.contains(&direct), "{to:?}");
+        // Another one right after: learned, not answered with pings.
+        let other: SocketAddr = "198.51.100.9:8".parse().unwrap();
+        let soon = now + Duration::from_millis(100);
+        assert!(p2.disco_on_call_me_maybe(&[other], soon, own).is_empty());
+        let later = now + CALL_ME_MAYBE_ANSWER_EVERY;
+        let to: Vec<SocketAddr> = pings(&p2.disco_on_call_me_maybe(&[], later, own))
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        assert!(
+            to.contains(&other),
+            "learned from the unanswered one: {to:?}"
+        );
     }
 
     #[test]
