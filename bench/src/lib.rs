@@ -1,1 +1,3 @@
+//! Shared pieces of the benchmark programs in `src/bin`.
 
+pub mod wg;

@@ -21,31 +21,24 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tsunagu_bench::wg::{self, Daemon, PairConfig, WgPair, tail, version};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::tailnet::{NodeOpts, Tailnet};
 use tsunagu_lab::{
     CAFE_PUBLIC, EXIT_PUBLIC, Lab, Netns, ProcId, Seed, SeedOptions, Signal, WEB_ADDR, http_get,
     try_ping, whoami_server,
 };
-use tsunagu_proto::NodePrivate;
 
 /// Tunnel MTU on both ends, for every implementation (see `performance.md`).
 const MTU: u16 = 1420;
-const MTU_STR: &str = "1420";
 /// The WireGuard port on both ends.
 const WG_PORT: u16 = 41641;
 const IPERF_PORT: &str = "5201";
 /// The cafe router: the client's gateway, used for the /32 route to the exit's endpoint.
 const CAFE_GW: &str = "198.18.1.1";
-const CLIENT_TUN_ADDR: &str = "100.64.0.1";
-const EXIT_TUN_ADDR: &str = "100.64.0.2";
-/// Where wireguard-go and boringtun put their UAPI sockets (shared by every namespace).
-const UAPI_DIR: &str = "/var/run/wireguard";
 /// The lab's test name (namespace prefix); every path gets its own lab of this name.
 const LAB_NAME: &str = "bench_exit_tput";
 /// How long a daemon may take to come up, and the tunnel to pass its first ping.
@@ -155,21 +148,6 @@ fn preflight(args: &mut Args) -> Result<()> {
         "cargo install boringtun-cli --version 0.7.1 --locked",
     )?;
     Ok(())
-}
-
-/// First line of `prog --version` (for the report).
-fn version(prog: &Path) -> String {
-    std::process::Command::new(prog)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            text.lines().next().map(|l| l.trim().to_owned())
-        })
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| "version unknown".into())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -342,24 +320,10 @@ struct End {
 /// A running tunnel (none for the baseline).
 struct Tunnel {
     ends: Vec<End>,
-    /// UAPI sockets we created (named after our PID), removed after teardown if the daemon
-    /// left them behind.
-    sockets: Vec<PathBuf>,
+    /// The hand-made tunnel of wireguard-go or boringtun (none for tsunagud).
+    wg: Option<WgPair>,
     /// Description for the report ("wireguard-go v0.0.20220316", ...).
     desc: String,
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn write_secret(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, format!("{text}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", path.display()))
 }
 
 fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
@@ -402,150 +366,32 @@ fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
             end("client", client, seed.ns(role::CLIENT)),
             end("exit", exit, seed.ns(role::EXIT)),
         ],
-        sockets: Vec::new(),
+        wg: None,
         desc: version(tsunagud),
     })
 }
 
-/// Starts wireguard-go or boringtun-cli on `dev` in `ns` and waits for its interface and
-/// UAPI socket.
-fn spawn_wg_daemon(
-    seed: &mut Seed,
-    kind: Kind,
-    prog: &Path,
-    threads: Option<u32>,
-    ns: &Netns,
-    name: &'static str,
-    dev: &str,
-) -> Result<End> {
-    let socket = Path::new(UAPI_DIR).join(format!("{dev}.sock"));
-    if socket.exists() {
-        bail!(
-            "{} already exists: another {dev} is running (or a crashed run left it)",
-            socket.display()
-        );
-    }
-    let log = seed.lab.log_path(&format!("{name}-{}.log", kind.label()));
-    let prog_s = prog.to_string_lossy().into_owned();
-    let threads_s = threads.map(|t| t.to_string());
-    let log_s = log.to_string_lossy().into_owned();
-    let mut argv: Vec<&str> = vec![&prog_s, "--foreground"];
-    if kind == Kind::Boringtun {
-        // Root without sudo: nothing to drop privileges to.
-        argv.extend(["--disable-drop-privileges", "--log", &log_s]);
-        argv.extend(["--verbosity", "error"]);
-        if let Some(t) = &threads_s {
-            argv.extend(["--threads", t.as_str()]);
-        }
-    }
-    argv.push(dev);
-    progress(&format!(
-        "starting {} in {name}: {}",
-        kind.label(),
-        argv.join(" ")
-    ));
-    let id = seed
-        .lab
-        .spawn(ns, &argv, Some(&log))
-        .with_context(|| format!("starting {} in {name}", kind.label()))?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        let link_up = ns.ip(&["link", "show", "dev", dev]).is_ok();
-        if link_up && socket.exists() {
-            break;
-        }
-        if let Some(status) = seed.lab.try_wait(id)? {
-            bail!(
-                "{} in {name} exited with {status} before creating {dev}; log:\n{}",
-                kind.label(),
-                tail(&log, 30)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} in {name}: no interface {dev} and socket {} within {READY_TIMEOUT:?}; log:\n{}",
-                kind.label(),
-                socket.display(),
-                tail(&log, 30)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(End {
-        name,
-        ns: ns.clone(),
-        id,
-        pid: seed.lab.pid(id),
-        dev: dev.to_owned(),
-        log,
-    })
-}
-
-/// wireguard-go or boringtun-cli set up by hand: `wg set`, addresses, routes, exit NAT.
-fn start_manual(seed: &mut Seed, kind: Kind, prog: &Path, threads: Option<u32>) -> Result<Tunnel> {
-    // UAPI sockets live in the host-wide /var/run/wireguard: names unique per namespace
-    // and per run of this program.
-    let tag = format!("{:x}", std::process::id());
-    let (cdev, edev) = (format!("wgc{tag}"), format!("wge{tag}"));
-    let client_ns = seed.ns(role::CLIENT);
-    let exit_ns = seed.ns(role::EXIT);
-    let (ckey, ekey) = (NodePrivate::generate(), NodePrivate::generate());
-    let ckey_file = seed.lab.log_path("client.key");
-    let ekey_file = seed.lab.log_path("exit.key");
-    write_secret(&ckey_file, &ckey.to_base64())?;
-    write_secret(&ekey_file, &ekey.to_base64())?;
-    let sockets = vec![
-        Path::new(UAPI_DIR).join(format!("{cdev}.sock")),
-        Path::new(UAPI_DIR).join(format!("{edev}.sock")),
-    ];
-
-    let exit = spawn_wg_daemon(seed, kind, prog, threads, &exit_ns, "exit", &edev)?;
-    let client = spawn_wg_daemon(seed, kind, prog, threads, &client_ns, "client", &cdev)?;
-    let port = WG_PORT.to_string();
-    let endpoint = SocketAddr::new(IpAddr::V4(EXIT_PUBLIC), WG_PORT).to_string();
+/// wireguard-go or boringtun-cli set up by hand (see `tsunagu_bench::wg`), plus what an exit
+/// node needs: the client's default route into the tunnel and NAT on the exit.
+fn start_manual(seed: &mut Seed, daemon: &Daemon) -> Result<Tunnel> {
+    let label = daemon.label();
+    let pair = WgPair::start(
+        seed,
+        daemon,
+        &PairConfig {
+            mtu: MTU,
+            port: WG_PORT,
+            client_allowed_ips: "0.0.0.0/0".into(),
+            keepalive: None,
+        },
+    )
+    .with_context(|| format!("{label}: setting up the tunnel"))?;
+    let (client_ns, exit_ns) = (&pair.client.ns, &pair.exit.ns);
     let step = |what: &str, r: Result<std::process::Output, tsunagu_lab::LabError>| {
-        r.map(drop)
-            .with_context(|| format!("{}: {what}", kind.label()))
+        r.map(drop).with_context(|| format!("{label}: {what}"))
     };
 
-    progress("configuring the exit end (wg set, address, NAT)");
-    step(
-        "wg set on the exit",
-        exit_ns.exec_timeout(
-            &[
-                "wg",
-                "set",
-                &edev,
-                "private-key",
-                &ekey_file.to_string_lossy(),
-                "listen-port",
-                &port,
-                "peer",
-                &ckey.public().to_string(),
-                "allowed-ips",
-                &format!("{CLIENT_TUN_ADDR}/32"),
-            ],
-            SHORT,
-        ),
-    )?;
-    step(
-        "exit address",
-        exit_ns.ip(&["addr", "add", &format!("{EXIT_TUN_ADDR}/32"), "dev", &edev]),
-    )?;
-    step(
-        "exit link up",
-        exit_ns.ip(&["link", "set", "dev", &edev, "mtu", MTU_STR, "up"]),
-    )?;
-    step(
-        "exit route to the client",
-        exit_ns.ip(&[
-            "route",
-            "add",
-            &format!("{CLIENT_TUN_ADDR}/32"),
-            "dev",
-            &edev,
-        ]),
-    )?;
+    progress("exit end: forwarding and NAT");
     exit_ns
         .sysctl("net.ipv4.ip_forward", "1")
         .context("ip_forward on the exit")?;
@@ -560,46 +406,12 @@ fn start_manual(seed: &mut Seed, kind: Kind, prog: &Path, threads: Option<u32>) 
         )
         .context("nftables masquerade on the exit")?;
 
-    progress("configuring the client end (wg set, address, default route into the tunnel)");
-    step(
-        "wg set on the client",
-        client_ns.exec_timeout(
-            &[
-                "wg",
-                "set",
-                &cdev,
-                "private-key",
-                &ckey_file.to_string_lossy(),
-                "listen-port",
-                &port,
-                "peer",
-                &ekey.public().to_string(),
-                "allowed-ips",
-                "0.0.0.0/0",
-                "endpoint",
-                &endpoint,
-            ],
-            SHORT,
-        ),
-    )?;
-    step(
-        "client address",
-        client_ns.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_TUN_ADDR}/32"),
-            "dev",
-            &cdev,
-        ]),
-    )?;
-    step(
-        "client link up",
-        client_ns.ip(&["link", "set", "dev", &cdev, "mtu", MTU_STR, "up"]),
-    )?;
+    progress("client end: default route into the tunnel");
     step(
         "client route to the exit's endpoint",
         client_ns.ip(&["route", "add", &format!("{EXIT_PUBLIC}/32"), "via", CAFE_GW]),
     )?;
+    let src = wg::CLIENT_ADDR.to_string();
     step(
         "client default route into the tunnel",
         client_ns.ip(&[
@@ -607,51 +419,44 @@ fn start_manual(seed: &mut Seed, kind: Kind, prog: &Path, threads: Option<u32>) 
             "replace",
             "default",
             "dev",
-            &cdev,
+            &pair.client.dev,
             "src",
-            CLIENT_TUN_ADDR,
+            &src,
         ]),
     )?;
 
-    let desc = match kind {
-        Kind::Boringtun => format!(
-            "{} ({})",
-            version(prog),
-            match threads {
-                Some(t) => format!("{t} threads"),
-                None => "default threads: 4".into(),
-            }
-        ),
-        _ => version(prog),
+    let end = |e: &wg::WgEnd| End {
+        name: e.name,
+        ns: e.ns.clone(),
+        id: e.id,
+        pid: e.pid,
+        dev: e.dev.clone(),
+        log: e.log.clone(),
     };
     Ok(Tunnel {
-        ends: vec![client, exit],
-        sockets,
-        desc,
+        ends: vec![end(&pair.client), end(&pair.exit)],
+        desc: daemon.describe(),
+        wg: Some(pair),
     })
 }
 
 /// What went wrong with the tunnel, for error messages.
 fn tunnel_diagnostics(tunnel: &Tunnel) -> String {
-    let mut s = String::new();
-    for end in &tunnel.ends {
-        if end.dev.starts_with("wg") {
-            let show = end
-                .ns
-                .exec_status_timeout(&["wg", "show", &end.dev], SHORT)
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            let _ = writeln!(s, "--- wg show ({}):\n{show}", end.name);
-        }
-        let _ = writeln!(
-            s,
-            "--- log of the {} end ({}):\n{}",
-            end.name,
-            end.log.display(),
-            tail(&end.log, 30)
-        );
+    if let Some(pair) = &tunnel.wg {
+        return pair.diagnostics();
     }
-    s
+    tunnel
+        .ends
+        .iter()
+        .map(|end| {
+            format!(
+                "--- log of the {} end ({}):\n{}\n",
+                end.name,
+                end.log.display(),
+                tail(&end.log, 30)
+            )
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -824,27 +629,29 @@ fn measure(kind: Kind, args: &Args) -> Result<Measured> {
     let tunnel = match kind {
         Kind::Baseline => None,
         Kind::Tsunagud => Some(start_tsunagud(&mut seed, &args.tsunagud)?),
-        Kind::WireguardGo => Some(start_manual(&mut seed, kind, &args.wireguard_go, None)?),
+        Kind::WireguardGo => Some(start_manual(
+            &mut seed,
+            &Daemon::WireguardGo {
+                prog: args.wireguard_go.clone(),
+            },
+        )?),
         Kind::Boringtun => Some(start_manual(
             &mut seed,
-            kind,
-            &args.boringtun,
-            args.boringtun_threads,
+            &Daemon::Boringtun {
+                prog: args.boringtun.clone(),
+                threads: args.boringtun_threads,
+            },
         )?),
     };
     let result = measure_running(kind, args, &mut seed, server, &iperf_log, tunnel.as_ref());
     whoami.stop();
-    if let Some(t) = &tunnel {
+    if let Some(t) = tunnel {
         for end in &t.ends {
             let _ = seed.lab.kill(end.id, Signal::SIGTERM);
         }
+        // Dropping a hand-made tunnel removes the UAPI sockets its daemons left behind.
     }
     drop(seed);
-    if let Some(t) = &tunnel {
-        for s in &t.sockets {
-            let _ = std::fs::remove_file(s);
-        }
-    }
     result
 }
 

@@ -1,8 +1,9 @@
 //! paths: the two ways packets travel between tsunagud nodes, measured in the seed lab,
-//! and what the relay costs.
+//! and what the relay costs, beside a stock WireGuard peer where one can run here.
 //!
 //! ```text
 //!  direct: [client] iperf3 -c ─► tunnel (UDP through the cafe NAT) ─► [exit] iperf3 -s
+//!  peer:   the same with wireguard-go on both ends, configured by hand (`tsunagu_bench::wg`)
 //!  relay:  the same, with the cafe dropping UDP: tunnel over DERP (TCP) via 198.51.100.4
 //!  idle:   N DERP clients (this program) logged in to `tsunagu-server relay` on loopback
 //! ```
@@ -10,20 +11,46 @@
 //! For each path: iperf3 TCP throughput (median of `--reps` runs of `--seconds`), ping
 //! RTT between the two nodes' tailnet addresses, and for the relay the packets it
 //! forwarded per second during the runs (the client's relay counters). Then the relay's
-//! resident memory per idle client with `--idle-clients` connected. The last line is
-//! `paths: direct X.XX Gbit/s, relay Y.YY Gbit/s, relay-rss-per-client Z KiB`.
+//! resident memory per idle client with `--idle-clients` connected.
+//!
+//! The peer for the direct path is wireguard-go (Debian's, with `wg` from wireguard-tools),
+//! in a fresh seed lab of its own: the client behind the cafe NAT, the exit host on
+//! 198.51.100.2, one wireguard-go interface on each end with its own keys, 100.64.0.1 and
+//! 100.64.0.2, a listen port, and on the client the exit's endpoint with a persistent
+//! keepalive through the NAT; the MTU is the one tsunagud's interface had. The same iperf3
+//! and ping run between the two tunnel addresses, and the exit must see the client at the
+//! cafe's public address (the path crossed the NAT).
+//!
+//! The relay has no peer here: a DERP relay to compare against is Tailscale's derper (and
+//! a Go client), and this machine has no Go toolchain to build them; the output says so.
+//!
+//! Stdout: a `direct:` line (tsunagud beside wireguard-go), a `relay:` line, and last
+//! `paths: direct X.XX Gbit/s, relay Y.YY Gbit/s, relay-rss-per-client Z KiB` (tsunagud's
+//! figures). If the peer fails, its failure is printed on the `direct:` line and the exit
+//! status is 1.
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tsunagu_bench::wg::{self, Daemon, PairConfig, WgPair};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions};
+use tsunagu_lab::{CAFE_PUBLIC, Lab, Netns, ProcId, Seed, SeedOptions};
 
 const SERVER_URL: &str = "http://198.51.100.4:8080";
 const IPERF_PORT: &str = "5201";
+/// wireguard-go's UDP port on both ends (tsunagud's default port; the labs are separate).
+const WG_PORT: u16 = 41641;
+/// The client's persistent keepalive to the exit, to hold the cafe NAT's mapping.
+const WG_KEEPALIVE: u16 = 25;
+/// The MTU for wireguard-go if tsunagud's could not be read (tsunagud's default).
+const FALLBACK_MTU: u16 = 1280;
+/// What the relay line says instead of a peer's figures.
+const NO_RELAY_PEER: &str =
+    "no peer: a DERP relay to compare against (derper) needs a Go toolchain, not on this machine";
 
 struct Args {
     bin_dir: PathBuf,
+    wireguard_go: PathBuf,
     seconds: u32,
     reps: usize,
     idle_clients: usize,
@@ -36,6 +63,7 @@ fn progress(msg: &str) {
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         bin_dir: PathBuf::from("target/release"),
+        wireguard_go: PathBuf::from("wireguard-go"),
         seconds: 10,
         reps: 3,
         idle_clients: 1000,
@@ -45,13 +73,15 @@ fn parse_args() -> Result<Args> {
         let mut val = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
         match flag.as_str() {
             "--bin-dir" => a.bin_dir = PathBuf::from(val()?),
+            "--wireguard-go" => a.wireguard_go = PathBuf::from(val()?),
             "--seconds" => a.seconds = val()?.parse().context("--seconds")?,
             "--reps" => a.reps = val()?.parse().context("--reps")?,
             "--idle-clients" => a.idle_clients = val()?.parse().context("--idle-clients")?,
             "-h" | "--help" => {
                 println!(
                     "usage: paths [--bin-dir DIR (target/release)] [--seconds N (10)] \
-                     [--reps N (3)] [--idle-clients N (1000)]   (root)"
+                     [--reps N (3)] [--idle-clients N (1000)] \
+                     [--wireguard-go PATH (from PATH)]   (root)"
                 );
                 std::process::exit(0);
             }
@@ -60,6 +90,16 @@ fn parse_args() -> Result<Args> {
     }
     if a.reps == 0 || a.seconds == 0 {
         bail!("--reps and --seconds must be at least 1");
+    }
+    // The peer's tools, before any lab is built.
+    a.wireguard_go = tsunagu_lab::which(&a.wireguard_go.to_string_lossy()).ok_or_else(|| {
+        anyhow!(
+            "{} not found: apt-get install -y wireguard-go",
+            a.wireguard_go.display()
+        )
+    })?;
+    if tsunagu_lab::which("wg").is_none() {
+        bail!("wg not found: apt-get install -y wireguard-tools");
     }
     Ok(a)
 }
@@ -261,11 +301,47 @@ fn relay_packets(net: &Net) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts `iperf3 -s` bound to `bind` in `ns` and waits until it listens.
+fn iperf_server(lab: &mut Lab, ns: &Netns, bind: &str) -> Result<ProcId> {
+    let log = lab.log_path("iperf3.log");
+    let srv = lab.spawn(
+        ns,
+        &["iperf3", "-s", "-B", bind, "-p", IPERF_PORT, "--forceflush"],
+        Some(&log),
+    )?;
+    wait("iperf3 server", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Server listening"))
+    })?;
+    Ok(srv)
+}
+
+/// `--reps` iperf3 runs of `--seconds` from `ns` to `target`: the median Gbit/s.
+fn iperf_median(args: &Args, ns: &Netns, target: &str, label: &str) -> Result<f64> {
+    let mut runs = Vec::new();
+    for i in 0..args.reps {
+        let g = iperf(ns, target, args.seconds)?;
+        progress(&format!("{label}: run {}: {g:.2} Gbit/s", i + 1));
+        runs.push(g);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    runs.sort_by(|a, b| a.total_cmp(b));
+    Ok(runs[runs.len() / 2])
+}
+
+/// The MTU of `dev` in `ns`.
+fn link_mtu(ns: &Netns, dev: &str) -> Option<u16> {
+    let out = ns.ip(&["-j", "link", "show", "dev", dev]).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0)?.get("mtu")?.as_u64()?.try_into().ok()
+}
+
 struct PathFigures {
     gbps: f64,
     rtt_ms: f64,
     relay_pps: f64,
     path: String,
+    /// The client's tsunagud interface MTU.
+    mtu: Option<u16>,
 }
 
 fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
@@ -284,37 +360,14 @@ fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
     })?;
     progress(&format!("{label}: client -> exit host via {p}"));
     let exit_ns = net.seed.ns(role::EXIT);
-    let log = net.seed.lab.log_path("iperf3.log");
-    let srv: ProcId = net.seed.lab.spawn(
-        &exit_ns,
-        &[
-            "iperf3",
-            "-s",
-            "-B",
-            &net.exit_ip,
-            "-p",
-            IPERF_PORT,
-            "--forceflush",
-        ],
-        Some(&log),
-    )?;
-    wait("iperf3 server", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Server listening"))
-    })?;
+    let srv = iperf_server(&mut net.seed.lab, &exit_ns, &net.exit_ip)?;
     let client_ns = net.seed.ns(role::CLIENT);
+    let mtu = link_mtu(&client_ns, tsunagu_lab::tailnet::TUN);
     let rtt = rtt_ms(&client_ns, &net.exit_ip)?;
     let before = relay_packets(&net);
     let t0 = Instant::now();
-    let mut runs = Vec::new();
-    for i in 0..args.reps {
-        let g = iperf(&client_ns, &net.exit_ip, args.seconds)?;
-        progress(&format!("{label}: run {}: {g:.2} Gbit/s", i + 1));
-        runs.push(g);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let gbps = iperf_median(args, &client_ns, &net.exit_ip, label)?;
     let pps = (relay_packets(&net) - before) as f64 / t0.elapsed().as_secs_f64();
-    runs.sort_by(|a, b| a.total_cmp(b));
-    let gbps = runs[runs.len() / 2];
     let after = path(&net);
     net.seed.lab.kill(srv, tsunagu_lab::Signal::SIGTERM)?;
     progress(&format!(
@@ -325,7 +378,83 @@ fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
         rtt_ms: rtt,
         relay_pps: pps,
         path: p,
+        mtu,
     })
+}
+
+struct PeerFigures {
+    gbps: f64,
+    rtt_ms: f64,
+    /// "wireguard-go v0.0.20220316".
+    desc: String,
+    mtu: u16,
+    /// The client's endpoint as the exit saw it (the cafe's public address and a port).
+    client_seen_as: String,
+}
+
+/// wireguard-go on the direct path: a fresh seed lab, a hand-made tunnel client -> exit
+/// host through the cafe NAT, the same ping and iperf3 runs between the tunnel addresses.
+fn measure_peer_direct(args: &Args, mtu: u16) -> Result<PeerFigures> {
+    let daemon = Daemon::WireguardGo {
+        prog: args.wireguard_go.clone(),
+    };
+    let label = "direct/wireguard-go";
+    progress(&format!("=== {label}: building the lab"));
+    let mut seed = Lab::seed("bench_paths_wggo", SeedOptions::default())
+        .context("building the lab (root?)")?;
+    let pair = WgPair::start(
+        &mut seed,
+        &daemon,
+        &PairConfig {
+            mtu,
+            port: WG_PORT,
+            client_allowed_ips: format!("{}/32", wg::EXIT_ADDR),
+            keepalive: Some(WG_KEEPALIVE),
+        },
+    )?;
+    let result = (|| -> Result<PeerFigures> {
+        let client_ns = seed.ns(role::CLIENT);
+        let exit_ns = seed.ns(role::EXIT);
+        let target = wg::EXIT_ADDR.to_string();
+        // The handshake: the client's keepalive and pings go out through the cafe NAT.
+        wait(
+            "a ping through the wireguard-go tunnel",
+            Duration::from_secs(15),
+            || {
+                client_ns
+                    .exec_status(&["ping", "-n", "-q", "-c", "1", "-W", "1", &target])
+                    .is_ok_and(|o| o.status.success())
+            },
+        )
+        .with_context(|| pair.diagnostics())?;
+        let seen = pair.client_endpoint_seen_by_exit().unwrap_or_default();
+        if !seen.starts_with(&format!("{CAFE_PUBLIC}:")) {
+            bail!(
+                "the exit sees the client at {seen:?}, not behind the cafe NAT ({CAFE_PUBLIC})\n{}",
+                pair.diagnostics()
+            );
+        }
+        progress(&format!(
+            "{label}: the exit sees the client at {seen} (through the cafe NAT)"
+        ));
+        let srv = iperf_server(&mut seed.lab, &exit_ns, &target)?;
+        let rtt = rtt_ms(&client_ns, &target)?;
+        let gbps =
+            iperf_median(args, &client_ns, &target, label).with_context(|| pair.diagnostics())?;
+        seed.lab.kill(srv, tsunagu_lab::Signal::SIGTERM)?;
+        progress(&format!(
+            "{label}: median {gbps:.2} Gbit/s, rtt {rtt:.3} ms"
+        ));
+        Ok(PeerFigures {
+            gbps,
+            rtt_ms: rtt,
+            desc: daemon.describe(),
+            mtu,
+            client_seen_as: seen,
+        })
+    })();
+    pair.stop(&mut seed.lab);
+    result
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -468,26 +597,58 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let run = || -> Result<()> {
+    let run = || -> Result<bool> {
         let direct = measure_path(&args, false)?;
+        let peer = measure_peer_direct(&args, direct.mtu.unwrap_or(FALLBACK_MTU));
+        if let Err(e) = &peer {
+            progress(&format!("direct/wireguard-go FAILED: {e:#}"));
+        }
         let relay = measure_path(&args, true)?;
         let per_client = measure_idle(&args)?;
+        let mtu = direct
+            .mtu
+            .map_or_else(|| "mtu ?".to_owned(), |m| format!("mtu {m}"));
+        let peer_text = match &peer {
+            Ok(p) => format!(
+                "wireguard-go {:.2} Gbit/s rtt {:.3} ms ({}, mtu {}, client seen at {}); \
+                 tsunagud/wireguard-go {}",
+                p.gbps,
+                p.rtt_ms,
+                p.desc,
+                p.mtu,
+                p.client_seen_as,
+                if p.gbps > 0.0 {
+                    format!("{:.2}", direct.gbps / p.gbps)
+                } else {
+                    "n/a".to_owned()
+                }
+            ),
+            Err(e) => {
+                let first = format!("{e:#}");
+                let first = first.lines().next().unwrap_or_default().to_owned();
+                format!("wireguard-go FAILED: {first} (details on stderr)")
+            }
+        };
         println!(
-            "direct: {:.2} Gbit/s, rtt {:.3} ms ({})",
+            "direct: tsunagud {:.2} Gbit/s rtt {:.3} ms ({}, {mtu}); {peer_text}",
             direct.gbps, direct.rtt_ms, direct.path
         );
         println!(
-            "relay:  {:.2} Gbit/s, rtt {:.3} ms ({}), {:.0} packets/s through the relay",
+            "relay:  tsunagud {:.2} Gbit/s rtt {:.3} ms ({}), {:.0} packets/s through the relay; {NO_RELAY_PEER}",
             relay.gbps, relay.rtt_ms, relay.path, relay.relay_pps
         );
         println!(
             "paths: direct {:.2} Gbit/s, relay {:.2} Gbit/s, relay-rss-per-client {:.0} KiB",
             direct.gbps, relay.gbps, per_client
         );
-        Ok(())
+        Ok(peer.is_ok())
     };
-    if let Err(e) = run() {
-        eprintln!("paths: {e:#}");
-        std::process::exit(1);
+    match run() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("paths: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
