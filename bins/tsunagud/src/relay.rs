@@ -70,15 +70,19 @@ impl RelayTarget {
 
 /// The engine's side of the relay: a bounded queue to the connection task.
 pub struct RelayLink {
+    region: u16,
     tx: mpsc::Sender<(NodePublic, Bytes)>,
     pub connected: AtomicBool,
 }
 
 impl RelayTx for RelayLink {
-    fn send(&self, dst: &NodePublic, datagram: &[u8]) -> bool {
-        self.tx
-            .try_send((*dst, Bytes::copy_from_slice(datagram)))
-            .is_ok()
+    fn send(&self, region: u16, dst: &NodePublic, datagram: &[u8]) -> bool {
+        // Only the home region's connection exists.
+        region == self.region
+            && self
+                .tx
+                .try_send((*dst, Bytes::copy_from_slice(datagram)))
+                .is_ok()
     }
 }
 
@@ -106,6 +110,7 @@ impl Relay {
     ) -> Relay {
         let (tx, rx) = mpsc::channel(QUEUE);
         let link = Arc::new(RelayLink {
+            region: target.region,
             tx,
             connected: AtomicBool::new(false),
         });
