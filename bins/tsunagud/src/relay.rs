@@ -256,24 +256,26 @@ impl RelayPool {
         let changed = st.home.as_ref().map(|h| &h.target) != home;
         st.core
             .set_regions(home.map(|h| h.region), targets.keys().copied());
-        // A region whose relay moved: reconnect on the next send.
-        let moved: Vec<u16> = st
+        st.targets = targets;
+        // Regions that left the map, or became home, close.
+        self.apply(&mut st);
+        // A region whose relay moved: connect to the new place at once.
+        let moved: Vec<RelayTarget> = st
             .others
             .iter()
-            .filter(|(r, c)| targets.get(r) != Some(&c.target))
-            .map(|(r, _)| *r)
+            .filter_map(|(r, c)| st.targets.get(r).filter(|t| **t != c.target).cloned())
             .collect();
-        for r in moved {
-            st.others.remove(&r);
+        for t in moved {
+            tracing::info!(region = t.region, code = %t.code, relay = %t.addr, "the region's relay moved");
+            let conn = Relay::start(&self.rt, t.clone(), false, self.ctx.clone());
+            st.others.insert(t.region, conn);
         }
-        st.targets = targets;
         if changed {
             st.home = home.map(|t| {
                 tracing::info!(region = t.region, code = %t.code, relay = %t.addr, "home relay");
                 Relay::start(&self.rt, t.clone(), true, self.ctx.clone())
             });
         }
-        self.apply(&mut st);
         changed
     }
 
@@ -621,6 +623,15 @@ mod tests {
         assert!(!pool.send(901, &peer, &keepalive));
         assert!(!pool.send(999, &peer, &[0u8; 64]));
         assert_eq!(pool.connections().len(), 1);
+        // Region 901's relay moves while a connection is open: it follows at once.
+        let (c2, rc) = relay().await;
+        assert!(pool.send(901, &peer, &[0u8; 64]));
+        wait_for("region b connected again", || has(&rb)).await;
+        let mut moved = targets.clone();
+        moved.insert(901, target(901, "b", &c2));
+        assert!(!pool.update(moved.clone(), moved.get(&900)));
+        assert!(pool.send(901, &peer, &[0u8; 64]));
+        wait_for("region b at its new place", || has(&rc) && !has(&rb)).await;
         // The home region moves to 901: the old home closes, 901 is home now.
         assert!(pool.update(targets.clone(), targets.get(&901)));
         wait_for("home moved", || has(&rb) && !has(&ra)).await;
