@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// https://198.51.100.5); repeat or comma-separate for more.
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     pub derp_node: Vec<String>,
+    /// A relay region run elsewhere to announce in the DERP map (repeat for more):
+    /// id=901,code=b,host=198.51.100.7[,name=NAME][,ipv4=IP][,ipv6=IP][,derp_port=443]
+    /// [,stun_port=3478|-1][,http][,insecure_for_tests]. `http`: the relay speaks plain
+    /// HTTP (default port 80; needs --derp-announce-http).
+    #[arg(long, value_name = "SPEC", value_parser = crate::config::parse_region)]
+    pub derp_region: Vec<tsunagu_control::relay::RegionSpec>,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }

@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use tsunagu_control::relay::RegionSpec;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/tsunagu-server";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -31,6 +32,9 @@ struct File {
     derp_insecure_for_tests: Option<bool>,
     /// Announce the region even without TLS (clients that speak DERP over plain HTTP).
     derp_announce_http: Option<bool>,
+    /// Relay regions run elsewhere, announced in the DERP map (`[[derp_region]]`).
+    #[serde(default)]
+    derp_region: Vec<tsunagu_control::relay::RegionConfig>,
 }
 
 /// The effective configuration.
@@ -44,6 +48,18 @@ pub struct Config {
     pub ephemeral_timeout_secs: u64,
     /// The embedded relay; `None` when turned off.
     pub relay: Option<tsunagu_control::relay::RelaySettings>,
+    /// Relay regions run elsewhere, announced after the embedded one.
+    pub derp_regions: Vec<RegionSpec>,
+    /// Announce relays that speak plain HTTP (the embedded one on a plain-HTTP server,
+    /// and regions marked `http`).
+    pub derp_announce_http: bool,
+}
+
+/// A region given with `--derp-region`, checked (clap shows the error with the flag).
+pub fn parse_region(spec: &str) -> Result<RegionSpec, String> {
+    spec.parse::<tsunagu_control::relay::RegionConfig>()
+        .and_then(|c| c.validate())
+        .map_err(|e| e.to_string())
 }
 
 /// The STUN address that goes with `listen`: same host, port 3478.
@@ -88,6 +104,18 @@ impl Config {
         if !(server_url.starts_with("http://") || server_url.starts_with("https://")) {
             anyhow::bail!("server_url {server_url:?} must start with http:// or https://");
         }
+        let mut derp_regions = Vec::with_capacity(f.derp_region.len());
+        for (i, r) in f.derp_region.iter().enumerate() {
+            let spec = r.validate().map_err(|e| {
+                let id = r.id.map(|id| format!(" (id {id})")).unwrap_or_default();
+                let file = file
+                    .map(|p| format!("{}: ", p.display()))
+                    .unwrap_or_default();
+                anyhow::anyhow!("{file}derp_region[{i}]{id}: {e}")
+            })?;
+            derp_regions.push(spec);
+        }
+        let derp_announce_http = f.derp_announce_http.unwrap_or(false);
         let relay = f.relay.unwrap_or(true).then(|| {
             let d = tsunagu_control::relay::RelaySettings::default();
             tsunagu_control::relay::RelaySettings {
@@ -103,7 +131,7 @@ impl Config {
                 mesh_key: None,
                 mesh_with: Vec::new(),
                 extra_nodes: Vec::new(),
-                announce_plain_http: f.derp_announce_http.unwrap_or(false),
+                announce_plain_http: derp_announce_http,
             }
         });
         Ok(Config {
@@ -114,7 +142,34 @@ impl Config {
             policy_file: f.policy_file,
             ephemeral_timeout_secs: f.ephemeral_timeout_secs.unwrap_or(300),
             relay,
+            derp_regions,
+            derp_announce_http,
         })
+    }
+
+    /// What the whole DERP map must satisfy, once the command line is applied: no region
+    /// ID or code twice, and regions that speak plain HTTP only with
+    /// `derp_announce_http` (Go clients reach relays over TLS only, as for the embedded
+    /// relay of a plain-HTTP server).
+    pub fn check_regions(&self) -> anyhow::Result<()> {
+        let own = self
+            .relay
+            .as_ref()
+            .map(|r| (r.region_id, r.region_code.as_str()));
+        tsunagu_control::relay::check_regions(own, &self.derp_regions)
+            .map_err(|e| anyhow::anyhow!("DERP regions: {e}"))?;
+        if !self.derp_announce_http
+            && let Some(r) = self.derp_regions.iter().find(|r| r.plain_http)
+        {
+            anyhow::bail!(
+                "DERP region {} ({:?}) speaks plain HTTP: Go clients reach relays over TLS \
+                 only; give --derp-announce-http (derp_announce_http = true) to announce it \
+                 anyway, for clients that speak DERP over plain HTTP",
+                r.id,
+                r.code
+            );
+        }
+        Ok(())
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -193,5 +248,75 @@ mod tests {
         assert!(e.contains("unknown field `lissten`"), "{e}");
         std::fs::write(&p, "tls_cert = \"/a\"\n").unwrap();
         assert!(Config::resolve(Some(&p), None, None, None).is_err());
+    }
+
+    #[test]
+    fn regions_elsewhere_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(
+            &p,
+            "derp_announce_http = true\n\
+             [[derp_region]]\nid = 901\ncode = \"b\"\nhost = \"198.51.100.7\"\n\
+             derp_port = 8080\nhttp = true\n\
+             [[derp_region]]\nid = 902\ncode = \"c\"\nname = \"Region C\"\n\
+             host = \"relay-c.tailnet.example\"\nipv4 = \"198.51.100.8\"\nstun_port = -1\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Some(&p), None, None, None).unwrap();
+        c.check_regions().unwrap();
+        assert!(c.derp_announce_http);
+        let r: Vec<(u16, &str, u16, bool)> = c
+            .derp_regions
+            .iter()
+            .map(|r| (r.id, r.code.as_str(), r.derp_port, r.plain_http))
+            .collect();
+        assert_eq!(r, [(901, "b", 8080, true), (902, "c", 443, false)]);
+        assert_eq!(c.derp_regions[1].stun_port, None);
+        assert_eq!(c.derp_regions[1].name, "Region C");
+    }
+
+    #[test]
+    fn bad_regions_name_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            Config::resolve(Some(&p), None, None, None)
+        };
+        let e =
+            resolve("[[derp_region]]\nid = 901\ncode = \"b\"\nhost = \"x\"\nderp_port = 70000\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.ends_with("derp_region[0] (id 901): derp_port 70000 is not a port (1-65535)"),
+            "{e}"
+        );
+        let e = resolve("[[derp_region]]\nid = 901\ncode = \"b\"\nhost = \"x\"\nport = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `port`"), "{e}");
+        // The server's own region (900) counts for duplicates.
+        let c = resolve("[[derp_region]]\nid = 900\ncode = \"b\"\nhost = \"x\"\n").unwrap();
+        let e = c.check_regions().unwrap_err().to_string();
+        assert!(e.contains("region id 900 is given twice"), "{e}");
+        let c = resolve("relay = false\n[[derp_region]]\nid = 900\ncode = \"b\"\nhost = \"x\"\n")
+            .unwrap();
+        c.check_regions().unwrap();
+        let c = resolve(
+            "[[derp_region]]\nid = 901\ncode = \"b\"\nhost = \"x\"\n\
+             [[derp_region]]\nid = 902\ncode = \"b\"\nhost = \"y\"\n",
+        )
+        .unwrap();
+        let e = c.check_regions().unwrap_err().to_string();
+        assert!(e.contains("region code \"b\" is given twice"), "{e}");
+        // A plain-HTTP region needs derp_announce_http, like the embedded relay.
+        let c = resolve("[[derp_region]]\nid = 901\ncode = \"b\"\nhost = \"x\"\nhttp = true\n")
+            .unwrap();
+        let e = c.check_regions().unwrap_err().to_string();
+        assert!(
+            e.contains("speaks plain HTTP") && e.contains("--derp-announce-http"),
+            "{e}"
+        );
     }
 }

@@ -79,6 +79,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         if s.no_relay {
             cfg.relay = None;
         }
+        cfg.derp_announce_http |= s.derp_announce_http;
+        cfg.derp_regions.extend(s.derp_region.iter().cloned());
         if let Some(r) = &mut cfg.relay {
             if let Some(stun) = &s.stun_listen {
                 r.stun_listen = Some(stun.clone());
@@ -94,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.mesh_with = s.mesh.mesh_with.clone();
             }
         }
+        cfg.check_regions()?;
     }
     let json_out = cli.common.json;
     let admin = AdminClient::new(&cfg.admin_socket());
@@ -194,6 +197,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         admin_socket: cfg.admin_socket(),
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
         relay: cfg.relay.clone(),
+        derp_regions: cfg.derp_regions.clone(),
     })
     .await?;
     Ok(())

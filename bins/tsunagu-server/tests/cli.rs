@@ -215,3 +215,52 @@ fn bad_config_files_are_refused_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listn`"));
 }
+
+#[test]
+fn bad_derp_regions_on_the_command_line_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused before it listens; a server that starts anyway is killed (by its PID)
+    // after 10 s and the test fails.
+    let serve = |extra: &[&str]| {
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--no-relay"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve {extra:?} started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success());
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        err
+    };
+    let e = serve(&[
+        "--derp-region",
+        "id=901,code=b,host=198.51.100.7,derp_port=0",
+    ]);
+    assert!(e.contains("derp_port 0 is not a port (1-65535)"), "{e}");
+    assert!(e.contains("--derp-region"), "{e}");
+    let e = serve(&[
+        "--derp-region",
+        "id=901,code=b,host=198.51.100.7",
+        "--derp-region",
+        "id=901,code=c,host=198.51.100.8",
+    ]);
+    assert!(e.contains("region id 901 is given twice"), "{e}");
+    let e = serve(&["--derp-region", "id=901,code=b,host=198.51.100.7,http"]);
+    assert!(e.contains("--derp-announce-http"), "{e}");
+}

@@ -94,8 +94,11 @@ pub struct Shared {
     pub backend: tokio::sync::watch::Sender<Backend>,
     /// Bumped on every change of settings: the control loop restarts its session.
     pub generation: tokio::sync::watch::Sender<u64>,
-    /// The connection to the home relay, when the server announces one.
-    pub relay: Mutex<Option<crate::relay::Relay>>,
+    /// The relay connections (home, and regions of peers homed elsewhere), when the
+    /// server announces relays.
+    pub relay: Mutex<Option<Arc<crate::relay::RelayPool>>>,
+    /// How the relay connections behave (home region, idle time).
+    pub relay_cfg: crate::relay::PoolConfig,
     /// STUN through the WireGuard socket: our public endpoint.
     pub stun: Arc<crate::netcheck::Stun>,
     /// The disco key of this run (its public half is announced to the server).
@@ -178,32 +181,49 @@ impl Shared {
         Ok(())
     }
 
-    /// Connect to the home relay of `map`'s DERP map (or keep the connection when it
-    /// is the same), and record its region in `map` so that peers homed there get a
-    /// relay path. True when the relay changed (the server should hear our new home).
+    /// Follow `map`'s DERP map: connect to the home region (or keep the connection when
+    /// it is the same), let the pool know every region (it connects to the others on
+    /// demand), and record the home in `map` so that peers get relay paths. True when
+    /// the home changed (the server should hear our new home).
     pub fn ensure_relay(&self, map: &mut MapState, login_server: &str) -> bool {
-        let target = map
+        use crate::relay::{RelayPool, RelayTarget};
+        let targets = map
             .derp_map
             .as_ref()
-            .and_then(|d| crate::relay::RelayTarget::home(d, login_server));
+            .map(|d| RelayTarget::all(d, login_server))
+            .unwrap_or_default();
         let Ok(mut relay) = self.relay.lock() else {
             return false;
         };
-        let same = relay.as_ref().map(|r| &r.target) == target.as_ref();
-        map.relay_region = target.as_ref().map(|t| t.region);
-        if same {
-            return false;
+        if targets.is_empty() {
+            map.relay_region = None;
+            return match relay.take() {
+                Some(pool) => {
+                    pool.shutdown();
+                    true
+                }
+                None => false,
+            };
         }
-        *relay = target.map(|t| {
-            tracing::info!(region = t.region, code = %t.code, relay = %t.addr, "home relay");
-            crate::relay::Relay::start(
-                t,
+        let home = RelayTarget::home(&targets, self.relay_cfg.home.as_deref()).cloned();
+        map.relay_region = home.as_ref().map(|t| t.region);
+        let pool = relay.get_or_insert_with(|| {
+            RelayPool::new(
                 self.node_key(),
-                self.engine_cfg.fwmark,
+                Some(self.engine_cfg.fwmark),
                 self.engine.clone(),
+                &self.relay_cfg,
             )
         });
-        true
+        let changed = pool.update(targets, home.as_ref());
+        if changed
+            && let (Some(want), Some(h)) = (&self.relay_cfg.home, &home)
+            && *want != h.region.to_string()
+            && !want.eq_ignore_ascii_case(&h.code)
+        {
+            tracing::warn!(wanted = %want, home = %h.code, "no relay region {want:?} in the DERP map; homing on the lowest-numbered");
+        }
+        changed
     }
 
     /// Send a STUN Binding Request to every STUN server of the map, from the WireGuard
@@ -225,19 +245,27 @@ impl Shared {
     /// Where the home relay is (region, code, address), if there is one.
     pub fn home_relay(&self) -> Option<crate::relay::RelayTarget> {
         let r = self.relay.lock().ok()?;
-        r.as_ref().map(|r| r.target.clone())
+        r.as_ref()?.home()
+    }
+
+    /// Every relay connection, home first.
+    pub fn relay_connections(&self) -> Vec<crate::relay::RelayConnStatus> {
+        let pool = self.relay.lock().ok().and_then(|r| r.clone());
+        pool.map(|p| p.connections()).unwrap_or_default()
     }
 
     fn relay_link(&self) -> Option<Arc<dyn tsunagu_engine::device::RelayTx>> {
         let r = self.relay.lock().ok()?;
         r.as_ref()
-            .map(|r| r.link.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
+            .map(|p| p.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
     }
 
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
     pub fn stop_engine(&self) {
-        if let Ok(mut r) = self.relay.lock() {
-            *r = None;
+        if let Ok(mut r) = self.relay.lock()
+            && let Some(pool) = r.take()
+        {
+            pool.shutdown();
         }
         if let Ok(mut g) = self.engine.lock()
             && let Some(mut e) = g.take()
@@ -361,6 +389,10 @@ pub struct Status {
     /// The data plane's counters (drops by cause, relay traffic), for scripts.
     #[serde(default)]
     pub counters: Option<tsunagu_engine::CounterSnapshot>,
+    /// The relay connections: home, and regions of peers homed elsewhere while we send
+    /// to them.
+    #[serde(default)]
+    pub relays: Vec<crate::relay::RelayConnStatus>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -450,7 +482,13 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         }),
         exit_node_users: users,
     });
-    let home = shared.home_relay();
+    let region_code = |region: u16| {
+        state
+            .derp_map
+            .as_ref()
+            .and_then(|d| d.regions.get(&i32::from(region)))
+            .map_or_else(|| region.to_string(), |r| r.region_code.clone())
+    };
     let mut peers = Vec::new();
     for p in state.peers.values() {
         let key = p.key.to_string();
@@ -473,12 +511,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
             endpoint: es.and_then(|e| e.endpoint).map(|e| e.to_string()),
             path: es.and_then(|e| e.endpoint).map(|e| {
                 match tsunagu_engine::peers::relay_region(&e) {
-                    Some(region) => format!(
-                        "relay \"{}\"",
-                        home.as_ref()
-                            .filter(|h| h.region == region)
-                            .map_or_else(|| region.to_string(), |h| h.code.clone())
-                    ),
+                    Some(region) => format!("relay \"{}\"", region_code(region)),
                     None => format!("direct {e}"),
                 }
             }),
@@ -530,6 +563,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         exit_node,
         peers,
         counters,
+        relays: shared.relay_connections(),
     })
 }
 

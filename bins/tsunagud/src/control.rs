@@ -38,6 +38,8 @@ pub struct JoinArgs {
     /// The local API's Unix socket.
     pub socket: PathBuf,
     pub operator_group: Option<nix::unistd::Gid>,
+    /// The relay connections: home region, idle time of the others.
+    pub relay: crate::relay::PoolConfig,
 }
 
 /// How long connecting to the server, or one registration, may take.
@@ -207,6 +209,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         backend,
         generation,
         relay: Mutex::new(None),
+        relay_cfg: args.relay.clone(),
         stun: Arc::new(crate::netcheck::Stun::default()),
         // A disco key for this run, as Tailscale clients make one per process: peers
         // find direct paths to us with disco pings sealed to it.

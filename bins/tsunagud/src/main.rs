@@ -13,6 +13,7 @@ mod api;
 mod config;
 mod control;
 mod netcheck;
+mod regions;
 mod relay;
 
 use anyhow::Context as _;
@@ -74,6 +75,20 @@ struct Args {
     /// Group allowed to use the local API besides root (socket mode 0660).
     #[arg(long, value_name = "GROUP")]
     operator_group: Option<String>,
+    /// Home on this relay region (its ID or code in the server's DERP map) instead of the
+    /// lowest-numbered one. Env: TSUNAGU_HOME_RELAY.
+    #[arg(long, value_name = "ID|CODE", env = "TSUNAGU_HOME_RELAY")]
+    home_relay: Option<String>,
+    /// Close a connection to a relay region other than home after this many seconds
+    /// without sends to it. Env: TSUNAGU_RELAY_IDLE_TIMEOUT.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..),
+        env = "TSUNAGU_RELAY_IDLE_TIMEOUT"
+    )]
+    relay_idle_timeout: u64,
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
@@ -228,6 +243,11 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
         mtu: tsunagu_proto::netmap::DEFAULT_MTU,
         socket: args.socket.clone(),
         operator_group,
+        relay: relay::PoolConfig {
+            home: args.home_relay.clone(),
+            idle: std::time::Duration::from_secs(args.relay_idle_timeout),
+            ..relay::PoolConfig::default()
+        },
     };
     let engine = std::sync::Arc::new(std::sync::Mutex::new(None::<Engine>));
     let shared = engine.clone();

@@ -4,29 +4,12 @@
 
 mod common;
 
-use common::{peer_line, setup, status_text, tsunagu, wait, web_sees};
+use common::{block_udp, peer_line, setup, status_text, tsunagu, unblock_udp, wait, web_sees};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{EXIT_PUBLIC, Netns, WEB_ADDR, http_get, whoami_server};
 
 use common::SERVER_URL as SERVER;
-
-/// Drop all forwarded UDP in the cafe's router (its NAT keeps working for TCP).
-fn block_udp(cafe: &Netns) {
-    for cmd in [
-        "nft add table inet tsunagu_test_block",
-        "nft add chain inet tsunagu_test_block blockudp { type filter hook forward priority -10 ; }",
-        "nft add rule inet tsunagu_test_block blockudp meta l4proto udp drop",
-    ] {
-        let argv: Vec<&str> = cmd.split_whitespace().collect();
-        cafe.exec(&argv).unwrap();
-    }
-}
-
-fn unblock_udp(cafe: &Netns) {
-    cafe.exec(&["nft", "delete", "table", "inet", "tsunagu_test_block"])
-        .unwrap();
-}
 
 fn exit_path(ns: &Netns, sock: &std::path::Path) -> String {
     peer_line(&status_text(ns, sock), "dev-m1sk9-s1").unwrap_or_default()

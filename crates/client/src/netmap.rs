@@ -48,8 +48,9 @@ pub struct MapState {
     pub users: BTreeMap<UserID, UserProfile>,
     /// The relay regions the server announced (the latest map that had one).
     pub derp_map: Option<DERPMap>,
-    /// The relay region this node is connected to (set by the daemon): peers homed
-    /// there get a relay path.
+    /// This node's home relay region, when it has one (set by the daemon). Then every
+    /// peer homed on a region of the DERP map gets a relay path through that region,
+    /// ours or not (the daemon connects to another region while it sends there).
     pub relay_region: Option<u16>,
 }
 
@@ -243,6 +244,19 @@ impl MapState {
         }
     }
 
+    /// Where `peer` can always be reached through a relay: its home region, when we use
+    /// relays and the DERP map has that region.
+    fn relay_for(&self, peer: &Node) -> Option<u16> {
+        self.relay_region?;
+        let region = u16::try_from(peer.derp_region()).ok().filter(|r| *r > 0)?;
+        let known = self
+            .derp_map
+            .as_ref()?
+            .regions
+            .contains_key(&peer.derp_region());
+        known.then_some(region)
+    }
+
     fn build(
         &self,
         key: &NodePrivate,
@@ -271,9 +285,7 @@ impl MapState {
                         .iter()
                         .any(|a| self.may_use_us_as_exit(a.addr())),
                 keepalive: Some(25),
-                relay: self
-                    .relay_region
-                    .filter(|r| i32::from(*r) == p.derp_region()),
+                relay: self.relay_for(p),
                 disco: (!p.disco_key.is_zero()).then_some(p.disco_key),
             });
         }
@@ -357,6 +369,48 @@ mod tests {
             assert_eq!(m.exit_peer().unwrap().name, "dev-m1sk9-s1", "{what}");
             m.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn peers_get_a_relay_path_through_their_home_region() {
+        use tsunagu_proto::tailcfg::{DERPMap, DERPRegion};
+        let mut s = state();
+        let region = |id: i32| DERPRegion {
+            region_id: id,
+            region_code: format!("r{id}"),
+            ..DERPRegion::default()
+        };
+        s.derp_map = Some(DERPMap::from_regions([region(900), region(901)]));
+        let homes = [(2, 901), (3, 902)];
+        for (id, home) in homes {
+            s.peers.get_mut(&NodeID(id)).unwrap().set_home_derp(home);
+        }
+        let mut extra = node(4, "printer", "100.64.0.4", false);
+        extra.set_home_derp(900);
+        s.peers.insert(NodeID(4), extra);
+        s.peers
+            .insert(NodeID(5), node(5, "nohome", "100.64.0.5", false));
+        let relays = |s: &MapState| -> Vec<(String, Option<u16>)> {
+            let m = s
+                .netmap(&NodePrivate::generate(), &Prefs::default(), 1280)
+                .unwrap()
+                .unwrap();
+            m.peers.iter().map(|p| (p.name.clone(), p.relay)).collect()
+        };
+        // Without a home relay of our own: no relay paths.
+        assert!(relays(&s).iter().all(|(_, r)| r.is_none()));
+        // Homed on 900: a peer on 901 is reached through 901; a region missing from the
+        // map (902) or no home: no relay path.
+        s.relay_region = Some(900);
+        assert_eq!(
+            relays(&s),
+            [
+                ("dev-m1sk9-s1".to_string(), Some(901)),
+                ("phone".to_string(), None),
+                ("printer".to_string(), Some(900)),
+                ("nohome".to_string(), None),
+            ]
+        );
     }
 
     #[test]

@@ -11,9 +11,16 @@
 //! everything works as is. A plain-HTTP server runs the relay and STUN but announces no
 //! region unless told to ([`RelaySettings::announce_plain_http`]): a Go client given a
 //! region it cannot reach retries forever and its reports churn.
+//!
+//! The map may also list regions run elsewhere ([`RegionSpec`]: a standalone
+//! `tsunagu-server relay` on another machine, say), given in the configuration file or on
+//! the command line and checked here ([`RegionConfig::validate`], [`check_regions`]), so
+//! that nodes homed on different regions still reach each other over a relay: a node
+//! sends to a peer through the peer's home region.
 
 use crate::server::{ServerError, io_err, load_tls, serve_front};
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use tsunagu_proto::tailcfg::{DERPMap, DERPNode, DERPRegion};
 
@@ -145,6 +152,315 @@ pub fn derp_map(
         nodes,
         ..DERPRegion::default()
     }]))
+}
+
+/// Region IDs that can be announced: positive, and at most 65535 because tsunagud (like
+/// Tailscale's magicsock) encodes the region as the port of its relay endpoint.
+pub const REGION_IDS: std::ops::RangeInclusive<i64> = 1..=65535;
+
+/// Why a region given in the configuration cannot be announced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegionError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("id {0} is not a region ID (1-65535)")]
+    BadId(i64),
+    #[error("{field} {value} is not a port ({expected})")]
+    BadPort {
+        field: &'static str,
+        value: i64,
+        expected: &'static str,
+    },
+    #[error("code {0:?}: use letters, digits, '-', '_' or '.' (1-32 characters)")]
+    BadCode(String),
+    #[error("{field} {value:?} is not an {family} address")]
+    BadAddress {
+        field: &'static str,
+        value: String,
+        family: &'static str,
+    },
+    #[error("host {0:?} is not a host name or address")]
+    BadHost(String),
+    #[error("unknown key {0:?} (keys: {keys})", keys = REGION_KEYS.join(", "))]
+    UnknownKey(String),
+    #[error("{key}: {value:?} is not {what}")]
+    BadValue {
+        key: String,
+        value: String,
+        what: &'static str,
+    },
+    #[error("region id {0} is given twice (the server's own region counts)")]
+    DuplicateId(i64),
+    #[error("region code {0:?} is given twice (the server's own region counts)")]
+    DuplicateCode(String),
+}
+
+/// The keys of a region, in the configuration file (`[[derp_region]]`) and on the command
+/// line (`--derp-region id=901,code=b,...`).
+pub const REGION_KEYS: &[&str] = &[
+    "id",
+    "code",
+    "name",
+    "host",
+    "ipv4",
+    "ipv6",
+    "derp_port",
+    "stun_port",
+    "http",
+    "insecure_for_tests",
+];
+
+/// A region as written in the configuration file or on the command line, not checked
+/// yet: integers are wide so that a bad port gets our message, not a parser's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub id: Option<i64>,
+    pub code: Option<String>,
+    /// As clients show it (default: the code).
+    pub name: Option<String>,
+    /// The relay's DNS name or address (what clients connect to, and its TLS name).
+    pub host: Option<String>,
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+    /// Default 443, or 80 with `http`.
+    pub derp_port: Option<i64>,
+    /// Default 3478; -1 for a relay without STUN.
+    pub stun_port: Option<i64>,
+    /// The relay speaks plain HTTP (no TLS). Announced only with `derp_announce_http`,
+    /// like the embedded relay of a plain-HTTP server.
+    pub http: Option<bool>,
+    /// Tell clients to skip verifying its certificate (labs only).
+    pub insecure_for_tests: Option<bool>,
+}
+
+impl std::str::FromStr for RegionConfig {
+    type Err = RegionError;
+
+    /// `id=901,code=b,host=198.51.100.7,derp_port=8080,http`: comma-separated
+    /// `key=value`; a boolean key alone means true.
+    fn from_str(spec: &str) -> Result<Self, RegionError> {
+        let mut c = RegionConfig::default();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (item, None),
+            };
+            let bad = |what| RegionError::BadValue {
+                key: key.to_string(),
+                value: value.unwrap_or_default().to_string(),
+                what,
+            };
+            let int = || -> Result<i64, RegionError> {
+                value
+                    .ok_or(bad("an integer"))?
+                    .parse()
+                    .map_err(|_| bad("an integer"))
+            };
+            let text = || -> Result<String, RegionError> {
+                value
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .ok_or(bad("a value"))
+            };
+            let flag = || -> Result<bool, RegionError> {
+                match value {
+                    None | Some("true") => Ok(true),
+                    Some("false") => Ok(false),
+                    Some(_) => Err(bad("true or false")),
+                }
+            };
+            match key {
+                "id" => c.id = Some(int()?),
+                "code" => c.code = Some(text()?),
+                "name" => c.name = Some(text()?),
+                "host" => c.host = Some(text()?),
+                "ipv4" => c.ipv4 = Some(text()?),
+                "ipv6" => c.ipv6 = Some(text()?),
+                "derp_port" => c.derp_port = Some(int()?),
+                "stun_port" => c.stun_port = Some(int()?),
+                "http" => c.http = Some(flag()?),
+                "insecure_for_tests" => c.insecure_for_tests = Some(flag()?),
+                _ => return Err(RegionError::UnknownKey(key.to_string())),
+            }
+        }
+        Ok(c)
+    }
+}
+
+fn port(field: &'static str, value: i64, expected: &'static str) -> Result<u16, RegionError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(RegionError::BadPort {
+            field,
+            value,
+            expected,
+        })
+}
+
+fn valid_code(code: &str) -> bool {
+    (1..=32).contains(&code.len())
+        && code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_host(host: &str) -> bool {
+    host.parse::<IpAddr>().is_ok()
+        || (host.len() <= 253
+            && host.split('.').all(|l| {
+                (1..=63).contains(&l.len())
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            }))
+}
+
+impl RegionConfig {
+    /// Check every field and fill in the defaults.
+    pub fn validate(&self) -> Result<RegionSpec, RegionError> {
+        let id = self.id.ok_or(RegionError::Missing("id"))?;
+        let id = u16::try_from(id)
+            .ok()
+            .filter(|_| REGION_IDS.contains(&id))
+            .ok_or(RegionError::BadId(id))?;
+        let code = self.code.clone().ok_or(RegionError::Missing("code"))?;
+        if !valid_code(&code) {
+            return Err(RegionError::BadCode(code));
+        }
+        let host = self.host.clone().ok_or(RegionError::Missing("host"))?;
+        if !valid_host(&host) {
+            return Err(RegionError::BadHost(host));
+        }
+        let literal = host.parse::<IpAddr>().ok();
+        let ipv4 = match &self.ipv4 {
+            Some(a) => Some(a.parse().map_err(|_| RegionError::BadAddress {
+                field: "ipv4",
+                value: a.clone(),
+                family: "IPv4",
+            })?),
+            None => match literal {
+                Some(IpAddr::V4(a)) => Some(a),
+                _ => None,
+            },
+        };
+        let ipv6 = match &self.ipv6 {
+            Some(a) => Some(a.parse().map_err(|_| RegionError::BadAddress {
+                field: "ipv6",
+                value: a.clone(),
+                family: "IPv6",
+            })?),
+            None => match literal {
+                Some(IpAddr::V6(a)) => Some(a),
+                _ => None,
+            },
+        };
+        let plain_http = self.http.unwrap_or(false);
+        let derp_port = match self.derp_port {
+            Some(p) => port("derp_port", p, "1-65535")?,
+            None if plain_http => 80,
+            None => 443,
+        };
+        let stun_port = match self.stun_port {
+            None => Some(DEFAULT_STUN_PORT),
+            Some(-1) => None,
+            Some(p) => Some(port("stun_port", p, "1-65535, or -1 for no STUN")?),
+        };
+        Ok(RegionSpec {
+            id,
+            name: self.name.clone().unwrap_or_else(|| code.clone()),
+            code,
+            // Without an address of the other family, say "none" when the host is a
+            // literal (clients then need no DNS), else let them resolve the name.
+            resolve: literal.is_none(),
+            host,
+            ipv4,
+            ipv6,
+            derp_port,
+            stun_port,
+            plain_http,
+            insecure_for_tests: self.insecure_for_tests.unwrap_or(false),
+        })
+    }
+}
+
+/// A relay region run elsewhere, announced in the DERP map (one node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSpec {
+    pub id: u16,
+    pub code: String,
+    pub name: String,
+    pub host: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// Whether clients resolve `host` for an address family not given.
+    pub resolve: bool,
+    pub derp_port: u16,
+    /// `None`: the relay runs no STUN server.
+    pub stun_port: Option<u16>,
+    /// The relay speaks plain HTTP (announced only with `derp_announce_http`).
+    pub plain_http: bool,
+    pub insecure_for_tests: bool,
+}
+
+impl RegionSpec {
+    /// The region as the DERP map carries it.
+    pub fn region(&self) -> DERPRegion {
+        let id = i32::from(self.id);
+        let addr = |a: Option<String>| match a {
+            Some(a) => a,
+            None if self.resolve => String::new(),
+            None => "none".to_string(),
+        };
+        DERPRegion {
+            region_id: id,
+            region_code: self.code.clone(),
+            region_name: self.name.clone(),
+            nodes: vec![DERPNode {
+                name: format!("{id}a"),
+                region_id: id,
+                host_name: self.host.clone(),
+                ipv4: addr(self.ipv4.map(|a| a.to_string())),
+                ipv6: addr(self.ipv6.map(|a| a.to_string())),
+                stun_port: match self.stun_port {
+                    None => -1,
+                    Some(DEFAULT_STUN_PORT) => 0,
+                    Some(p) => i32::from(p),
+                },
+                // 0 means 443 in the map; a plain-HTTP relay always says its port.
+                derp_port: if self.derp_port == 443 && !self.plain_http {
+                    0
+                } else {
+                    i32::from(self.derp_port)
+                },
+                insecure_for_tests: self.insecure_for_tests,
+                ..DERPNode::default()
+            }],
+            ..DERPRegion::default()
+        }
+    }
+}
+
+/// Regions must not share an ID or a code, among themselves or with the server's own
+/// region (`own`: its ID and code, when it runs one).
+pub fn check_regions(own: Option<(i32, &str)>, regions: &[RegionSpec]) -> Result<(), RegionError> {
+    let mut ids = BTreeSet::new();
+    let mut codes = BTreeSet::new();
+    let own = own.map(|(id, code)| (i64::from(id), code.to_string()));
+    let all = own
+        .into_iter()
+        .chain(regions.iter().map(|r| (i64::from(r.id), r.code.clone())));
+    for (id, code) in all {
+        if !ids.insert(id) {
+            return Err(RegionError::DuplicateId(id));
+        }
+        if !codes.insert(code.to_ascii_lowercase()) {
+            return Err(RegionError::DuplicateCode(code));
+        }
+    }
+    Ok(())
 }
 
 /// The relay's part of the admin API: `GET /v1/relay` → its public key, counters and
@@ -290,5 +606,127 @@ mod tests {
         assert_eq!(m.regions[&900].nodes[1].ipv4, "198.51.100.5");
         assert!(derp_map("ftp://x", None, &s).is_err());
         assert!(derp_map("https://x:notaport", None, &s).is_err());
+    }
+
+    fn spec(text: &str) -> Result<RegionSpec, RegionError> {
+        text.parse::<RegionConfig>()?.validate()
+    }
+
+    #[test]
+    fn a_region_elsewhere_from_the_command_line() {
+        let r =
+            spec("id=901, code=b, name=Region B, host=198.51.100.7, derp_port=8080, http").unwrap();
+        assert_eq!(
+            (r.id, r.code.as_str(), r.name.as_str()),
+            (901, "b", "Region B")
+        );
+        assert_eq!(
+            (r.derp_port, r.stun_port, r.plain_http),
+            (8080, Some(3478), true)
+        );
+        let region = r.region();
+        let n = &region.nodes[0];
+        assert_eq!((n.name.as_str(), n.region_id), ("901a", 901));
+        assert_eq!((n.ipv4.as_str(), n.ipv6.as_str()), ("198.51.100.7", "none"));
+        assert_eq!((n.derp_port, n.stun_port), (8080, 0));
+        // Defaults: the name is the code, TLS on 443 (0 in the map), STUN on 3478.
+        let r = spec("id=902,code=c,host=relay-c.tailnet.example").unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.derp_port, r.plain_http),
+            ("c", 443, false)
+        );
+        let n = &r.region().nodes[0];
+        assert_eq!(
+            (n.ipv4.as_str(), n.ipv6.as_str()),
+            ("", ""),
+            "resolved by clients"
+        );
+        assert_eq!((n.derp_port, n.stun_port), (0, 0));
+        // A plain-HTTP relay says its port even when it is 443; -1: no STUN.
+        let n = &spec("id=903,code=d,host=2001:db8::7,derp_port=443,stun_port=-1,http=true")
+            .unwrap()
+            .region()
+            .nodes[0];
+        assert_eq!((n.derp_port, n.stun_port), (443, -1));
+        assert_eq!((n.ipv4.as_str(), n.ipv6.as_str()), ("none", "2001:db8::7"));
+        let n =
+            &spec("id=904,code=e,host=relay-e.tailnet.example,ipv4=198.51.100.8,stun_port=3479")
+                .unwrap()
+                .region()
+                .nodes[0];
+        assert_eq!(
+            (n.ipv4.as_str(), n.ipv6.as_str(), n.stun_port),
+            ("198.51.100.8", "", 3479)
+        );
+    }
+
+    #[test]
+    fn bad_regions_are_refused_with_the_reason() {
+        let err = |t: &str| spec(t).unwrap_err().to_string();
+        assert_eq!(err("code=b,host=x"), "id is required");
+        assert_eq!(err("id=901,host=x"), "code is required");
+        assert_eq!(err("id=901,code=b"), "host is required");
+        assert_eq!(
+            err("id=0,code=b,host=x"),
+            "id 0 is not a region ID (1-65535)"
+        );
+        assert_eq!(
+            err("id=70000,code=b,host=x"),
+            "id 70000 is not a region ID (1-65535)"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=x,derp_port=70000"),
+            "derp_port 70000 is not a port (1-65535)"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=x,derp_port=0"),
+            "derp_port 0 is not a port (1-65535)"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=x,stun_port=0"),
+            "stun_port 0 is not a port (1-65535, or -1 for no STUN)"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=x,derp_port=eighty"),
+            "derp_port: \"eighty\" is not an integer"
+        );
+        assert!(err("id=901,code=b,host=x,port=1").starts_with("unknown key \"port\""));
+        assert!(err("id=901,code=b c,host=x").starts_with("code \"b c\""));
+        assert_eq!(
+            err("id=901,code=b,host=x,ipv4=2001:db8::1"),
+            "ipv4 \"2001:db8::1\" is not an IPv4 address"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=a b"),
+            "host \"a b\" is not a host name or address"
+        );
+        assert_eq!(
+            err("id=901,code=b,host=x,http=yes"),
+            "http: \"yes\" is not true or false"
+        );
+    }
+
+    #[test]
+    fn region_ids_and_codes_are_unique_including_the_servers_own() {
+        let b = spec("id=901,code=b,host=198.51.100.7").unwrap();
+        let c = spec("id=902,code=c,host=198.51.100.8").unwrap();
+        assert_eq!(
+            check_regions(Some((900, "tsunagu")), &[b.clone(), c.clone()]),
+            Ok(())
+        );
+        assert_eq!(check_regions(None, std::slice::from_ref(&b)), Ok(()));
+        assert_eq!(
+            check_regions(Some((901, "tsunagu")), std::slice::from_ref(&b)),
+            Err(RegionError::DuplicateId(901))
+        );
+        let b2 = spec("id=903,code=B,host=198.51.100.9").unwrap();
+        assert_eq!(
+            check_regions(Some((900, "tsunagu")), &[b.clone(), b2]),
+            Err(RegionError::DuplicateCode("B".into()))
+        );
+        assert_eq!(
+            check_regions(None, &[c.clone(), c]),
+            Err(RegionError::DuplicateId(902))
+        );
     }
 }

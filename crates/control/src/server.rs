@@ -49,8 +49,11 @@ pub struct ServerConfig {
     pub policy_file: Option<PathBuf>,
     pub admin_socket: PathBuf,
     pub ephemeral_timeout: Duration,
-    /// The embedded DERP relay and STUN server; `None` runs none and announces no map.
+    /// The embedded DERP relay and STUN server; `None` runs none.
     pub relay: Option<RelaySettings>,
+    /// Relay regions run elsewhere, announced in the DERP map after the embedded one
+    /// (checked: no ID or code twice, the embedded region's included).
+    pub derp_regions: Vec<crate::relay::RegionSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +143,28 @@ impl Server {
                 .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
             store.set_policy(&text).await?;
         }
-        let (relay, stun, derp_map) = match &cfg.relay {
+        let own = cfg
+            .relay
+            .as_ref()
+            .map(|r| (r.region_id, r.region_code.as_str()));
+        crate::relay::check_regions(own, &cfg.derp_regions)
+            .map_err(|e| ServerError::Config(format!("DERP regions: {e}")))?;
+        let (relay, stun, mut derp_map) = match &cfg.relay {
             Some(settings) => start_relay(cfg, settings).await?,
             None => (None, None, DERPMap::default()),
         };
+        for spec in &cfg.derp_regions {
+            tracing::info!(
+                region = spec.id,
+                code = %spec.code,
+                host = %spec.host,
+                derp_port = spec.derp_port,
+                stun_port = ?spec.stun_port,
+                plain_http = spec.plain_http,
+                "announcing a DERP region run elsewhere"
+            );
+            derp_map.regions.insert(i32::from(spec.id), spec.region());
+        }
         let state = State::load(store, derp_map, DOMAIN.to_string()).await?;
         let app = Arc::new(App {
             state,

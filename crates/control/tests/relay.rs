@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{SimNode, server_with, user_key};
+use common::{SimNode, server_with, server_with_regions, user_key};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tsunagu_control::relay::RelaySettings;
+use tsunagu_control::relay::{RegionConfig, RelaySettings};
 use tsunagu_derp::client::{ClientConn, ClientEvent, parse_upgrade_response, upgrade_request};
 use tsunagu_derp::{ClientInfo, stun};
 use tsunagu_proto::NodePrivate;
@@ -152,4 +152,85 @@ async fn a_plain_http_server_announces_no_region_unless_told() {
     let addr = s.url.trim_start_matches("http://").to_string();
     let (_tcp, conn) = derp_client(&addr, NodePrivate::generate()).await;
     assert!(conn.is_connected());
+}
+
+/// The first map a new node of `s` receives.
+async fn first_map(s: &common::TestServer) -> tsunagu_proto::tailcfg::MapResponse {
+    let key = user_key(s, "alice", &[]).await;
+    let mut a = SimNode::connect(s, "laptop").await;
+    assert!(a.register(&key).await.machine_authorized);
+    let mut stream = a.stream().await;
+    stream.next_update(T).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_run_elsewhere_are_announced_beside_the_servers_own() {
+    let b: RegionConfig = "id=901,code=b,name=Region B,host=198.51.100.7,derp_port=8080,http"
+        .parse()
+        .unwrap();
+    let s = server_with_regions(
+        Some(RelaySettings {
+            stun_listen: Some("127.0.0.1:0".into()),
+            announce_plain_http: true,
+            ..RelaySettings::default()
+        }),
+        vec![b.validate().unwrap()],
+    )
+    .await;
+    let first = first_map(&s).await;
+    let json = serde_json::to_string(&first).unwrap();
+    let parsed: Result<ts_control_serde::MapResponse, _> = serde_json::from_str(&json);
+    assert!(parsed.is_ok(), "{:?}\n{json}", parsed.err());
+    let map = first.derp_map.expect("a DERP map");
+    let ids: Vec<i32> = map.regions.keys().copied().collect();
+    assert_eq!(ids, [900, 901]);
+    let r = &map.regions[&901];
+    assert_eq!(
+        (r.region_code.as_str(), r.region_name.as_str()),
+        ("b", "Region B")
+    );
+    let n = &r.nodes[0];
+    assert_eq!(
+        (
+            n.host_name.as_str(),
+            n.ipv4.as_str(),
+            n.derp_port,
+            n.stun_port
+        ),
+        ("198.51.100.7", "198.51.100.7", 8080, 0)
+    );
+
+    // Without a relay of its own, the server still announces the others.
+    let s = server_with_regions(None, vec![b.validate().unwrap()]).await;
+    let map = first_map(&s).await.derp_map.expect("a DERP map");
+    let ids: Vec<i32> = map.regions.keys().copied().collect();
+    assert_eq!(ids, [901]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_with_the_servers_own_id_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let clash: RegionConfig = "id=900,code=b,host=198.51.100.7".parse().unwrap();
+    let cfg = tsunagu_control::server::ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".into(),
+        server_url: "http://127.0.0.1:1".into(),
+        tls: None,
+        policy_file: None,
+        admin_socket: dir.path().join("admin.sock"),
+        ephemeral_timeout: Duration::from_secs(300),
+        relay: Some(RelaySettings {
+            stun_listen: None,
+            ..RelaySettings::default()
+        }),
+        derp_regions: vec![clash.validate().unwrap()],
+    };
+    let e = match tsunagu_control::server::Server::start(&cfg).await {
+        Ok(_) => panic!("started with two regions 900"),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(
+        e,
+        "DERP regions: region id 900 is given twice (the server's own region counts)"
+    );
 }

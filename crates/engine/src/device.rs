@@ -138,8 +138,9 @@ pub struct PeerStatus {
 /// Where datagrams for the relay go: the DERP client, outside the engine. `send` must not
 /// block (a full queue drops, as a full socket buffer would).
 pub trait RelayTx: Send + Sync {
-    /// Queue `datagram` for the peer `dst`; false when it was dropped.
-    fn send(&self, dst: &NodePublic, datagram: &[u8]) -> bool;
+    /// Queue `datagram` for the peer `dst` through the relay region `region` (the peer's
+    /// relay endpoint, [`relay_addr`]); false when it was dropped.
+    fn send(&self, region: u16, dst: &NodePublic, datagram: &[u8]) -> bool;
 }
 
 /// Receives the STUN datagrams that arrive on the device's UDP socket (answers to the
@@ -224,7 +225,7 @@ impl Device {
     }
 
     /// Give the device a relay (or take it away): peers with a relay region are then
-    /// reachable through it.
+    /// reachable through it (the region is passed along with every datagram).
     pub fn set_relay(&self, relay: Option<Arc<dyn RelayTx>>) {
         *self.shared.relay.write() = relay;
     }
@@ -350,10 +351,10 @@ fn send(shared: &Shared, packet: WgKind, to: SocketAddr, key: Option<&NodePublic
 }
 
 fn send_bytes(shared: &Shared, datagram: &[u8], to: SocketAddr, key: Option<&NodePublic>) {
-    if relay_region(&to).is_some() {
+    if let Some(region) = relay_region(&to) {
         let relay = shared.relay.read().clone();
         match (relay, key) {
-            (Some(r), Some(k)) if r.send(k, datagram) => bump(&shared.counters.relay_tx, 1),
+            (Some(r), Some(k)) if r.send(region, k, datagram) => bump(&shared.counters.relay_tx, 1),
             _ => bump(&shared.counters.relay_drops, 1),
         }
         return;

@@ -278,8 +278,17 @@ impl PeerState {
     /// (WireGuard's rule: follow the latest authenticated source); a disco peer moves
     /// to another *direct* address the same way, but a packet over the relay does not
     /// pull it off a direct path (its sender may simply not have found that path yet).
+    ///
+    /// Over a relay, the peer stays where the map says it can always be reached: its home
+    /// region, whichever region this packet took (a peer homed elsewhere reaches us
+    /// through *our* home region, on a connection it opened only to send and closes when
+    /// idle). Without a region from the map, the region the packet took.
     pub(crate) fn set_endpoint(&self, addr: SocketAddr) {
         let mut p = self.path.lock();
+        let addr = match p.relay {
+            Some(home) if relay_region(&addr).is_some() => home,
+            _ => addr,
+        };
         let now = Instant::now();
         if p.endpoint == Some(addr) {
             p.last_rx = Some(now);
@@ -1040,6 +1049,27 @@ mod tests {
             p2.check_path(Instant::now() + Duration::from_secs(10)),
             None
         );
+    }
+
+    #[test]
+    fn over_a_relay_a_peer_stays_at_its_home_region() {
+        let mut m = map();
+        m.peers[0].relay = Some(901);
+        let t = build(&m, None);
+        let (homed_elsewhere, unknown) = (&t.entries()[0].state, &t.entries()[1].state);
+        assert_eq!(homed_elsewhere.endpoint(), Some(relay_addr(901)));
+        // It reached us through our region 900: we still send to its home region 901.
+        homed_elsewhere.set_endpoint(relay_addr(900));
+        assert_eq!(homed_elsewhere.endpoint(), Some(relay_addr(901)));
+        // A direct packet still moves it to the direct path.
+        let direct: SocketAddr = "198.51.100.5:41641".parse().unwrap();
+        homed_elsewhere.set_endpoint(direct);
+        assert_eq!(homed_elsewhere.endpoint(), Some(direct));
+        homed_elsewhere.set_endpoint(relay_addr(900));
+        assert_eq!(homed_elsewhere.endpoint(), Some(relay_addr(901)));
+        // Without a region in the map, the answer goes back the way the packet came.
+        unknown.set_endpoint(relay_addr(900));
+        assert_eq!(unknown.endpoint(), Some(relay_addr(900)));
     }
 
     #[test]

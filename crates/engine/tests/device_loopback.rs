@@ -276,11 +276,14 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
 }
 
 /// A relay in a test: queues each datagram and hands it to the destination device from
-/// its own thread, as a DERP client would, unless cut.
+/// its own thread, as a DERP client of the region would, unless cut. It serves the
+/// regions `regions` and records the region of every datagram sent.
 struct FakeRelay {
     dst: tsunagu_proto::NodePublic,
-    queue: std::sync::Mutex<std::sync::mpsc::Sender<Vec<u8>>>,
+    regions: Vec<u16>,
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<(u16, Vec<u8>)>>,
     cut: std::sync::atomic::AtomicBool,
+    sent: std::sync::Mutex<Vec<u16>>,
 }
 
 impl FakeRelay {
@@ -289,31 +292,96 @@ impl FakeRelay {
         dst: tsunagu_proto::NodePublic,
         to: &Arc<Device>,
     ) -> Arc<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        Self::with_regions(me, dst, to, &[900])
+    }
+
+    fn with_regions(
+        me: tsunagu_proto::NodePublic,
+        dst: tsunagu_proto::NodePublic,
+        to: &Arc<Device>,
+        regions: &[u16],
+    ) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(u16, Vec<u8>)>();
         let to = Arc::downgrade(to);
         std::thread::spawn(move || {
-            while let Ok(d) = rx.recv() {
+            while let Ok((region, d)) = rx.recv() {
                 match to.upgrade() {
-                    Some(dev) => dev.receive_relayed(&me, 900, &d),
+                    // The destination is connected to that region too: it receives there.
+                    Some(dev) => dev.receive_relayed(&me, region, &d),
                     None => return,
                 }
             }
         });
         Arc::new(FakeRelay {
             dst,
+            regions: regions.to_vec(),
             queue: std::sync::Mutex::new(tx),
             cut: false.into(),
+            sent: Default::default(),
         })
     }
 }
 
 impl tsunagu_engine::device::RelayTx for FakeRelay {
-    fn send(&self, dst: &tsunagu_proto::NodePublic, datagram: &[u8]) -> bool {
-        if self.cut.load(std::sync::atomic::Ordering::Relaxed) || *dst != self.dst {
+    fn send(&self, region: u16, dst: &tsunagu_proto::NodePublic, datagram: &[u8]) -> bool {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed)
+            || *dst != self.dst
+            || !self.regions.contains(&region)
+        {
             return false;
         }
-        self.queue.lock().unwrap().send(datagram.to_vec()).is_ok()
+        self.sent.lock().unwrap().push(region);
+        self.queue
+            .lock()
+            .unwrap()
+            .send((region, datagram.to_vec()))
+            .is_ok()
     }
+}
+
+#[test]
+fn each_side_sends_through_the_other_sides_home_region() {
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let ua = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let ub = UdpSock::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let (ta, app_a) = ChannelTun::pair();
+    let (tb, app_b) = ChannelTun::pair();
+    // a is homed on 900, b on 901; no direct endpoints.
+    let mut ma = map(&ka, "100.64.0.1/32", &kb, "100.64.0.2/32", None);
+    ma.peers[0].relay = Some(901);
+    let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
+    mb.peers[0].relay = Some(900);
+    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    let ra = FakeRelay::with_regions(ka.public(), kb.public(), &b, &[900, 901]);
+    let rb = FakeRelay::with_regions(kb.public(), ka.public(), &a, &[900, 901]);
+    a.set_relay(Some(ra.clone()));
+    b.set_relay(Some(rb.clone()));
+    for i in 0..3u8 {
+        let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], &[i; 8]);
+        app_a.to_tun.send(p.clone()).unwrap();
+        assert_eq!(recv(&app_b), p);
+        let q = ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], &[i; 9]);
+        app_b.to_tun.send(q.clone()).unwrap();
+        assert_eq!(recv(&app_a), q);
+    }
+    // a's handshake came to b over 901 and b answered the same way (the handshake
+    // response goes back where the initiation came from); everything else each side
+    // sends goes to the other's home, although it receives over its own.
+    let sent_a = ra.sent.lock().unwrap().clone();
+    let sent_b = rb.sent.lock().unwrap().clone();
+    assert!(sent_a.iter().all(|r| *r == 901), "{sent_a:?}");
+    assert_eq!(sent_b.first(), Some(&901), "{sent_b:?}");
+    assert!(sent_b[1..].iter().all(|r| *r == 900), "{sent_b:?}");
+    assert!(sent_b.len() > 3, "{sent_b:?}");
+    assert_eq!(
+        a.peers()[0].endpoint,
+        Some(tsunagu_engine::peers::relay_addr(901))
+    );
+    assert_eq!(
+        b.peers()[0].endpoint,
+        Some(tsunagu_engine::peers::relay_addr(900))
+    );
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub use netns::Netns;
 pub use nix::sys::signal::Signal;
 pub use seed::{
     CAFE_PUBLIC, CLIENT_LAN, CLIENT2_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, HOME_PUBLIC,
-    PRINTER_LAN, RESOLVER, Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
+    PRINTER_LAN, RELAY2_PUBLIC, RESOLVER, Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
 };
 pub use services::{
     IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, http_get, ping, tcp_connect_ok, tcp_echo,

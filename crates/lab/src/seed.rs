@@ -71,6 +71,9 @@ pub const HOME_LAN_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 pub const CLIENT2_LAN: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
 /// The home LAN.
 pub const HOME_LAN_NET: &str = "198.18.2.0/24";
+/// A relay of another region (a standalone `tsunagu-server relay`), for
+/// [`Seed::add_public_host`].
+pub const RELAY2_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 
 /// Role names of the seed's namespaces, for use with [`Seed::ns`].
 pub mod role {
@@ -152,6 +155,38 @@ impl Seed {
     /// would miss), and it is outside the client, like a real on-path observer.
     pub fn cafe_lan_iface(&self) -> (Netns, &'static str) {
         (self.ns(role::CAFE), CAFE_CLIENT_PORT)
+    }
+
+    /// Adds a host on the public bridge: the namespace `role` with `eth0` at `addr`/24
+    /// and the internet's gateway as default route (a relay of another region, say).
+    /// `addr` must be a free address of 198.51.100.0/24.
+    pub fn add_public_host(&mut self, role: &str, addr: Ipv4Addr) -> Result<Netns, LabError> {
+        let taken = [
+            INET_GW,
+            CAFE_PUBLIC,
+            EXIT_PUBLIC,
+            EXIT2_PUBLIC,
+            CONTROL_PUBLIC,
+            HOME_PUBLIC,
+        ];
+        let [a, b, c, d] = addr.octets();
+        if [a, b, c] != [198, 51, 100] || d == 0 || d == 255 || taken.contains(&addr) {
+            return Err(LabError::invalid(
+                "address",
+                format!("{addr} is not a free address of the public 198.51.100.0/24"),
+            ));
+        }
+        let inet = self.ns(role::INET);
+        let ns = self.lab.add_ns(role)?;
+        attach_public(
+            &mut self.lab,
+            &inet,
+            &ns,
+            role,
+            LEAF_IFACE,
+            &[&format!("{addr}/24")],
+        )?;
+        Ok(ns)
     }
 
     /// The address the web server should see for traffic from `role` without any tunnel.

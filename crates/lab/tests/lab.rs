@@ -446,3 +446,25 @@ fn errors_are_typed_and_explicit() {
     assert!(ping(&b, "2001:db8:9::1".parse().expect("ip"), 1, T));
     assert!(std::panic::catch_unwind(|| lab.ns("missing")).is_err());
 }
+
+#[test]
+fn a_public_host_joins_the_bridge() {
+    let mut seed = Lab::seed("seed_public_host", SeedOptions::default()).expect("seed builds");
+    let relay2 = seed
+        .add_public_host("relay2", tsunagu_lab::RELAY2_PUBLIC)
+        .expect("a free public address");
+    assert!(seed.lab.owns(&relay2));
+    // Reachable from behind the cafe's NAT, and it reaches the web server.
+    assert!(ping(
+        &seed.ns(role::CLIENT),
+        tsunagu_lab::RELAY2_PUBLIC.into(),
+        1,
+        T
+    ));
+    assert!(ping(&relay2, WEB_ADDR.into(), 1, T));
+    // Addresses of the seed, or outside the public /24, are refused.
+    for taken in [CONTROL_PUBLIC, std::net::Ipv4Addr::new(198, 18, 1, 7)] {
+        let e = seed.add_public_host("relay3", taken).unwrap_err();
+        assert!(matches!(e, LabError::Invalid { .. }), "{e}");
+    }
+}

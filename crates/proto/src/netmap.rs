@@ -40,9 +40,10 @@ pub struct Peer {
     pub exit_client: bool,
     /// Seconds between keepalives; set when we sit behind a NAT that would forget us.
     pub keepalive: Option<u16>,
-    /// The relay (DERP) region through which the peer can always be reached, when this
-    /// node has a relay connection there. The data plane starts on it and moves to a
-    /// direct endpoint as soon as one answers.
+    /// The relay (DERP) region through which the peer can always be reached (its home
+    /// region), when this node uses relays (the daemon connects to a region other than
+    /// its own home on demand). The data plane starts on it and moves to a direct
+    /// endpoint as soon as one answers.
     pub relay: Option<u16>,
     /// The peer's disco key, when it speaks disco (Tailscale clients and tsunagud in
     /// joined mode): paths to it are then found with disco pings, and a direct path is

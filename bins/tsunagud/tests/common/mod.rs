@@ -209,6 +209,25 @@ pub fn peer_line(status: &str, name: &str) -> Option<String> {
         .map(String::from)
 }
 
+/// Drop all forwarded UDP in a NAT router (the cafe or home; its NAT keeps working for
+/// TCP): its LAN reaches the tailnet only through a relay.
+pub fn block_udp(router: &Netns) {
+    for cmd in [
+        "nft add table inet tsunagu_test_block",
+        "nft add chain inet tsunagu_test_block blockudp { type filter hook forward priority -10 ; }",
+        "nft add rule inet tsunagu_test_block blockudp meta l4proto udp drop",
+    ] {
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        router.exec(&argv).unwrap();
+    }
+}
+
+pub fn unblock_udp(router: &Netns) {
+    router
+        .exec(&["nft", "delete", "table", "inet", "tsunagu_test_block"])
+        .unwrap();
+}
+
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
 /// The server's URL in the seed lab.
 pub const SERVER_URL: &str = "http://198.51.100.4:8080";
@@ -222,6 +241,16 @@ pub fn setup_with_policy(test: &str, policy_text: &str) -> Joined {
 }
 
 pub fn setup_full(test: &str, policy_text: &str, opts: SeedOptions) -> Joined {
+    setup_with_server_args(test, policy_text, opts, &[])
+}
+
+/// [`setup_full`] with `extra` arguments for `tsunagu-server serve`.
+pub fn setup_with_server_args(
+    test: &str,
+    policy_text: &str,
+    opts: SeedOptions,
+    extra: &[&str],
+) -> Joined {
     let mut seed = Lab::seed(test, opts).unwrap();
     let control = seed.ns(role::CONTROL);
     let data = seed.lab.log_path("server-data");
@@ -241,6 +270,7 @@ pub fn setup_full(test: &str, policy_text: &str, opts: SeedOptions) -> Joined {
         "--derp-announce-http",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     let argv: Vec<&str> = server_argv.iter().map(String::as_str).collect();

@@ -33,6 +33,14 @@ pub async fn server() -> TestServer {
 
 /// A server with the embedded relay (`relay`), or without (`None`).
 pub async fn server_with(relay: Option<RelaySettings>) -> TestServer {
+    server_with_regions(relay, Vec::new()).await
+}
+
+/// A server with the embedded relay (or not) announcing further `derp_regions`.
+pub async fn server_with_regions(
+    relay: Option<RelaySettings>,
+    derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
+) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         data_dir: dir.path().to_path_buf(),
@@ -43,6 +51,7 @@ pub async fn server_with(relay: Option<RelaySettings>) -> TestServer {
         admin_socket: dir.path().join("admin.sock"),
         ephemeral_timeout: Duration::from_secs(300),
         relay,
+        derp_regions,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
