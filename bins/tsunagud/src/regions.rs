@@ -21,7 +21,11 @@
 //!   unless it answers data the peer sent us within [`ANSWER_WINDOW`] (WireGuard's
 //!   passive keepalive, by which the peer learns that its packets arrive: dropping those
 //!   would make it handshake over and over during one-way traffic); then it counts as
-//!   data.
+//!   data;
+//! * a disco message (path discovery: pings, pongs, CallMeMaybe) is sent on a connection
+//!   that is open and neither opens nor keeps one: disco works for peers we send data
+//!   to, over the connection that data opened, and must not keep it open once the data
+//!   stops.
 //!
 //! At most `max` connections besides home: opening one more closes the least recently
 //! used.
@@ -52,9 +56,14 @@ pub enum Kind {
     Handshake,
     /// A WireGuard transport message with no payload: 16 bytes of header, 16 of tag.
     Keepalive,
+    /// A disco message (its magic first).
+    Disco,
 }
 
 pub fn kind(datagram: &[u8]) -> Kind {
+    if datagram.starts_with(tsunagu_disco::MAGIC) {
+        return Kind::Disco;
+    }
     match (datagram.first(), datagram.len()) {
         (Some(1), 148) | (Some(2), 92) | (Some(3), 64) => Kind::Handshake,
         (Some(4), 32) => Kind::Keepalive,
@@ -178,7 +187,7 @@ impl RegionConns {
             Kind::Data => Some(self.idle),
             Kind::Handshake => Some(HANDSHAKE_GRACE.min(self.idle)),
             Kind::Keepalive if answers() => Some(self.idle),
-            Kind::Keepalive => None,
+            Kind::Keepalive | Kind::Disco => None,
         };
         if let Some(until) = self.open.get_mut(&region) {
             if let Some(keep) = keep {
@@ -189,6 +198,7 @@ impl RegionConns {
         let Some(keep) = keep else {
             return Route::Drop(DropReason::IdleKeepalive);
         };
+        // (A disco message for a closed region is dropped the same way: see the module.)
         if self.open.len() >= self.max
             && let Some((&lru, _)) = self.open.iter().min_by_key(|(_, t)| **t)
         {
@@ -340,6 +350,34 @@ mod tests {
         c.handle_timeout(t4);
         assert_eq!(
             c.on_send(902, &peer, &ka, t4),
+            Route::Drop(DropReason::IdleKeepalive)
+        );
+    }
+
+    #[test]
+    fn disco_messages_neither_open_nor_keep_a_region() {
+        let mut c = conns();
+        let peer = NodePrivate::generate().public();
+        let mut disco = tsunagu_disco::MAGIC.to_vec();
+        disco.extend_from_slice(&[0; 100]);
+        assert_eq!(kind(&disco), Kind::Disco);
+        let t0 = Instant::now();
+        assert_eq!(
+            c.on_send(901, &peer, &disco, t0),
+            Route::Drop(DropReason::IdleKeepalive)
+        );
+        assert_eq!(actions(&mut c), []);
+        // Over a connection data opened, they go out, and do not keep it.
+        c.on_send(901, &peer, DATA, t0);
+        actions(&mut c);
+        let t1 = t0 + Duration::from_secs(50);
+        assert_eq!(c.on_send(901, &peer, &disco, t1), Route::Region(901));
+        c.handle_timeout(t0 + DEFAULT_IDLE);
+        assert_eq!(actions(&mut c), [Action::Close(901, CloseReason::Idle)]);
+        // A peer's disco messages are not data we answer with keepalives.
+        c.on_receive(&peer, &disco, t1);
+        assert_eq!(
+            c.on_send(901, &peer, &keepalive(), t1 + Duration::from_secs(1)),
             Route::Drop(DropReason::IdleKeepalive)
         );
     }

@@ -83,17 +83,12 @@ fn logs(paths: &[&Path]) -> String {
         .join("\n")
 }
 
-#[test]
-fn nodes_homed_on_two_regions_reach_each_other_and_idle_region_connections_close() {
-    let opts = SeedOptions {
-        home_nat: true,
-        cafe_blocks_udp: true,
-        ..SeedOptions::default()
-    };
+/// The seed lab with the server (region 900) and region 901 "b": a standalone relay (with
+/// STUN) on 198.51.100.7 in its own namespace, listed in the server's DERP map. Returns the
+/// tailnet and the relay's log.
+fn with_region_b(test: &str, opts: SeedOptions) -> (common::Joined, std::path::PathBuf) {
     let b = format!("id=901,code=b,name=Region B,host={RELAY2_PUBLIC},derp_port=8080,http");
-    let mut j =
-        common::setup_with_server_args("regions_two", common::POLICY, opts, &["--derp-region", &b]);
-    // Region 901: a standalone relay in its own namespace.
+    let mut j = common::setup_with_server_args(test, common::POLICY, opts, &["--derp-region", &b]);
     let relay_ns = j.seed.add_public_host("relay2", RELAY2_PUBLIC).unwrap();
     let relay_data = j.seed.lab.log_path("relay2-data");
     let relay_log = j.seed.lab.log_path("relay2.log");
@@ -114,6 +109,56 @@ fn nodes_homed_on_two_regions_reach_each_other_and_idle_region_connections_close
             Some(&relay_log),
         )
         .unwrap();
+    (j, relay_log)
+}
+
+/// With STUN servers at two addresses (the two regions), netcheck tells the NAT's
+/// mapping behaviour: the cafe's ordinary NAT keeps one mapping for every destination,
+/// a symmetric one (`masquerade random`) does not.
+#[test]
+fn netcheck_tells_the_nat_mapping_with_two_regions() {
+    for (symmetric, want) in [(false, "false"), (true, "true")] {
+        let opts = SeedOptions {
+            symmetric_nat: symmetric,
+            ..SeedOptions::default()
+        };
+        let name = if symmetric {
+            "regions_nc_sym"
+        } else {
+            "regions_nc"
+        };
+        let (mut j, _relay_log) = with_region_b(name, opts);
+        let c = j.join_laptop(&[]);
+        let ns = j.seed.ns(role::CLIENT);
+        let mut nc = String::new();
+        wait(
+            "netcheck hears both STUN servers",
+            Duration::from_secs(30),
+            || {
+                let out = tsunagu(&ns, &c.sock, &["netcheck"]);
+                nc = String::from_utf8_lossy(&out.stdout).into_owned();
+                !nc.contains("MappingVariesByDestIP: unknown")
+                    && nc.contains("- b: ")
+                    && nc.contains("- tsunagu: ")
+            },
+        );
+        assert!(nc.contains("* UDP: true"), "{nc}");
+        assert!(
+            nc.contains(&format!("* MappingVariesByDestIP: {want}")),
+            "symmetric NAT {symmetric}:\n{nc}"
+        );
+        eprintln!("symmetric NAT {symmetric}:\n{nc}");
+    }
+}
+
+#[test]
+fn nodes_homed_on_two_regions_reach_each_other_and_idle_region_connections_close() {
+    let opts = SeedOptions {
+        home_nat: true,
+        cafe_blocks_udp: true,
+        ..SeedOptions::default()
+    };
+    let (mut j, relay_log) = with_region_b("regions_two", opts);
     block_udp(&j.seed.ns(role::HOME));
 
     let idle = IDLE_SECS.to_string();

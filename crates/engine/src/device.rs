@@ -420,6 +420,7 @@ fn outbound(shared: &Shared) {
         }
         bump(&peer.counters.tx_packets, 1);
         bump(&peer.counters.tx_bytes, n);
+        peer.note_data(Instant::now());
         let out = peer
             .tunn
             .lock()

@@ -114,6 +114,9 @@ struct PathState {
     /// Last authenticated packet (or disco pong) over the endpoint in use.
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
+    /// Last packet from the TUN for this peer: data, not WireGuard's own keepalives and
+    /// handshakes. Disco works for active peers only.
+    last_data: Option<Instant>,
     last_probe: Option<Instant>,
     /// Which configured endpoint the next probe goes to (they take turns: the public
     /// one STUN found, local addresses, ...).
@@ -217,6 +220,7 @@ impl PathState {
             relay,
             last_rx: None,
             last_tx: None,
+            last_data: None,
             last_probe: None,
             probe_next: 0,
             since: now,
@@ -229,7 +233,8 @@ impl PathState {
     }
 
     fn active(&self, now: Instant) -> bool {
-        self.last_tx.is_some_and(|t| now.duration_since(t) < ACTIVE)
+        self.last_data
+            .is_some_and(|t| now.duration_since(t) < ACTIVE)
     }
 
     fn move_to(&mut self, to: SocketAddr, now: Instant, why: &str, key: &NodePublic) {
@@ -301,10 +306,16 @@ impl PeerState {
         p.move_to(addr, now, "authenticated packet", &self.key);
     }
 
+    /// An application sent data to this peer (path or not: disco then looks for one).
+    /// WireGuard's keepalives and handshakes do not count: an idle peer costs nothing,
+    /// not even probes through a relay connection that would otherwise close.
+    pub(crate) fn note_data(&self, now: Instant) {
+        self.path.lock().last_data = Some(now);
+    }
+
     /// Where the next datagram goes (and whether to probe the direct path too).
     pub(crate) fn plan_send(&self, now: Instant) -> Option<SendPlan> {
         let mut p = self.path.lock();
-        // Wanting to send makes the peer active, path or not (disco then looks for one).
         p.last_tx = Some(now);
         let to = p.endpoint?;
         let mut probe = None;
@@ -835,6 +846,12 @@ mod tests {
         // Idle: nothing to do. Once we send (over the relay; no WireGuard probe copies
         // for a disco peer), a round of pings and a CallMeMaybe over the relay.
         assert!(peer.disco_poll(t0, own, &ours).is_empty());
+        peer.plan_send(t0).unwrap();
+        assert!(
+            peer.disco_poll(t0, own, &ours).is_empty(),
+            "WireGuard's own packets (keepalives) do not make a peer active"
+        );
+        peer.note_data(t0);
         let plan = peer.plan_send(t0).unwrap();
         assert_eq!((plan.to, plan.probe), (relay, None));
         let out = peer.disco_poll(t0, own, &ours);
@@ -876,6 +893,7 @@ mod tests {
         assert_eq!(peer.endpoint(), Some(direct));
         // Heartbeats on the direct path while active, a full round after UPGRADE_EVERY.
         let hb = t1 + HEARTBEAT;
+        peer.note_data(hb);
         peer.plan_send(hb);
         let out = peer.disco_poll(hb, own, &ours);
         assert_eq!(
@@ -891,6 +909,7 @@ mod tests {
         let out = peer.disco_poll(hb + Duration::from_secs(1), own, &ours);
         assert_eq!(pings(&out).len(), 2, "a full round right after the change");
         let up = hb + Duration::from_secs(1) + UPGRADE_EVERY;
+        peer.note_data(up);
         peer.plan_send(up);
         let out = peer.disco_poll(up, own, &ours);
         assert_eq!(
@@ -970,10 +989,12 @@ mod tests {
         let peer = &t.entries()[0].state;
         let own = NodePublic([1; 32]);
         let now = Instant::now();
+        peer.note_data(now);
         peer.plan_send(now);
         let tx = pings(&peer.disco_poll(now, own, &[]))[0].1;
         assert!(peer.disco_on_pong(tx, direct, now));
         let later = now + DIRECT_SILENCE + Duration::from_millis(10);
+        peer.note_data(later);
         peer.plan_send(later);
         assert_eq!(peer.check_path(later), Some(relay_addr(900)));
         // No relay and disco: no path until a pong (never a blind send).
@@ -988,6 +1009,7 @@ mod tests {
         let a = build(&m3, None);
         let tx = {
             let p = &a.entries()[0].state;
+            p.note_data(now);
             p.plan_send(now);
             pings(&p.disco_poll(now, own, &[]))[0].1
         };
