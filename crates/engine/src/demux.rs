@@ -9,9 +9,9 @@
 //! * STUN (RFC 5389): the two top bits zero and the magic cookie `0x2112A442` at offset 4.
 //! * disco: the magic `"TS💬"` (6 bytes) followed by the sender's disco key.
 //!
-//! Today the engine handles WireGuard and counts the others; relay (DERP) traffic does not
-//! arrive here but on its own TCP connection, and joins the same receive path at
-//! [`crate::device`] once it is decapsulated.
+//! The device hands STUN answers to the daemon and disco messages to the path logic;
+//! relay (DERP) traffic does not arrive here but on its own TCP connection, and joins the
+//! same receive path at [`crate::device`] once it is decapsulated.
 
 /// The disco magic: "TS" and the speech-balloon emoji in UTF-8.
 pub const DISCO_MAGIC: &[u8; 6] = b"TS\xf0\x9f\x92\xac";

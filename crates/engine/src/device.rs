@@ -6,9 +6,12 @@
 //!  UDP ─► [inbound thread] classify (WireGuard / STUN / disco / junk) ─► verify MACs,
 //!                 rate-limit handshakes ─► find peer (handshake: by static key;
 //!                 data: by our session index) ─► Tunn decrypts ─► source allowed for
-//!                 that peer? ─► TUN ─► app
+//!                 that peer? ─► packet filter (for us, or forwarded by an exit node)
+//!                 ─► TUN ─► app
+//!                 disco: find the peer by disco key ─► open the box ─► pong / path
+//!                 change / pings back
 //!  [timer thread] every 250 ms: each peer's WireGuard timers (keepalives, rekeying,
-//!                 handshake retries) ─► UDP
+//!                 handshake retries) and disco (pings, CallMeMaybe) ─► UDP or relay
 //! ```
 //!
 //! Each direction runs on its own thread and keeps per-flow packet order (one TUN queue,
