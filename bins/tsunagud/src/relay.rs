@@ -43,6 +43,10 @@ pub struct RelayTarget {
     pub addr: String,
     /// The Host header.
     pub host: String,
+    /// DERP over TLS (the login server is `https://`); the certificate must name
+    /// `server_name` (the node's host name).
+    pub tls: bool,
+    pub server_name: String,
 }
 
 impl RelayTarget {
@@ -67,11 +71,18 @@ impl RelayTarget {
         } else {
             format!("{connect_host}:{port}")
         };
+        let server_name = if host.is_empty() {
+            connect_host
+        } else {
+            host.clone()
+        };
         Some(RelayTarget {
             region,
             code: r.region_code.clone(),
             addr,
             host: format!("{host}:{port}"),
+            tls: https,
+            server_name,
         })
     }
 
@@ -433,9 +444,15 @@ async fn session(
         .with_context(|| format!("resolving {}", target.addr))?
         .next()
         .with_context(|| format!("no address for {}", target.addr))?;
+    let ep = tsunagu_client::transport::Endpoint {
+        tls: target.tls,
+        host: target.host.clone(),
+        server_name: target.server_name.clone(),
+        addr,
+    };
     let mut tcp = tokio::time::timeout(
         Duration::from_secs(10),
-        tsunagu_client::tcp_connect(addr, ctx.fwmark),
+        tsunagu_client::transport::connect(&ep, ctx.fwmark),
     )
     .await
     .with_context(|| format!("connecting to {addr}: timed out"))??;
@@ -592,6 +609,8 @@ mod tests {
             code: code.into(),
             addr: addr.into(),
             host: addr.into(),
+            tls: false,
+            server_name: String::new(),
         };
         let targets = BTreeMap::from([(900, target(900, "a", &a)), (901, target(901, "b", &b))]);
         let me = NodePrivate::generate();

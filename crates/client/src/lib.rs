@@ -1,7 +1,8 @@
 //! The client side of Tailscale's control protocol, as tsunagud (and the control-scale
 //! benchmark's simulated nodes) speak it:
 //!
-//! 1. `GET /key?v=<capver>` over plain HTTP: the server's Noise public key;
+//! 1. `GET /key?v=<capver>` over HTTP or HTTPS ([`transport`]): the server's Noise
+//!    public key;
 //! 2. `POST /ts2021` upgrade and Noise IK handshake ([`tsunagu_noise`]), then HTTP/2
 //!    with prior knowledge inside the Noise channel;
 //! 3. `POST /machine/register`, `POST /machine/map` (streamed: 4-byte little-endian
@@ -45,34 +46,22 @@ pub enum ClientError {
     Stream(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("TLS with {host}: {source}")]
+    Tls {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// `http://host:port` → (`host:port` for the Host header, socket address).
 pub mod netmap;
+pub mod transport;
 
+/// A server URL (`http://` or `https://`) → (`host[:port]` for the Host header, socket
+/// address).
 pub async fn resolve(server_url: &str) -> Result<(String, SocketAddr), ClientError> {
-    let rest = server_url.strip_prefix("http://").ok_or_else(|| {
-        ClientError::Url(
-            server_url.into(),
-            "only http:// is supported by this client".into(),
-        )
-    })?;
-    let host = rest.split('/').next().unwrap_or_default().to_string();
-    let with_port = if host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !host.ends_with(']')
-    {
-        host.clone()
-    } else {
-        format!("{host}:80")
-    };
-    let addr = tokio::net::lookup_host(&with_port)
-        .await
-        .map_err(|e| ClientError::Url(server_url.into(), e.to_string()))?
-        .next()
-        .ok_or_else(|| ClientError::Url(server_url.into(), "no address".into()))?;
-    Ok((host, addr))
+    let ep = transport::resolve_url(server_url).await?;
+    Ok((ep.host, ep.addr))
 }
 
 /// A TCP connection to `addr`, its socket marked with `fwmark` (`SO_MARK`) when given:
@@ -111,10 +100,11 @@ pub async fn fetch_server_key_marked(
     server_url: &str,
     fwmark: Option<u32>,
 ) -> Result<MachinePublic, ClientError> {
-    let (host, addr) = resolve(server_url).await?;
-    let tcp = tcp_connect(addr, fwmark).await?;
+    let ep = transport::resolve_url(server_url).await?;
+    let host = ep.host.clone();
+    let io = transport::connect(&ep, fwmark).await?;
     let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -158,10 +148,11 @@ impl ControlClient {
         machine: &MachinePrivate,
         fwmark: Option<u32>,
     ) -> Result<Self, ClientError> {
-        let (host, addr) = resolve(server_url).await?;
-        let tcp = tcp_connect(addr, fwmark).await?;
+        let ep = transport::resolve_url(server_url).await?;
+        let host = ep.host.clone();
+        let io = transport::connect(&ep, fwmark).await?;
         let (stream, _early) = tsunagu_noise::upgrade::dial(
-            tcp,
+            io,
             &host,
             server_key.to_bytes(),
             machine.to_bytes(),

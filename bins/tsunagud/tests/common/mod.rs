@@ -97,6 +97,47 @@ pub struct Joined {
     pub server: ProcId,
     pub server_argv: Vec<String>,
     pub server_log: PathBuf,
+    /// The server's URL, and the environment tsunagud runs with (`NAME=value`: the lab
+    /// CA for a server on HTTPS).
+    pub url: String,
+    pub env: Vec<String>,
+}
+
+/// How the lab's server is reached: plain HTTP on 198.51.100.4:8080 (the default), or
+/// HTTPS on 198.51.100.4:443 with a certificate from a lab CA that tsunagud trusts
+/// through `SSL_CERT_FILE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    #[default]
+    Http,
+    Https,
+}
+
+/// A lab CA and a certificate for the control server's address, in `dir`: (CA,
+/// certificate, key) PEM files.
+fn lab_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tsunagu lab CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![tsunagu_lab::CONTROL_PUBLIC.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
 }
 
 /// A tsunagud started in the client namespace.
@@ -114,9 +155,10 @@ impl Joined {
     /// `laptop` with the member key of the setup, plus `extra` flags.
     pub fn join_laptop(&mut self, extra: &[&str]) -> Client {
         let key = self.client_key.clone();
+        let url = self.url.clone();
         let mut argv = vec![
             "--login-server",
-            SERVER_URL,
+            &url,
             "--auth-key",
             &key,
             "--hostname",
@@ -135,13 +177,18 @@ impl Joined {
         let state = self.seed.lab.log_path(&format!("{name}-state"));
         let log = self.seed.lab.log_path(&format!("{name}.log"));
         let sock = state.join("tsunagud.sock");
-        let mut argv = vec![
+        let mut argv: Vec<&str> = Vec::new();
+        if !self.env.is_empty() {
+            argv.push("env");
+            argv.extend(self.env.iter().map(String::as_str));
+        }
+        argv.extend([
             TSUNAGUD,
             "--state-dir",
             state.to_str().unwrap(),
             "--socket",
             sock.to_str().unwrap(),
-        ];
+        ]);
         argv.extend_from_slice(extra);
         let proc = self
             .seed
@@ -251,27 +298,63 @@ pub fn setup_with_server_args(
     opts: SeedOptions,
     extra: &[&str],
 ) -> Joined {
+    setup_over(test, policy_text, opts, extra, Transport::Http)
+}
+
+/// [`setup_with_server_args`] with the server reached over `transport`.
+pub fn setup_over(
+    test: &str,
+    policy_text: &str,
+    opts: SeedOptions,
+    extra: &[&str],
+    transport: Transport,
+) -> Joined {
     let mut seed = Lab::seed(test, opts).unwrap();
     let control = seed.ns(role::CONTROL);
     let data = seed.lab.log_path("server-data");
     let data_s = data.to_str().unwrap().to_string();
     let bin = server_bin();
     let log = seed.lab.log_path("server.log");
+    let (url, mut args, env) = match transport {
+        // Plain HTTP: the relay is announced over plain HTTP too (Go clients would
+        // need TLS).
+        Transport::Http => (
+            SERVER_URL.to_string(),
+            vec![
+                "--listen".to_string(),
+                "198.51.100.4:8080".into(),
+                "--derp-announce-http".into(),
+            ],
+            Vec::new(),
+        ),
+        Transport::Https => {
+            let (ca, cert, key) = lab_tls(&seed.lab.log_path("tls"));
+            (
+                "https://198.51.100.4".to_string(),
+                vec![
+                    "--listen".to_string(),
+                    "198.51.100.4:443".into(),
+                    "--tls-cert".into(),
+                    cert.to_str().unwrap().into(),
+                    "--tls-key".into(),
+                    key.to_str().unwrap().into(),
+                ],
+                vec![format!("SSL_CERT_FILE={}", ca.display())],
+            )
+        }
+    };
+    args.extend(extra.iter().map(|s| s.to_string()));
     let server_argv: Vec<String> = [
         bin.to_str().unwrap(),
         "--data-dir",
         &data_s,
         "serve",
-        "--listen",
-        "198.51.100.4:8080",
         "--server-url",
-        "http://198.51.100.4:8080",
-        // tsunagud speaks DERP over plain HTTP (Go clients would need TLS).
-        "--derp-announce-http",
+        &url,
     ]
     .iter()
-    .chain(extra)
     .map(|s| s.to_string())
+    .chain(args)
     .collect();
     let argv: Vec<&str> = server_argv.iter().map(String::as_str).collect();
     let server = seed.lab.spawn(&control, &argv, Some(&log)).unwrap();
@@ -306,26 +389,34 @@ pub fn setup_with_server_args(
     );
     let client_key = client_key.lines().last().unwrap().to_string();
 
-    let tsunagud = TSUNAGUD;
     let exit_state = seed.lab.log_path("exit-state");
     let exit_log = seed.lab.log_path("exit.log");
+    let mut exit_argv: Vec<&str> = Vec::new();
+    if !env.is_empty() {
+        exit_argv.push("env");
+        exit_argv.extend(env.iter().map(String::as_str));
+    }
+    exit_argv.push(TSUNAGUD);
     seed.lab
         .spawn(
             &seed.ns(role::EXIT),
             &[
-                tsunagud,
-                "--login-server",
-                "http://198.51.100.4:8080",
-                "--auth-key",
-                &exit_key,
-                "--hostname",
-                "dev-m1sk9-s1",
-                "--advertise-exit-node",
-                "--state-dir",
-                exit_state.to_str().unwrap(),
-                "--socket",
-                exit_state.join("tsunagud.sock").to_str().unwrap(),
-            ],
+                exit_argv.as_slice(),
+                &[
+                    "--login-server",
+                    &url,
+                    "--auth-key",
+                    &exit_key,
+                    "--hostname",
+                    "dev-m1sk9-s1",
+                    "--advertise-exit-node",
+                    "--state-dir",
+                    exit_state.to_str().unwrap(),
+                    "--socket",
+                    exit_state.join("tsunagud.sock").to_str().unwrap(),
+                ],
+            ]
+            .concat(),
             Some(&exit_log),
         )
         .unwrap();
@@ -356,5 +447,7 @@ pub fn setup_with_server_args(
         server,
         server_argv,
         server_log: log,
+        url,
+        env,
     }
 }
