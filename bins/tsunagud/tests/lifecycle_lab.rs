@@ -580,6 +580,47 @@ fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
         EXIT_PUBLIC.to_string(),
         "stays on the one in use"
     );
+
+    // Planned maintenance of the exit node in use: it withdraws its offer before its
+    // restart, and the client moves to the other one without a failed request.
+    let requests = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            let (mut failed, mut slowest, mut moved) = (0, Duration::ZERO, false);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                let t = Instant::now();
+                match http_get(&ns, web(), Duration::from_secs(5)) {
+                    Ok(b) => moved = b.trim() == CONTROL_PUBLIC.to_string(),
+                    Err(_) => failed += 1,
+                }
+                slowest = slowest.max(t.elapsed());
+                if moved {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (failed, slowest, moved)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let exit_ns = j.seed.ns(role::EXIT);
+    let exit_sock = j.seed.lab.log_path("exit-state").join("tsunagud.sock");
+    let t = Instant::now();
+    ok(&tsunagu(
+        &exit_ns,
+        &exit_sock,
+        &["set", "--advertise-exit-node=false"],
+    ));
+    let (failed, slowest, moved) = requests.join().unwrap();
+    eprintln!(
+        "drain: moved to backup-exit {:?} after the offer was withdrawn; {failed} failed requests, slowest {slowest:?}",
+        t.elapsed()
+    );
+    assert!(moved, "the client moved to the other exit node");
+    assert_eq!(failed, 0, "no request failed during the drain");
+    let st = status_text(&ns, &c.sock);
+    assert!(st.contains("# Exit node: backup-exit"), "{st}");
     let _ = backup;
 }
 
