@@ -159,6 +159,8 @@ struct SelfStatus {
     offering_exit_node: Option<String>,
     #[serde(default)]
     exit_node_users: usize,
+    #[serde(default)]
+    draining_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -777,6 +779,13 @@ fn self_state(me: &SelfStatus) -> String {
         Some(other) => parts.push(format!("offering exit node: {other}")),
         None => {}
     }
+    if let Some(secs) = me.draining_secs {
+        parts.push(format!(
+            "exit node offer withdrawn; still forwarding for {} peer{} for {secs} s (drain)",
+            me.exit_node_users,
+            if me.exit_node_users == 1 { "" } else { "s" }
+        ));
+    }
     if parts.is_empty() {
         "-".into()
     } else {
@@ -957,6 +966,7 @@ mod tests {
                 running: true,
                 offering_exit_node: None,
                 exit_node_users: 0,
+                draining_secs: None,
             }),
             backend: Backend::default(),
             login_server: String::new(),
@@ -1089,13 +1099,22 @@ mod tests {
             running: true,
             offering_exit_node: Some("awaiting approval".into()),
             exit_node_users: 0,
+            draining_secs: None,
         };
         assert_eq!(self_state(&me), "offering exit node: awaiting approval");
         me.offering_exit_node = Some("approved".into());
         me.exit_node_users = 2;
         assert_eq!(self_state(&me), "offering exit node; 2 peers using it");
         me.offering_exit_node = None;
+        me.exit_node_users = 0;
         assert_eq!(self_state(&me), "-");
+        // Withdrawn, still forwarding: a drain.
+        me.draining_secs = Some(25);
+        me.exit_node_users = 1;
+        assert_eq!(
+            self_state(&me),
+            "exit node offer withdrawn; still forwarding for 1 peer for 25 s (drain)"
+        );
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct Shared {
     /// Our endpoints as last reported to the server (public first), which the engine
     /// also puts in its CallMeMaybe messages.
     pub endpoints: Mutex<Vec<std::net::SocketAddr>>,
+    /// Forwarding for exit-node users goes on this long after the offer is withdrawn,
+    /// and until when it does now (planned maintenance: a drain).
+    pub exit_drain: Duration,
+    pub drain_until: Mutex<Option<std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -141,10 +145,16 @@ impl Shared {
         let relay = self.relay_link();
         let mut guard = lock(&self.engine)?;
         let current = guard.as_ref().and_then(|e| e.map().exit_node);
-        let Some(map) = state.netmap_fail_closed(&key, prefs, self.mtu, current.as_ref()) else {
+        let Some(mut map) = state.netmap_fail_closed(&key, prefs, self.mtu, current.as_ref())
+        else {
             return Ok(());
         };
         drop(state);
+        if let Some(e) = guard.as_ref()
+            && self.draining().is_some()
+        {
+            keep_serving_exit(&mut map, e.map());
+        }
         match guard.as_mut() {
             Some(e) => {
                 if e.map() != &map {
@@ -240,6 +250,58 @@ impl Shared {
                 tracing::debug!(%server, "STUN request: {err}");
             }
         }
+    }
+
+    /// Time left of a drain in progress.
+    pub fn draining(&self) -> Option<Duration> {
+        let until = (*self.drain_until.lock().ok()?)?;
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// The offer to serve as exit node was just withdrawn while we served: keep
+    /// forwarding for the peers that used us for `exit_drain`, then stop. Peers move to
+    /// another exit node as soon as the map tells them, with nothing lost meanwhile.
+    fn start_drain(self: &Arc<Self>) {
+        let serving = self
+            .engine
+            .lock()
+            .ok()
+            .is_some_and(|g| g.as_ref().is_some_and(|e| e.map().self_node.serve_exit));
+        if !serving || self.exit_drain.is_zero() {
+            return;
+        }
+        let until = std::time::Instant::now() + self.exit_drain;
+        if let Ok(mut d) = self.drain_until.lock() {
+            *d = Some(until);
+        }
+        tracing::info!(
+            secs = self.exit_drain.as_secs(),
+            "exit node offer withdrawn: draining (still forwarding for its users)"
+        );
+        let me = self.clone();
+        let grace = self.exit_drain;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let still = me
+                .drain_until
+                .lock()
+                .ok()
+                .is_some_and(|d| *d == Some(until));
+            if !still {
+                return; // offered again, or another drain started
+            }
+            let prefs = match me.prefs.lock() {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            if let Ok(mut d) = me.drain_until.lock() {
+                *d = None;
+            }
+            if let Err(e) = me.apply_locked(&prefs.prefs) {
+                tracing::warn!("ending the drain: {e:#}");
+            }
+            tracing::info!("drain over: no longer forwarding as exit node");
+        });
     }
 
     /// Where the home relay is (region, code, address), if there is one.
@@ -345,6 +407,9 @@ pub struct SelfStatus {
     pub offering_exit_node: Option<String>,
     /// Peers that sent internet traffic through us recently (we are their exit node).
     pub exit_node_users: usize,
+    /// The offer was withdrawn and we still forward for this many seconds (a drain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_secs: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -481,6 +546,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
             }
         }),
         exit_node_users: users,
+        draining_secs: shared.draining().map(|d| d.as_secs().max(1)),
     });
     let region_code = |region: u16| {
         state
@@ -644,12 +710,17 @@ fn log_prefs(p: &DaemonPrefs, what: &str) {
 
 /// Validate and apply new prefs; on success they are persisted and in force.
 pub fn set_prefs(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     req: &PrefsRequest,
 ) -> Result<DaemonPrefs, (StatusCode, Json<ApiError>)> {
     let mut prefs = lock(&shared.prefs).map_err(internal)?;
     let mut next = prefs.clone();
     merge_prefs(shared, &mut next, req)?;
+    if prefs.prefs.advertise_exit_node && !next.prefs.advertise_exit_node {
+        shared.start_drain();
+    } else if next.prefs.advertise_exit_node {
+        *lock(&shared.drain_until).map_err(internal)? = None;
+    }
     shared
         .apply_locked(&next.prefs)
         .map_err(|e| internal(format!("{e:#}")))?;
@@ -987,8 +1058,70 @@ pub async fn serve(
     Ok(())
 }
 
+/// During a drain: go on forwarding as `current` does (serving as exit node, for the
+/// peers that may use us), whatever the new map says.
+fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::NetMap) {
+    if !current.self_node.serve_exit {
+        return;
+    }
+    map.self_node.serve_exit = true;
+    for p in &mut map.peers {
+        if current
+            .peers
+            .iter()
+            .any(|o| o.key == p.key && o.exit_client)
+        {
+            p.exit_client = true;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_drain_keeps_forwarding_for_the_peers_that_used_us() {
+        use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
+        let peer = |name: &str, exit_client: bool| Peer {
+            name: name.into(),
+            key: NodePrivate::from_bytes([name.len() as u8; 32]).public(),
+            endpoints: vec![],
+            allowed_ips: vec![],
+            offers_exit: false,
+            exit_client,
+            keepalive: None,
+            relay: None,
+            disco: None,
+        };
+        let map = |serve_exit: bool, clients: bool| NetMap {
+            self_node: SelfNode {
+                name: "exit".into(),
+                private_key: NodePrivate::from_bytes([9; 32]),
+                addresses: vec!["100.64.0.1/32".parse().unwrap()],
+                serve_exit,
+            },
+            peers: vec![peer("a", clients), peer("bb", false)],
+            exit_node: None,
+            exit_node_allow_lan_access: false,
+            exit_node_blocked: false,
+            mtu: 1280,
+            packet_filter: None,
+        };
+        // Serving, then the offer is withdrawn: the new map serves nobody; the drain
+        // keeps what the current one does.
+        let mut next = map(false, false);
+        keep_serving_exit(&mut next, &map(true, true));
+        assert!(next.self_node.serve_exit);
+        assert!(next.peers[0].exit_client);
+        assert!(
+            !next.peers[1].exit_client,
+            "only the peers that could use us"
+        );
+        // Not serving before: nothing to keep.
+        let mut next = map(false, false);
+        keep_serving_exit(&mut next, &map(false, false));
+        assert!(!next.self_node.serve_exit);
+    }
     use super::*;
 
     #[test]

@@ -40,6 +40,8 @@ pub struct JoinArgs {
     pub operator_group: Option<nix::unistd::Gid>,
     /// The relay connections: home region, idle time of the others.
     pub relay: crate::relay::PoolConfig,
+    /// How long forwarding goes on after the exit-node offer is withdrawn.
+    pub exit_drain: Duration,
 }
 
 /// How long connecting to the server, or one registration, may take.
@@ -215,6 +217,8 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         // find direct paths to us with disco pings sealed to it.
         disco: tsunagu_disco::DiscoPrivate::generate(),
         endpoints: Mutex::new(Vec::new()),
+        exit_drain: args.exit_drain,
+        drain_until: Mutex::new(None),
     });
     let api = shared.clone();
     let socket = args.socket.clone();

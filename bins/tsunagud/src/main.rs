@@ -89,6 +89,16 @@ struct Args {
         env = "TSUNAGU_RELAY_IDLE_TIMEOUT"
     )]
     relay_idle_timeout: u64,
+    /// After this node stops offering itself as exit node, keep forwarding for the peers
+    /// that used it for this many seconds (planned maintenance: they move to another
+    /// exit node meanwhile, without losing a packet). Env: TSUNAGU_EXIT_DRAIN.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30,
+        env = "TSUNAGU_EXIT_DRAIN"
+    )]
+    exit_drain: u64,
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
@@ -243,6 +253,7 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
         mtu: tsunagu_proto::netmap::DEFAULT_MTU,
         socket: args.socket.clone(),
         operator_group,
+        exit_drain: std::time::Duration::from_secs(args.exit_drain),
         relay: relay::PoolConfig {
             home: args.home_relay.clone(),
             idle: std::time::Duration::from_secs(args.relay_idle_timeout),

@@ -612,6 +612,14 @@ fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
         &exit_sock,
         &["set", "--advertise-exit-node=false"],
     ));
+    // The exit node drains: it still forwards for its users while they move.
+    let st = status_text(&exit_ns, &exit_sock);
+    assert!(st.contains("offer withdrawn; still forwarding"), "{st}");
+    let nat = |ns: &tsunagu_lab::Netns| {
+        ns.exec_status(&["nft", "list", "table", "inet", "tsunagu"])
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(nat(&exit_ns), "the exit NAT stays during the drain");
     let (failed, slowest, moved) = requests.join().unwrap();
     eprintln!(
         "drain: moved to backup-exit {:?} after the offer was withdrawn; {failed} failed requests, slowest {slowest:?}",
@@ -621,6 +629,10 @@ fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
     assert_eq!(failed, 0, "no request failed during the drain");
     let st = status_text(&ns, &c.sock);
     assert!(st.contains("# Exit node: backup-exit"), "{st}");
+    // The drain ends (4 s in the lab): no more forwarding, no NAT left.
+    wait("the drain over", Duration::from_secs(15), || {
+        !status_text(&exit_ns, &exit_sock).contains("still forwarding") && !nat(&exit_ns)
+    });
     let _ = backup;
 }
 

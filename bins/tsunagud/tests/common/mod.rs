@@ -391,11 +391,9 @@ pub fn setup_over(
 
     let exit_state = seed.lab.log_path("exit-state");
     let exit_log = seed.lab.log_path("exit.log");
-    let mut exit_argv: Vec<&str> = Vec::new();
-    if !env.is_empty() {
-        exit_argv.push("env");
-        exit_argv.extend(env.iter().map(String::as_str));
-    }
+    // A short drain when the exit node withdraws its offer (30 s by default).
+    let mut exit_argv: Vec<&str> = vec!["env", "TSUNAGU_EXIT_DRAIN=4"];
+    exit_argv.extend(env.iter().map(String::as_str));
     exit_argv.push(TSUNAGUD);
     seed.lab
         .spawn(
