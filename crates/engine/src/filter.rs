@@ -523,7 +523,7 @@ mod tests {
             "cap:ssh",
             "100.64.1.0/24",
             "garbage",
-            "9.9.9.9-1.1.1.1",
+            "203.0.113.20-203.0.113.10",
         ] {
             let f = filter(vec![FilterRule::allow([src], [NetPortRange::any("*")])]);
             assert_eq!(
