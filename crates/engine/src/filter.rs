@@ -16,9 +16,10 @@
 //! * no filter in the map (a map loaded from a file) filters nothing; an empty filter
 //!   lets nothing in.
 //!
-//! Forwarded traffic (an exit node's clients going to the internet) is not ours to
-//! judge here: the exit node's nftables table admits only the peers allowed to use it.
-//! Pure: bytes in, a verdict out; the UDP flow table is the only state.
+//! A packet not addressed to this node is dropped unless the node serves as an exit node
+//! (never one by accident, whatever the host's forwarding settings); an exit node's
+//! forwarded traffic is not judged here, its nftables table admits only the peers allowed
+//! to use it. Pure: bytes in, a verdict out; the UDP flow table is the only state.
 
 use ipnet::IpNet;
 use parking_lot::Mutex;
@@ -90,11 +91,14 @@ pub enum Verdict {
 }
 
 /// A compiled packet filter (immutable; rebuilt with the peer table).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Filter {
-    rules: Vec<Rule>,
-    /// This node's own addresses: only packets to these are judged.
+    /// `None`: no policy (a map from a file), nothing is judged by rules.
+    rules: Option<Vec<Rule>>,
+    /// This node's own addresses: only packets to these are judged by the rules.
     local: Vec<IpAddr>,
+    /// Packets to other addresses are forwarded (we serve as exit node), not dropped.
+    forwards: bool,
 }
 
 /// The parts of an IP packet the filter looks at.
@@ -110,6 +114,8 @@ struct Headers {
     /// TCP flags, ICMP type.
     tcp_flags: u8,
     icmp_type: u8,
+    /// The transport header is cut short (no ports, no TCP flags, no ICMP type).
+    truncated: bool,
 }
 
 fn parse(p: &[u8]) -> Option<Headers> {
@@ -150,22 +156,27 @@ fn parse(p: &[u8]) -> Option<Headers> {
         fragment,
         tcp_flags: 0,
         icmp_type: 0,
+        truncated: false,
     };
     if fragment {
         return Some(h);
     }
     match proto {
-        TCP | UDP | SCTP if l4.len() >= 4 => {
+        TCP if l4.len() >= 14 => {
             h.ports = Some((
                 u16::from_be_bytes([l4[0], l4[1]]),
                 u16::from_be_bytes([l4[2], l4[3]]),
             ));
-            if proto == TCP {
-                h.tcp_flags = *l4.get(13)?;
-            }
+            h.tcp_flags = l4[13];
         }
-        TCP | UDP | SCTP => return None,
-        ICMP | ICMPV6 => h.icmp_type = *l4.first()?,
+        UDP | SCTP if l4.len() >= 4 => {
+            h.ports = Some((
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            ));
+        }
+        ICMP | ICMPV6 if !l4.is_empty() => h.icmp_type = l4[0],
+        TCP | UDP | SCTP | ICMP | ICMPV6 => h.truncated = true,
         _ => {}
     }
     Some(h)
@@ -221,37 +232,48 @@ impl Flows {
     }
 }
 
-impl Filter {
-    /// Compile the map's rules for a node with addresses `local`. Entries that do not
-    /// parse (capability sources, names) match nothing, as in Tailscale.
-    pub fn new(rules: &[FilterRule], local: &[IpNet]) -> Filter {
-        let rules = rules
-            .iter()
-            .map(|r| Rule {
-                srcs: r.src_ips.iter().filter_map(|s| Addrs::parse(s)).collect(),
-                dsts: r
-                    .dst_ports
+/// Compile Tailscale's rules.
+fn compile(rules: &[FilterRule]) -> Vec<Rule> {
+    rules
+        .iter()
+        .map(|r| Rule {
+            srcs: r.src_ips.iter().filter_map(|s| Addrs::parse(s)).collect(),
+            dsts: r
+                .dst_ports
+                .iter()
+                .filter_map(|d| {
+                    let a = Addrs::parse(&d.ip)?;
+                    Some((a, d.ports.first, d.ports.last))
+                })
+                .collect(),
+            protos: if r.ip_proto.is_empty() {
+                DEFAULT_PROTOS.to_vec()
+            } else {
+                r.ip_proto
                     .iter()
-                    .filter_map(|d| {
-                        let a = Addrs::parse(&d.ip)?;
-                        Some((a, d.ports.first, d.ports.last))
-                    })
-                    .collect(),
-                protos: if r.ip_proto.is_empty() {
-                    DEFAULT_PROTOS.to_vec()
-                } else {
-                    r.ip_proto
-                        .iter()
-                        .filter_map(|p| u8::try_from(*p).ok())
-                        .collect()
-                },
-            })
-            .filter(|r| !r.srcs.is_empty() && !r.dsts.is_empty())
-            .collect();
+                    .filter_map(|p| u8::try_from(*p).ok())
+                    .collect()
+            },
+        })
+        .filter(|r| !r.srcs.is_empty() && !r.dsts.is_empty())
+        .collect()
+}
+
+impl Filter {
+    /// The filter of a map: its rules (if any) for a node with addresses `local`,
+    /// forwarding when `forwards` (an exit node). Rule entries that do not parse
+    /// (capability sources, names) match nothing, as in Tailscale.
+    pub fn new(rules: Option<&[FilterRule]>, local: &[IpNet], forwards: bool) -> Filter {
         Filter {
-            rules,
+            rules: rules.map(compile),
             local: local.iter().map(IpNet::addr).collect(),
+            forwards,
         }
+    }
+
+    /// Whether outgoing packets must be noted (for UDP answers): only with rules.
+    pub fn tracks_flows(&self) -> bool {
+        self.rules.is_some()
     }
 
     /// Judge a decrypted packet from a peer (its source already checked against the
@@ -261,7 +283,17 @@ impl Filter {
             return Verdict::Drop("unparsable");
         };
         if !self.local.contains(&h.dst) {
-            return Verdict::Accept("forwarded");
+            return if self.forwards {
+                Verdict::Accept("forwarded")
+            } else {
+                Verdict::Drop("not for this node, which is no exit node")
+            };
+        }
+        let Some(rules) = &self.rules else {
+            return Verdict::Accept("no filter");
+        };
+        if h.truncated {
+            return Verdict::Drop("unparsable");
         }
         if h.fragment {
             return Verdict::Accept("later fragment");
@@ -299,7 +331,7 @@ impl Filter {
             _ => false,
         };
         let port = h.ports.map(|(_, d)| d);
-        let hit = self.rules.iter().any(|r| {
+        let hit = rules.iter().any(|r| {
             r.protos.contains(&h.proto)
                 && r.srcs.iter().any(|s| s.contains(h.src))
                 && r.dsts.iter().any(|(d, first, last)| {
@@ -357,14 +389,16 @@ mod tests {
         v4(src, dst, ICMP, &[kind, 0, 0, 0, 0, 0, 0, 0])
     }
 
+    fn local() -> [IpNet; 2] {
+        [
+            format!("{ME}/32").parse().unwrap(),
+            format!("{ME6}/128").parse().unwrap(),
+        ]
+    }
+
+    /// An exit node's filter (it forwards what is not for it).
     fn filter(rules: Vec<FilterRule>) -> Filter {
-        Filter::new(
-            &rules,
-            &[
-                format!("{ME}/32").parse().unwrap(),
-                format!("{ME6}/128").parse().unwrap(),
-            ],
-        )
+        Filter::new(Some(&rules), &local(), true)
     }
 
     /// PEER may reach our port 22 (TCP/UDP/ICMP); nobody else anything.
@@ -408,11 +442,24 @@ mod tests {
             f.check_in(&tcp(OTHER, ME, 80, 40000, ACK), &fl, now),
             Verdict::Accept("tcp non-syn")
         );
-        // Not for us: the exit node's nftables judge forwarded traffic.
+        // Not for us: the exit node's nftables judge forwarded traffic; a node that is
+        // no exit node drops it, with or without rules.
+        let web = tcp(PEER, "203.0.113.10", 40000, 80, SYN);
+        assert_eq!(f.check_in(&web, &fl, now), Verdict::Accept("forwarded"));
+        for rules in [None, Some(&[FilterRule::allow_all()][..])] {
+            let g = Filter::new(rules, &local(), false);
+            assert_eq!(
+                g.check_in(&web, &fl, now),
+                Verdict::Drop("not for this node, which is no exit node")
+            );
+        }
+        // No rules (a map from a file): whatever is for us.
+        let open = Filter::new(None, &local(), false);
         assert_eq!(
-            f.check_in(&tcp(PEER, "203.0.113.10", 40000, 80, SYN), &fl, now),
-            Verdict::Accept("forwarded")
+            open.check_in(&tcp(OTHER, ME, 1, 9, SYN), &fl, now),
+            Verdict::Accept("no filter")
         );
+        assert!(!open.tracks_flows() && f.tracks_flows());
         // Truncated TCP: dropped.
         let mut short = tcp(PEER, ME, 40000, 22, SYN);
         short.truncate(22);

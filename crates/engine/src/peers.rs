@@ -571,12 +571,9 @@ pub struct PeerTable {
     by_disco: HashMap<DiscoPublic, usize>,
     routes: AllowedIps,
     exit: Option<usize>,
-    /// The map's packet filter, compiled (none: filter nothing).
-    filter: Option<Filter>,
-    /// Our own addresses, and whether we forward for exit-node clients: a packet to
-    /// any other address is dropped unless we do.
-    own_addrs: Vec<IpAddr>,
-    serve_exit: bool,
+    /// What peers may send us: the map's packet filter, our addresses, whether we
+    /// forward as exit node.
+    filter: Filter,
 }
 
 impl PeerTable {
@@ -589,9 +586,7 @@ impl PeerTable {
             by_disco: HashMap::new(),
             routes: AllowedIps::new(),
             exit: None,
-            filter: None,
-            own_addrs: Vec::new(),
-            serve_exit: false,
+            filter: Filter::default(),
         }
     }
 
@@ -684,12 +679,11 @@ impl PeerTable {
             by_disco,
             routes,
             exit,
-            filter: map
-                .packet_filter
-                .as_ref()
-                .map(|rules| Filter::new(rules, &map.self_node.addresses)),
-            own_addrs: map.self_node.addresses.iter().map(IpNet::addr).collect(),
-            serve_exit: map.self_node.serve_exit,
+            filter: Filter::new(
+                map.packet_filter.as_deref(),
+                &map.self_node.addresses,
+                map.self_node.serve_exit,
+            ),
         }
     }
 
@@ -715,24 +709,14 @@ impl PeerTable {
             .is_some_and(|i| self.entries[i].state.key == peer.key)
     }
 
-    /// Whether a decrypted packet from a peer may go to the TUN: it must be for us
-    /// (or we must be an exit node, whose nftables table then judges the peer), and the
-    /// packet filter must let it in.
+    /// Whether a decrypted packet from a peer may go to the TUN ([`Filter::check_in`]).
     pub fn check_in(&self, packet: &[u8], flows: &Flows, now: Instant) -> Verdict {
-        if !self.serve_exit
-            && ip_endpoints(packet).is_some_and(|(_, dst)| !self.own_addrs.contains(&dst))
-        {
-            return Verdict::Drop("not for this node, which is no exit node");
-        }
-        match &self.filter {
-            Some(f) => f.check_in(packet, flows, now),
-            None => Verdict::Accept("no filter"),
-        }
+        self.filter.check_in(packet, flows, now)
     }
 
     /// Whether outgoing packets must be noted for the filter (UDP answers).
     pub fn tracks_flows(&self) -> bool {
-        self.filter.is_some()
+        self.filter.tracks_flows()
     }
 
     pub fn entries(&self) -> &[PeerEntry] {
