@@ -371,8 +371,9 @@ fn send_bytes(shared: &Shared, datagram: &[u8], to: SocketAddr, key: Option<&Nod
 /// Send a datagram to a peer on its current path; while that is the relay, now and then
 /// also straight to its direct endpoint (a probe that moves both sides to the direct
 /// path when it gets through).
-fn send_to_peer(shared: &Shared, peer: &PeerState, packet: WgKind) -> bool {
-    let Some(plan) = peer.plan_send(Instant::now()) else {
+/// `data`: the datagram carries an application's packet (not a keepalive or handshake).
+fn send_to_peer(shared: &Shared, peer: &PeerState, packet: WgKind, data: bool) -> bool {
+    let Some(plan) = peer.plan_send(Instant::now(), data) else {
         return false;
     };
     let packet: Packet = packet.into();
@@ -423,17 +424,21 @@ fn outbound(shared: &Shared) {
         }
         bump(&peer.counters.tx_packets, 1);
         bump(&peer.counters.tx_bytes, n);
-        peer.note_data(Instant::now());
         let out = peer
             .tunn
             .lock()
             .handle_outgoing_packet(packet, Some(&mut mtu));
-        if let Some(out) = out {
-            register_index(shared, &out, peer);
-            if !send_to_peer(shared, peer, out) {
-                // No endpoint yet: the packet waits in the Tunn queue for the peer to call.
-                bump(&shared.counters.no_route, 1);
+        match out {
+            Some(out) => {
+                register_index(shared, &out, peer);
+                if !send_to_peer(shared, peer, out, true) {
+                    // No endpoint yet: the packet waits in the Tunn queue for the peer
+                    // to call.
+                    bump(&shared.counters.no_route, 1);
+                }
             }
+            // Queued until a handshake completes: still data the peer should get.
+            None => peer.note_data(Instant::now()),
         }
     }
 }
@@ -596,7 +601,7 @@ fn timers(shared: &Shared) {
             match out {
                 Ok(Some(packet)) => {
                     register_index(shared, &packet, peer);
-                    send_to_peer(shared, peer, packet);
+                    send_to_peer(shared, peer, packet, false);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::trace!(peer = %peer.key.short(), error = ?e, "timers"),

@@ -173,6 +173,17 @@ impl DiscoPath {
         }
     }
 
+    /// Every endpoint worth a ping: the map's (`configured`) and the learned ones.
+    fn candidates(&self, configured: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut all = configured.to_vec();
+        for a in &self.learned {
+            if !all.contains(a) {
+                all.push(*a);
+            }
+        }
+        all
+    }
+
     fn ping(&mut self, to: SocketAddr, now: Instant, node_key: NodePublic) -> DiscoSend {
         self.pings
             .retain(|p| now.duration_since(p.at) < PING_TIMEOUT);
@@ -245,19 +256,6 @@ impl PathState {
             self.last_rx = Some(now);
         }
     }
-
-    /// Every endpoint worth a ping: the map's and the learned ones.
-    fn candidates(&self) -> Vec<SocketAddr> {
-        let mut all = self.configured.clone();
-        if let Some(d) = &self.disco {
-            for a in &d.learned {
-                if !all.contains(a) {
-                    all.push(*a);
-                }
-            }
-        }
-        all
-    }
 }
 
 /// What to do with one outgoing datagram for a peer.
@@ -313,10 +311,14 @@ impl PeerState {
         self.path.lock().last_data = Some(now);
     }
 
-    /// Where the next datagram goes (and whether to probe the direct path too).
-    pub(crate) fn plan_send(&self, now: Instant) -> Option<SendPlan> {
+    /// Where the next datagram goes (and whether to probe the direct path too). `data`:
+    /// it carries an application's packet ([`PeerState::note_data`] in the same lock).
+    pub(crate) fn plan_send(&self, now: Instant, data: bool) -> Option<SendPlan> {
         let mut p = self.path.lock();
         p.last_tx = Some(now);
+        if data {
+            p.last_data = Some(now);
+        }
         let to = p.endpoint?;
         let mut probe = None;
         if p.disco.is_none()
@@ -373,15 +375,16 @@ impl PeerState {
         own: NodePublic,
         our_endpoints: &[SocketAddr],
     ) -> Vec<DiscoSend> {
-        let mut p = self.path.lock();
-        if p.disco.is_none() || !p.active(now) {
+        let mut guard = self.path.lock();
+        let p = &mut *guard;
+        if !p.active(now) {
             return Vec::new();
         }
         let on_relay = p.on_relay();
-        let candidates = p.candidates();
-        let relay = p.relay;
-        let endpoint = p.endpoint;
-        let d = p.disco.as_mut().expect("checked above");
+        let Some(d) = p.disco.as_mut() else {
+            return Vec::new();
+        };
+        let candidates = d.candidates(&p.configured);
         let due = |last: Option<Instant>, every: Duration| {
             last.is_none_or(|t| now.duration_since(t) >= every)
         };
@@ -398,7 +401,7 @@ impl PeerState {
                 out.push(d.ping(c, now, own));
             }
             if on_relay
-                && let Some(r) = relay
+                && let Some(r) = p.relay
                 && !our_endpoints.is_empty()
                 && due(d.last_call, CALL_ME_MAYBE_EVERY)
             {
@@ -411,7 +414,7 @@ impl PeerState {
                 });
             }
         } else if !on_relay
-            && let Some(ep) = endpoint
+            && let Some(ep) = p.endpoint
             && due(d.last_heartbeat, HEARTBEAT)
         {
             d.last_heartbeat = Some(now);
@@ -495,17 +498,14 @@ impl PeerState {
         now: Instant,
         own: NodePublic,
     ) -> Vec<DiscoSend> {
-        let mut p = self.path.lock();
-        if p.disco.is_none() {
+        let mut guard = self.path.lock();
+        let p = &mut *guard;
+        let Some(d) = p.disco.as_mut() else {
             return Vec::new();
+        };
+        for e in endpoints {
+            d.learn(*e);
         }
-        if let Some(d) = p.disco.as_mut() {
-            for e in endpoints {
-                d.learn(*e);
-            }
-        }
-        let candidates = p.candidates();
-        let d = p.disco.as_mut().expect("checked above");
         if d.last_call_answered
             .is_some_and(|t| now.duration_since(t) < CALL_ME_MAYBE_ANSWER_EVERY)
         {
@@ -513,7 +513,7 @@ impl PeerState {
         }
         d.last_call_answered = Some(now);
         d.last_round = Some(now);
-        candidates
+        d.candidates(&p.configured)
             .into_iter()
             .map(|c| d.ping(c, now, own))
             .collect()
@@ -830,13 +830,13 @@ mod tests {
         // Idle: nothing to do. Once we send (over the relay; no WireGuard probe copies
         // for a disco peer), a round of pings and a CallMeMaybe over the relay.
         assert!(peer.disco_poll(t0, own, &ours).is_empty());
-        peer.plan_send(t0).unwrap();
+        peer.plan_send(t0, false).unwrap();
         assert!(
             peer.disco_poll(t0, own, &ours).is_empty(),
             "WireGuard's own packets (keepalives) do not make a peer active"
         );
         peer.note_data(t0);
-        let plan = peer.plan_send(t0).unwrap();
+        let plan = peer.plan_send(t0, false).unwrap();
         assert_eq!((plan.to, plan.probe), (relay, None));
         let out = peer.disco_poll(t0, own, &ours);
         let sent = pings(&out);
@@ -878,7 +878,7 @@ mod tests {
         // Heartbeats on the direct path while active, a full round after UPGRADE_EVERY.
         let hb = t1 + HEARTBEAT;
         peer.note_data(hb);
-        peer.plan_send(hb);
+        peer.plan_send(hb, false);
         let out = peer.disco_poll(hb, own, &ours);
         assert_eq!(
             pings(&out).iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -894,7 +894,7 @@ mod tests {
         assert_eq!(pings(&out).len(), 2, "a full round right after the change");
         let up = hb + Duration::from_secs(1) + UPGRADE_EVERY;
         peer.note_data(up);
-        peer.plan_send(up);
+        peer.plan_send(up, false);
         let out = peer.disco_poll(up, own, &ours);
         assert_eq!(
             pings(&out).len(),
@@ -974,12 +974,12 @@ mod tests {
         let own = NodePublic([1; 32]);
         let now = Instant::now();
         peer.note_data(now);
-        peer.plan_send(now);
+        peer.plan_send(now, false);
         let tx = pings(&peer.disco_poll(now, own, &[]))[0].1;
         assert!(peer.disco_on_pong(tx, direct, now));
         let later = now + DIRECT_SILENCE + Duration::from_millis(10);
         peer.note_data(later);
-        peer.plan_send(later);
+        peer.plan_send(later, false);
         assert_eq!(peer.check_path(later), Some(relay_addr(900)));
         // No relay and disco: no path until a pong (never a blind send).
         let mut m = map();
@@ -994,7 +994,7 @@ mod tests {
         let tx = {
             let p = &a.entries()[0].state;
             p.note_data(now);
-            p.plan_send(now);
+            p.plan_send(now, false);
             pings(&p.disco_poll(now, own, &[]))[0].1
         };
         assert!(
@@ -1023,21 +1023,23 @@ mod tests {
         assert_eq!(relay_region(&direct), None);
         // Starts on the relay, probing the direct endpoint with the first datagram only.
         let t0 = Instant::now();
-        let plan = peer.plan_send(t0).unwrap();
+        let plan = peer.plan_send(t0, false).unwrap();
         assert_eq!((plan.to, plan.probe), (relay, Some(direct)));
-        let plan = peer.plan_send(t0 + Duration::from_millis(500)).unwrap();
+        let plan = peer
+            .plan_send(t0 + Duration::from_millis(500), false)
+            .unwrap();
         assert_eq!((plan.to, plan.probe), (relay, None));
-        let plan = peer.plan_send(t0 + DIRECT_PROBE_EVERY).unwrap();
+        let plan = peer.plan_send(t0 + DIRECT_PROBE_EVERY, false).unwrap();
         assert_eq!(plan.probe, Some(direct), "probes again after the interval");
         // The peer answers directly: direct from now on, no more probes.
         peer.set_endpoint(direct);
         let now = Instant::now();
-        let plan = peer.plan_send(now).unwrap();
+        let plan = peer.plan_send(now, false).unwrap();
         assert_eq!((plan.to, plan.probe), (direct, None));
         assert_eq!(peer.check_path(now), None, "not silent yet");
         // We keep sending, the peer goes silent: back to the relay.
         let later = now + DIRECT_SILENCE + Duration::from_millis(100);
-        peer.plan_send(later).unwrap();
+        peer.plan_send(later, false).unwrap();
         assert_eq!(peer.check_path(later), Some(relay));
         assert_eq!(peer.endpoint(), Some(relay));
         // Idle (nothing sent) is not silence.
@@ -1050,7 +1052,7 @@ mod tests {
         let t2 = build(&m2, None);
         let p2 = &t2.entries()[0].state;
         assert_eq!(p2.endpoint(), Some(direct));
-        p2.plan_send(Instant::now()).unwrap();
+        p2.plan_send(Instant::now(), false).unwrap();
         assert_eq!(
             p2.check_path(Instant::now() + Duration::from_secs(10)),
             None
