@@ -95,7 +95,7 @@ impl std::str::FromStr for StoredNodeKey {
 
 /// The node's local addresses with our port: what peers on the same networks, or on
 /// public addresses, can reach directly (STUN-discovered endpoints come with the relay).
-fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
+fn local_endpoints(port: u16, tun: &str) -> Vec<std::net::SocketAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -112,9 +112,7 @@ fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
         };
         match ip {
             Some(IpAddr::V6(v6)) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {}
-            Some(ip) if !ip.is_loopback() => {
-                out.push(std::net::SocketAddr::new(ip, port).to_string())
-            }
+            Some(ip) if !ip.is_loopback() => out.push(std::net::SocketAddr::new(ip, port)),
             _ => {}
         }
     }
@@ -126,7 +124,7 @@ fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
 fn endpoints(shared: &Shared, port: u16, tun: &str) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(r) = shared.stun.latest() {
-        out.push(r.mapped.to_string());
+        out.push(r.mapped);
     }
     for e in local_endpoints(port, tun) {
         if !out.contains(&e) {
@@ -134,16 +132,15 @@ fn endpoints(shared: &Shared, port: u16, tun: &str) -> Vec<String> {
         }
     }
     // The engine tells peers the same in its CallMeMaybe messages.
-    let parsed: Vec<std::net::SocketAddr> = out.iter().filter_map(|e| e.parse().ok()).collect();
     if let Ok(mut eps) = shared.endpoints.lock() {
-        *eps = parsed.clone();
+        eps.clone_from(&out);
     }
     if let Ok(g) = shared.engine.lock()
         && let Some(e) = g.as_ref()
     {
-        e.device().set_endpoints(parsed);
+        e.device().set_endpoints(out.clone());
     }
-    out
+    out.iter().map(ToString::to_string).collect()
 }
 
 /// Load the identity and settings, start the local API, and run the control loop

@@ -526,12 +526,7 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
         let sock = tokio::net::UdpSocket::bind(addr)
             .await
             .map_err(io_err(format!("binding STUN on {addr}")))?;
-        let r = relay.clone();
-        tokio::spawn(async move {
-            if let Err(e) = r.serve_stun(sock).await {
-                tracing::error!("STUN server stopped: {e}");
-            }
-        });
+        relay.clone().spawn_stun(sock);
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

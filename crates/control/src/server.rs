@@ -493,11 +493,7 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
         relay.start_mesh();
     }
     if let (Some(relay), Some(sock)) = (server.relay.clone(), server.stun.take()) {
-        tokio::spawn(async move {
-            if let Err(e) = relay.serve_stun(sock).await {
-                tracing::error!("STUN server stopped: {e}");
-            }
-        });
+        relay.spawn_stun(sock);
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

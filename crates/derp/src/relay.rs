@@ -92,6 +92,22 @@ pub struct Metrics {
     pub mesh_links_up: AtomicU64,
 }
 
+impl Metrics {
+    /// Count what became of a packet of `len` bytes handed to the registry.
+    fn count_send(&self, outcome: SendOutcome, len: usize) {
+        let c = match outcome {
+            SendOutcome::Queued => {
+                self.bytes_forwarded.fetch_add(len as u64, Relaxed);
+                &self.packets_forwarded
+            }
+            SendOutcome::DroppedFull => &self.dropped_queue_full,
+            SendOutcome::DroppedClosed => &self.dropped_gone,
+            SendOutcome::NotHere => &self.dropped_not_here,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
 /// A copy of [`Metrics`] plus the number of connected clients.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MetricsSnapshot {
@@ -333,49 +349,24 @@ impl Relay {
             }
             ConnEvent::Send { dst, packet } => {
                 let Some(src) = *me else { return };
-                let len = packet.len() as u64;
+                let len = packet.len();
                 let (outcome, new_pair) =
                     self.registry.lock().send_noting_new_pair(src, dst, packet);
                 if new_pair {
                     tracing::info!(src = %src.tailscale(), dst = %dst.tailscale(), "derp relaying between peers");
                 }
-                match outcome {
-                    SendOutcome::Queued => {
-                        m.packets_forwarded.fetch_add(1, Relaxed);
-                        m.bytes_forwarded.fetch_add(len, Relaxed);
-                    }
-                    SendOutcome::DroppedFull => {
-                        m.dropped_queue_full.fetch_add(1, Relaxed);
-                    }
-                    SendOutcome::DroppedClosed => {
-                        m.dropped_gone.fetch_add(1, Relaxed);
-                    }
-                    SendOutcome::NotHere => {
-                        m.dropped_not_here.fetch_add(1, Relaxed);
-                        conn.queue(Outgoing::PeerGone {
-                            key: dst,
-                            reason: PeerGoneReason::NotHere,
-                        });
-                    }
+                m.count_send(outcome, len);
+                if outcome == SendOutcome::NotHere {
+                    conn.queue(Outgoing::PeerGone {
+                        key: dst,
+                        reason: PeerGoneReason::NotHere,
+                    });
                 }
             }
             ConnEvent::Forward { src, dst, packet } => {
-                let len = packet.len() as u64;
-                match self.registry.lock().forward(src, dst, packet) {
-                    SendOutcome::Queued => {
-                        m.packets_forwarded.fetch_add(1, Relaxed);
-                        m.bytes_forwarded.fetch_add(len, Relaxed);
-                    }
-                    SendOutcome::DroppedFull => {
-                        m.dropped_queue_full.fetch_add(1, Relaxed);
-                    }
-                    SendOutcome::DroppedClosed => {
-                        m.dropped_gone.fetch_add(1, Relaxed);
-                    }
-                    SendOutcome::NotHere => {
-                        m.dropped_not_here.fetch_add(1, Relaxed);
-                    }
-                }
+                let len = packet.len();
+                let outcome = self.registry.lock().forward(src, dst, packet);
+                m.count_send(outcome, len);
             }
             ConnEvent::Preferred(p) => {
                 if let Some(key) = *me {
@@ -398,6 +389,15 @@ impl Relay {
             .route("/derp/probe", get(probe).head(probe))
             .route("/derp/latency-check", get(probe).head(probe))
             .with_state(self.clone())
+    }
+
+    /// [`Relay::serve_stun`] as a task of its own, logging why it stopped.
+    pub fn spawn_stun(self: Arc<Self>, socket: UdpSocket) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            if let Err(e) = self.serve_stun(socket).await {
+                tracing::error!("STUN server stopped: {e}");
+            }
+        })
     }
 
     /// Answers STUN binding requests on `socket` until it fails.
