@@ -498,15 +498,7 @@ fn auto_exit_node_fails_over_when_the_one_in_use_goes_away() {
     let mut j = setup("life_failover");
     let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
     // A second exit node on the server's machine (198.51.100.4), sorted first by name.
-    let key = j.admin(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        "admin",
-        "--tags",
-        "tag:exit",
-    ]);
-    let key = key.lines().last().unwrap().to_string();
+    let key = j.new_exit_key();
     let backup_state = j.seed.lab.log_path("backup-state");
     let backup_log = j.seed.lab.log_path("backup.log");
     let backup = j

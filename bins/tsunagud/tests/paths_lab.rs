@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{EXIT_PUBLIC, Netns, WEB_ADDR, http_get, whoami_server};
 
-use common::SERVER_URL as SERVER;
-
 fn exit_path(ns: &Netns, sock: &std::path::Path) -> String {
     peer_line(&status_text(ns, sock), "dev-m1sk9-s1").unwrap_or_default()
 }
@@ -153,29 +151,8 @@ fn two_nats(test: &str, symmetric: bool) -> (common::Joined, common::Client, com
     };
     let mut j = common::setup_full(test, common::POLICY, opts);
     let (k1, k2) = (j.client_key.clone(), j.new_key());
-    let a = j.start_client(
-        "laptop",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &k1,
-            "--hostname",
-            "laptop",
-        ],
-    );
-    let b = j.start_node(
-        role::CLIENT2,
-        "desktop",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &k2,
-            "--hostname",
-            "desktop",
-        ],
-    );
+    let a = j.join(role::CLIENT, "laptop", "laptop", &k1, &[]);
+    let b = j.join(role::CLIENT2, "desktop", "desktop", &k2, &[]);
     let ns = j.seed.ns(role::CLIENT);
     wait(
         "the two laptops see each other",

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{Netns, RELAY2_PUBLIC, SeedOptions, http_get, whoami_server};
 
-use common::SERVER_URL as SERVER;
-
 /// The idle time of region connections in this test (the default is 60 s).
 const IDLE_SECS: u64 = 3;
 
@@ -163,34 +161,19 @@ fn nodes_homed_on_two_regions_reach_each_other_and_idle_region_connections_close
 
     let idle = IDLE_SECS.to_string();
     let (k1, k2) = (j.client_key.clone(), j.new_key());
-    let a = j.start_client(
+    let a = j.join(
+        role::CLIENT,
         "laptop",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &k1,
-            "--hostname",
-            "laptop",
-            "--relay-idle-timeout",
-            &idle,
-        ],
+        "laptop",
+        &k1,
+        &["--relay-idle-timeout", &idle],
     );
-    let d = j.start_node(
+    let d = j.join(
         role::CLIENT2,
         "desktop",
-        &[
-            "--login-server",
-            SERVER,
-            "--auth-key",
-            &k2,
-            "--hostname",
-            "desktop",
-            "--home-relay",
-            "b",
-            "--relay-idle-timeout",
-            &idle,
-        ],
+        "desktop",
+        &k2,
+        &["--home-relay", "b", "--relay-idle-timeout", &idle],
     );
     let (ns_a, ns_d) = (j.seed.ns(role::CLIENT), j.seed.ns(role::CLIENT2));
     let all_logs = || {

@@ -504,23 +504,32 @@ pub struct RelayOnlyConfig {
     pub mesh_with: Vec<String>,
 }
 
+/// A relay with its key from `data_dir` (created there once) and the mesh settings.
+pub(crate) fn new_relay(
+    data_dir: &std::path::Path,
+    mesh_key: &Option<String>,
+    mesh_with: &[String],
+) -> Result<std::sync::Arc<tsunagu_derp::Relay>, ServerError> {
+    let key_path = data_dir.join(tsunagu_derp::relay::KEY_FILE);
+    let key = tsunagu_derp::load_or_create_key(&key_path)
+        .map_err(io_err(format!("DERP key {}", key_path.display())))?;
+    Ok(tsunagu_derp::Relay::new(
+        key,
+        tsunagu_derp::RelayOptions {
+            mesh_key: mesh_key.clone(),
+            mesh_with: mesh_with.to_vec(),
+            ..Default::default()
+        },
+    ))
+}
+
 /// Runs a relay (DERP on `listen`, STUN on `stun_listen`) until SIGINT or SIGTERM.
 pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(load_tls(cert, key)?),
         None => None,
     };
-    let key_path = cfg.data_dir.join(tsunagu_derp::relay::KEY_FILE);
-    let key = tsunagu_derp::load_or_create_key(&key_path)
-        .map_err(io_err(format!("DERP key {}", key_path.display())))?;
-    let relay = tsunagu_derp::Relay::new(
-        key,
-        tsunagu_derp::RelayOptions {
-            mesh_key: cfg.mesh_key.clone(),
-            mesh_with: cfg.mesh_with.clone(),
-            ..Default::default()
-        },
-    );
+    let relay = new_relay(&cfg.data_dir, &cfg.mesh_key, &cfg.mesh_with)?;
     relay.start_mesh();
     if let Some(addr) = &cfg.stun_listen {
         let sock = tokio::net::UdpSocket::bind(addr)

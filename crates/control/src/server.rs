@@ -211,17 +211,7 @@ type RelayParts = (
 /// The relay's key (created once in the data directory), its STUN socket, and the DERP
 /// map announcing it.
 async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts, ServerError> {
-    let key_path = cfg.data_dir.join(tsunagu_derp::relay::KEY_FILE);
-    let key = tsunagu_derp::load_or_create_key(&key_path)
-        .map_err(io_err(format!("DERP key {}", key_path.display())))?;
-    let relay = tsunagu_derp::Relay::new(
-        key,
-        tsunagu_derp::RelayOptions {
-            mesh_key: s.mesh_key.clone(),
-            mesh_with: s.mesh_with.clone(),
-            ..Default::default()
-        },
-    );
+    let relay = crate::relay::new_relay(&cfg.data_dir, &s.mesh_key, &s.mesh_with)?;
     let stun = match &s.stun_listen {
         Some(addr) => Some(
             tokio::net::UdpSocket::bind(addr)

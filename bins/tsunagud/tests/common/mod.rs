@@ -155,17 +155,36 @@ impl Joined {
     /// `laptop` with the member key of the setup, plus `extra` flags.
     pub fn join_laptop(&mut self, extra: &[&str]) -> Client {
         let key = self.client_key.clone();
+        self.join(
+            tsunagu_lab::seed::role::CLIENT,
+            "client",
+            "laptop",
+            &key,
+            extra,
+        )
+    }
+
+    /// tsunagud in the namespace of `role` (state under `name`), joining the server as
+    /// `hostname` with `key`, plus `extra` flags.
+    pub fn join(
+        &mut self,
+        role: &str,
+        name: &str,
+        hostname: &str,
+        key: &str,
+        extra: &[&str],
+    ) -> Client {
         let url = self.url.clone();
         let mut argv = vec![
             "--login-server",
             &url,
             "--auth-key",
-            &key,
+            key,
             "--hostname",
-            "laptop",
+            hostname,
         ];
         argv.extend_from_slice(extra);
-        self.start_client("client", &argv)
+        self.start_node(role, name, &argv)
     }
 
     pub fn start_client(&mut self, name: &str, extra: &[&str]) -> Client {
@@ -177,13 +196,8 @@ impl Joined {
         let state = self.seed.lab.log_path(&format!("{name}-state"));
         let log = self.seed.lab.log_path(&format!("{name}.log"));
         let sock = state.join("tsunagud.sock");
-        let mut argv: Vec<&str> = Vec::new();
-        if !self.env.is_empty() {
-            argv.push("env");
-            argv.extend(self.env.iter().map(String::as_str));
-        }
+        let mut argv = tsunagud_argv(&self.env);
         argv.extend([
-            TSUNAGUD,
             "--state-dir",
             state.to_str().unwrap(),
             "--socket",
@@ -217,8 +231,12 @@ impl Joined {
 
     /// A fresh single-use pre-auth key of user `admin`.
     pub fn new_key(&self) -> String {
-        let out = self.admin(&["preauthkeys", "create", "--user", "admin"]);
-        out.lines().last().unwrap().to_string()
+        preauth_key(&self.seed.ns(role::CONTROL), &self.data, &[])
+    }
+
+    /// A pre-auth key for another exit node (tagged, so the policy approves it).
+    pub fn new_exit_key(&self) -> String {
+        preauth_key(&self.seed.ns(role::CONTROL), &self.data, EXIT_TAG)
     }
 
     /// The server's `nodes list --json`.
@@ -278,6 +296,31 @@ pub fn unblock_udp(router: &Netns) {
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
 /// The server's URL in the seed lab.
 pub const SERVER_URL: &str = "http://198.51.100.4:8080";
+
+/// The tag that the setup's policy auto-approves as exit node.
+const EXIT_TAG: &[&str] = &["--tags", "tag:exit"];
+
+/// A new pre-auth key of user `admin` (with `extra` flags), from the server's CLI.
+fn preauth_key(control: &Netns, data: &str, extra: &[&str]) -> String {
+    let mut args = vec!["preauthkeys", "create", "--user", "admin"];
+    args.extend_from_slice(extra);
+    cli(control, data, &args)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
+}
+
+/// `env NAME=value... tsunagud` (just `tsunagud` without an environment).
+fn tsunagud_argv(env: &[String]) -> Vec<&str> {
+    let mut argv: Vec<&str> = Vec::new();
+    if !env.is_empty() {
+        argv.push("env");
+        argv.extend(env.iter().map(String::as_str));
+    }
+    argv.push(TSUNAGUD);
+    argv
+}
 
 pub fn setup(test: &str) -> Joined {
     setup_with_policy(test, POLICY)
@@ -369,32 +412,16 @@ pub fn setup_over(
         &data_s,
         &["policy", "set", policy.to_str().unwrap()],
     );
-    let exit_key = cli(
-        &control,
-        &data_s,
-        &[
-            "preauthkeys",
-            "create",
-            "--user",
-            "admin",
-            "--tags",
-            "tag:exit",
-        ],
-    );
-    let exit_key = exit_key.lines().last().unwrap().to_string();
-    let client_key = cli(
-        &control,
-        &data_s,
-        &["preauthkeys", "create", "--user", "admin"],
-    );
-    let client_key = client_key.lines().last().unwrap().to_string();
+    let exit_key = preauth_key(&control, &data_s, EXIT_TAG);
+    let client_key = preauth_key(&control, &data_s, &[]);
 
     let exit_state = seed.lab.log_path("exit-state");
     let exit_log = seed.lab.log_path("exit.log");
     // A short drain when the exit node withdraws its offer (30 s by default).
-    let mut exit_argv: Vec<&str> = vec!["env", "TSUNAGU_EXIT_DRAIN=4"];
-    exit_argv.extend(env.iter().map(String::as_str));
-    exit_argv.push(TSUNAGUD);
+    let exit_env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
+        .chain(env.iter().cloned())
+        .collect();
+    let exit_argv = tsunagud_argv(&exit_env);
     seed.lab
         .spawn(
             &seed.ns(role::EXIT),
