@@ -636,9 +636,13 @@ fn send_disco(shared: &Shared, peer: &PeerState, msgs: Vec<DiscoSend>) {
     if msgs.is_empty() {
         return;
     }
-    let Some(b) = peer_box(shared, peer) else {
-        return;
-    };
+    if let Some(b) = peer_box(shared, peer) {
+        send_sealed(shared, peer, &b, msgs);
+    }
+}
+
+/// Seal `msgs` with the peer's box `b` and send them.
+fn send_sealed(shared: &Shared, peer: &PeerState, b: &PeerBox, msgs: Vec<DiscoSend>) {
     for m in msgs {
         tracing::trace!(peer = %peer.key.short(), to = %m.to, msg = ?m.msg, "disco send");
         send_bytes(shared, &b.seal(&m.msg), m.to, Some(&peer.key));
@@ -655,9 +659,6 @@ fn handle_disco(shared: &Shared, datagram: &[u8], from: SocketAddr, relayed: Opt
             tracing::debug!(%from, suppressed, "disco message refused: {why}");
         }
     };
-    if shared.disco.read().is_none() {
-        return reject(&"we do not speak disco");
-    }
     let Some(sender) = tsunagu_disco::sender(datagram) else {
         return reject(&"malformed header");
     };
@@ -670,7 +671,7 @@ fn handle_disco(shared: &Shared, datagram: &[u8], from: SocketAddr, relayed: Opt
         return reject(&"relayed by another node than the key's");
     }
     let Some(b) = peer_box(shared, &peer) else {
-        return;
+        return reject(&"we do not speak disco");
     };
     let msg = match b.open(datagram) {
         Ok(m) => m,
@@ -697,7 +698,7 @@ fn handle_disco(shared: &Shared, datagram: &[u8], from: SocketAddr, relayed: Opt
             peer.disco_on_call_me_maybe(&endpoints, now, own)
         }
     };
-    send_disco(shared, &peer, out);
+    send_sealed(shared, &peer, &b, out);
 }
 
 /// Lets a log line through at most once per interval, and says how many were held back.
