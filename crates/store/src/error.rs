@@ -44,6 +44,11 @@ pub enum StoreError {
     #[error("pre-auth key rejected: {0}")]
     KeyRejected(KeyRejected),
 
+    /// A bound on stored rows was reached (e.g. registrations waiting for an admin);
+    /// nothing was written. Retry later.
+    #[error("too many {what} (at most {limit}); try again later")]
+    Limit { what: &'static str, limit: u64 },
+
     /// Every address of 100.64.0.0/10 that may be handed out is held by a node.
     #[error("no free address left in 100.64.0.0/10 (delete unused nodes)")]
     AddressesExhausted,
@@ -104,6 +109,11 @@ impl StoreError {
     /// True for `NotFound`.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// True for `Limit`.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, StoreError::Limit { .. })
     }
 
     /// True for `Conflict`.

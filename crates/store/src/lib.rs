@@ -42,7 +42,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Pool;
 
 pub use error::{KeyRejected, StoreError};
-pub use nodes::NodeRequest;
+pub use nodes::{NodeChange, NodeRequest};
 pub use types::{NewNode, Node, Owner, PendingRegistration, PreAuthKey, User};
 
 /// The dialect the query functions are written for (see "Backend seam").

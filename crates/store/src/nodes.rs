@@ -37,6 +37,7 @@ struct NodeRow {
     created_at: i64,
     last_seen: Option<i64>,
     authorized: bool,
+    version: i64,
 }
 
 impl TryFrom<NodeRow> for Node {
@@ -69,13 +70,14 @@ impl TryFrom<NodeRow> for Node {
             created_at: from_ms("node created_at", r.created_at)?,
             last_seen: from_ms_opt("node last_seen", r.last_seen)?,
             authorized: r.authorized,
+            version: r.version,
         })
     }
 }
 
 const COLS: &str = "id, machine_key, node_key, disco_key, user_id, tags, hostname, given_name, \
                     ipv4, ipv6, hostinfo, endpoints, advertised_routes, approved_routes, \
-                    ephemeral, auth_key_id, expiry, created_at, last_seen, authorized";
+                    ephemeral, auth_key_id, expiry, created_at, last_seen, authorized, version";
 
 /// What a node asks for when it registers, before anyone decided who owns it (for
 /// [`Store::register_with_preauth_key`] and pending registrations).
@@ -101,6 +103,14 @@ impl NodeRequest {
             expiry: self.expiry,
         }
     }
+}
+
+/// What [`Store::update_node_with`] changes; `None` keeps the column as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeChange {
+    pub advertised_routes: Option<Vec<IpNet>>,
+    pub approved_routes: Option<Vec<IpNet>>,
+    pub tags: Option<Vec<String>>,
 }
 
 fn check_key(what: &'static str, prefix: &str, key: &str) -> Result<(), StoreError> {
@@ -248,13 +258,19 @@ pub(crate) async fn register_in(conn: &mut Conn, new: &NewNode) -> Result<Node, 
     check_key("node key", "nodekey:", &new.node_key)?;
     let (user_id, tags) = owner_columns(conn, &new.owner).await?;
     let hostinfo = to_json(&new.hostinfo);
+    // Tagged devices are exempt from key expiry (as with Tailscale), whatever was asked.
+    let expiry = match new.owner {
+        Owner::Tags(_) => None,
+        Owner::User(_) => new.expiry,
+    };
 
     if let Some(existing) = node_by_machine_key(conn, &new.machine_key).await? {
         // Re-registration (re-login, key rotation, new owner): same row, id, addresses and
         // name; new node key, owner, expiry and reported details.
         let row: NodeRow = sqlx::query_as(&format!(
             "UPDATE nodes SET node_key = $2, hostname = $3, hostinfo = $4, user_id = $5, \
-               tags = $6, ephemeral = $7, auth_key_id = $8, expiry = $9, authorized = $10 \
+               tags = $6, ephemeral = $7, auth_key_id = $8, expiry = $9, authorized = $10, \
+               version = version + 1 \
              WHERE id = $1 RETURNING {COLS}"
         ))
         .bind(existing.id)
@@ -265,7 +281,7 @@ pub(crate) async fn register_in(conn: &mut Conn, new: &NewNode) -> Result<Node, 
         .bind(&tags)
         .bind(new.ephemeral)
         .bind(new.auth_key_id)
-        .bind(new.expiry.map(ms))
+        .bind(expiry.map(ms))
         .bind(true)
         .fetch_one(&mut *conn)
         .await
@@ -296,7 +312,7 @@ pub(crate) async fn register_in(conn: &mut Conn, new: &NewNode) -> Result<Node, 
     .bind(&hostinfo)
     .bind(new.ephemeral)
     .bind(new.auth_key_id)
-    .bind(new.expiry.map(ms))
+    .bind(expiry.map(ms))
     .bind(ms(Utc::now()))
     .bind(true)
     .fetch_one(&mut *conn)
@@ -402,7 +418,7 @@ impl Store {
         value: impl for<'q> sqlx::Encode<'q, crate::Db> + sqlx::Type<crate::Db> + Send,
     ) -> Result<Node, StoreError> {
         let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "UPDATE nodes SET {set} = $2 WHERE id = $1 RETURNING {COLS}"
+            "UPDATE nodes SET {set} = $2, version = version + 1 WHERE id = $1 RETURNING {COLS}"
         ))
         .bind(id)
         .bind(value)
@@ -421,12 +437,14 @@ impl Store {
         set: &str,
         value: impl for<'q> sqlx::Encode<'q, crate::Db> + sqlx::Type<crate::Db> + Send,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(&format!("UPDATE nodes SET {set} = $2 WHERE id = $1"))
-            .bind(id)
-            .bind(value)
-            .execute(self.writer())
-            .await
-            .map_err(db(context))?;
+        let done = sqlx::query(&format!(
+            "UPDATE nodes SET {set} = $2, version = version + 1 WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(value)
+        .execute(self.writer())
+        .await
+        .map_err(db(context))?;
         if done.rows_affected() == 0 {
             return Err(StoreError::not_found("node", id));
         }
@@ -437,7 +455,7 @@ impl Store {
     pub async fn update_node_key(&self, id: i64, node_key: &str) -> Result<Node, StoreError> {
         check_key("node key", "nodekey:", node_key)?;
         let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "UPDATE nodes SET node_key = $2 WHERE id = $1 RETURNING {COLS}"
+            "UPDATE nodes SET node_key = $2, version = version + 1 WHERE id = $1 RETURNING {COLS}"
         ))
         .bind(id)
         .bind(node_key)
@@ -472,7 +490,8 @@ impl Store {
         hostinfo: &serde_json::Value,
     ) -> Result<(), StoreError> {
         let done = sqlx::query(
-            "UPDATE nodes SET hostinfo = $2, hostname = COALESCE($3, hostname) WHERE id = $1",
+            "UPDATE nodes SET hostinfo = $2, hostname = COALESCE($3, hostname), \
+               version = version + 1 WHERE id = $1",
         )
         .bind(id)
         .bind(to_json(hostinfo))
@@ -519,33 +538,90 @@ impl Store {
         .await
     }
 
-    /// Tags the node: with tags it is owned by them (`user_id` becomes `None`). Clearing
-    /// the tags of a tagged node is refused (`Conflict`): it would have no owner; register
-    /// it again under a user instead. Clearing a user-owned node's tags is a no-op.
+    /// Tags the node: with tags it is owned by them (`user_id` becomes `None`) and its key
+    /// no longer expires. Clearing the tags of a tagged node is refused (`Conflict`): it
+    /// would have no owner; register it again under a user instead. Clearing a user-owned
+    /// node's tags is a no-op.
     pub async fn set_tags(&self, id: i64, tags: &[String]) -> Result<Node, StoreError> {
-        let tags = rules::validate_tags(tags)?;
+        let tags = tags.to_vec();
+        self.update_node_with(id, move |_| {
+            Ok(NodeChange {
+                tags: Some(tags),
+                ..NodeChange::default()
+            })
+        })
+        .await
+    }
+
+    /// Read-compute-write of a node in one write transaction: `f` sees the row as it is
+    /// now (no other write can come between the read and the write) and says what to
+    /// change. Use it for anything computed from the node's current lists (routes, tags),
+    /// so that two such changes never undo each other. An error from `f` writes nothing.
+    ///
+    /// Routes are normalized as by [`Store::set_approved_routes`]; tags as by
+    /// [`Store::set_tags`] (a node that becomes tagged loses its owner and its key
+    /// expiry). Nothing is written when nothing changes.
+    pub async fn update_node_with<F>(&self, id: i64, f: F) -> Result<Node, StoreError>
+    where
+        F: FnOnce(&Node) -> Result<NodeChange, StoreError> + Send,
+    {
         let mut tx = self.begin_write().await?;
         let node = node_by_id(&mut tx, id).await?;
-        if tags.is_empty() && node.user_id.is_none() {
-            return Err(StoreError::conflict(
-                "node",
-                format!(
-                    "node {} is owned by its tags; removing them all would leave it without an \
-                     owner",
-                    node.given_name
-                ),
-            ));
+        let change = f(&node)?;
+        let advertised = change
+            .advertised_routes
+            .map(|r| sorted_routes(&r))
+            .unwrap_or_else(|| node.advertised_routes.clone());
+        let approved = change
+            .approved_routes
+            .map(|r| sorted_routes(&r))
+            .unwrap_or_else(|| node.approved_routes.clone());
+        let (tags, user_id, expiry) = match change.tags {
+            None => (node.tags.clone(), node.user_id, node.expiry),
+            Some(tags) => {
+                let tags = rules::validate_tags(&tags)?;
+                if tags.is_empty() && node.user_id.is_none() {
+                    return Err(StoreError::conflict(
+                        "node",
+                        format!(
+                            "node {} is owned by its tags; removing them all would leave it \
+                             without an owner",
+                            node.given_name
+                        ),
+                    ));
+                }
+                if tags.is_empty() {
+                    (node.tags.clone(), node.user_id, node.expiry)
+                } else if node.tags.is_empty() {
+                    // Tagged devices are exempt from key expiry (as with Tailscale).
+                    (tags, None, None)
+                } else {
+                    (tags, None, node.expiry)
+                }
+            }
+        };
+        let same = advertised == node.advertised_routes
+            && approved == node.approved_routes
+            && tags == node.tags
+            && user_id == node.user_id
+            && expiry == node.expiry;
+        if same {
+            return Ok(node);
         }
-        let user_id = if tags.is_empty() { node.user_id } else { None };
         let row: NodeRow = sqlx::query_as(&format!(
-            "UPDATE nodes SET tags = $2, user_id = $3 WHERE id = $1 RETURNING {COLS}"
+            "UPDATE nodes SET advertised_routes = $2, approved_routes = $3, tags = $4, \
+               user_id = $5, expiry = $6, version = version + 1 \
+             WHERE id = $1 RETURNING {COLS}"
         ))
         .bind(id)
+        .bind(to_json(&advertised))
+        .bind(to_json(&approved))
         .bind(to_json(&tags))
         .bind(user_id)
+        .bind(expiry.map(ms))
         .fetch_one(&mut *tx)
         .await
-        .map_err(db("setting tags"))?;
+        .map_err(db("updating a node"))?;
         commit(tx).await?;
         row.try_into()
     }
@@ -554,7 +630,8 @@ impl Store {
     pub async fn rename_node(&self, id: i64, name: &str) -> Result<Node, StoreError> {
         let name = rules::validate_given_name(name)?;
         let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "UPDATE nodes SET given_name = $2 WHERE id = $1 RETURNING {COLS}"
+            "UPDATE nodes SET given_name = $2, version = version + 1 WHERE id = $1 \
+             RETURNING {COLS}"
         ))
         .bind(id)
         .bind(&name)

@@ -42,7 +42,14 @@ const COLS: &str =
 const TOKEN_LEN: usize = 24;
 
 impl Store {
-    /// Records a registration waiting for an admin, valid for `ttl` from `now`.
+    /// Records the registration of `machine_key` waiting for an admin, valid for `ttl`
+    /// from `now`: one row per machine key. A machine that asks again while its
+    /// registration waits for the same node key gets that registration back (same token,
+    /// nothing written); otherwise (a new node key, or an expired or approved row) its
+    /// row is replaced by a new one with a new token.
+    ///
+    /// Expired rows are purged in the same transaction. At most `max_rows` rows exist:
+    /// a machine without a row beyond that gets `Limit` (nothing written).
     pub async fn create_pending_registration(
         &self,
         machine_key: &str,
@@ -50,11 +57,65 @@ impl Store {
         hostinfo: &serde_json::Value,
         now: DateTime<Utc>,
         ttl: TimeDelta,
+        max_rows: u64,
     ) -> Result<PendingRegistration, StoreError> {
+        let reusable = |p: &PendingRegistration| {
+            p.approved_node_id.is_none() && p.expires_at > now && p.node_key == node_key
+        };
+        // The common repeat costs a read, not a write (and its fsync).
+        let row: Option<PendingRow> = sqlx::query_as(&format!(
+            "SELECT {COLS} FROM pending_registrations WHERE machine_key = $1"
+        ))
+        .bind(machine_key)
+        .fetch_optional(self.reader())
+        .await
+        .map_err(db("looking up a pending registration"))?;
+        if let Some(p) = row.map(PendingRegistration::try_from).transpose()?
+            && reusable(&p)
+        {
+            return Ok(p);
+        }
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM pending_registrations WHERE expires_at <= $1")
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging expired registrations"))?;
+        let row: Option<PendingRow> = sqlx::query_as(&format!(
+            "SELECT {COLS} FROM pending_registrations WHERE machine_key = $1"
+        ))
+        .bind(machine_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("looking up a pending registration"))?;
+        let existing = row.map(PendingRegistration::try_from).transpose()?;
+        if let Some(p) = existing.as_ref().filter(|p| reusable(p)) {
+            let p = p.clone();
+            commit(tx).await?;
+            return Ok(p);
+        }
+        if existing.is_none() {
+            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pending_registrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db("counting pending registrations"))?;
+            if u64::try_from(rows).unwrap_or(u64::MAX) >= max_rows {
+                commit(tx).await?;
+                return Err(StoreError::Limit {
+                    what: "registrations waiting for an admin",
+                    limit: max_rows,
+                });
+            }
+        }
         let row: PendingRow = sqlx::query_as(&format!(
             "INSERT INTO pending_registrations \
                (token, machine_key, node_key, hostinfo, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLS}"
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (machine_key) DO UPDATE SET token = excluded.token, \
+               node_key = excluded.node_key, hostinfo = excluded.hostinfo, \
+               created_at = excluded.created_at, expires_at = excluded.expires_at, \
+               approved_node_id = NULL \
+             RETURNING {COLS}"
         ))
         .bind(rules::random_base62(TOKEN_LEN))
         .bind(machine_key)
@@ -62,10 +123,20 @@ impl Store {
         .bind(to_json(hostinfo))
         .bind(ms(now))
         .bind(ms(now + ttl))
-        .fetch_one(self.writer())
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("recording a pending registration"))?;
+        commit(tx).await?;
         row.try_into()
+    }
+
+    /// How many registrations are stored (waiting, approved or expired but not purged).
+    pub async fn pending_registration_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pending_registrations")
+            .fetch_one(self.reader())
+            .await
+            .map_err(db("counting pending registrations"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     pub async fn get_pending_registration(

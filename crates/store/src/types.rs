@@ -79,6 +79,8 @@ pub struct Node {
     pub created_at: DateTime<Utc>,
     pub last_seen: Option<DateTime<Utc>>,
     pub authorized: bool,
+    /// Bumped by every write to the row: of two copies, the higher version is the newer.
+    pub version: i64,
 }
 
 impl Node {

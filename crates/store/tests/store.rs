@@ -11,7 +11,9 @@ use std::sync::Arc;
 use chrono::{TimeDelta, Utc};
 use ipnet::IpNet;
 use serde_json::json;
-use tsunagu_store::{KeyRejected, NewNode, NodeRequest, Owner, Store, StoreError, rules};
+use tsunagu_store::{
+    KeyRejected, NewNode, NodeChange, NodeRequest, Owner, Store, StoreError, rules,
+};
 
 fn mkey(i: u64) -> String {
     format!("mkey:{i:064x}")
@@ -46,7 +48,7 @@ async fn open_creates_private_files_and_migrates_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store = Store::open(&data).await.unwrap();
-    assert_eq!(store.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(store.applied_migrations().await.unwrap(), vec![1, 2]);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("tsunagu.db")), 0o600);
@@ -72,10 +74,10 @@ async fn open_creates_private_files_and_migrates_once() {
     };
     let (before, journal) = read_history().await;
     assert_eq!(journal, "wal");
-    assert_eq!(before.len(), 1);
+    assert_eq!(before.len(), 2);
 
     let store = Store::open(&data).await.unwrap();
-    assert_eq!(store.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(store.applied_migrations().await.unwrap(), vec![1, 2]);
     assert_eq!(store.get_user_by_name("alice").await.unwrap().name, "alice");
     store.close().await;
     assert_eq!(read_history().await.0, before);
@@ -679,6 +681,7 @@ async fn pending_registration_flow() {
             &hostinfo,
             now,
             TimeDelta::minutes(15),
+            100,
         )
         .await
         .unwrap();
@@ -722,6 +725,7 @@ async fn pending_registration_flow() {
             &json!({}),
             now,
             TimeDelta::minutes(15),
+            100,
         )
         .await
         .unwrap();
@@ -758,6 +762,270 @@ async fn pending_registration_flow() {
             .unwrap_err()
             .is_not_found()
     );
+}
+
+/// One row per machine key, whatever it sends: a repeat with the same node key gets the
+/// same registration back, a new node key replaces the row; expired rows go at the next
+/// insert; and a machine without a row is refused once `max_rows` rows exist.
+#[tokio::test]
+async fn pending_registrations_are_one_per_machine_purged_and_bounded() {
+    let (_dir, store) = file_store().await;
+    let now = Utc::now();
+    let ttl = TimeDelta::minutes(30);
+    let big = json!({"Hostname": "x".repeat(1000)});
+    let first = store
+        .create_pending_registration(&mkey(1), &nodekey(1), &big, now, ttl, 10)
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let again = store
+            .create_pending_registration(
+                &mkey(1),
+                &nodekey(1),
+                &json!({"Hostname": format!("h{i}")}),
+                now,
+                ttl,
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.token, first.token, "same registration while it waits");
+    }
+    assert_eq!(store.pending_registration_count().await.unwrap(), 1);
+    // A new node key renews the row (new token); the old token is gone.
+    let renewed = store
+        .create_pending_registration(&mkey(1), &nodekey(2), &json!({}), now, ttl, 10)
+        .await
+        .unwrap();
+    assert_ne!(renewed.token, first.token);
+    assert_eq!(renewed.node_key, nodekey(2));
+    assert!(
+        store
+            .get_pending_registration(&first.token)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    assert_eq!(store.pending_registration_count().await.unwrap(), 1);
+
+    // Bounded: 10 rows at most; a machine that has one may still renew it.
+    for i in 2..=10 {
+        store
+            .create_pending_registration(&mkey(i), &nodekey(100 + i), &json!({}), now, ttl, 10)
+            .await
+            .unwrap();
+    }
+    let e = store
+        .create_pending_registration(&mkey(11), &nodekey(111), &json!({}), now, ttl, 10)
+        .await
+        .unwrap_err();
+    assert!(e.is_limit(), "{e}");
+    assert_eq!(store.pending_registration_count().await.unwrap(), 10);
+    store
+        .create_pending_registration(&mkey(5), &nodekey(205), &json!({}), now, ttl, 10)
+        .await
+        .unwrap();
+    assert_eq!(store.pending_registration_count().await.unwrap(), 10);
+
+    // Once they expired, the next insert purges them all.
+    let later = now + ttl + TimeDelta::seconds(1);
+    store
+        .create_pending_registration(&mkey(12), &nodekey(112), &json!({}), later, ttl, 10)
+        .await
+        .unwrap();
+    assert_eq!(store.pending_registration_count().await.unwrap(), 1);
+    // And an expired row of a machine is replaced, not reused.
+    let much_later = later + ttl + TimeDelta::seconds(1);
+    let p = store
+        .create_pending_registration(&mkey(12), &nodekey(112), &json!({}), much_later, ttl, 10)
+        .await
+        .unwrap();
+    assert!(p.expires_at > much_later);
+    assert_eq!(store.pending_registration_count().await.unwrap(), 1);
+}
+
+/// A database at schema version 1 with several registrations of one machine keeps the
+/// newest of them when it is migrated.
+#[tokio::test]
+async fn migration_2_keeps_the_newest_registration_per_machine() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let only_v1 = dir.path().join("migrations");
+    std::fs::create_dir_all(&only_v1).unwrap();
+    std::fs::write(
+        only_v1.join("0001_init.sql"),
+        include_str!("../migrations/0001_init.sql"),
+    )
+    .unwrap();
+    let url = format!("sqlite://{}?mode=rwc", data.join("tsunagu.db").display());
+    {
+        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::migrate::Migrator::new(only_v1.as_path())
+            .await
+            .unwrap()
+            .run(&mut c)
+            .await
+            .unwrap();
+        for (token, mk, at) in [("a", 1, 10), ("b", 1, 30), ("c", 1, 20), ("d", 2, 5)] {
+            sqlx::query(
+                "INSERT INTO pending_registrations \
+                 (token, machine_key, node_key, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(token)
+            .bind(mkey(mk))
+            .bind(nodekey(mk))
+            .bind(at)
+            .bind(at + 1_000)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        c.close().await.unwrap();
+    }
+    let store = Store::open(&data).await.unwrap();
+    assert_eq!(store.applied_migrations().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.pending_registration_count().await.unwrap(), 2);
+    assert_eq!(
+        store
+            .get_pending_registration("b")
+            .await
+            .unwrap()
+            .machine_key,
+        mkey(1)
+    );
+    assert_eq!(
+        store
+            .get_pending_registration("d")
+            .await
+            .unwrap()
+            .machine_key,
+        mkey(2)
+    );
+}
+
+/// Every write to a node row bumps its version, so that the server's cache can tell an
+/// older copy from a newer one.
+#[tokio::test]
+async fn every_node_write_bumps_its_version() {
+    let store = Store::open_memory().await.unwrap();
+    let u = store.create_user("alice").await.unwrap();
+    let n = store.register_node(new_node(1, "a", u.id)).await.unwrap();
+    let mut last = n.version;
+    let mut check = async |what: &str| {
+        let v = store.get_node(n.id).await.unwrap().version;
+        assert!(v > last, "{what}: version {v} after {last}");
+        last = v;
+    };
+    store
+        .update_endpoints(n.id, &["198.51.100.2:1".into()])
+        .await
+        .unwrap();
+    check("endpoints").await;
+    store.update_disco_key(n.id, "discokey:ab").await.unwrap();
+    check("disco key").await;
+    store
+        .update_hostinfo(n.id, &json!({"OS": "linux"}))
+        .await
+        .unwrap();
+    check("hostinfo").await;
+    store.touch_last_seen(n.id, Utc::now()).await.unwrap();
+    check("last seen").await;
+    store.update_node_key(n.id, &nodekey(9)).await.unwrap();
+    check("node key").await;
+    store.rename_node(n.id, "b").await.unwrap();
+    check("rename").await;
+    store
+        .set_approved_routes(n.id, &["198.18.1.0/24".parse().unwrap()])
+        .await
+        .unwrap();
+    check("approved routes").await;
+    store
+        .update_node_with(n.id, |_| {
+            Ok(NodeChange {
+                advertised_routes: Some(vec!["198.18.1.0/24".parse().unwrap()]),
+                ..NodeChange::default()
+            })
+        })
+        .await
+        .unwrap();
+    check("update_node_with").await;
+    store.expire_node(n.id, Utc::now()).await.unwrap();
+    check("expire").await;
+    store.register_node(new_node(1, "a", u.id)).await.unwrap();
+    check("re-registration").await;
+    // Nothing to change: nothing written.
+    let same = store
+        .update_node_with(n.id, |_| Ok(NodeChange::default()))
+        .await
+        .unwrap();
+    assert_eq!(same.version, last);
+}
+
+/// Read-compute-write in one transaction: concurrent changes computed from the node's
+/// current routes never undo each other (each adds its own route; all are there after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_route_changes_are_not_lost() {
+    let (_dir, store) = file_store().await;
+    let u = store.create_user("alice").await.unwrap();
+    let n = store.register_node(new_node(1, "a", u.id)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let route: IpNet = format!("198.18.{i}.0/24").parse().unwrap();
+            store
+                .update_node_with(n.id, move |node| {
+                    let mut approved = node.approved_routes.clone();
+                    approved.push(route);
+                    Ok(NodeChange {
+                        approved_routes: Some(approved),
+                        ..NodeChange::default()
+                    })
+                })
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        store.get_node(n.id).await.unwrap().approved_routes.len(),
+        20
+    );
+}
+
+/// Tagged devices are exempt from key expiry: registered with a tagged key, or tagged
+/// later; an admin's expire still applies.
+#[tokio::test]
+async fn tagged_nodes_have_no_key_expiry() {
+    let store = Store::open_memory().await.unwrap();
+    let u = store.create_user("alice").await.unwrap();
+    let (_, tagged_key) = store
+        .create_preauth_key(u.id, true, false, None, &["tag:server".into()])
+        .await
+        .unwrap();
+    let mut req = request(1, "srv");
+    req.expiry = Some(Utc::now() + TimeDelta::days(30));
+    let (n, _) = store
+        .register_with_preauth_key(&tagged_key, req, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(n.expiry, None);
+    let mut mine = new_node(2, "laptop", u.id);
+    mine.expiry = Some(Utc::now() + TimeDelta::days(30));
+    let mine = store.register_node(mine).await.unwrap();
+    assert!(mine.expiry.is_some());
+    let tagged = store
+        .set_tags(mine.id, &["tag:server".into()])
+        .await
+        .unwrap();
+    assert_eq!((tagged.user_id, tagged.expiry), (None, None));
+    let now = Utc::now();
+    let expired = store.expire_node(tagged.id, now).await.unwrap();
+    assert!(expired.is_expired(now));
 }
 
 #[tokio::test]
