@@ -31,6 +31,28 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(60);
 /// How long a new connection has to log in.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which node keys may log in (a relay that serves one tailnet only: Go's
+/// `derper --verify-clients`). Asked once per login, after the client proved its key;
+/// mesh peers (holding the mesh key) are not asked.
+#[derive(Clone)]
+pub struct ClientCheck(Arc<dyn Fn(&NodePublic) -> bool + Send + Sync>);
+
+impl ClientCheck {
+    pub fn new(f: impl Fn(&NodePublic) -> bool + Send + Sync + 'static) -> Self {
+        ClientCheck(Arc::new(f))
+    }
+
+    pub fn allows(&self, key: &NodePublic) -> bool {
+        (self.0)(key)
+    }
+}
+
+impl std::fmt::Debug for ClientCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCheck(..)")
+    }
+}
+
 /// What every connection of one relay shares.
 #[derive(Debug, Clone)]
 pub struct ConnConfig {
@@ -39,6 +61,8 @@ pub struct ConnConfig {
     pub mesh_key: Option<String>,
     pub keep_alive: Duration,
     pub login_timeout: Duration,
+    /// `None`: any node key may log in.
+    pub verify_clients: Option<ClientCheck>,
 }
 
 impl ConnConfig {
@@ -48,6 +72,7 @@ impl ConnConfig {
             mesh_key: None,
             keep_alive: KEEP_ALIVE,
             login_timeout: LOGIN_TIMEOUT,
+            verify_clients: None,
         }
     }
 }
@@ -97,12 +122,16 @@ pub enum ConnError {
     NotMesh(FrameType),
     #[error("connection closed in the middle of a frame ({0} bytes pending)")]
     Truncated(usize),
+    /// The relay serves the nodes of one tailnet only, and this key is not one of them.
+    #[error("{} is not a node of this tailnet", .0.tailscale())]
+    NotAllowed(NodePublic),
 }
 
 impl ConnError {
-    /// Whether the peer sent something that breaks the protocol (as opposed to timing out).
+    /// Whether the peer sent something that breaks the protocol (as opposed to timing
+    /// out, or logging in with a key the relay does not serve).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, ConnError::LoginTimeout(_))
+        !matches!(self, ConnError::LoginTimeout(_) | ConnError::NotAllowed(_))
     }
 }
 
@@ -246,6 +275,13 @@ impl ServerConn {
             }
             None => false,
         };
+        if !mesh
+            && let Some(check) = &self.cfg.verify_clients
+            && !check.allows(&key)
+        {
+            // Refused before ServerInfo: the client learns nothing but the closed connection.
+            return Err(ConnError::NotAllowed(key));
+        }
         let reply = ServerInfo {
             version: PROTOCOL_VERSION,
             ..ServerInfo::default()
@@ -479,6 +515,42 @@ mod tests {
                 assert_eq!(r, Err(ConnError::NotMesh(FrameType::WatchConns)));
             }
         }
+    }
+
+    #[test]
+    fn with_a_client_check_only_allowed_keys_and_mesh_peers_log_in() {
+        let allowed = NodePrivate::generate();
+        let ok = allowed.public();
+        let now = Instant::now();
+        let mut cfg = ConnConfig::new(NodePrivate::generate());
+        cfg.mesh_key = Some("secret".into());
+        cfg.verify_clients = Some(ClientCheck::new(move |k| *k == ok));
+        let cfg = Arc::new(cfg);
+        let login = |key: NodePrivate, mesh: &str| {
+            let mut s = ServerConn::new(cfg.clone(), now);
+            let info = ClientInfo {
+                version: PROTOCOL_VERSION,
+                mesh_key: mesh.to_string(),
+                ..ClientInfo::default()
+            };
+            let mut c = ClientConn::new(key, info);
+            let r = pump(&mut s, &mut c, now);
+            (r, s.poll_event(), c.is_connected())
+        };
+        let (r, ev, connected) = login(allowed, "");
+        r.unwrap();
+        assert!(matches!(ev, Some(ConnEvent::LoggedIn { key, .. }) if key == ok));
+        assert!(connected);
+        let stranger = NodePrivate::generate();
+        let sk = stranger.public();
+        let (r, ev, connected) = login(stranger, "");
+        assert_eq!(r, Err(ConnError::NotAllowed(sk)));
+        assert!(!r.unwrap_err().is_bad_input());
+        assert_eq!((ev, connected), (None, false), "no ServerInfo, no login");
+        // A mesh peer (another relay of the region) is not a node, and is let in.
+        let (r, ev, _) = login(NodePrivate::generate(), "secret");
+        r.unwrap();
+        assert!(matches!(ev, Some(ConnEvent::LoggedIn { mesh: true, .. })));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod relay;
 pub mod stun;
 
 pub use client::{ClientConn, ClientError, ClientEvent};
-pub use conn::{ConnConfig, ConnError, ConnEvent, Outgoing, ServerConn};
+pub use conn::{ClientCheck, ConnConfig, ConnError, ConnEvent, Outgoing, ServerConn};
 pub use frame::{ClientMessage, FrameDecoder, FrameError, PeerGoneReason, ServerMessage};
 pub use info::{ClientInfo, ServerInfo};
 pub use relay::{MetricsSnapshot, Relay, RelayOptions, load_or_create_key};

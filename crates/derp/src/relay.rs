@@ -38,7 +38,7 @@ use tsunagu_proto::{NodePrivate, NodePublic};
 
 use crate::conn::{ConnConfig, ConnError, ConnEvent, Outgoing, ServerConn};
 use crate::frame::{PROTOCOL_VERSION, PeerGoneReason};
-use crate::limit::LogLimiter;
+use crate::limit::{KeyedBuckets, LogLimiter};
 use crate::registry::{ClientSummary, ConnId, Offer, Outbox, Registry, SendOutcome};
 use crate::stun::{StunOutcome, StunServer};
 
@@ -53,14 +53,34 @@ pub const KEY_FILE: &str = "derp.key";
 /// every client).
 pub const WATCH_QUEUE_DEPTH: usize = 65_536;
 
+/// WireGuard handshake initiations relayed from one node to one other, per second, and
+/// the burst allowed. A node retries an unanswered initiation about once a second
+/// (tsunagud) or every 5 s (WireGuard's default), so this passes every honest one. It
+/// matters because a receiver sees all relayed packets as coming from one address (the
+/// relay), and WireGuard limits handshakes per source address (100 a second, then it
+/// demands cookies): without a limit here, one peer flooding through the relay would
+/// spend that budget and throttle the handshakes of everyone else who reaches the
+/// receiver through the relay.
+pub const HANDSHAKES_PER_SECOND: f64 = 5.0;
+pub const HANDSHAKE_BURST: f64 = 10.0;
+/// Sender-receiver pairs tracked by the handshake limit.
+pub const HANDSHAKE_PAIRS: usize = 65_536;
+
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
     /// Pre-shared key of mesh peers (other relays of the region); `None`: no mesh.
     pub mesh_key: Option<String>,
-    /// `http://HOST:PORT` of the other relays of the region, to watch and forward to
-    /// (needs `mesh_key`).
+    /// `http://HOST:PORT` or `https://HOST:PORT` of the other relays of the region, to
+    /// watch and forward to (needs `mesh_key`). HTTPS is checked against the system's
+    /// roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
     pub mesh_with: Vec<String>,
     pub queue_depth: usize,
+    /// Which node keys may log in; `None`: any.
+    pub verify_clients: Option<crate::ClientCheck>,
+    /// Relayed WireGuard handshake initiations per second per (sender, receiver), and
+    /// the burst.
+    pub handshakes_per_second: f64,
+    pub handshake_burst: f64,
 }
 
 impl Default for RelayOptions {
@@ -69,8 +89,16 @@ impl Default for RelayOptions {
             mesh_key: None,
             mesh_with: Vec::new(),
             queue_depth: QUEUE_DEPTH,
+            verify_clients: None,
+            handshakes_per_second: HANDSHAKES_PER_SECOND,
+            handshake_burst: HANDSHAKE_BURST,
         }
     }
+}
+
+/// Whether `packet` is a WireGuard handshake initiation (message type 1, 148 bytes).
+pub fn is_handshake_initiation(packet: &[u8]) -> bool {
+    packet.len() == 148 && packet[..4] == [1, 0, 0, 0]
 }
 
 /// Counters since start.
@@ -86,6 +114,8 @@ pub struct Metrics {
     pub closed_bad_input: AtomicU64,
     pub closed_write_timeout: AtomicU64,
     pub closed_login_timeout: AtomicU64,
+    pub refused_not_tailnet: AtomicU64,
+    pub dropped_handshake_rate: AtomicU64,
     pub stun_requests: AtomicU64,
     pub stun_garbage: AtomicU64,
     pub stun_rate_limited: AtomicU64,
@@ -122,6 +152,10 @@ pub struct MetricsSnapshot {
     pub closed_bad_input: u64,
     pub closed_write_timeout: u64,
     pub closed_login_timeout: u64,
+    /// Logins refused because the key is not a node of the tailnet (verify-clients).
+    pub refused_not_tailnet: u64,
+    /// WireGuard handshake initiations dropped by the per-pair rate limit.
+    pub dropped_handshake_rate: u64,
     pub stun_requests: u64,
     pub stun_garbage: u64,
     pub stun_rate_limited: u64,
@@ -149,6 +183,8 @@ pub struct Relay {
     mesh_with: Vec<String>,
     registry: Mutex<Registry<QueueOutbox>>,
     stun: Mutex<StunServer>,
+    /// Relayed handshake initiations per (sender, receiver).
+    handshakes: Mutex<KeyedBuckets<(NodePublic, NodePublic)>>,
     metrics: Metrics,
     bad_input_log: Mutex<LogLimiter>,
     stun_log: Mutex<LogLimiter>,
@@ -167,12 +203,18 @@ impl Relay {
     pub fn new(key: NodePrivate, opts: RelayOptions) -> Arc<Relay> {
         let mut cfg = ConnConfig::new(key);
         cfg.mesh_key = opts.mesh_key.filter(|k| !k.is_empty());
+        cfg.verify_clients = opts.verify_clients;
         Arc::new(Relay {
             cfg: Arc::new(cfg),
             queue_depth: opts.queue_depth.max(1),
             mesh_with: opts.mesh_with,
             registry: Mutex::new(Registry::new()),
             stun: Mutex::new(StunServer::default()),
+            handshakes: Mutex::new(KeyedBuckets::new(
+                opts.handshakes_per_second,
+                opts.handshake_burst,
+                HANDSHAKE_PAIRS,
+            )),
             metrics: Metrics::default(),
             bad_input_log: Mutex::new(LogLimiter::new(Duration::from_secs(10), 5)),
             stun_log: Mutex::new(LogLimiter::new(Duration::from_secs(10), 5)),
@@ -202,6 +244,8 @@ impl Relay {
             closed_bad_input: m.closed_bad_input.load(Relaxed),
             closed_write_timeout: m.closed_write_timeout.load(Relaxed),
             closed_login_timeout: m.closed_login_timeout.load(Relaxed),
+            refused_not_tailnet: m.refused_not_tailnet.load(Relaxed),
+            dropped_handshake_rate: m.dropped_handshake_rate.load(Relaxed),
             stun_requests: m.stun_requests.load(Relaxed),
             stun_garbage: m.stun_garbage.load(Relaxed),
             stun_rate_limited: m.stun_rate_limited.load(Relaxed),
@@ -316,6 +360,12 @@ impl Relay {
                 self.metrics.closed_write_timeout.fetch_add(1, Relaxed);
                 tracing::debug!(%peer, "derp connection closed: a write stalled for {WRITE_TIMEOUT:?}");
             }
+            End::Bad(ConnError::NotAllowed(key)) => {
+                self.metrics.refused_not_tailnet.fetch_add(1, Relaxed);
+                if let Some(held) = self.bad_input_log.lock().allow(Instant::now()) {
+                    tracing::info!(%peer, key = %key.tailscale(), suppressed = held, "derp login refused: not a node of this tailnet");
+                }
+            }
             End::Bad(e) if !e.is_bad_input() => {
                 self.metrics.closed_login_timeout.fetch_add(1, Relaxed);
                 tracing::debug!(%peer, "derp connection closed: {e}");
@@ -349,6 +399,12 @@ impl Relay {
             }
             ConnEvent::Send { dst, packet } => {
                 let Some(src) = *me else { return };
+                if is_handshake_initiation(&packet)
+                    && !self.handshakes.lock().take(&(src, dst), Instant::now())
+                {
+                    m.dropped_handshake_rate.fetch_add(1, Relaxed);
+                    return;
+                }
                 let len = packet.len();
                 let (outcome, new_pair) =
                     self.registry.lock().send_noting_new_pair(src, dst, packet);
@@ -440,25 +496,96 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
     }
 }
 
-/// `http://HOST:PORT[/…]` → (`HOST:PORT` for the Host header and to dial).
-fn mesh_target(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("mesh peer {url:?}: only http:// URLs are supported"))?;
+/// Where a mesh link goes: `http://HOST:PORT[/…]` or `https://HOST:PORT[/…]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MeshTarget {
+    /// `HOST:PORT`, for the Host header and to dial.
+    authority: String,
+    /// The host alone (the TLS server name).
+    host: String,
+    tls: bool,
+}
+
+fn mesh_target(url: &str) -> Result<MeshTarget, String> {
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("https://") {
+        (r, true, 443)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (r, false, 80)
+    } else {
+        return Err(format!(
+            "mesh peer {url:?}: give an http:// or https:// URL"
+        ));
+    };
     let authority = rest.split('/').next().unwrap_or_default();
     if authority.is_empty() {
         return Err(format!("mesh peer {url:?} has no host"));
     }
-    Ok(
-        if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        },
-    )
+    let (host, authority) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !h.ends_with(':') => {
+            (h.to_string(), authority.to_string())
+        }
+        _ => (authority.to_string(), format!("{authority}:{default_port}")),
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(MeshTarget {
+        authority,
+        host,
+        tls,
+    })
+}
+
+/// A mesh link's byte stream: TCP, or TLS over TCP.
+trait MeshIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> MeshIo for T {}
+
+/// The TLS client configuration of mesh links: the system's roots (or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR`), loaded once.
+fn mesh_tls_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    static CONFIG: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!("TLS roots for mesh links: {e}");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::debug!(added, ignored, "TLS roots for mesh links loaded");
+            let mut cfg = ClientConfig::builder_with_provider(Arc::new(
+                tokio_rustls::rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("the ring provider supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            // The DERP upgrade is an HTTP/1.1 request.
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(cfg)
+        })
+        .clone()
+}
+
+/// Dials a mesh peer: TCP, then TLS for `https://` (certificate checked against the
+/// host name).
+async fn mesh_dial(target: &MeshTarget) -> Result<Box<dyn MeshIo>, String> {
+    let tcp = tokio::net::TcpStream::connect(&target.authority)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", target.authority))?;
+    let _ = tcp.set_nodelay(true);
+    if !target.tls {
+        return Ok(Box::new(tcp));
+    }
+    let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| format!("TLS name {:?}: {e}", target.host))?;
+    let tls = tokio_rustls::TlsConnector::from(mesh_tls_config())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS to {}: {e}", target.authority))?;
+    Ok(Box::new(tls))
 }
 
 impl Relay {
@@ -492,10 +619,10 @@ impl Relay {
     async fn mesh_link(self: Arc<Self>, url: &str) -> Result<(), String> {
         use crate::client::{ClientConn, ClientEvent, parse_upgrade_response, upgrade_request};
         let target = mesh_target(url)?;
-        let mut tcp = tokio::net::TcpStream::connect(&target)
+        let mut tcp = tokio::time::timeout(self.cfg.login_timeout, mesh_dial(&target))
             .await
-            .map_err(|e| format!("connecting to {target}: {e}"))?;
-        tcp.write_all(upgrade_request(&target).as_bytes())
+            .map_err(|_| format!("connecting to {} timed out", target.authority))??;
+        tcp.write_all(upgrade_request(&target.authority).as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let info = crate::ClientInfo {
@@ -674,6 +801,41 @@ pub fn load_or_create_key(path: &Path) -> io::Result<NodePrivate> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn mesh_peers_are_http_or_https_urls() {
+        let t = mesh_target("https://relay-b.tailnet.example/derp").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.host.as_str(), t.tls),
+            (
+                "relay-b.tailnet.example:443",
+                "relay-b.tailnet.example",
+                true
+            )
+        );
+        let t = mesh_target("http://198.51.100.5:8080").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.host.as_str(), t.tls),
+            ("198.51.100.5:8080", "198.51.100.5", false)
+        );
+        let t = mesh_target("https://[2001:db8::5]:8443").unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.host.as_str()),
+            ("[2001:db8::5]:8443", "2001:db8::5")
+        );
+        assert!(mesh_target("ftp://x").is_err());
+        assert!(mesh_target("https://").is_err());
+    }
+
+    #[test]
+    fn handshake_initiations_are_recognized() {
+        let mut p = vec![0u8; 148];
+        p[0] = 1;
+        assert!(is_handshake_initiation(&p));
+        p[0] = 4; // data
+        assert!(!is_handshake_initiation(&p));
+        assert!(!is_handshake_initiation(&[1, 0, 0, 0]));
+    }
 
     #[test]
     fn the_key_is_created_once_owner_only_and_reused() {

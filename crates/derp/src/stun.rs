@@ -5,7 +5,7 @@
 //! datagram, answers good ones and limits each source IP to a token bucket, so a flood
 //! from one address costs little and is counted, not answered.
 
-use std::collections::HashMap;
+use crate::limit::KeyedBuckets;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -195,19 +195,10 @@ pub enum StunOutcome {
     RateLimited,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The STUN service's logic: validation and per-source rate limiting.
 #[derive(Debug)]
 pub struct StunServer {
-    buckets: HashMap<IpAddr, Bucket>,
-    per_second: f64,
-    burst: f64,
-    max_sources: usize,
+    buckets: KeyedBuckets<IpAddr>,
 }
 
 impl Default for StunServer {
@@ -221,10 +212,7 @@ impl Default for StunServer {
 impl StunServer {
     pub fn new(per_second: f64, burst: f64, max_sources: usize) -> Self {
         StunServer {
-            buckets: HashMap::new(),
-            per_second,
-            burst,
-            max_sources,
+            buckets: KeyedBuckets::new(per_second, burst, max_sources),
         }
     }
 
@@ -233,37 +221,10 @@ impl StunServer {
             Ok(tx) => tx,
             Err(e) => return StunOutcome::Garbage(e),
         };
-        if !self.take_token(src.ip(), now) {
+        if !self.buckets.take(&src.ip(), now) {
             return StunOutcome::RateLimited;
         }
         StunOutcome::Reply(binding_response(tx, src))
-    }
-
-    fn take_token(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if self.buckets.len() >= self.max_sources && !self.buckets.contains_key(&ip) {
-            // Forget sources whose bucket has refilled; if none, start over. Either way
-            // the table stays bounded and a source loses at most its accumulated debt.
-            let (per_second, burst) = (self.per_second, self.burst);
-            self.buckets.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_second < burst
-            });
-            if self.buckets.len() >= self.max_sources {
-                self.buckets.clear();
-            }
-        }
-        let b = self.buckets.entry(ip).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.per_second).min(self.burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 

@@ -472,3 +472,126 @@ async fn meshed_relays_carry_packets_between_their_clients() {
     );
     serve_b.abort();
 }
+
+async fn start_relay_with(opts: RelayOptions) -> (Arc<Relay>, SocketAddr) {
+    let relay = Relay::new(NodePrivate::generate(), opts);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = relay.router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (relay, addr)
+}
+
+/// With a client check (`--relay-verify-clients`), only the keys it allows log in; the
+/// others are closed before ServerInfo and counted.
+#[tokio::test]
+async fn a_verifying_relay_serves_only_the_keys_it_allows() {
+    let allowed = Arc::new(parking_lot::Mutex::new(Vec::<NodePublic>::new()));
+    let check = {
+        let allowed = allowed.clone();
+        tsunagu_derp::ClientCheck::new(move |k| allowed.lock().contains(k))
+    };
+    let (relay, addr) = start_relay_with(RelayOptions {
+        verify_clients: Some(check),
+        ..RelayOptions::default()
+    })
+    .await;
+    // A stranger: proves its key, and is closed without a ServerInfo.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let rest = upgrade(&mut stream).await;
+    let mut conn = ClientConn::new(NodePrivate::generate(), ClientInfo::default());
+    conn.handle_input(&rest).unwrap();
+    guard("the stranger closed", async {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            while let Some(b) = conn.poll_transmit() {
+                let _ = stream.write_all(&b).await;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => conn.handle_input(&buf[..n]).unwrap(),
+            }
+        }
+    })
+    .await;
+    assert!(!conn.is_connected());
+    assert_eq!(relay.metrics().refused_not_tailnet, 1);
+    assert_eq!(relay.metrics().clients, 0);
+
+    // A node of the tailnet logs in and is served.
+    let key = NodePrivate::generate();
+    allowed.lock().push(key.public());
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let rest = upgrade(&mut stream).await;
+    let mut c = Client {
+        stream,
+        conn: ClientConn::new(key.clone(), ClientInfo::default()),
+        key: key.public(),
+        buf: vec![0; 70 * 1024],
+    };
+    c.conn.handle_input(&rest).unwrap();
+    assert!(matches!(
+        c.next_event().await,
+        ClientEvent::Connected { .. }
+    ));
+    wait_clients(&relay, 1).await;
+    assert_eq!(relay.metrics().refused_not_tailnet, 1);
+}
+
+fn handshake_initiation(i: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 148];
+    p[0] = 1;
+    p[4..8].copy_from_slice(&i.to_le_bytes());
+    p
+}
+
+/// One sender flooding a receiver with WireGuard handshake initiations through the relay
+/// gets its burst through and no more, while another sender's initiations to the same
+/// receiver all arrive, as do the flooder's other packets.
+#[tokio::test]
+async fn a_flooding_peer_loses_its_own_handshakes_only() {
+    let (relay, addr) = start_relay_with(RelayOptions::default()).await;
+    let mut victim = Client::connect(addr).await;
+    let mut flooder = Client::connect(addr).await;
+    let mut honest = Client::connect(addr).await;
+    wait_clients(&relay, 3).await;
+    for i in 0..200 {
+        flooder
+            .conn
+            .send_packet(victim.key, &handshake_initiation(i))
+            .unwrap();
+    }
+    flooder.flush().await;
+    for i in 0..3 {
+        honest
+            .send(victim.key, &handshake_initiation(1000 + i))
+            .await;
+    }
+    // A data packet of the flooder is not a handshake: it passes.
+    flooder.send(victim.key, b"data").await;
+    let (mut from_flooder, mut from_honest, mut data) = (0, 0, false);
+    guard("the honest handshakes and the data", async {
+        while from_honest < 3 || !data {
+            if let ClientEvent::Packet { src, packet } = victim.next().await {
+                if src == honest.key {
+                    from_honest += 1;
+                } else if &packet[..] == b"data" {
+                    data = true;
+                } else {
+                    from_flooder += 1;
+                }
+            }
+        }
+    })
+    .await;
+    let m = relay.metrics();
+    println!(
+        "flooder: {from_flooder} of 200 relayed, {} dropped",
+        m.dropped_handshake_rate
+    );
+    assert!(
+        (10..=12).contains(&from_flooder),
+        "about the burst of 10 relayed, got {from_flooder}"
+    );
+    assert!(m.dropped_handshake_rate >= 188, "{m:?}");
+}
