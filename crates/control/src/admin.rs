@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use tsunagu_policy::Policy;
-use tsunagu_store::{Owner, StoreError};
+use tsunagu_store::{NodeChange, Owner, StoreError};
 
 /// An admin-facing error: HTTP status + message, rendered as `{"error": "..."}`.
 #[derive(Debug)]
@@ -34,6 +34,8 @@ impl From<StoreError> for ApiError {
             StatusCode::NOT_FOUND
         } else if e.is_conflict() {
             StatusCode::CONFLICT
+        } else if e.is_limit() {
+            StatusCode::TOO_MANY_REQUESTS
         } else if matches!(e, StoreError::Invalid { .. } | StoreError::KeyRejected(_)) {
             StatusCode::BAD_REQUEST
         } else {
@@ -330,11 +332,11 @@ async fn get_node(AxState(s): AxState<Arc<State>>, Path(r): Path<String>) -> Api
     Ok(Json(node_info(&s, &e)))
 }
 
-async fn changed(s: &State, id: i64) -> ApiResult<NodeInfo> {
+async fn changed(s: &Arc<State>, id: i64) -> ApiResult<NodeInfo> {
     let n = s.store.get_node(id).await?;
     s.upsert_node(n);
     // Admin actions take effect at once, without the coalescing delay.
-    s.rebuild();
+    s.rebuild_now().await;
     let e = s
         .node(id)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "node vanished".into()))?;
@@ -348,47 +350,66 @@ fn exit_routes() -> [IpNet; 2] {
     ]
 }
 
+/// Approves the node's exit routes: computed from the row as it is inside the write
+/// transaction, so that a route change at the same moment (the node's report, another
+/// admin) is neither lost nor undone.
 async fn approve_exit(
     AxState(s): AxState<Arc<State>>,
     Path(r): Path<String>,
 ) -> ApiResult<NodeInfo> {
     let e = find_node(&s, &r)?;
-    let n = &e.node;
-    if n.advertised_routes
-        .iter()
-        .filter(|r| is_default_route(r))
-        .count()
-        != 2
-    {
-        return Err(bad(format!(
-            "node {} does not advertise an exit node (run `tsunagu up --advertise-exit-node` on it first)",
-            n.given_name
-        )));
-    }
-    let mut approved = n.approved_routes.clone();
-    for r in exit_routes() {
-        if !approved.contains(&r) {
-            approved.push(r);
-        }
-    }
-    s.store.set_approved_routes(n.id, &approved).await?;
-    changed(&s, n.id).await
+    let node = s
+        .store
+        .update_node_with(e.node.id, |n| {
+            let advertised = n
+                .advertised_routes
+                .iter()
+                .filter(|r| is_default_route(r))
+                .count();
+            if advertised != 2 {
+                return Err(StoreError::invalid(
+                    "exit node",
+                    format!(
+                        "node {} does not advertise an exit node (run `tsunagu up --advertise-exit-node` on it first)",
+                        n.given_name
+                    ),
+                ));
+            }
+            let mut approved = n.approved_routes.clone();
+            approved.extend(exit_routes());
+            Ok(NodeChange {
+                approved_routes: Some(approved),
+                ..NodeChange::default()
+            })
+        })
+        .await?;
+    changed(&s, node.id).await
 }
 
+/// Revokes the node's exit routes, in one transaction as [`approve_exit`]. They stay
+/// revoked until the node advertises them anew (when `autoApprovers` may approve them
+/// again) or an admin approves them.
 async fn revoke_exit(
     AxState(s): AxState<Arc<State>>,
     Path(r): Path<String>,
 ) -> ApiResult<NodeInfo> {
     let e = find_node(&s, &r)?;
-    let approved: Vec<IpNet> = e
-        .node
-        .approved_routes
-        .iter()
-        .filter(|r| !is_default_route(r))
-        .copied()
-        .collect();
-    s.store.set_approved_routes(e.node.id, &approved).await?;
-    changed(&s, e.node.id).await
+    let node = s
+        .store
+        .update_node_with(e.node.id, |n| {
+            Ok(NodeChange {
+                approved_routes: Some(
+                    n.approved_routes
+                        .iter()
+                        .filter(|r| !is_default_route(r))
+                        .copied()
+                        .collect(),
+                ),
+                ..NodeChange::default()
+            })
+        })
+        .await?;
+    changed(&s, node.id).await
 }
 
 async fn expire_node(
@@ -408,7 +429,7 @@ async fn delete_node(
     let info = node_info(&s, &e);
     s.store.delete_node(e.node.id).await?;
     s.remove_node(e.node.id);
-    s.rebuild();
+    s.rebuild_now().await;
     Ok(Json(info))
 }
 
@@ -449,10 +470,18 @@ async fn register(
 ) -> ApiResult<NodeInfo> {
     let user = s.store.get_user_by_name(&b.user).await?;
     let token = b.key.rsplit('/').next().unwrap_or_default();
+    let now = Utc::now();
     let node = s
         .store
-        .approve_pending_registration(token, Owner::User(user.id), None, Utc::now())
+        .approve_pending_registration(
+            token,
+            Owner::User(user.id),
+            s.limits.approval_expiry(now),
+            now,
+        )
         .await?;
+    // The node's follow-up request waits on this token: wake it.
+    s.registration_changed(token);
     // Routes the node advertised are auto-approved when its follow-up request
     // arrives (machine::register applies its hostinfo then).
     changed(&s, node.id).await
@@ -478,7 +507,7 @@ async fn set_policy(
     })?;
     s.store.set_policy(&b.policy).await?;
     s.set_policy(policy, Some(b.policy));
-    s.rebuild();
+    s.rebuild_now().await;
     Ok(Json(json!({ "ok": true })))
 }
 

@@ -1,6 +1,8 @@
 //! tsunagu-server's core (being assembled).
 pub mod admin;
 pub mod framing;
+pub mod front;
+pub mod limits;
 pub mod machine;
 pub mod mapper;
 pub mod relay;

@@ -3,45 +3,83 @@
 //! here as [`MachineCtx`].
 
 use crate::framing;
+use crate::limits::MAX_ENDPOINTS;
 use crate::mapper::{self, MapMessage, SessionView};
 use crate::state::{NodeEntry, Snapshot, State, policy_node};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State as AxState};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use ipnet::IpNet;
+use parking_lot::Mutex;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tsunagu_derp::limit::KeyedBuckets;
 use tsunagu_proto::MachinePublic;
 use tsunagu_proto::tailcfg::{
     CapabilityVersion, Hostinfo, Login, LoginID, MIN_SUPPORTED_CAPABILITY_VERSION,
     MIN_SUPPORTED_TAILSCALE_RELEASE, MapRequest, MapResponse, RegisterRequest, RegisterResponse,
     Time, User as WireUser, UserID,
 };
-use tsunagu_store::{NodeRequest, StoreError};
+use tsunagu_store::{NodeChange, NodeRequest, StoreError};
 
-/// Largest request body accepted (a register or map request is a few KiB).
-pub const MAX_REQUEST: usize = 1 << 20;
 /// How long a follow-up registration waits for the admin before the client retries.
 const FOLLOWUP_WAIT: Duration = Duration::from_secs(120);
-/// How long an interactive registration stays valid.
-const PENDING_TTL: TimeDelta = TimeDelta::minutes(30);
 /// Keep-alive interval on map streams (clients expect one well within two minutes).
 const KEEPALIVE: Duration = Duration::from_secs(50);
+/// How long a non-streaming map request waits for the rebuild task to publish a snapshot
+/// with its changes before answering from the current one.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+/// Source addresses tracked by the registration rate limit.
+const REGISTRATION_SOURCES: usize = 65_536;
 
 /// The authenticated peer of a Noise session.
 #[derive(Debug, Clone)]
 pub struct MachineCtx {
     pub machine_key: MachinePublic,
     pub capver: u16,
+    /// The address the session came from (when the listener knows it).
+    pub peer: Option<IpAddr>,
 }
 
 /// Shared application state of the HTTP handlers.
 pub struct App {
     pub state: Arc<State>,
     pub server_url: String,
+    /// New interactive registrations per source address, and from everyone.
+    registrations: Mutex<(KeyedBuckets<IpAddr>, KeyedBuckets<()>)>,
+}
+
+impl App {
+    pub fn new(state: Arc<State>, server_url: String) -> App {
+        let l = &state.limits;
+        let per_ip = KeyedBuckets::new(
+            l.registrations_per_ip.0,
+            l.registrations_per_ip.1,
+            REGISTRATION_SOURCES,
+        );
+        let total = KeyedBuckets::new(l.registrations_total.0, l.registrations_total.1, 1);
+        App {
+            state,
+            server_url,
+            registrations: Mutex::new((per_ip, total)),
+        }
+    }
+
+    /// Whether a new interactive registration from `peer` is within the rate limits.
+    fn may_register(&self, peer: Option<IpAddr>) -> bool {
+        let now = Instant::now();
+        let mut b = self.registrations.lock();
+        let ip_ok = match peer {
+            Some(ip) => b.0.take(&ip, now),
+            None => true,
+        };
+        ip_ok && b.1.take(&(), now)
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -72,12 +110,48 @@ fn json_response<T: serde::Serialize>(v: &T) -> Response {
 fn store_error(e: StoreError) -> Response {
     let status = if e.is_not_found() {
         StatusCode::NOT_FOUND
+    } else if e.is_limit() {
+        StatusCode::TOO_MANY_REQUESTS
     } else if e.is_conflict() {
         StatusCode::CONFLICT
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
     };
     error(status, e.to_string())
+}
+
+/// The body, or a clear refusal when it is over the route's limit (or unreadable).
+fn body_or_refusal(
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+    limit: usize,
+) -> Result<Bytes, Response> {
+    body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{what} request over {limit} bytes refused (a Hostinfo may hold at most {} bytes)",
+                    crate::limits::MAX_HOSTINFO
+                ),
+            )
+        } else {
+            error(rej.status(), rej.body_text())
+        }
+    })
+}
+
+/// A refusal when `hostinfo` is over the limit (measured as stored: its known fields,
+/// serialized); it would be stored and sent to every peer.
+fn hostinfo_refusal(app: &App, hostinfo: Option<&Hostinfo>) -> Option<Response> {
+    let max = app.state.limits.max_hostinfo;
+    let len = serde_json::to_vec(hostinfo?).map_or(usize::MAX, |v| v.len());
+    (len > max).then(|| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Hostinfo of {len} bytes refused: the server accepts at most {max}"),
+        )
+    })
 }
 
 fn authorized_response(app: &App, entry_user: Option<i64>) -> RegisterResponse {
@@ -108,73 +182,97 @@ fn authorized_response(app: &App, entry_user: Option<i64>) -> RegisterResponse {
     }
 }
 
-/// Apply what a node reports about itself: advertised routes (with auto-approval by
-/// the policy) and requested tags (when its owner may use them).
+/// Routes as the store keeps them: network addresses, sorted, without duplicates.
+fn normalized(routes: &[IpNet]) -> Vec<IpNet> {
+    let mut r: Vec<IpNet> = routes.iter().map(IpNet::trunc).collect();
+    r.sort();
+    r.dedup();
+    r
+}
+
+/// Apply what a node reports about itself: advertised routes (newly advertised ones
+/// auto-approved when the policy says so) and requested tags (when its owner may use
+/// them). One read-compute-write transaction on the node, so that an admin's approval
+/// or revocation of routes at the same moment is never undone by it; and only routes
+/// the node did not advertise before are auto-approved, so that a revoked route stays
+/// revoked until the node advertises it anew (or an admin approves it).
 async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), StoreError> {
-    let store = &app.state.store;
-    let Some(entry) = app.state.node(id) else {
-        return Ok(());
-    };
-    let mut node = entry.node;
-    let advertised: Vec<IpNet> = hostinfo.routable_ips.clone();
-    if advertised != node.advertised_routes {
-        node = store.set_advertised_routes(id, &advertised).await?;
-    }
     let policy = app.state.policy();
     let users = app.state.users();
-    // Requested tags: a user-owned node may become tagged with tags its owner owns.
-    if !hostinfo.request_tags.is_empty() && node.tags != hostinfo.request_tags {
-        let owner = node
-            .user_id
-            .and_then(|u| users.get(&u))
-            .map(|u| u.name.clone());
-        let allowed = owner.as_deref().is_some_and(|o| {
-            hostinfo
-                .request_tags
+    let advertised = normalized(&hostinfo.routable_ips);
+    let request_tags = hostinfo.request_tags.clone();
+    let node = app
+        .state
+        .store
+        .update_node_with(id, move |node| {
+            let mut change = NodeChange::default();
+            let mut projected = node.clone();
+            if advertised != node.advertised_routes {
+                change.advertised_routes = Some(advertised.clone());
+                projected.advertised_routes = advertised.clone();
+            }
+            // Requested tags: a user-owned node may become tagged with tags its owner
+            // owns (or tags its current tags own).
+            if !request_tags.is_empty() && node.tags != request_tags {
+                let owner = node
+                    .user_id
+                    .and_then(|u| users.get(&u))
+                    .map(|u| u.name.clone());
+                let allowed = owner
+                    .as_deref()
+                    .is_some_and(|o| request_tags.iter().all(|t| policy.tag_allowed(o, t)))
+                    || request_tags
+                        .iter()
+                        .all(|t| policy.tag_allowed_for_tags(&node.tags, t));
+                if allowed {
+                    change.tags = Some(request_tags.clone());
+                    projected.tags = request_tags.clone();
+                    projected.user_id = None;
+                } else {
+                    tracing::info!(node = node.id, tags = ?request_tags, "requested tags not allowed by tagOwners");
+                }
+            }
+            // Auto-approval of routes that are newly advertised, judged for the node as it
+            // will be (with its new tags).
+            let pn = policy_node(&projected, &users);
+            let new: Vec<IpNet> = advertised
                 .iter()
-                .all(|t| policy.tag_allowed(o, t))
-        }) || hostinfo
-            .request_tags
-            .iter()
-            .all(|t| policy.tag_allowed_for_tags(&node.tags, t));
-        if allowed {
-            node = store.set_tags(id, &hostinfo.request_tags).await?;
-        } else {
-            tracing::info!(node = id, tags = ?hostinfo.request_tags, "requested tags not allowed by tagOwners");
-        }
-    }
-    // Auto-approval of newly advertised routes.
-    let pn = policy_node(&node, &users);
-    let mut approved = node.approved_routes.clone();
-    let exit: Vec<IpNet> = advertised
-        .iter()
-        .filter(|r| mapper::is_default_route(r))
-        .copied()
-        .collect();
-    if exit.len() == 2
-        && !exit.iter().all(|r| approved.contains(r))
-        && policy.auto_approve_exit_node(&pn)
-    {
-        approved.extend(
-            exit.iter()
-                .filter(|r| !approved.contains(r))
+                .filter(|r| !node.advertised_routes.contains(r))
                 .copied()
-                .collect::<Vec<_>>(),
-        );
-    }
-    for r in advertised.iter().filter(|r| !mapper::is_default_route(r)) {
-        if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
-            approved.push(*r);
-        }
-    }
-    if approved != node.approved_routes {
-        node = store.set_approved_routes(id, &approved).await?;
-    }
+                .collect();
+            let mut approved = node.approved_routes.clone();
+            let exit: Vec<IpNet> = advertised
+                .iter()
+                .filter(|r| mapper::is_default_route(r))
+                .copied()
+                .collect();
+            if exit.len() == 2
+                && exit.iter().any(|r| new.contains(r))
+                && !exit.iter().all(|r| approved.contains(r))
+                && policy.auto_approve_exit_node(&pn)
+            {
+                for r in exit {
+                    if !approved.contains(&r) {
+                        approved.push(r);
+                    }
+                }
+            }
+            for r in new.iter().filter(|r| !mapper::is_default_route(r)) {
+                if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
+                    approved.push(*r);
+                }
+            }
+            if normalized(&approved) != node.approved_routes {
+                change.approved_routes = Some(approved);
+            }
+            Ok(change)
+        })
+        .await?;
     app.state.upsert_node(node);
     Ok(())
 }
 
-fn node_request(mk: &MachinePublic, req: &RegisterRequest) -> NodeRequest {
+fn node_request(app: &App, mk: &MachinePublic, req: &RegisterRequest) -> NodeRequest {
     let hostinfo = req.hostinfo.clone().unwrap_or_default();
     NodeRequest {
         machine_key: mk.to_string(),
@@ -185,15 +283,24 @@ fn node_request(mk: &MachinePublic, req: &RegisterRequest) -> NodeRequest {
             hostinfo.hostname.clone()
         },
         hostinfo: serde_json::to_value(&hostinfo).unwrap_or_default(),
-        expiry: req.expiry.to_option(),
+        // The server's default when the node asks for none, its request clamped to the
+        // maximum otherwise (a request in the past is a logout, handled before).
+        expiry: app
+            .state
+            .limits
+            .node_expiry(Utc::now(), req.expiry.to_option()),
     }
 }
 
 pub async fn register(
     AxState(app): AxState<Arc<App>>,
     Extension(ctx): Extension<MachineCtx>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body_or_refusal(body, "register", app.state.limits.max_register_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let req: RegisterRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -211,6 +318,9 @@ pub async fn register(
             StatusCode::BAD_REQUEST,
             "register request without a node key",
         );
+    }
+    if let Some(r) = hostinfo_refusal(&app, req.hostinfo.as_ref()) {
+        return r;
     }
     match register_inner(&app, &ctx, &req).await {
         Ok(resp) => json_response(&resp),
@@ -262,7 +372,7 @@ async fn register_inner(
     let auth_key = req.auth.as_ref().map(|a| a.auth_key.as_str()).unwrap_or("");
     if !auth_key.is_empty() {
         return match store
-            .register_with_preauth_key(auth_key, node_request(&ctx.machine_key, req), now)
+            .register_with_preauth_key(auth_key, node_request(app, &ctx.machine_key, req), now)
             .await
         {
             Ok((node, _key)) => {
@@ -284,46 +394,25 @@ async fn register_inner(
             .next()
             .unwrap_or_default()
             .to_string();
-        let deadline = tokio::time::Instant::now() + FOLLOWUP_WAIT;
-        loop {
-            let pending = match store.get_pending_registration(&token).await {
-                Ok(p) => p,
-                Err(e) if e.is_not_found() => {
-                    return Ok(RegisterResponse::error(
-                        "unknown or expired registration; run `up` again",
-                    ));
-                }
-                Err(e) => return Err(e),
-            };
-            if pending.machine_key != mk {
-                return Ok(RegisterResponse::error(
-                    "this registration belongs to another machine",
-                ));
-            }
-            if let Some(id) = pending.approved_node_id {
-                let node = store.get_node(id).await?;
-                app.state.upsert_node(node.clone());
-                apply_hostinfo(app, id, &hostinfo).await?;
-                return Ok(authorized_response(app, node.user_id));
-            }
-            if pending.expires_at <= Utc::now() {
-                return Ok(RegisterResponse::error(
-                    "registration expired before an admin approved it; run `up` again",
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                // The client repeats the follow-up; answering keeps proxies from timing out.
-                return Ok(RegisterResponse {
-                    auth_url: req.followup.clone(),
-                    ..RegisterResponse::default()
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        return followup(app, &mk, &token, req, &hostinfo).await;
+    }
+    if !app.may_register(ctx.peer) {
+        return Err(StoreError::Limit {
+            what: "new registrations at the moment",
+            limit: app.state.limits.max_pending_registrations,
+        });
     }
     let hostinfo_json = serde_json::to_value(&hostinfo).unwrap_or_default();
+    let limits = &app.state.limits;
     let pending = store
-        .create_pending_registration(&mk, &nk, &hostinfo_json, now, PENDING_TTL)
+        .create_pending_registration(
+            &mk,
+            &nk,
+            &hostinfo_json,
+            now,
+            limits.registration_ttl(),
+            limits.max_pending_registrations,
+        )
         .await?;
     let url = format!("{}/register/{}", app.server_url, pending.token);
     tracing::info!(%url, host = %hostinfo.hostname, "interactive registration waiting for an admin");
@@ -333,16 +422,84 @@ async fn register_inner(
     })
 }
 
+/// A follow-up request: waits until an admin approves (or expires) the registration, or
+/// it expires, or [`FOLLOWUP_WAIT`] passed. It reads the registration once, and again
+/// only when woken ([`State::registration_changed`], or the registration's expiry): the
+/// database is not polled while it waits.
+async fn followup(
+    app: &App,
+    mk: &str,
+    token: &str,
+    req: &RegisterRequest,
+    hostinfo: &Hostinfo,
+) -> Result<RegisterResponse, StoreError> {
+    let store = &app.state.store;
+    let waiter = app.state.registration_waiter(token);
+    let deadline = tokio::time::Instant::now() + FOLLOWUP_WAIT;
+    loop {
+        let notified = waiter.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let pending = match store.get_pending_registration(token).await {
+            Ok(p) => p,
+            Err(e) if e.is_not_found() => {
+                return Ok(RegisterResponse::error(
+                    "unknown or expired registration; run `up` again",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        if pending.machine_key != mk {
+            return Ok(RegisterResponse::error(
+                "this registration belongs to another machine",
+            ));
+        }
+        if let Some(id) = pending.approved_node_id {
+            let node = store.get_node(id).await?;
+            app.state.upsert_node(node.clone());
+            apply_hostinfo(app, id, hostinfo).await?;
+            return Ok(authorized_response(app, node.user_id));
+        }
+        let now = Utc::now();
+        if pending.expires_at <= now {
+            return Ok(RegisterResponse::error(
+                "registration expired before an admin approved it; run `up` again",
+            ));
+        }
+        let until_expiry = (pending.expires_at - now).to_std().unwrap_or_default();
+        let wake = deadline.min(tokio::time::Instant::now() + until_expiry);
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= deadline {
+                    // The client repeats the follow-up; answering keeps proxies from timing out.
+                    return Ok(RegisterResponse {
+                        auth_url: req.followup.clone(),
+                        ..RegisterResponse::default()
+                    });
+                }
+            }
+        }
+    }
+}
+
 pub async fn map(
     AxState(app): AxState<Arc<App>>,
     Extension(ctx): Extension<MachineCtx>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body_or_refusal(body, "map", app.state.limits.max_map_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let req: MapRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid map request: {e}")),
     };
     if let Some(r) = too_old(req.version) {
+        return r;
+    }
+    if let Some(r) = hostinfo_refusal(&app, req.hostinfo.as_ref()) {
         return r;
     }
     let store = &app.state.store;
@@ -380,8 +537,11 @@ pub async fn map(
         if req.omit_peers {
             return StatusCode::OK.into_response();
         }
-        app.state.rebuild();
-        let snap = app.state.current();
+        // The rebuild task publishes a snapshot with this request's changes within its
+        // coalescing interval; waiting for it keeps the policy compilation off this
+        // request (and off the runtime's workers).
+        let ready = app.state.pending_version();
+        let snap = app.state.snapshot_at_least(ready, SNAPSHOT_WAIT).await;
         let mut view = SessionView::new(id);
         return match view.full_map(&snap).map(|m| encode_message(&m, compress)) {
             Some(Ok(b)) => b.into_response(),
@@ -411,6 +571,7 @@ async fn apply_map_update(app: &App, id: i64, req: &MapRequest) -> Result<(), St
     let endpoints: Vec<String> = req
         .endpoint_addrs()
         .into_iter()
+        .take(MAX_ENDPOINTS)
         .map(|(a, _)| a.to_string())
         .collect();
     if endpoints != node.endpoints {
@@ -493,7 +654,8 @@ async fn session(
     let mut rx = state.subscribe();
     // The first map comes from the first snapshot that shows the node online (the next
     // coalesced rebuild), so that a burst of joins shares rebuilds.
-    let ready = state.session_started(id);
+    let ticket = state.session_started(id);
+    let (ready, sid, mut closed) = (ticket.ready, ticket.sid, ticket.closed);
     let mut view = SessionView::new(id);
     let first = loop {
         let snap = rx.borrow_and_update().clone();
@@ -503,6 +665,7 @@ async fn session(
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break None },
             _ = tx.closed() => break None,
+            _ = &mut closed => break None,
         }
     };
     let ok = match first {
@@ -568,11 +731,15 @@ async fn session(
                     if !send(&tx, &MapResponse::keep_alive(), compress).await { break; }
                 }
                 _ = tx.closed() => break,
+                _ = &mut closed => {
+                    tracing::debug!(node = id, "map stream closed: a newer stream of the node replaced it");
+                    break;
+                }
             }
         }
     }
     let now = Utc::now();
-    state.session_ended(id, now);
+    state.session_ended(id, sid, now);
     if let Err(e) = state.store.touch_last_seen(id, now).await {
         tracing::warn!(node = id, "recording last seen: {e}");
     }

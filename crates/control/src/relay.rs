@@ -41,7 +41,8 @@ pub struct RelaySettings {
     pub insecure_for_tests: bool,
     /// Pre-shared key of other relays that mesh with this one.
     pub mesh_key: Option<String>,
-    /// `http://HOST:PORT` of the other relays of the region (needs `mesh_key`).
+    /// `http://HOST:PORT` or `https://HOST:PORT` of the other relays of the region
+    /// (needs `mesh_key`).
     pub mesh_with: Vec<String>,
     /// URLs of the other relays of the region to announce after this one (clients try
     /// the nodes of a region in order); their STUN is assumed on port 3478.
@@ -51,6 +52,9 @@ pub struct RelaySettings {
     /// (and so their map requests) churning meanwhile. For clients that speak DERP over
     /// plain HTTP (Go clients run with `TS_DEBUG_USE_DERP_HTTP=1`; tsunagud later).
     pub announce_plain_http: bool,
+    /// Accept DERP logins only from node keys of the tailnet (authorized, not expired);
+    /// other relays of the region log in with the mesh key and are not asked.
+    pub verify_clients: bool,
 }
 
 impl Default for RelaySettings {
@@ -65,6 +69,7 @@ impl Default for RelaySettings {
             mesh_with: Vec::new(),
             extra_nodes: Vec::new(),
             announce_plain_http: false,
+            verify_clients: false,
         }
     }
 }
@@ -509,6 +514,7 @@ pub(crate) fn new_relay(
     data_dir: &std::path::Path,
     mesh_key: &Option<String>,
     mesh_with: &[String],
+    verify_clients: Option<tsunagu_derp::ClientCheck>,
 ) -> Result<std::sync::Arc<tsunagu_derp::Relay>, ServerError> {
     let key_path = data_dir.join(tsunagu_derp::relay::KEY_FILE);
     let key = tsunagu_derp::load_or_create_key(&key_path)
@@ -518,6 +524,7 @@ pub(crate) fn new_relay(
         tsunagu_derp::RelayOptions {
             mesh_key: mesh_key.clone(),
             mesh_with: mesh_with.to_vec(),
+            verify_clients,
             ..Default::default()
         },
     ))
@@ -529,7 +536,7 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
         Some((cert, key)) => Some(load_tls(cert, key)?),
         None => None,
     };
-    let relay = new_relay(&cfg.data_dir, &cfg.mesh_key, &cfg.mesh_with)?;
+    let relay = new_relay(&cfg.data_dir, &cfg.mesh_key, &cfg.mesh_with, None)?;
     relay.start_mesh();
     if let Some(addr) = &cfg.stun_listen {
         let sock = tokio::net::UdpSocket::bind(addr)
@@ -550,7 +557,9 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
     let router = relay
         .router()
         .route("/health", axum::routing::get(|| async { "ok\n" }));
-    serve_front(listener, tls, router).await?;
+    let limits = crate::limits::Limits::default();
+    let counter = crate::front::ConnCounter::new(limits.max_connections_per_ip);
+    serve_front(listener, tls, router, &limits, counter).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,13 +10,20 @@
 //!                        anything else ─────────► 501 with a clear message
 //!  admin CLI ─Unix socket (0600)─► admin API (JSON)
 //! ```
+//!
+//! Every input is bounded ([`crate::limits::Limits`]): connections per source address
+//! and the header-read timeout on the listener ([`crate::front`]); on a Noise session,
+//! HTTP/2 streams at once, body sizes per endpoint, and an idle timeout for sessions
+//! with nothing in flight.
 
 use crate::admin;
-use crate::machine::{self, App, MAX_REQUEST, MachineCtx};
+use crate::front::{self, Activity, ConnCounter};
+use crate::limits::{Limits, NOISE_HANDSHAKE_TIMEOUT};
+use crate::machine::{self, App, MachineCtx};
 use crate::relay::RelaySettings;
 use crate::state::State;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State as AxState};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State as AxState};
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +31,7 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -54,6 +62,8 @@ pub struct ServerConfig {
     /// Relay regions run elsewhere, announced in the DERP map after the embedded one
     /// (checked: no ID or code twice, the embedded region's included).
     pub derp_regions: Vec<crate::relay::RegionSpec>,
+    /// Bounds on connections, sessions, requests, registrations and key lifetimes.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +138,15 @@ pub struct Server {
     pub relay: Option<Arc<tsunagu_derp::Relay>>,
     /// The bound STUN socket, until [`serve`] takes it.
     pub stun: Option<tokio::net::UdpSocket>,
+    /// Open connections per source address on the client listener.
+    pub connections: Arc<ConnCounter>,
 }
 
 impl Server {
     pub async fn start(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        cfg.limits
+            .check()
+            .map_err(|e| ServerError::Config(format!("limits: {e}")))?;
         let key = load_or_create_key(&cfg.data_dir)?;
         let store = Store::open(&cfg.data_dir).await?;
         if let Some(path) = &cfg.policy_file
@@ -149,8 +164,11 @@ impl Server {
             .map(|r| (r.region_id, r.region_code.as_str()));
         crate::relay::check_regions(own, &cfg.derp_regions)
             .map_err(|e| ServerError::Config(format!("DERP regions: {e}")))?;
+        // The relay's client check asks the state, which needs the DERP map, which
+        // needs the relay: the check finds the state through this cell, set below.
+        let state_cell: Arc<std::sync::OnceLock<std::sync::Weak<State>>> = Arc::default();
         let (relay, stun, mut derp_map) = match &cfg.relay {
-            Some(settings) => start_relay(cfg, settings).await?,
+            Some(settings) => start_relay(cfg, settings, state_cell.clone()).await?,
             None => (None, None, DERPMap::default()),
         };
         for spec in &cfg.derp_regions {
@@ -165,16 +183,16 @@ impl Server {
             );
             derp_map.regions.insert(i32::from(spec.id), spec.region());
         }
-        let state = State::load(store, derp_map, DOMAIN.to_string()).await?;
-        let app = Arc::new(App {
-            state,
-            server_url: cfg.server_url.clone(),
-        });
+        let state =
+            State::load_with(store, derp_map, DOMAIN.to_string(), cfg.limits.clone()).await?;
+        let _ = state_cell.set(Arc::downgrade(&state));
+        let app = Arc::new(App::new(state, cfg.server_url.clone()));
         Ok(Server {
             app,
             key,
             relay,
             stun,
+            connections: ConnCounter::new(cfg.limits.max_connections_per_ip),
         })
     }
 
@@ -209,9 +227,22 @@ type RelayParts = (
 );
 
 /// The relay's key (created once in the data directory), its STUN socket, and the DERP
-/// map announcing it.
-async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts, ServerError> {
-    let relay = crate::relay::new_relay(&cfg.data_dir, &s.mesh_key, &s.mesh_with)?;
+/// map announcing it. With `verify_clients`, the relay serves only node keys of the
+/// tailnet that may be online (authorized, not expired), found through `state`.
+async fn start_relay(
+    cfg: &ServerConfig,
+    s: &RelaySettings,
+    state: Arc<std::sync::OnceLock<std::sync::Weak<State>>>,
+) -> Result<RelayParts, ServerError> {
+    let check = s.verify_clients.then(|| {
+        tsunagu_derp::ClientCheck::new(move |key| {
+            state
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .is_some_and(|st| st.is_active_node_key(&key.tailscale(), chrono::Utc::now()))
+        })
+    });
+    let relay = crate::relay::new_relay(&cfg.data_dir, &s.mesh_key, &s.mesh_with, check)?;
     let stun = match &s.stun_listen {
         Some(addr) => Some(
             tokio::net::UdpSocket::bind(addr)
@@ -235,6 +266,7 @@ async fn start_relay(cfg: &ServerConfig, s: &RelaySettings) -> Result<RelayParts
         key = %relay.public_key().tailscale(),
         stun = ?s.stun_listen,
         announced = announce,
+        verify_clients = s.verify_clients,
         "DERP relay enabled"
     );
     if !announce {
@@ -284,6 +316,10 @@ async fn register_page(Path(token): Path<String>) -> Response {
 }
 
 async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical());
     let (resp, pending) = match tsunagu_noise::upgrade::accept_upgrade(req, f.key, None) {
         Ok(ok) => ok,
         Err(e) => {
@@ -304,31 +340,74 @@ async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response
     }
     let app = f.app.clone();
     tokio::spawn(async move {
-        match pending.complete().await {
-            Ok(acc) => {
+        match tokio::time::timeout(NOISE_HANDSHAKE_TIMEOUT, pending.complete()).await {
+            Ok(Ok(acc)) => {
                 let ctx = MachineCtx {
                     machine_key: MachinePublic(acc.machine_public),
                     capver: acc.capver,
+                    peer,
                 };
                 tracing::debug!(machine = %ctx.machine_key.short(), capver = ctx.capver, "noise session");
-                let router = Router::new()
-                    .route("/machine/register", post(machine::register))
-                    .route("/machine/map", post(machine::map))
-                    .fallback(not_implemented)
-                    .layer(DefaultBodyLimit::max(MAX_REQUEST))
-                    .layer(Extension(ctx))
-                    .with_state(app);
-                let service = TowerToHyperService::new(router);
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(acc.stream), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!("noise session ended: {e}");
-                }
+                noise_session(app, ctx, acc.stream).await;
             }
-            Err(e) => tracing::debug!("ts2021 handshake failed: {e}"),
+            Ok(Err(e)) => tracing::debug!("ts2021 handshake failed: {e}"),
+            Err(_) => tracing::debug!("ts2021 handshake timed out"),
         }
     });
     resp.map(Body::new)
+}
+
+/// HTTP/2 over one Noise session, within the limits: streams at once, body sizes per
+/// endpoint, and closed (GOAWAY) after [`Limits::session_idle_timeout`] with nothing in
+/// flight. A map stream is in flight for as long as it lasts.
+async fn noise_session<S>(app: Arc<App>, ctx: MachineCtx, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = app.state.limits.clone();
+    let activity = Activity::new();
+    let machine = ctx.machine_key.short();
+    let router = Router::new()
+        .route(
+            "/machine/register",
+            post(machine::register).layer(DefaultBodyLimit::max(limits.max_register_body)),
+        )
+        .route(
+            "/machine/map",
+            post(machine::map).layer(DefaultBodyLimit::max(limits.max_map_body)),
+        )
+        .fallback(not_implemented)
+        .layer(axum::middleware::from_fn_with_state(
+            activity.clone(),
+            front::track_activity,
+        ))
+        .layer(Extension(ctx))
+        .with_state(app);
+    let service = TowerToHyperService::new(router);
+    // A client may send this much of a request body before the handler reads it; the
+    // handlers take at most the body limits.
+    let window = u32::try_from(limits.max_register_body.max(limits.max_map_body))
+        .unwrap_or(u32::MAX)
+        .max(65_535);
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.max_concurrent_streams(limits.max_streams_per_session)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window.saturating_mul(4))
+        .max_header_list_size(16 * 1024);
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%machine, "noise session ended: {e}");
+            }
+        }
+        _ = activity.idle(limits.session_idle_timeout) => {
+            tracing::debug!(%machine, idle = ?limits.session_idle_timeout, "closing an idle noise session");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
 }
 
 /// Bind the admin socket (owner-only) and serve the admin API on it.
@@ -387,6 +466,24 @@ pub async fn ephemeral_gc(state: Arc<State>, timeout: Duration) {
     }
 }
 
+/// Delete interactive registrations that expired, every `every` (the insert of a new
+/// one purges too). [`serve`] runs it.
+pub async fn registration_gc(state: Arc<State>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match state
+            .store
+            .purge_expired_registrations(chrono::Utc::now())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired registrations removed"),
+            Err(e) => tracing::warn!("purging expired registrations: {e}"),
+        }
+    }
+}
+
 /// A TLS acceptor from PEM files (certificate chain, private key).
 pub fn load_tls(cert: &FsPath, key: &FsPath) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
     use rustls_pki_types::pem::PemObject as _;
@@ -413,63 +510,16 @@ pub fn load_tls(cert: &FsPath, key: &FsPath) -> Result<tokio_rustls::TlsAcceptor
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serve `router` over TLS until `shutdown` completes.
-pub(crate) async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), ServerError> {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => a.map_err(io_err("accepting"))?,
-            _ = &mut shutdown => return Ok(()),
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-            // Handlers that log the peer (the relay) find it as with plain HTTP.
-            let router = router.layer(Extension(axum::extract::ConnectInfo(peer)));
-            let service = TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    }
-}
-
-/// Serve `router` on `listener` (over TLS with `tls`) until SIGINT or SIGTERM. Accepted
-/// connections send small frames (map deltas, relayed packets) at once: Nagle's delay
-/// against delayed ACKs would cost relayed traffic tens of ms.
+/// Serve `router` on `listener` (over TLS with `tls`) until SIGINT or SIGTERM, within
+/// `limits` (see [`front::serve_listener`]).
 pub(crate) async fn serve_front(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
+    limits: &Limits,
+    counter: Arc<ConnCounter>,
 ) -> Result<(), ServerError> {
-    match tls {
-        Some(acceptor) => serve_tls(listener, acceptor, router, shutdown_signal()).await,
-        None => axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(io_err("serving")),
-    }
+    front::serve_listener(listener, tls, router, limits, counter, shutdown_signal()).await
 }
 
 /// Run the server until SIGINT or SIGTERM.
@@ -497,12 +547,19 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ServerError> {
     );
     let state = server.app.state.clone();
     tokio::spawn(ephemeral_gc(state.clone(), cfg.ephemeral_timeout));
+    tokio::spawn(registration_gc(state.clone(), Duration::from_secs(60)));
     let admin = tokio::spawn(serve_admin(
         state,
         server.relay.clone(),
         cfg.admin_socket.clone(),
     ));
-    let front = serve_front(listener, tls, server.router());
+    let front = serve_front(
+        listener,
+        tls,
+        server.router(),
+        &cfg.limits,
+        server.connections.clone(),
+    );
     tokio::select! {
         r = front => r?,
         r = admin => match r {

@@ -12,14 +12,15 @@
 //! serialized peer views (rebuilt only for changed nodes), filters per class and encoded
 //! deltas ([`mapper`]).
 
+use crate::limits::Limits;
 use crate::mapper::{self, FilterEntry, PeerEntry, ShareKey};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tsunagu_policy::{CompiledPolicy, FilterClass, Policy, PolicyNode};
 use tsunagu_proto::tailcfg::DERPMap;
 use tsunagu_store::{Node, Store, StoreError, User};
@@ -29,6 +30,9 @@ const COALESCE: Duration = Duration::from_millis(25);
 /// How many versions of change history a snapshot carries; a session further behind
 /// recomputes everything.
 const LOG_LEN: usize = 4096;
+/// Deleted node IDs remembered, so that a copy of the row read before the deletion
+/// cannot bring the node back into the cache (a stale write lands within moments).
+const TOMBSTONES: usize = 65_536;
 
 /// The least time between two snapshots while changes keep coming: every snapshot wakes
 /// every session, so with many sessions, fewer and larger snapshots cost less in total
@@ -110,8 +114,14 @@ struct Inner {
     users: BTreeMap<i64, User>,
     policy: Arc<Policy>,
     policy_text: Option<String>,
-    /// Live map streams per node.
-    sessions: BTreeMap<i64, usize>,
+    /// Live map streams per node, oldest first: each stream's ID and what closes it.
+    sessions: BTreeMap<i64, VecDeque<(u64, oneshot::Sender<()>)>>,
+    next_session: u64,
+    /// Node keys (`nodekey:…`) of the nodes in the cache.
+    by_node_key: HashMap<String, i64>,
+    /// Recently deleted node IDs (see [`TOMBSTONES`]).
+    removed: HashSet<i64>,
+    removed_order: VecDeque<i64>,
     pending: BTreeSet<i64>,
     pending_all: bool,
     version: u64,
@@ -132,6 +142,46 @@ pub struct State {
     domain: String,
     /// Permits for [`FULL_MAPS_IN_FLIGHT`].
     pub full_maps: Arc<tokio::sync::Semaphore>,
+    /// The server's bounds.
+    pub limits: Limits,
+    /// Follow-up registration requests waiting on a token, woken when it changes.
+    registrations: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// A map stream's place among its node's streams (see [`State::session_started`]).
+pub struct SessionTicket {
+    /// The snapshot version that shows the node online.
+    pub ready: u64,
+    /// The stream's ID, for [`State::session_ended`].
+    pub sid: u64,
+    /// Completes (with an error: the sender is dropped) when a newer stream of the same
+    /// node closed this one, or when the node was removed.
+    pub closed: oneshot::Receiver<()>,
+}
+
+/// A follow-up registration's interest in a token; see [`State::registration_waiter`].
+pub struct RegistrationWaiter<'a> {
+    state: &'a State,
+    token: String,
+    notify: Arc<Notify>,
+}
+
+impl RegistrationWaiter<'_> {
+    /// Completes at the next [`State::registration_changed`] of the token after this
+    /// call (create it, `enable` it, then read the registration, then await it).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for RegistrationWaiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.state.registrations.lock();
+        // The map's reference and ours: no one else waits on the token.
+        if Arc::strong_count(&self.notify) <= 2 {
+            map.remove(&self.token);
+        }
+    }
 }
 
 fn policy_nodes(
@@ -164,11 +214,21 @@ pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
 }
 
 impl State {
-    /// Load everything from the store and build the first snapshot.
+    /// Load everything from the store and build the first snapshot (default limits).
     pub async fn load(
         store: Store,
         derp_map: DERPMap,
         domain: String,
+    ) -> Result<Arc<State>, StoreError> {
+        Self::load_with(store, derp_map, domain, Limits::default()).await
+    }
+
+    /// [`State::load`] with the server's limits.
+    pub async fn load_with(
+        store: Store,
+        derp_map: DERPMap,
+        domain: String,
+        limits: Limits,
     ) -> Result<Arc<State>, StoreError> {
         let users: BTreeMap<i64, User> = store
             .list_users()
@@ -219,6 +279,10 @@ impl State {
             encoded: Mutex::default(),
         };
         let (tx, _) = watch::channel(Arc::new(first));
+        let by_node_key = nodes
+            .values()
+            .map(|e| (e.node.node_key.clone(), e.node.id))
+            .collect();
         let state = Arc::new(State {
             store,
             inner: Mutex::new(Inner {
@@ -227,6 +291,10 @@ impl State {
                 policy: Arc::new(policy),
                 policy_text,
                 sessions: BTreeMap::new(),
+                next_session: 1,
+                by_node_key,
+                removed: HashSet::new(),
+                removed_order: VecDeque::new(),
                 pending: BTreeSet::new(),
                 pending_all: false,
                 version: 0,
@@ -238,6 +306,8 @@ impl State {
             derp_map,
             domain,
             full_maps: Arc::new(tokio::sync::Semaphore::new(FULL_MAPS_IN_FLIGHT)),
+            limits,
+            registrations: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&state);
         tokio::spawn(async move { rebuild_loop(weak).await });
@@ -286,12 +356,27 @@ impl State {
         self.dirty.notify_one();
     }
 
-    /// Put a node (new or updated, as the store returned it) into the cache.
+    /// Put a node (new or updated, as the store returned it) into the cache, unless the
+    /// cache holds a newer copy of the row (a higher version: another request read and
+    /// put it after this one read its copy) or the node was deleted meanwhile.
     pub fn upsert_node(&self, node: Node) {
         let mut inner = self.inner.lock();
         let id = node.id;
-        let online = inner.sessions.get(&id).is_some_and(|&n| n > 0);
+        if inner.removed.contains(&id) {
+            return;
+        }
+        if let Some(old) = inner.nodes.get(&id) {
+            if old.node.version > node.version {
+                return;
+            }
+            if old.node.node_key != node.node_key {
+                let old_key = old.node.node_key.clone();
+                inner.by_node_key.remove(&old_key);
+            }
+        }
+        let online = inner.sessions.get(&id).is_some_and(|s| !s.is_empty());
         let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
+        inner.by_node_key.insert(node.node_key.clone(), id);
         inner.nodes.insert(
             id,
             Arc::new(NodeEntry {
@@ -305,8 +390,31 @@ impl State {
 
     pub fn remove_node(&self, id: i64) {
         let mut inner = self.inner.lock();
-        inner.nodes.remove(&id);
+        if let Some(e) = inner.nodes.remove(&id) {
+            inner.by_node_key.remove(&e.node.node_key);
+        }
+        if inner.removed.insert(id) {
+            inner.removed_order.push_back(id);
+            while inner.removed_order.len() > TOMBSTONES {
+                if let Some(old) = inner.removed_order.pop_front() {
+                    inner.removed.remove(&old);
+                }
+            }
+        }
+        // Its streams end with it.
+        inner.sessions.remove(&id);
         self.mark(&mut inner, id);
+    }
+
+    /// Whether `node_key` (`nodekey:…`) belongs to a node of the tailnet that may be
+    /// online: authorized and not expired (the relay's client check).
+    pub fn is_active_node_key(&self, node_key: &str, now: DateTime<Utc>) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .by_node_key
+            .get(node_key)
+            .and_then(|id| inner.nodes.get(id))
+            .is_some_and(|e| is_active(&e.node, now))
     }
 
     pub fn set_home_derp(&self, id: i64, region: i32) {
@@ -345,17 +453,80 @@ impl State {
         self.dirty.notify_one();
     }
 
-    /// A map stream of `id` started; returns the snapshot version that will show it
-    /// online (the next one, or the current one when it already was).
-    pub fn session_started(&self, id: i64) -> u64 {
+    /// A map stream of `id` started. Beyond [`Limits::max_map_streams_per_node`] the
+    /// node's oldest stream is closed (its ticket's `closed` completes): a client that
+    /// reconnects keeps working, one that opens streams in a loop holds a few at most.
+    pub fn session_started(&self, id: i64) -> SessionTicket {
         let mut inner = self.inner.lock();
-        let count = inner.sessions.entry(id).or_insert(0);
-        *count += 1;
-        let first = *count == 1;
+        let sid = inner.next_session;
+        inner.next_session += 1;
+        let (tx, rx) = oneshot::channel();
+        let max = self.limits.max_map_streams_per_node.max(1);
+        let streams = inner.sessions.entry(id).or_default();
+        streams.push_back((sid, tx));
+        let first = streams.len() == 1;
+        while streams.len() > max {
+            // Dropping the sender closes the oldest stream.
+            streams.pop_front();
+        }
         if first && let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
             e.online = true;
             self.mark(&mut inner, id);
         }
+        let ready = if inner.pending.is_empty() && !inner.pending_all {
+            inner.version
+        } else {
+            inner.version + 1
+        };
+        SessionTicket {
+            ready,
+            sid,
+            closed: rx,
+        }
+    }
+
+    /// Number of live map streams.
+    pub fn session_count(&self) -> usize {
+        self.inner.lock().sessions.values().map(VecDeque::len).sum()
+    }
+
+    /// Live map streams of one node.
+    pub fn node_session_count(&self, id: i64) -> usize {
+        self.inner.lock().sessions.get(&id).map_or(0, VecDeque::len)
+    }
+
+    /// The map stream `sid` of `id` ended (or was closed); returns whether the node went
+    /// offline.
+    pub fn session_ended(&self, id: i64, sid: u64, at: DateTime<Utc>) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(streams) = inner.sessions.get_mut(&id) else {
+            return false;
+        };
+        let before = streams.len();
+        streams.retain(|(s, _)| *s != sid);
+        if streams.len() == before || !streams.is_empty() {
+            return false;
+        }
+        inner.sessions.remove(&id);
+        if let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
+            e.online = false;
+            e.node.last_seen = Some(at);
+            self.mark(&mut inner, id);
+        }
+        true
+    }
+
+    pub fn is_online(&self, id: i64) -> bool {
+        self.inner
+            .lock()
+            .sessions
+            .get(&id)
+            .is_some_and(|s| !s.is_empty())
+    }
+
+    /// The snapshot version that will include every change made so far.
+    pub fn pending_version(&self) -> u64 {
+        let inner = self.inner.lock();
         if inner.pending.is_empty() && !inner.pending_all {
             inner.version
         } else {
@@ -363,30 +534,53 @@ impl State {
         }
     }
 
-    /// Number of live map streams.
-    pub fn session_count(&self) -> usize {
-        self.inner.lock().sessions.values().sum()
-    }
-
-    /// A map stream of `id` ended; returns whether the node went offline.
-    pub fn session_ended(&self, id: i64, at: DateTime<Utc>) -> bool {
-        let mut inner = self.inner.lock();
-        let count = inner.sessions.entry(id).or_insert(1);
-        *count = count.saturating_sub(1);
-        let last = *count == 0;
-        if last {
-            inner.sessions.remove(&id);
-            if let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
-                e.online = false;
-                e.node.last_seen = Some(at);
-                self.mark(&mut inner, id);
-            }
+    /// The first snapshot at `version` or later, as the rebuild task publishes it; after
+    /// `wait` without one, the current snapshot.
+    pub async fn snapshot_at_least(&self, version: u64, wait: Duration) -> Arc<Snapshot> {
+        let mut rx = self.subscribe();
+        let found = tokio::time::timeout(wait, rx.wait_for(|s| s.version >= version)).await;
+        match found {
+            Ok(Ok(snap)) => snap.clone(),
+            _ => self.current(),
         }
-        last
     }
 
-    pub fn is_online(&self, id: i64) -> bool {
-        self.inner.lock().sessions.get(&id).is_some_and(|&n| n > 0)
+    /// [`State::rebuild`] on the blocking pool: compiling the policy of a large tailnet
+    /// takes long enough that it must not hold a runtime worker.
+    pub async fn rebuild_now(self: &Arc<Self>) {
+        let s = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.rebuild()).await {
+            tracing::error!("rebuilding the snapshot: {e}");
+        }
+    }
+
+    /// Interest in the registration `token`, to take before reading it: the follow-up
+    /// request then sleeps until [`State::registration_changed`] (an admin approved or
+    /// expired it) instead of polling the database.
+    pub fn registration_waiter(&self, token: &str) -> RegistrationWaiter<'_> {
+        let notify = self
+            .registrations
+            .lock()
+            .entry(token.to_string())
+            .or_default()
+            .clone();
+        RegistrationWaiter {
+            state: self,
+            token: token.to_string(),
+            notify,
+        }
+    }
+
+    /// Wakes the follow-ups waiting on `token` (after it was approved or expired).
+    pub fn registration_changed(&self, token: &str) {
+        if let Some(n) = self.registrations.lock().get(token) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Follow-up requests waiting on registrations now.
+    pub fn registration_waiters(&self) -> usize {
+        self.registrations.lock().len()
     }
 
     /// Build and publish a snapshot of what is pending now (also used by tests to
@@ -461,7 +655,8 @@ async fn rebuild_loop(state: std::sync::Weak<State>) {
         let at = (tokio::time::Instant::now() + COALESCE).max(last + interval);
         tokio::time::sleep_until(at).await;
         let Some(s) = state.upgrade() else { return };
-        s.rebuild();
+        s.rebuild_now().await;
+        drop(s);
         last = tokio::time::Instant::now();
     }
 }

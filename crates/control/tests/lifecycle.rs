@@ -257,7 +257,9 @@ async fn expiring_a_key_ends_its_stream_and_removes_it_from_peers() {
     assert!(a.register(&key).await.machine_authorized);
     let after = node_row(&s, &a).await;
     assert_eq!((after.id, after.ipv4), (before.id, before.ipv4));
-    assert!(after.expiry.is_none());
+    // A fresh key lifetime: the server's default (180 days).
+    let left = after.expiry.expect("an expiry") - chrono::Utc::now();
+    assert!(left > chrono::TimeDelta::days(179), "{left}");
     let mut astream = a.stream().await;
     assert!(astream.next_update(T).await.unwrap().is_some());
     wait_for(&mut bstream, 2 * PROMPT, "b: a back", |m| {

@@ -28,6 +28,7 @@ fn node(id: i64, user: i64) -> Node {
         created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
         last_seen: None,
         authorized: true,
+        version: 1,
     }
 }
 

@@ -30,6 +30,7 @@ fn node(id: i64) -> Node {
         created_at: chrono::Utc::now(),
         last_seen: None,
         authorized: true,
+        version: 1,
     }
 }
 

@@ -92,7 +92,8 @@ impl StoreError {
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
+    /// `Invalid`: the caller's input (or the operation asked of a row) breaks a rule.
+    pub fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
         StoreError::Invalid {
             what,
             detail: detail.into(),

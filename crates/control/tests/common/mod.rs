@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tsunagu_client::{ControlClient, MapStream};
+use tsunagu_control::limits::Limits;
 use tsunagu_control::relay::RelaySettings;
 use tsunagu_control::server::{Server, ServerConfig};
 use tsunagu_control::state::State;
@@ -18,6 +19,9 @@ pub struct TestServer {
     pub key: MachinePublic,
     pub state: Arc<State>,
     pub dir: tempfile::TempDir,
+    /// Open connections per source address on the listener.
+    pub connections: Arc<tsunagu_control::front::ConnCounter>,
+    pub relay: Option<Arc<tsunagu_derp::Relay>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -41,6 +45,21 @@ pub async fn server_with_regions(
     relay: Option<RelaySettings>,
     derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
 ) -> TestServer {
+    server_full(relay, derp_regions, Limits::default()).await
+}
+
+/// A server without the relay, with `limits`.
+pub async fn server_limits(limits: Limits) -> TestServer {
+    server_full(None, Vec::new(), limits).await
+}
+
+/// A server with everything given. It serves through the public listener's shell
+/// (connections per address, header timeout), as `tsunagu-server serve` does.
+pub async fn server_full(
+    relay: Option<RelaySettings>,
+    derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
+    limits: Limits,
+) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         data_dir: dir.path().to_path_buf(),
@@ -52,6 +71,7 @@ pub async fn server_with_regions(
         ephemeral_timeout: Duration::from_secs(300),
         relay,
         derp_regions,
+        limits: limits.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -66,17 +86,30 @@ pub async fn server_with_regions(
     let router = server.router();
     let relay = server.relay.clone();
     let stun = server.stun.take();
+    let connections = server.connections.clone();
+    let counter = connections.clone();
     let task = tokio::spawn(async move {
         if let (Some(relay), Some(sock)) = (relay, stun) {
             tokio::spawn(relay.serve_stun(sock));
         }
-        axum::serve(listener, router).await.unwrap();
+        tsunagu_control::front::serve_listener(
+            listener,
+            None,
+            router,
+            &limits,
+            counter,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
     });
     TestServer {
         url,
         key,
         state,
         dir,
+        connections,
+        relay: server.relay.clone(),
         task,
     }
 }
