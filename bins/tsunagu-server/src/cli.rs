@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// HTTP; Go clients only with TS_DEBUG_USE_DERP_HTTP=1).
     #[arg(long)]
     pub derp_announce_http: bool,
+    /// Accept DERP logins only from node keys of this tailnet (authorized, not expired);
+    /// other relays of the region (mesh key) are let in.
+    #[arg(long)]
+    pub relay_verify_clients: bool,
     /// Another relay of the region to announce after this server (its URL, e.g.
     /// https://198.51.100.5); repeat or comma-separate for more.
     #[arg(long, value_name = "URL", value_delimiter = ',')]
@@ -106,7 +110,8 @@ pub struct MeshArgs {
     /// one's clients and forward packets to them).
     #[arg(long, value_name = "FILE")]
     pub mesh_key_file: Option<PathBuf>,
-    /// The other relays of the region, `http://HOST:PORT`, comma-separated.
+    /// The other relays of the region, `http://HOST:PORT` or `https://HOST:PORT`
+    /// (certificate checked against the system's roots or SSL_CERT_FILE), comma-separated.
     #[arg(
         long,
         value_name = "URL",

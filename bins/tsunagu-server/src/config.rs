@@ -4,6 +4,8 @@
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tsunagu_control::limits::Limits;
 use tsunagu_control::relay::RegionSpec;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/tsunagu-server";
@@ -35,6 +37,91 @@ struct File {
     /// Relay regions run elsewhere, announced in the DERP map (`[[derp_region]]`).
     #[serde(default)]
     derp_region: Vec<tsunagu_control::relay::RegionConfig>,
+    /// Accept DERP logins only from node keys of the tailnet.
+    relay_verify_clients: Option<bool>,
+    /// Key lifetime of a node that asks for none, in days (0: keys do not expire).
+    key_expiry_days: Option<u64>,
+    /// The longest key lifetime a node may ask for, in days.
+    max_key_expiry_days: Option<u64>,
+    /// Bounds on connections, sessions, requests and registrations (`[limits]`).
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+/// `[limits]` in the configuration file; every key optional (see
+/// `tsunagu_control::limits::Limits` for what each bounds).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    header_timeout_secs: Option<u64>,
+    max_connections_per_ip: Option<usize>,
+    max_streams_per_session: Option<u32>,
+    session_idle_timeout_secs: Option<u64>,
+    max_register_body_bytes: Option<usize>,
+    max_map_body_bytes: Option<usize>,
+    max_hostinfo_bytes: Option<usize>,
+    max_map_streams_per_node: Option<usize>,
+    registration_ttl_secs: Option<u64>,
+    max_pending_registrations: Option<u64>,
+    registrations_per_ip_per_second: Option<f64>,
+    registration_burst_per_ip: Option<f64>,
+    registrations_per_second: Option<f64>,
+    registration_burst: Option<f64>,
+}
+
+const DAY: u64 = 86_400;
+
+impl LimitsFile {
+    fn resolve(
+        &self,
+        key_expiry_days: Option<u64>,
+        max_key_expiry_days: Option<u64>,
+    ) -> anyhow::Result<Limits> {
+        let d = Limits::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        let key_expiry = match key_expiry_days {
+            Some(0) => None,
+            Some(days) => Some(Duration::from_secs(days.saturating_mul(DAY))),
+            None => d.key_expiry,
+        };
+        let limits = Limits {
+            header_read_timeout: secs(self.header_timeout_secs, d.header_read_timeout),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            max_streams_per_session: self
+                .max_streams_per_session
+                .unwrap_or(d.max_streams_per_session),
+            session_idle_timeout: secs(self.session_idle_timeout_secs, d.session_idle_timeout),
+            max_register_body: self.max_register_body_bytes.unwrap_or(d.max_register_body),
+            max_map_body: self.max_map_body_bytes.unwrap_or(d.max_map_body),
+            max_hostinfo: self.max_hostinfo_bytes.unwrap_or(d.max_hostinfo),
+            max_map_streams_per_node: self
+                .max_map_streams_per_node
+                .unwrap_or(d.max_map_streams_per_node),
+            registration_ttl: secs(self.registration_ttl_secs, d.registration_ttl),
+            max_pending_registrations: self
+                .max_pending_registrations
+                .unwrap_or(d.max_pending_registrations),
+            registrations_per_ip: (
+                self.registrations_per_ip_per_second
+                    .unwrap_or(d.registrations_per_ip.0),
+                self.registration_burst_per_ip
+                    .unwrap_or(d.registrations_per_ip.1),
+            ),
+            registrations_total: (
+                self.registrations_per_second
+                    .unwrap_or(d.registrations_total.0),
+                self.registration_burst.unwrap_or(d.registrations_total.1),
+            ),
+            key_expiry,
+            max_key_expiry: max_key_expiry_days.map_or(d.max_key_expiry, |days| {
+                Duration::from_secs(days.saturating_mul(DAY))
+            }),
+        };
+        limits.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(limits)
+    }
 }
 
 /// The effective configuration.
@@ -53,6 +140,7 @@ pub struct Config {
     /// Announce relays that speak plain HTTP (the embedded one on a plain-HTTP server,
     /// and regions marked `http`).
     pub derp_announce_http: bool,
+    pub limits: Limits,
 }
 
 /// A region given with `--derp-region`, checked (clap shows the error with the flag).
@@ -116,6 +204,15 @@ impl Config {
             derp_regions.push(spec);
         }
         let derp_announce_http = f.derp_announce_http.unwrap_or(false);
+        let limits = f
+            .limits
+            .resolve(f.key_expiry_days, f.max_key_expiry_days)
+            .map_err(|e| {
+                let file = file
+                    .map(|p| format!("{}: ", p.display()))
+                    .unwrap_or_default();
+                anyhow::anyhow!("{file}{e}")
+            })?;
         let relay = f.relay.unwrap_or(true).then(|| {
             let d = tsunagu_control::relay::RelaySettings::default();
             tsunagu_control::relay::RelaySettings {
@@ -132,6 +229,7 @@ impl Config {
                 mesh_with: Vec::new(),
                 extra_nodes: Vec::new(),
                 announce_plain_http: derp_announce_http,
+                verify_clients: f.relay_verify_clients.unwrap_or(false),
             }
         });
         Ok(Config {
@@ -144,6 +242,7 @@ impl Config {
             relay,
             derp_regions,
             derp_announce_http,
+            limits,
         })
     }
 
@@ -248,6 +347,70 @@ mod tests {
         assert!(e.contains("unknown field `lissten`"), "{e}");
         std::fs::write(&p, "tls_cert = \"/a\"\n").unwrap();
         assert!(Config::resolve(Some(&p), None, None, None).is_err());
+    }
+
+    #[test]
+    fn limits_and_key_expiry_from_the_file() {
+        let c = Config::resolve(None, None, None, None).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.key_expiry, Some(Duration::from_secs(180 * 86_400)));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(
+            &p,
+            "key_expiry_days = 30
+max_key_expiry_days = 90
+relay_verify_clients = true
+             [limits]
+header_timeout_secs = 5
+max_connections_per_ip = 8
+             max_map_streams_per_node = 2
+max_pending_registrations = 50
+             registrations_per_ip_per_second = 0.5
+",
+        )
+        .unwrap();
+        let c = Config::resolve(Some(&p), None, None, None).unwrap();
+        let l = &c.limits;
+        assert_eq!(l.key_expiry, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(l.max_key_expiry, Duration::from_secs(90 * 86_400));
+        assert_eq!(l.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (l.max_connections_per_ip, l.max_map_streams_per_node),
+            (8, 2)
+        );
+        assert_eq!(l.max_pending_registrations, 50);
+        assert_eq!(l.registrations_per_ip, (0.5, 10.0));
+        assert!(c.relay.unwrap().verify_clients);
+        std::fs::write(
+            &p,
+            "key_expiry_days = 0
+",
+        )
+        .unwrap();
+        let c = Config::resolve(Some(&p), None, None, None).unwrap();
+        assert_eq!(c.limits.key_expiry, None, "0: keys do not expire");
+        std::fs::write(
+            &p,
+            "key_expiry_days = 365
+",
+        )
+        .unwrap();
+        let e = Config::resolve(Some(&p), None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than the maximum"), "{e}");
+        std::fs::write(
+            &p,
+            "[limits]
+max_streams = 3
+",
+        )
+        .unwrap();
+        let e = Config::resolve(Some(&p), None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `max_streams`"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.region_name = name.clone();
             }
             r.insecure_for_tests |= s.derp_insecure_for_tests;
+            r.verify_clients |= s.relay_verify_clients;
             r.announce_plain_http |= s.derp_announce_http;
             r.extra_nodes.extend(s.derp_node.iter().cloned());
             if let Some(k) = mesh_key(&s.mesh)? {
@@ -198,6 +199,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
         relay: cfg.relay.clone(),
         derp_regions: cfg.derp_regions.clone(),
+        limits: cfg.limits.clone(),
     })
     .await?;
     Ok(())

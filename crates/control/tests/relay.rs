@@ -235,3 +235,76 @@ async fn a_region_with_the_servers_own_id_is_refused_at_start() {
         "DERP regions: region id 900 is given twice (the server's own region counts)"
     );
 }
+
+/// Whether a DERP login with `key` through `addr` is served (false: the relay closed the
+/// connection without a ServerInfo).
+async fn derp_login_served(addr: &str, key: NodePrivate) -> bool {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(upgrade_request("relay").as_bytes())
+        .await
+        .unwrap();
+    let mut conn = ClientConn::new(key, ClientInfo::default());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut upgraded = false;
+    loop {
+        while let Some(b) = conn.poll_transmit() {
+            if tcp.write_all(&b).await.is_err() {
+                return false;
+            }
+        }
+        if let Some(ClientEvent::Connected { .. }) = conn.poll_event() {
+            return true;
+        }
+        let n = match tokio::time::timeout(T, tcp.read(&mut buf))
+            .await
+            .expect("relay answers or closes")
+        {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if upgraded {
+            conn.handle_input(&buf[..n]).unwrap();
+        } else {
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = parse_upgrade_response(&got).unwrap() {
+                upgraded = true;
+                conn.handle_input(&got[end..]).unwrap();
+            }
+        }
+    }
+}
+
+/// `--relay-verify-clients`: the embedded relay serves the node keys of the tailnet's
+/// live nodes, and refuses strangers and nodes whose key an admin expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifying_relay_serves_only_live_nodes_of_the_tailnet() {
+    let s = server_with(Some(RelaySettings {
+        stun_listen: None,
+        announce_plain_http: true,
+        verify_clients: true,
+        ..RelaySettings::default()
+    }))
+    .await;
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let key = user_key(&s, "alice", &[]).await;
+    let mut a = SimNode::connect(&s, "laptop").await;
+    assert!(a.register(&key).await.machine_authorized);
+    assert!(
+        derp_login_served(&addr, a.node.clone()).await,
+        "a node of the tailnet"
+    );
+    assert!(
+        !derp_login_served(&addr, NodePrivate::generate()).await,
+        "a stranger"
+    );
+    let id = common::node_row(&s, &a).await.id;
+    let (status, _) = common::admin(&s, "POST", &format!("/v1/nodes/{id}/expire"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        !derp_login_served(&addr, a.node.clone()).await,
+        "an expired node"
+    );
+    let m = s.relay.as_ref().unwrap().metrics();
+    assert_eq!((m.logins, m.refused_not_tailnet), (1, 2), "{m:?}");
+}
