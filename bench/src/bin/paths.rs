@@ -528,9 +528,20 @@ fn measure_idle(args: &Args) -> Result<f64> {
     };
     let dir = tempfile::tempdir()?;
     let listen = format!("127.0.0.1:{port}");
+    // Every client comes from 127.0.0.1: lift the per-address connection budget.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nmax_connections_per_ip = {}\n",
+            args.idle_clients + 100
+        ),
+    )?;
     let mut child = std::process::Command::new(&server)
         .args(["--data-dir"])
         .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
         .args(["relay", "--listen", &listen, "--no-stun"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

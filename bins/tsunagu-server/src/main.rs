@@ -116,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mesh_key: mesh_key(&r.mesh)?,
                 mesh_with: r.mesh.mesh_with.clone(),
                 tls: r.tls_cert.zip(r.tls_key),
+                limits: cfg.limits.clone(),
             })
             .await?;
             Ok(())

@@ -507,6 +507,8 @@ pub struct RelayOnlyConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub mesh_key: Option<String>,
     pub mesh_with: Vec<String>,
+    /// The listener's bounds (connections per address, header-read timeout).
+    pub limits: crate::limits::Limits,
 }
 
 /// A relay with its key from `data_dir` (created there once) and the mesh settings.
@@ -557,9 +559,8 @@ pub async fn serve_relay(cfg: RelayOnlyConfig) -> Result<(), ServerError> {
     let router = relay
         .router()
         .route("/health", axum::routing::get(|| async { "ok\n" }));
-    let limits = crate::limits::Limits::default();
-    let counter = crate::front::ConnCounter::new(limits.max_connections_per_ip);
-    serve_front(listener, tls, router, &limits, counter).await?;
+    let counter = crate::front::ConnCounter::new(cfg.limits.max_connections_per_ip);
+    serve_front(listener, tls, router, &cfg.limits, counter).await?;
     tracing::info!("stopped");
     Ok(())
 }
