@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{POLICY, Transport, setup_over, wait};
+use common::{POLICY, Transport, peer_line, setup_over, status_text, tsunagu, wait};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{
-    CAFE_PUBLIC, EXIT_PUBLIC, PRINTER_LAN, SeedOptions, Tailscaled, TailscaledOpts, WEB_ADDR,
-    http_get, whoami_server,
+    CAFE_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, PRINTER_LAN, SeedOptions, Tailscaled, TailscaledOpts,
+    WEB_ADDR, http_get, whoami_server,
 };
 
 /// The official daemon in `role`'s namespace, trusting the lab CA of `j`.
@@ -142,4 +142,272 @@ fn official_client_uses_a_tsunagud_exit_node() {
     ts.stop(&mut j.seed.lab, false).unwrap();
     let left = Tailscaled::leftovers(&client).unwrap();
     assert!(left.is_empty(), "{left:#?}");
+}
+
+/// Enables forwarding in an official exit node's namespace, as Tailscale's docs tell an
+/// admin to do before `--advertise-exit-node` (tsunagud does this itself).
+fn enable_forwarding(ns: &tsunagu_lab::Netns) {
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+}
+
+/// An official exit node in `role`'s namespace, joined as `hostname` with a member key
+/// (not tagged: the admin approves it by hand) and approved with
+/// `tsunagu-server nodes approve-exit`.
+fn official_exit(j: &mut common::Joined, role: &str, hostname: &str) -> Tailscaled {
+    enable_forwarding(&j.seed.ns(role));
+    let ts = official(j, role, hostname, &[]);
+    let key = j.new_key();
+    let url = j.url.clone();
+    up(&ts, &url, &key, hostname, &["--advertise-exit-node"]);
+    wait(
+        "the offer pending at the server",
+        Duration::from_secs(20),
+        || {
+            j.nodes().as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|n| n["name"] == hostname && n["exit_node"] == "awaiting approval")
+            })
+        },
+    );
+    let out = j.admin(&["nodes", "approve-exit", hostname]);
+    assert!(out.contains("approved"), "{out}");
+    ts
+}
+
+/// The other way round: an official `tailscaled --advertise-exit-node`, approved with
+/// `tsunagu-server nodes approve-exit`, is used by tsunagud through `tsunagu set
+/// --exit-node=`, and `tsunagu status` shows it as the seed does.
+#[test]
+fn tsunagud_uses_an_official_exit_node() {
+    let mut j = setup_over(
+        "official_rev",
+        POLICY,
+        SeedOptions {
+            second_exit: true,
+            ..SeedOptions::default()
+        },
+        &[],
+        Transport::Https,
+    );
+    let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
+    let off = official_exit(&mut j, role::EXIT2, "official-exit");
+    let c = j.join_laptop(&[]);
+    let ns = j.seed.ns(role::CLIENT);
+    wait(
+        "the official exit node offered",
+        Duration::from_secs(30),
+        || {
+            peer_line(&status_text(&ns, &c.sock), "official-exit")
+                .is_some_and(|l| l.contains("offers exit node"))
+        },
+    );
+    let out = tsunagu(&ns, &c.sock, &["set", "--exit-node=official-exit"]);
+    assert!(out.status.success(), "{out:?}");
+    common::web_sees(&ns, EXIT2_PUBLIC, &[c.log.clone(), off.log.clone()]);
+    let line = peer_line(&status_text(&ns, &c.sock), "official-exit").unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(words[0].starts_with("100."), "{line}");
+    assert_eq!(&words[2..4], ["admin", "linux"], "{line}");
+    assert!(
+        words[4..]
+            .join(" ")
+            .starts_with("active; exit node; direct 198.51.100.6:41641"),
+        "{line}"
+    );
+    let out = tsunagu(&ns, &c.sock, &["set", "--exit-node="]);
+    assert!(out.status.success(), "{out:?}");
+    common::web_sees(&ns, CAFE_PUBLIC, &[c.log.clone()]);
+}
+
+/// The cafe-LAN lines that are not the official client's tunnel to the exit node, its
+/// control connection (HTTPS), its relay (TLS on the same port) or STUN.
+fn official_leaks(lines: &[String], exit_ep: &str) -> Vec<String> {
+    tsunagu_lab::tunnel_leaks(
+        lines,
+        tsunagu_lab::CLIENT_LAN,
+        exit_ep,
+        &["198.51.100.4.443", "198.51.100.4.3478"],
+    )
+}
+
+/// The seed's danger box with the official client pinned to a tsunagud exit node: while
+/// the exit node restarts, the member's internet traffic fails closed (nothing leaves the
+/// cafe LAN outside the tunnel, before, during or after), and it flows again within 5 s
+/// of the exit node's return. The same restart of an official exit node, in the same lab,
+/// is measured beside it.
+#[test]
+fn official_client_fails_closed_while_its_exit_node_restarts() {
+    let mut j = setup_over(
+        "official_restart",
+        POLICY,
+        SeedOptions {
+            second_exit: true,
+            ..SeedOptions::default()
+        },
+        &[],
+        Transport::Https,
+    );
+    let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
+    let client = j.seed.ns(role::CLIENT);
+    let ts = official(&mut j, role::CLIENT, "laptop", &[]);
+    let (key, url) = (j.client_key.clone(), j.url.clone());
+    up(&ts, &url, &key, "laptop", &[]);
+    ts.cli(&["set", "--exit-node=dev-m1sk9-s1"]).unwrap();
+    web_sees(&client, EXIT_PUBLIC, &ts);
+
+    let (cafe, port) = j.seed.cafe_lan_iface();
+    let pcap = j.seed.lab.log_path("cafe.pcap");
+    let cap = tsunagu_lab::capture(&mut j.seed.lab, &cafe, port, &pcap).unwrap();
+    for _ in 0..5 {
+        assert_eq!(web_answer(&client).as_deref(), Some("198.51.100.2"));
+    }
+    // The scheduled restart: the exit node stops, stays down for 3 s, comes back.
+    j.seed
+        .lab
+        .kill(j.exit, tsunagu_lab::Signal::SIGTERM)
+        .unwrap();
+    let down = Instant::now();
+    let mut attempts = 0;
+    while down.elapsed() < Duration::from_secs(3) {
+        attempts += 1;
+        let got = web_answer(&client);
+        assert_eq!(got, None, "traffic left while the exit node was down");
+    }
+    assert!(attempts >= 2);
+    j.restart_exit();
+    let back = Instant::now();
+    while web_answer(&client).as_deref() != Some("198.51.100.2") {
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "no traffic within 5 s of the exit node's return\n{}",
+            ts.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tsunagud_back = back.elapsed();
+    let lines = cap.finish(&mut j.seed.lab).unwrap();
+    let leaked = official_leaks(&lines, "198.51.100.2.41641");
+    assert!(leaked.is_empty(), "outside the tunnel: {leaked:#?}");
+    assert!(lines.len() > 10, "the capture saw the tunnel: {lines:#?}");
+
+    // The same with an official exit node: it restarts (SIGTERM, 3 s down, start).
+    let off = official_exit(&mut j, role::EXIT2, "official-exit");
+    ts.cli(&["set", "--exit-node=official-exit"]).unwrap();
+    web_sees(&client, EXIT2_PUBLIC, &ts);
+    off.stop(&mut j.seed.lab, false).unwrap();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(3) {
+        assert_eq!(web_answer(&client), None, "the official client failed open");
+    }
+    let mut off = off;
+    // Timed from the start of the process, as for tsunagud above.
+    let back = Instant::now();
+    off.restart(&mut j.seed.lab).unwrap();
+    wait(
+        "traffic through the restarted official exit node",
+        Duration::from_secs(60),
+        || web_answer(&client).as_deref() == Some("198.51.100.6"),
+    );
+    let official_back = back.elapsed();
+    eprintln!(
+        "official client pinned to the exit node; traffic again after its restart: \
+         tsunagud exit node {:.2} s, official exit node {:.2} s",
+        tsunagud_back.as_secs_f64(),
+        official_back.as_secs_f64()
+    );
+}
+
+/// The lab CA that `j`'s nodes trust (its `SSL_CERT_FILE`).
+fn lab_ca(j: &common::Joined) -> String {
+    j.env
+        .iter()
+        .find_map(|e| e.strip_prefix("SSL_CERT_FILE="))
+        .expect("the server runs on HTTPS")
+        .to_string()
+}
+
+/// Interactive login with the official CLI: `tailscale up` without a key prints the
+/// login URL, the page at that URL tells the member what to ask the admin, and once the
+/// admin runs `tsunagu-server nodes register` the client is Running.
+#[test]
+fn official_client_logs_in_once_the_admin_registers_it() {
+    let mut j = setup_over(
+        "official_login",
+        POLICY,
+        SeedOptions::default(),
+        &[],
+        Transport::Https,
+    );
+    let client = j.seed.ns(role::CLIENT);
+    let ts = official(&mut j, role::CLIENT, "laptop", &[]);
+    let url = j.url.clone();
+    let up_log = j.seed.lab.log_path("up.log");
+    let login = format!("--login-server={url}");
+    let argv = ts.cli_argv(&["up", &login, "--hostname=laptop", "--timeout=120s"]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let up = j.seed.lab.spawn(&client, &argv, Some(&up_log)).unwrap();
+    let mut auth_url = String::new();
+    wait("the login URL", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&up_log).unwrap_or_default();
+        auth_url = text
+            .split_whitespace()
+            .find(|w| w.starts_with(&format!("{url}/register/")))
+            .unwrap_or_default()
+            .to_string();
+        !auth_url.is_empty()
+    });
+    let text = std::fs::read_to_string(&up_log).unwrap();
+    assert!(text.contains("To authenticate, visit:"), "{text}");
+    assert_eq!(ts.backend_state().as_deref(), Some("NeedsLogin"));
+    let token = auth_url.rsplit('/').next().unwrap().to_string();
+
+    // The page, fetched over HTTPS as the member's browser would.
+    let ca = lab_ca(&j);
+    let page = client
+        .exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &ca,
+            &auth_url,
+        ])
+        .unwrap();
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(page.contains("waiting for approval"), "{page}");
+    assert!(
+        page.contains(&format!("tsunagu-server nodes register --key {token}")),
+        "{page}"
+    );
+
+    let out = j.admin(&["nodes", "register", "--key", &token, "--user", "admin"]);
+    assert!(out.contains("approved"), "{out}");
+    let status = j
+        .seed
+        .lab
+        .wait_timeout(up, Duration::from_secs(30))
+        .unwrap()
+        .expect("`tailscale up` returns once the node is registered");
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&up_log).unwrap()
+    );
+    ts.wait_running(Duration::from_secs(10)).unwrap();
+    let me = ts.status_json().unwrap();
+    assert!(
+        me["Self"]["TailscaleIPs"][0]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("100.")),
+        "{me:#}"
+    );
+    assert!(
+        j.nodes().as_array().is_some_and(|a| a
+            .iter()
+            .any(|n| n["name"] == "laptop" && n["user"] == "admin")),
+        "{}",
+        j.nodes()
+    );
 }

@@ -226,15 +226,22 @@ impl Tailscaled {
         lab.kill(self.proc, sig)
     }
 
+    /// The command line of `tailscale --socket=... args...` with the daemon's
+    /// environment, for a CLI call that runs in the background ([`Lab::spawn`]), such as
+    /// an interactive `up` waiting for its login.
+    pub fn cli_argv(&self, args: &[&str]) -> Vec<String> {
+        let mut argv: Vec<String> = vec!["env".into()];
+        argv.extend(self.env.iter().cloned());
+        argv.push(self.bins.tailscale.display().to_string());
+        argv.push(format!("--socket={}", self.socket.display()));
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
+    }
+
     /// `tailscale --socket=... args...` in its namespace, whatever the exit status.
     pub fn cli_output(&self, args: &[&str]) -> Result<Output, LabError> {
-        let tailscale = self.bins.tailscale.display().to_string();
-        let socket = format!("--socket={}", self.socket.display());
-        let mut argv: Vec<&str> = vec!["env"];
-        argv.extend(self.env.iter().map(String::as_str));
-        argv.push(&tailscale);
-        argv.push(&socket);
-        argv.extend_from_slice(args);
+        let argv = self.cli_argv(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         self.ns.exec_status_timeout(&argv, CLI_TIMEOUT)
     }
 
