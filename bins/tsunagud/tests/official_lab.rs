@@ -217,7 +217,7 @@ fn tsunagud_uses_an_official_exit_node() {
     );
     let out = tsunagu(&ns, &c.sock, &["set", "--exit-node="]);
     assert!(out.status.success(), "{out:?}");
-    common::web_sees(&ns, CAFE_PUBLIC, &[c.log.clone()]);
+    common::web_sees(&ns, CAFE_PUBLIC, std::slice::from_ref(&c.log));
 }
 
 /// The cafe-LAN lines that are not the official client's tunnel to the exit node, its
@@ -409,5 +409,213 @@ fn official_client_logs_in_once_the_admin_registers_it() {
             .any(|n| n["name"] == "laptop" && n["user"] == "admin")),
         "{}",
         j.nodes()
+    );
+}
+
+/// `tailscale ping` from `ts` to `peer` until it reports a direct path (it stops there by
+/// itself) or 30 pings went unanswered directly: (its output, how long it took).
+fn official_ping(ts: &Tailscaled, peer: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let out = ts
+        .cli_output(&["ping", "--c=30", "--timeout=1s", peer])
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text, start.elapsed())
+}
+
+/// `tsunagu ping` from `sock` to `peer`, once a 500 ms, until it reports a path that is
+/// not the relay (bounded: 30 tries): (every line, how long it took).
+fn tsunagu_ping_until_direct(
+    ns: &tsunagu_lab::Netns,
+    sock: &std::path::Path,
+    peer: &str,
+) -> (String, Duration) {
+    let start = Instant::now();
+    let mut all = String::new();
+    for _ in 0..30 {
+        let out = tsunagu(ns, sock, &["ping", "-c", "1", "--timeout=500ms", peer]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        all.push_str(&text);
+        if text.contains("pong") && !text.contains("via relay") {
+            break;
+        }
+    }
+    (all, start.elapsed())
+}
+
+/// A tsunagud member `desktop` on the public bridge (exit2's namespace, 198.51.100.6).
+fn tsunagud_desktop(j: &mut common::Joined) -> common::Client {
+    let key = j.new_key();
+    j.join(role::EXIT2, "desktop", "desktop", &key, &[])
+}
+
+/// Paths with the official client in both roles. The official client at the cafe and
+/// tsunagud on a public address go direct within 10 s (each side's ping says so), and
+/// the other way round; two official clients in the same positions are measured beside
+/// them as the reference.
+#[test]
+fn official_client_and_tsunagud_go_direct_both_ways() {
+    let opts = SeedOptions {
+        second_exit: true,
+        ..SeedOptions::default()
+    };
+    let mut j = setup_over("official_direct", POLICY, opts, &[], Transport::Https);
+    let cafe_ns = j.seed.ns(role::CLIENT);
+    let public_ns = j.seed.ns(role::EXIT2);
+    let (url, key) = (j.url.clone(), j.client_key.clone());
+
+    // 1. The official client at the cafe, tsunagud on a public address.
+    let laptop = official(&mut j, role::CLIENT, "laptop", &[]);
+    up(&laptop, &url, &key, "laptop", &[]);
+    let desktop = tsunagud_desktop(&mut j);
+    wait(
+        "the two peers in each other's map",
+        Duration::from_secs(30),
+        || {
+            status_line(&laptop, "desktop").is_some()
+                && peer_line(&status_text(&public_ns, &desktop.sock), "laptop").is_some()
+        },
+    );
+    let (pong, official_to_tsunagud) = official_ping(&laptop, "desktop");
+    assert!(
+        pong.lines()
+            .last()
+            .is_some_and(|l| l.contains("via 198.51.100.6:41641")),
+        "{pong}\n{}",
+        laptop.log_tail(60)
+    );
+    assert!(official_to_tsunagud < Duration::from_secs(10), "{pong}");
+    let (pong, _) = tsunagu_ping_until_direct(&public_ns, &desktop.sock, "laptop");
+    assert!(pong.contains("via 198.51.100.3:"), "{pong}");
+
+    // The reference: an official client in tsunagud's place.
+    j.seed
+        .lab
+        .kill(desktop.proc, tsunagu_lab::Signal::SIGTERM)
+        .unwrap();
+    let reference = official(&mut j, role::EXIT2, "desktop2", &[]);
+    let key2 = j.new_key();
+    up(&reference, &url, &key2, "desktop2", &[]);
+    wait("desktop2 in the map", Duration::from_secs(30), || {
+        status_line(&laptop, "desktop2").is_some()
+    });
+    let (pong, official_to_official) = official_ping(&laptop, "desktop2");
+    assert!(pong.contains("via 198.51.100.6:41641"), "{pong}");
+    reference.stop(&mut j.seed.lab, false).unwrap();
+    laptop.stop(&mut j.seed.lab, false).unwrap();
+
+    // 2. The other way round: tsunagud at the cafe, the official client public.
+    let official_desktop = official(&mut j, role::EXIT2, "desktop3", &[]);
+    let key3 = j.new_key();
+    up(&official_desktop, &url, &key3, "desktop3", &[]);
+    let key4 = j.new_key();
+    let c = j.join(role::CLIENT, "laptop2", "laptop2", &key4, &[]);
+    wait(
+        "desktop3 in tsunagud's map",
+        Duration::from_secs(30),
+        || peer_line(&status_text(&cafe_ns, &c.sock), "desktop3").is_some(),
+    );
+    let (pong, tsunagud_to_official) = tsunagu_ping_until_direct(&cafe_ns, &c.sock, "desktop3");
+    assert!(
+        pong.contains("via 198.51.100.6:41641"),
+        "{pong}\n{}",
+        std::fs::read_to_string(&c.log).unwrap_or_default()
+    );
+    assert!(tsunagud_to_official < Duration::from_secs(10), "{pong}");
+    let (pong, _) = official_ping(&official_desktop, "laptop2");
+    assert!(
+        pong.lines()
+            .last()
+            .is_some_and(|l| l.contains("via 198.51.100.3:")),
+        "{pong}"
+    );
+    eprintln!(
+        "time to direct (first ping to a direct pong): official at the cafe -> tsunagud \
+         public {:.2} s; official -> official (reference) {:.2} s; tsunagud at the cafe -> \
+         official public {:.2} s",
+        official_to_tsunagud.as_secs_f64(),
+        official_to_official.as_secs_f64(),
+        tsunagud_to_official.as_secs_f64()
+    );
+}
+
+/// With the cafe dropping UDP, the official client and tsunagud (in either role) stay on
+/// the relay, over TLS on 443, and traffic flows; both pings report the relay.
+#[test]
+fn official_client_and_tsunagud_relay_over_tls_when_the_cafe_drops_udp() {
+    let opts = SeedOptions {
+        second_exit: true,
+        ..SeedOptions::default()
+    };
+    let mut j = setup_over("official_relay", POLICY, opts, &[], Transport::Https);
+    let _web = whoami_server(&j.seed.ns(role::WEB), (WEB_ADDR, 80).into()).unwrap();
+    common::block_udp(&j.seed.ns(role::CAFE));
+    let cafe_ns = j.seed.ns(role::CLIENT);
+    let public_ns = j.seed.ns(role::EXIT2);
+    let (url, key) = (j.url.clone(), j.client_key.clone());
+
+    // The official client at the cafe, tsunagud public: relay both ways, and the
+    // member's internet traffic through the tsunagud exit node crosses it.
+    let laptop = official(&mut j, role::CLIENT, "laptop", &[]);
+    up(&laptop, &url, &key, "laptop", &[]);
+    let desktop = tsunagud_desktop(&mut j);
+    wait("desktop in the map", Duration::from_secs(30), || {
+        status_line(&laptop, "desktop").is_some()
+    });
+    let out = laptop
+        .cli_output(&["ping", "--c=3", "--timeout=2s", "desktop"])
+        .unwrap();
+    let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(pong.contains("via DERP(tsunagu)"), "{pong}");
+    assert!(!pong.contains("via 198."), "{pong}");
+    let out = tsunagu(&public_ns, &desktop.sock, &["ping", "-c", "2", "laptop"]);
+    let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{pong}");
+    assert!(pong.contains("via relay \"tsunagu\""), "{pong}");
+    laptop.cli(&["set", "--exit-node=dev-m1sk9-s1"]).unwrap();
+    web_sees(&cafe_ns, EXIT_PUBLIC, &laptop);
+    let line = status_line(&laptop, "dev-m1sk9-s1").unwrap();
+    assert!(line.contains("relay \"tsunagu\""), "{line}");
+    laptop.stop(&mut j.seed.lab, false).unwrap();
+    j.seed
+        .lab
+        .kill(desktop.proc, tsunagu_lab::Signal::SIGTERM)
+        .unwrap();
+
+    // tsunagud at the cafe, the official client public.
+    let official_desktop = official(&mut j, role::EXIT2, "desktop2", &[]);
+    let key2 = j.new_key();
+    up(&official_desktop, &url, &key2, "desktop2", &[]);
+    let key3 = j.new_key();
+    let c = j.join(role::CLIENT, "laptop2", "laptop2", &key3, &[]);
+    wait(
+        "desktop2 in tsunagud's map",
+        Duration::from_secs(30),
+        || peer_line(&status_text(&cafe_ns, &c.sock), "desktop2").is_some(),
+    );
+    let out = tsunagu(&cafe_ns, &c.sock, &["ping", "-c", "3", "desktop2"]);
+    let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{pong}");
+    assert!(pong.contains("via relay \"tsunagu\""), "{pong}");
+    assert!(!pong.contains("via 198."), "{pong}");
+    let out = official_desktop
+        .cli_output(&["ping", "--c=3", "--timeout=2s", "laptop2"])
+        .unwrap();
+    let pong = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(pong.contains("via DERP(tsunagu)"), "{pong}");
+    // The relay connections are TLS on 443 (the only way out of the cafe).
+    let v: serde_json::Value =
+        serde_json::from_slice(&tsunagu(&cafe_ns, &c.sock, &["status", "--json"]).stdout).unwrap();
+    assert!(
+        v["relays"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["home"] == true
+                && r["connected"] == true
+                && r["addr"].as_str().is_some_and(|a| a.ends_with(":443")))),
+        "{v:#}"
     );
 }
