@@ -580,6 +580,20 @@ fn official_client_and_tsunagud_relay_over_tls_when_the_cafe_drops_udp() {
     web_sees(&cafe_ns, EXIT_PUBLIC, &laptop);
     let line = status_line(&laptop, "dev-m1sk9-s1").unwrap();
     assert!(line.contains("relay \"tsunagu\""), "{line}");
+    // On the cafe LAN: the relay's TLS, and nothing else that carries data.
+    let (cafe, port) = j.seed.cafe_lan_iface();
+    let pcap = j.seed.lab.log_path("cafe.pcap");
+    let cap = tsunagu_lab::capture(&mut j.seed.lab, &cafe, port, &pcap).unwrap();
+    for _ in 0..5 {
+        assert_eq!(web_answer(&cafe_ns).as_deref(), Some("198.51.100.2"));
+    }
+    let lines = cap.finish(&mut j.seed.lab).unwrap();
+    let leaked = official_leaks(&lines, "198.51.100.2.41641");
+    assert!(leaked.is_empty(), "outside the tunnel: {leaked:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("198.51.100.4.443")),
+        "the relay's TLS: {lines:#?}"
+    );
     laptop.stop(&mut j.seed.lab, false).unwrap();
     j.seed
         .lab
