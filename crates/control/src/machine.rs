@@ -190,82 +190,107 @@ fn normalized(routes: &[IpNet]) -> Vec<IpNet> {
     r
 }
 
-/// Apply what a node reports about itself: advertised routes (newly advertised ones
+/// What a node's report changes on `node`: advertised routes (newly advertised ones
 /// auto-approved when the policy says so) and requested tags (when its owner may use
-/// them). One read-compute-write transaction on the node, so that an admin's approval
-/// or revocation of routes at the same moment is never undone by it; and only routes
-/// the node did not advertise before are auto-approved, so that a revoked route stays
-/// revoked until the node advertises it anew (or an admin approves it).
+/// them). Only routes the node did not advertise before are auto-approved, so that a
+/// revoked route stays revoked until the node advertises it anew (or an admin approves
+/// it). Empty when nothing changes.
+fn hostinfo_change(
+    node: &tsunagu_store::Node,
+    advertised: &[IpNet],
+    request_tags: &[String],
+    policy: &tsunagu_policy::Policy,
+    users: &std::collections::BTreeMap<i64, tsunagu_store::User>,
+) -> NodeChange {
+    let mut change = NodeChange::default();
+    let mut projected = node.clone();
+    if advertised != node.advertised_routes {
+        change.advertised_routes = Some(advertised.to_vec());
+        projected.advertised_routes = advertised.to_vec();
+    }
+    // Requested tags: a user-owned node may become tagged with tags its owner owns (or
+    // tags its current tags own).
+    if !request_tags.is_empty() && node.tags != request_tags {
+        let owner = node
+            .user_id
+            .and_then(|u| users.get(&u))
+            .map(|u| u.name.clone());
+        let allowed = owner
+            .as_deref()
+            .is_some_and(|o| request_tags.iter().all(|t| policy.tag_allowed(o, t)))
+            || request_tags
+                .iter()
+                .all(|t| policy.tag_allowed_for_tags(&node.tags, t));
+        if allowed {
+            change.tags = Some(request_tags.to_vec());
+            projected.tags = request_tags.to_vec();
+            projected.user_id = None;
+        } else {
+            tracing::info!(node = node.id, tags = ?request_tags, "requested tags not allowed by tagOwners");
+        }
+    }
+    // Auto-approval of routes that are newly advertised, judged for the node as it will
+    // be (with its new tags).
+    let pn = policy_node(&projected, users);
+    let new: Vec<IpNet> = advertised
+        .iter()
+        .filter(|r| !node.advertised_routes.contains(r))
+        .copied()
+        .collect();
+    let mut approved = node.approved_routes.clone();
+    let exit: Vec<IpNet> = advertised
+        .iter()
+        .filter(|r| mapper::is_default_route(r))
+        .copied()
+        .collect();
+    if exit.len() == 2
+        && exit.iter().any(|r| new.contains(r))
+        && !exit.iter().all(|r| approved.contains(r))
+        && policy.auto_approve_exit_node(&pn)
+    {
+        for r in exit {
+            if !approved.contains(&r) {
+                approved.push(r);
+            }
+        }
+    }
+    for r in new.iter().filter(|r| !mapper::is_default_route(r)) {
+        if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
+            approved.push(*r);
+        }
+    }
+    if normalized(&approved) != node.approved_routes {
+        change.approved_routes = Some(approved);
+    }
+    change
+}
+
+/// Apply what a node reports about itself ([`hostinfo_change`]), in one
+/// read-compute-write transaction on the node, so that an admin's approval or
+/// revocation of routes at the same moment is never undone by it. A report that changes
+/// nothing on the cached node (the usual one) does not touch the database.
 async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), StoreError> {
     let policy = app.state.policy();
     let users = app.state.users();
     let advertised = normalized(&hostinfo.routable_ips);
     let request_tags = hostinfo.request_tags.clone();
+    if let Some(cached) = app.state.node(id)
+        && hostinfo_change(&cached.node, &advertised, &request_tags, &policy, &users)
+            == NodeChange::default()
+    {
+        return Ok(());
+    }
     let node = app
         .state
         .store
         .update_node_with(id, move |node| {
-            let mut change = NodeChange::default();
-            let mut projected = node.clone();
-            if advertised != node.advertised_routes {
-                change.advertised_routes = Some(advertised.clone());
-                projected.advertised_routes = advertised.clone();
-            }
-            // Requested tags: a user-owned node may become tagged with tags its owner
-            // owns (or tags its current tags own).
-            if !request_tags.is_empty() && node.tags != request_tags {
-                let owner = node
-                    .user_id
-                    .and_then(|u| users.get(&u))
-                    .map(|u| u.name.clone());
-                let allowed = owner
-                    .as_deref()
-                    .is_some_and(|o| request_tags.iter().all(|t| policy.tag_allowed(o, t)))
-                    || request_tags
-                        .iter()
-                        .all(|t| policy.tag_allowed_for_tags(&node.tags, t));
-                if allowed {
-                    change.tags = Some(request_tags.clone());
-                    projected.tags = request_tags.clone();
-                    projected.user_id = None;
-                } else {
-                    tracing::info!(node = node.id, tags = ?request_tags, "requested tags not allowed by tagOwners");
-                }
-            }
-            // Auto-approval of routes that are newly advertised, judged for the node as it
-            // will be (with its new tags).
-            let pn = policy_node(&projected, &users);
-            let new: Vec<IpNet> = advertised
-                .iter()
-                .filter(|r| !node.advertised_routes.contains(r))
-                .copied()
-                .collect();
-            let mut approved = node.approved_routes.clone();
-            let exit: Vec<IpNet> = advertised
-                .iter()
-                .filter(|r| mapper::is_default_route(r))
-                .copied()
-                .collect();
-            if exit.len() == 2
-                && exit.iter().any(|r| new.contains(r))
-                && !exit.iter().all(|r| approved.contains(r))
-                && policy.auto_approve_exit_node(&pn)
-            {
-                for r in exit {
-                    if !approved.contains(&r) {
-                        approved.push(r);
-                    }
-                }
-            }
-            for r in new.iter().filter(|r| !mapper::is_default_route(r)) {
-                if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
-                    approved.push(*r);
-                }
-            }
-            if normalized(&approved) != node.approved_routes {
-                change.approved_routes = Some(approved);
-            }
-            Ok(change)
+            Ok(hostinfo_change(
+                node,
+                &advertised,
+                &request_tags,
+                &policy,
+                &users,
+            ))
         })
         .await?;
     app.state.upsert_node(node);
@@ -338,6 +363,17 @@ async fn register_inner(
     let mk = ctx.machine_key.to_string();
     let nk = req.node_key.tailscale();
     let hostinfo = req.hostinfo.clone().unwrap_or_default();
+    let interactive =
+        req.auth.as_ref().is_none_or(|a| a.auth_key.is_empty()) && req.followup.is_empty();
+    // A new interactive registration from a machine the server does not know is checked
+    // against the rate limits before anything is read from the database: that is what a
+    // flood of garbage registrations looks like.
+    if interactive && !app.state.is_known_machine(&mk) && !app.may_register(ctx.peer) {
+        return Err(StoreError::Limit {
+            what: "new registrations at the moment",
+            limit: app.state.limits.max_pending_registrations,
+        });
+    }
     let existing = match store.get_node_by_machine_key(&mk).await {
         Ok(n) => Some(n),
         Err(e) if e.is_not_found() => None,
@@ -396,7 +432,9 @@ async fn register_inner(
             .to_string();
         return followup(app, &mk, &token, req, &hostinfo).await;
     }
-    if !app.may_register(ctx.peer) {
+    // A known machine re-registering interactively (its key expired) is rate limited
+    // here, unknown ones were above.
+    if existing.is_some() && !app.may_register(ctx.peer) {
         return Err(StoreError::Limit {
             what: "new registrations at the moment",
             limit: app.state.limits.max_pending_registrations,

@@ -119,6 +119,8 @@ struct Inner {
     next_session: u64,
     /// Node keys (`nodekey:…`) of the nodes in the cache.
     by_node_key: HashMap<String, i64>,
+    /// Machine keys (`mkey:…`) of the nodes in the cache.
+    by_machine_key: HashMap<String, i64>,
     /// Recently deleted node IDs (see [`TOMBSTONES`]).
     removed: HashSet<i64>,
     removed_order: VecDeque<i64>,
@@ -283,6 +285,10 @@ impl State {
             .values()
             .map(|e| (e.node.node_key.clone(), e.node.id))
             .collect();
+        let by_machine_key = nodes
+            .values()
+            .map(|e| (e.node.machine_key.clone(), e.node.id))
+            .collect();
         let state = Arc::new(State {
             store,
             inner: Mutex::new(Inner {
@@ -293,6 +299,7 @@ impl State {
                 sessions: BTreeMap::new(),
                 next_session: 1,
                 by_node_key,
+                by_machine_key,
                 removed: HashSet::new(),
                 removed_order: VecDeque::new(),
                 pending: BTreeSet::new(),
@@ -377,6 +384,7 @@ impl State {
         let online = inner.sessions.get(&id).is_some_and(|s| !s.is_empty());
         let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
         inner.by_node_key.insert(node.node_key.clone(), id);
+        inner.by_machine_key.insert(node.machine_key.clone(), id);
         inner.nodes.insert(
             id,
             Arc::new(NodeEntry {
@@ -392,6 +400,7 @@ impl State {
         let mut inner = self.inner.lock();
         if let Some(e) = inner.nodes.remove(&id) {
             inner.by_node_key.remove(&e.node.node_key);
+            inner.by_machine_key.remove(&e.node.machine_key);
         }
         if inner.removed.insert(id) {
             inner.removed_order.push_back(id);
@@ -404,6 +413,11 @@ impl State {
         // Its streams end with it.
         inner.sessions.remove(&id);
         self.mark(&mut inner, id);
+    }
+
+    /// Whether a node with `machine_key` (`mkey:…`) is in the cache.
+    pub fn is_known_machine(&self, machine_key: &str) -> bool {
+        self.inner.lock().by_machine_key.contains_key(machine_key)
     }
 
     /// Whether `node_key` (`nodekey:…`) belongs to a node of the tailnet that may be

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
 use crate::error::{db, unique_violation};
-use crate::preauth::redeem_in;
+use crate::preauth::{precheck, redeem_in};
 use crate::rules;
 use crate::users::user_exists;
 use crate::{
@@ -353,6 +353,14 @@ impl Store {
         request: NodeRequest,
         now: DateTime<Utc>,
     ) -> Result<(Node, PreAuthKey), StoreError> {
+        {
+            let mut conn = self
+                .reader()
+                .acquire()
+                .await
+                .map_err(db("looking up a pre-auth key"))?;
+            precheck(&mut conn, full_key, now).await?;
+        }
         let mut tx = self.begin_write().await?;
         let key = redeem_in(&mut tx, full_key, now, Some(&request.machine_key)).await?;
         let owner = if key.tags.is_empty() {

@@ -109,6 +109,34 @@ pub(crate) async fn redeem_in(
     }
 }
 
+/// The first checks of [`redeem_in`] on a reader connection: a key that does not exist,
+/// does not match its hash or has expired is refused without taking the writer (a flood
+/// of made-up keys must not queue up behind, or in front of, real registrations).
+pub(crate) async fn precheck(
+    conn: &mut Conn,
+    full_key: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let reject = |r| StoreError::KeyRejected(r);
+    let key_id = rules::parse_auth_key(full_key).ok_or(reject(KeyRejected::Unknown))?;
+    let row: Option<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {COLS} FROM pre_auth_keys WHERE key_id = $1"
+    ))
+    .bind(key_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("looking up a pre-auth key"))?;
+    let row = row.ok_or(reject(KeyRejected::Unknown))?;
+    if !rules::ct_eq(&row.key_hash, &rules::hash_auth_key(full_key)) {
+        return Err(reject(KeyRejected::Unknown));
+    }
+    let key: PreAuthKey = row.try_into()?;
+    match key.rejection(now) {
+        Some(KeyRejected::Expired) => Err(reject(KeyRejected::Expired)),
+        _ => Ok(()),
+    }
+}
+
 impl Store {
     /// Creates a key for `user_id`. Returns the key as listed and, once only, the full
     /// key string (`tskey-auth-<12 base62>-<32 base62>`) to hand to the admin.
