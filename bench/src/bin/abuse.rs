@@ -24,9 +24,9 @@
 //! stopped after it; every loop bounded by `--attack-timeout` too), aimed at the
 //! server's lab address only:
 //!
-//! * `garbage-registrations`: 100 machine keys, each on its own Noise session, asking
-//!   for interactive registrations back to back with a new node key and ~8 KiB of
-//!   Hostinfo each time;
+//! * `garbage-registrations`: 100 machine keys, each on its own Noise session, sending
+//!   registrations back to back with a new node key and ~8 KiB of Hostinfo each time,
+//!   half of them interactive, half with a made-up pre-auth key;
 //! * `slowloris`: 500 connections sending a request header a line a second, reconnecting
 //!   when closed;
 //! * `map-streams`: one node (a member gone rogue) holding 50 map streams, reopening each
@@ -76,10 +76,10 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     observers: usize,
     /// Joins measured per phase.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 40)]
     registrations: usize,
     /// Endpoint changes fanned out per phase.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     probes: usize,
     /// Seconds an attack runs before the measurement starts.
     #[arg(long, default_value_t = 3)]
@@ -536,9 +536,14 @@ async fn start_attack(name: &'static str, ctx: Ctx, until: Instant) -> Result<At
                                 }
                             };
                         stats.connections.fetch_add(1, Relaxed);
+                        let mut n = 0u64;
                         while live() {
+                            n += 1;
                             let node = NodePrivate::generate();
-                            let mut req = register_request(&node, &format!("garbage-{k}"), None);
+                            // Every other one with a made-up pre-auth key.
+                            let fake = format!("tskey-auth-{:012}-{:032}", k, n);
+                            let auth = (n % 2 == 0).then_some(fake.as_str());
+                            let mut req = register_request(&node, &format!("garbage-{k}"), auth);
                             if let Some(h) = req.hostinfo.as_mut() {
                                 h.os_version = junk.clone();
                             }
@@ -783,7 +788,9 @@ fn run(args: &Args) -> Result<()> {
     drop(attack_rt);
     seed.lab.kill(server.id, Signal::SIGTERM)?;
     let (pending, nodes) = {
-        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             let store = tsunagu_store::Store::open(&server.data).await?;
             let pending = store.pending_registration_count().await?;

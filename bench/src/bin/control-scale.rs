@@ -232,11 +232,16 @@ impl ServerProc {
         let url = format!("http://{listen}");
         let log = data.join("server.log");
         let log_file = std::fs::File::create(&log).context("creating the server log")?;
-        // Every simulated node comes from 127.0.0.1: lift the per-address connection
-        // budget (meant for the public internet) above the node count.
+        // Every simulated node comes from 127.0.0.1: lift the per-address budgets of
+        // connections and register requests (meant for the public internet).
         let config = data.join("server.toml");
-        std::fs::write(&config, "[limits]\nmax_connections_per_ip = 1000000\n")
-            .context("writing the server's configuration")?;
+        std::fs::write(
+            &config,
+            "[limits]\nmax_connections_per_ip = 1000000\n\
+             register_requests_per_ip_per_second = 1000000.0\n\
+             register_request_burst_per_ip = 1000000.0\n",
+        )
+        .context("writing the server's configuration")?;
         let mut cmd = Command::new(bin);
         cmd.arg("--data-dir")
             .arg(&data)

@@ -67,6 +67,10 @@ struct LimitsFile {
     registration_burst_per_ip: Option<f64>,
     registrations_per_second: Option<f64>,
     registration_burst: Option<f64>,
+    register_requests_per_ip_per_second: Option<f64>,
+    register_request_burst_per_ip: Option<f64>,
+    full_maps_per_node_per_second: Option<f64>,
+    full_map_burst_per_node: Option<f64>,
 }
 
 const DAY: u64 = 86_400;
@@ -113,6 +117,18 @@ impl LimitsFile {
                 self.registrations_per_second
                     .unwrap_or(d.registrations_total.0),
                 self.registration_burst.unwrap_or(d.registrations_total.1),
+            ),
+            register_requests_per_ip: (
+                self.register_requests_per_ip_per_second
+                    .unwrap_or(d.register_requests_per_ip.0),
+                self.register_request_burst_per_ip
+                    .unwrap_or(d.register_requests_per_ip.1),
+            ),
+            full_maps_per_node: (
+                self.full_maps_per_node_per_second
+                    .unwrap_or(d.full_maps_per_node.0),
+                self.full_map_burst_per_node
+                    .unwrap_or(d.full_maps_per_node.1),
             ),
             key_expiry,
             max_key_expiry: max_key_expiry_days.map_or(d.max_key_expiry, |days| {

@@ -51,6 +51,13 @@ pub struct Limits {
     pub registrations_per_ip: (f64, f64),
     /// New interactive registrations per second from everyone, and the burst.
     pub registrations_total: (f64, f64),
+    /// Register requests of any kind (with a key, interactive, follow-ups) per second
+    /// from one source address, and the burst: what is over it is answered 429 before
+    /// the request is even parsed.
+    pub register_requests_per_ip: (f64, f64),
+    /// Full maps (a new map stream, or a non-streaming request that wants the peers) per
+    /// second per node, and the burst; more are answered 429 before a map is built.
+    pub full_maps_per_node: (f64, f64),
     /// Key lifetime a node gets when it registers without asking for one (and after an
     /// interactive approval); `None`: keys do not expire. Tagged nodes never expire.
     pub key_expiry: Option<Duration>,
@@ -76,6 +83,8 @@ impl Default for Limits {
             max_pending_registrations: 10_000,
             registrations_per_ip: (1.0, 10.0),
             registrations_total: (20.0, 100.0),
+            register_requests_per_ip: (10.0, 100.0),
+            full_maps_per_node: (1.0, 10.0),
             key_expiry: Some(DEFAULT_KEY_EXPIRY),
             max_key_expiry: DEFAULT_KEY_EXPIRY,
         }

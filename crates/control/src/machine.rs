@@ -34,8 +34,10 @@ const KEEPALIVE: Duration = Duration::from_secs(50);
 /// How long a non-streaming map request waits for the rebuild task to publish a snapshot
 /// with its changes before answering from the current one.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
-/// Source addresses tracked by the registration rate limit.
+/// Source addresses tracked by the registration rate limits.
 const REGISTRATION_SOURCES: usize = 65_536;
+/// Nodes tracked by the full-map rate limit.
+const FULL_MAP_NODES: usize = 65_536;
 
 /// The authenticated peer of a Noise session.
 #[derive(Debug, Clone)]
@@ -52,6 +54,10 @@ pub struct App {
     pub server_url: String,
     /// New interactive registrations per source address, and from everyone.
     registrations: Mutex<(KeyedBuckets<IpAddr>, KeyedBuckets<()>)>,
+    /// Register requests per source address.
+    register_requests: Mutex<KeyedBuckets<IpAddr>>,
+    /// Full maps per node.
+    full_maps: Mutex<KeyedBuckets<i64>>,
 }
 
 impl App {
@@ -63,11 +69,33 @@ impl App {
             REGISTRATION_SOURCES,
         );
         let total = KeyedBuckets::new(l.registrations_total.0, l.registrations_total.1, 1);
+        let requests = KeyedBuckets::new(
+            l.register_requests_per_ip.0,
+            l.register_requests_per_ip.1,
+            REGISTRATION_SOURCES,
+        );
+        let full_maps = KeyedBuckets::new(
+            l.full_maps_per_node.0,
+            l.full_maps_per_node.1,
+            FULL_MAP_NODES,
+        );
         App {
             state,
             server_url,
             registrations: Mutex::new((per_ip, total)),
+            register_requests: Mutex::new(requests),
+            full_maps: Mutex::new(full_maps),
         }
+    }
+
+    /// Whether a register request from `peer` is within its address's budget.
+    fn may_send_register(&self, peer: Option<IpAddr>) -> bool {
+        peer.is_none_or(|ip| self.register_requests.lock().take(&ip, Instant::now()))
+    }
+
+    /// Whether node `id` may be sent another full map now.
+    fn may_get_full_map(&self, id: i64) -> bool {
+        self.full_maps.lock().take(&id, Instant::now())
     }
 
     /// Whether a new interactive registration from `peer` is within the rate limits.
@@ -322,6 +350,12 @@ pub async fn register(
     Extension(ctx): Extension<MachineCtx>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if !app.may_send_register(ctx.peer) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many register requests from this address; try again later",
+        );
+    }
     let body = match body_or_refusal(body, "register", app.state.limits.max_register_body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -540,13 +574,9 @@ pub async fn map(
     if let Some(r) = hostinfo_refusal(&app, req.hostinfo.as_ref()) {
         return r;
     }
-    let store = &app.state.store;
-    let node = match store.get_node_by_node_key(&req.node_key.tailscale()).await {
-        Ok(n) => n,
-        Err(e) if e.is_not_found() => {
-            return error(StatusCode::UNAUTHORIZED, "unknown node key; register first");
-        }
-        Err(e) => return store_error(e),
+    // From the cache: a map request (an attacker's too) costs no database read.
+    let Some(NodeEntry { node, .. }) = app.state.node_by_node_key(&req.node_key.tailscale()) else {
+        return error(StatusCode::UNAUTHORIZED, "unknown node key; register first");
     };
     if node.machine_key != ctx.machine_key.to_string() {
         return error(
@@ -564,6 +594,15 @@ pub async fn map(
         );
     }
     let id = node.id;
+    // Every new stream and every non-streaming request that wants the peers costs a full
+    // map: a node that asks for them in a loop is refused before one is built.
+    let wants_full_map = req.stream || !req.omit_peers;
+    if wants_full_map && !app.may_get_full_map(id) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many map requests from this node; try again later",
+        );
+    }
     // Since capability version 68 a streaming request is read-only: updates come in
     // separate non-streaming requests.
     let carries_update = !(req.stream && req.version.0 >= 68);

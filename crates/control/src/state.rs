@@ -415,6 +415,14 @@ impl State {
         self.mark(&mut inner, id);
     }
 
+    /// The node holding `node_key` (`nodekey:…`), from the cache (which every write to
+    /// the store goes through, so it knows every node).
+    pub fn node_by_node_key(&self, node_key: &str) -> Option<NodeEntry> {
+        let inner = self.inner.lock();
+        let id = inner.by_node_key.get(node_key)?;
+        inner.nodes.get(id).map(|e| (**e).clone())
+    }
+
     /// Whether a node with `machine_key` (`mkey:…`) is in the cache.
     pub fn is_known_machine(&self, machine_key: &str) -> bool {
         self.inner.lock().by_machine_key.contains_key(machine_key)
