@@ -374,16 +374,11 @@ mod tests {
         let p = dir.path().join("s.toml");
         std::fs::write(
             &p,
-            "key_expiry_days = 30
-max_key_expiry_days = 90
-relay_verify_clients = true
-             [limits]
-header_timeout_secs = 5
-max_connections_per_ip = 8
-             max_map_streams_per_node = 2
-max_pending_registrations = 50
-             registrations_per_ip_per_second = 0.5
-",
+            "key_expiry_days = 30\nmax_key_expiry_days = 90\nrelay_verify_clients = true\n\
+             [limits]\nheader_timeout_secs = 5\nmax_connections_per_ip = 8\n\
+             max_map_streams_per_node = 2\nmax_pending_registrations = 50\n\
+             registrations_per_ip_per_second = 0.5\n\
+             register_requests_per_ip_per_second = 2.0\nfull_map_burst_per_node = 3.0\n",
         )
         .unwrap();
         let c = Config::resolve(Some(&p), None, None, None).unwrap();
@@ -397,6 +392,8 @@ max_pending_registrations = 50
         );
         assert_eq!(l.max_pending_registrations, 50);
         assert_eq!(l.registrations_per_ip, (0.5, 10.0));
+        assert_eq!(l.register_requests_per_ip, (2.0, 100.0));
+        assert_eq!(l.full_maps_per_node, (1.0, 3.0));
         assert!(c.relay.unwrap().verify_clients);
         std::fs::write(
             &p,
@@ -416,13 +413,7 @@ max_pending_registrations = 50
             .unwrap_err()
             .to_string();
         assert!(e.contains("longer than the maximum"), "{e}");
-        std::fs::write(
-            &p,
-            "[limits]
-max_streams = 3
-",
-        )
-        .unwrap();
+        std::fs::write(&p, "[limits]\nmax_streams = 3\n").unwrap();
         let e = Config::resolve(Some(&p), None, None, None)
             .unwrap_err()
             .to_string();
