@@ -29,7 +29,11 @@ pub struct ClientInfo {
     /// key). The hosts of an exit node with standby hosts share its node key; the relay
     /// keeps a connection of each and delivers to the active one (see
     /// [`crate::registry`]). Other relays ignore it.
-    #[serde(rename = "tsunaguHost", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "tsunaguHost",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub host: String,
 }
 

@@ -639,7 +639,11 @@ mod tests {
         assert_eq!((got(&a), got(&b2)), (1, 0));
         let listed = r.clients();
         assert_eq!(listed.iter().filter(|c| c.key == k(1)).count(), 2);
-        assert!(listed.iter().any(|c| c.key == k(1) && c.parked && c.host.as_deref() == Some("mkey:b")));
+        assert!(
+            listed
+                .iter()
+                .any(|c| c.key == k(1) && c.parked && c.host.as_deref() == Some("mkey:b"))
+        );
         // a goes away while it is the active host: nobody gets the key's packets (a
         // standby never answers for it unless the server says so).
         assert!(r.unregister(k(1), a_id));

@@ -45,7 +45,12 @@ impl fmt::Debug for WireNodePrivate {
 
 impl Serialize for WireNodePrivate {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let hex: String = self.0.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = self
+            .0
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         s.serialize_str(&format!("privkey:{hex}"))
     }
 }
