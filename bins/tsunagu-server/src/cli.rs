@@ -97,6 +97,15 @@ pub struct ServeArgs {
     pub derp_region: Vec<tsunagu_control::relay::RegionSpec>,
     #[command(flatten)]
     pub mesh: MeshArgs,
+    /// An exit node's active host gone (map stream and relay connection) this many
+    /// seconds: a ready standby host takes over (default 3).
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "TSUNAGU_STANDBY_FAILOVER_AFTER",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub standby_failover_after: Option<u64>,
 }
 
 /// Meshing with the other relays of the region.

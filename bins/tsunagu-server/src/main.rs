@@ -80,6 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.relay = None;
         }
         cfg.derp_announce_http |= s.derp_announce_http;
+        if let Some(secs) = s.standby_failover_after {
+            cfg.standby_failover_after_secs = secs;
+        }
         cfg.derp_regions.extend(s.derp_region.iter().cloned());
         if let Some(r) = &mut cfg.relay {
             if let Some(stun) = &s.stun_listen {
@@ -198,6 +201,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
         relay: cfg.relay.clone(),
         derp_regions: cfg.derp_regions.clone(),
+        standby_failover_after: std::time::Duration::from_secs(cfg.standby_failover_after_secs),
     })
     .await?;
     Ok(())
