@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub route_table: u32,
     pub rule_priority_base: u32,
     pub nat_table: String,
+    /// Start standing by (a standby host of an exit node: see `Device::set_standby`).
+    pub standby: bool,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +44,7 @@ impl Default for EngineConfig {
             route_table: route::DEFAULT_TABLE,
             rule_priority_base: route::DEFAULT_RULE_PRIORITY_BASE,
             nat_table: nat::DEFAULT_TABLE.into(),
+            standby: false,
         }
     }
 }
@@ -128,7 +131,8 @@ impl Engine {
             .local_addr()
             .map(|a| a.port())
             .unwrap_or(cfg.listen_port);
-        let device = Device::start(map, Arc::new(tun), udp).map_err(EngineError::Threads)?;
+        let device = Device::start_standby(map, Arc::new(tun), udp, cfg.standby)
+            .map_err(EngineError::Threads)?;
         let mut engine = Engine {
             cfg,
             map: map.clone(),
