@@ -264,7 +264,16 @@ async fn register_inner(
                     n = store.update_node_key(node.id, &nk).await?;
                 }
                 app.state.upsert_node(n.clone());
-                apply_hostinfo(&app.state, n.id, &hostinfo).await?;
+                // With standby hosts, only the host members see speaks for the node.
+                let report = standby::Report {
+                    hostinfo: Some(hostinfo.clone()),
+                    ..standby::Report::default()
+                };
+                if !app.state.standby.in_group(n.id)
+                    || app.state.standby.on_report(n.id, &mk, report) == standby::Outcome::Publish
+                {
+                    apply_hostinfo(&app.state, n.id, &hostinfo).await?;
+                }
                 return Ok(authorized_response(app, n.user_id));
             }
             // Expired: it must authenticate again (below).

@@ -91,6 +91,8 @@ pub struct Joined {
     pub seed: Seed,
     /// The server's data directory.
     pub data: String,
+    /// The exit node's tsunagud (`dev-m1sk9-s1`, state in `exit-state`).
+    pub exit: ProcId,
     pub exit_log: PathBuf,
     /// A pre-auth key of user `admin` for a member node.
     pub client_key: String,
@@ -242,6 +244,34 @@ impl Joined {
     /// The server's `nodes list --json`.
     pub fn nodes(&self) -> serde_json::Value {
         serde_json::from_str(&self.admin(&["--json", "nodes", "list"])).unwrap_or_default()
+    }
+
+    /// Start the exit node's tsunagud again (after it was stopped) from its state
+    /// directory alone, with `extra` flags; returns when its local API is up.
+    pub fn restart_exit(&mut self, extra: &[&str]) -> ProcId {
+        let state = self.seed.lab.log_path("exit-state");
+        let sock = state.join("tsunagud.sock");
+        let env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
+            .chain(self.env.iter().cloned())
+            .collect();
+        let mut argv = tsunagud_argv(&env);
+        argv.extend([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ]);
+        argv.extend_from_slice(extra);
+        let _ = std::fs::remove_file(&sock);
+        self.exit = self
+            .seed
+            .lab
+            .spawn(&self.seed.ns(role::EXIT), &argv, Some(&self.exit_log))
+            .unwrap();
+        wait("the exit node's local API", Duration::from_secs(20), || {
+            sock.exists()
+        });
+        self.exit
     }
 
     /// Start the server again (after it was stopped), same data directory.
@@ -422,7 +452,8 @@ pub fn setup_over(
         .chain(env.iter().cloned())
         .collect();
     let exit_argv = tsunagud_argv(&exit_env);
-    seed.lab
+    let exit = seed
+        .lab
         .spawn(
             &seed.ns(role::EXIT),
             &[
@@ -467,6 +498,7 @@ pub fn setup_over(
     Joined {
         seed,
         data: data_s,
+        exit,
         exit_log,
         client_key,
         server,

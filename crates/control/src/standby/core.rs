@@ -11,8 +11,8 @@
 //! It switches (one [`Switch`] out of [`Switcher::poll_event`]) when:
 //! * the active host has been gone for [`Config::unreachable_after`] and another host is
 //!   ready (unplanned: a crash, a reboot without a drain);
-//! * the active host is online but no longer offers the exit node (a drain) and another
-//!   host is ready (planned maintenance);
+//! * the active host is there (map stream or relay connection) but no longer offers the
+//!   exit node (a drain) and another host is ready (planned maintenance);
 //! * a host that prefers the role (`tsunagud --prefer`) has been ready for
 //!   [`Config::settle`] and the active host is not such a host (its return);
 //! * the admin asks ([`Switcher::failover`]);
@@ -359,7 +359,9 @@ impl Switcher {
             && now.duration_since(t) >= cfg.unreachable_after
         {
             Some((Reason::Unreachable(now.duration_since(t)), None))
-        } else if active.health.sessions > 0 && !active.health.offers_exit {
+        } else if !is_gone(&active.health) && !active.health.offers_exit {
+            // Alive (a map stream, or its relay connection while its session restarts
+            // with the new settings) and no longer offering the exit node.
             Some((Reason::Drain, None))
         } else {
             let active_holds =
@@ -561,6 +563,20 @@ mod tests {
             (sw.to, sw.reason, sw.at),
             (id("b"), Reason::Drain, ms(t0, 5))
         );
+        // The withdrawal arrives while the host's map stream restarts (its relay
+        // connection is still there): a drain all the same.
+        let (mut s, t0) = group();
+        s.observe(
+            7,
+            &id("a"),
+            Health {
+                sessions: 0,
+                offers_exit: false,
+                ..READY
+            },
+            ms(t0, 5),
+        );
+        assert_eq!(s.poll_event().map(|s| s.reason), Some(Reason::Drain));
         // Without a ready standby, a drain moves nothing (members then leave the exit
         // node as they do without standby hosts).
         let (mut s, t0) = group();
