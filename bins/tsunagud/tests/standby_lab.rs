@@ -446,7 +446,7 @@ fn planned_switches_restart_and_drain_lose_no_request() {
     std::thread::sleep(Duration::from_millis(500));
     s.j.seed.lab.kill(s.j.exit, Signal::SIGTERM).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    s.j.restart_exit(&[]);
+    s.j.restart_exit();
     wait(
         "the old host back, standing by",
         Duration::from_secs(30),
@@ -562,7 +562,7 @@ fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_m
     // The old host returns: a standby host now; members are not moved again.
     let load = Load::start(ns.clone(), Duration::from_secs(40));
     std::thread::sleep(Duration::from_millis(500));
-    s.j.restart_exit(&[]);
+    s.j.restart_exit();
     wait(
         "the old host back, standing by",
         Duration::from_secs(30),

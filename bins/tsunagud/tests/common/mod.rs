@@ -91,9 +91,10 @@ pub struct Joined {
     pub seed: Seed,
     /// The server's data directory.
     pub data: String,
-    /// The exit node's tsunagud (`dev-m1sk9-s1`, state in `exit-state`).
-    pub exit: ProcId,
     pub exit_log: PathBuf,
+    /// The exit node's tsunagud, and how to start it again (same state directory).
+    pub exit: ProcId,
+    pub exit_argv: Vec<String>,
     /// A pre-auth key of user `admin` for a member node.
     pub client_key: String,
     pub server: ProcId,
@@ -222,6 +223,17 @@ impl Joined {
         }
     }
 
+    /// Start the exit node's tsunagud again (after it was stopped or killed), same state.
+    pub fn restart_exit(&mut self) {
+        let argv: Vec<&str> = self.exit_argv.iter().map(String::as_str).collect();
+        let ns = self.seed.ns(role::EXIT);
+        self.exit = self
+            .seed
+            .lab
+            .spawn(&ns, &argv, Some(&self.exit_log))
+            .unwrap();
+    }
+
     /// `tsunagu-server --data-dir DATA args...` in the control namespace (stdout).
     pub fn admin(&self, args: &[&str]) -> String {
         cli(
@@ -244,34 +256,6 @@ impl Joined {
     /// The server's `nodes list --json`.
     pub fn nodes(&self) -> serde_json::Value {
         serde_json::from_str(&self.admin(&["--json", "nodes", "list"])).unwrap_or_default()
-    }
-
-    /// Start the exit node's tsunagud again (after it was stopped) from its state
-    /// directory alone, with `extra` flags; returns when its local API is up.
-    pub fn restart_exit(&mut self, extra: &[&str]) -> ProcId {
-        let state = self.seed.lab.log_path("exit-state");
-        let sock = state.join("tsunagud.sock");
-        let env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
-            .chain(self.env.iter().cloned())
-            .collect();
-        let mut argv = tsunagud_argv(&env);
-        argv.extend([
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--socket",
-            sock.to_str().unwrap(),
-        ]);
-        argv.extend_from_slice(extra);
-        let _ = std::fs::remove_file(&sock);
-        self.exit = self
-            .seed
-            .lab
-            .spawn(&self.seed.ns(role::EXIT), &argv, Some(&self.exit_log))
-            .unwrap();
-        wait("the exit node's local API", Duration::from_secs(20), || {
-            sock.exists()
-        });
-        self.exit
     }
 
     /// Start the server again (after it was stopped), same data directory.
@@ -451,30 +435,28 @@ pub fn setup_over(
     let exit_env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
         .chain(env.iter().cloned())
         .collect();
-    let exit_argv = tsunagud_argv(&exit_env);
+    let exit_sock = exit_state.join("tsunagud.sock");
+    let exit_argv: Vec<String> = tsunagud_argv(&exit_env)
+        .into_iter()
+        .chain([
+            "--login-server",
+            &url,
+            "--auth-key",
+            &exit_key,
+            "--hostname",
+            "dev-m1sk9-s1",
+            "--advertise-exit-node",
+            "--state-dir",
+            exit_state.to_str().unwrap(),
+            "--socket",
+            exit_sock.to_str().unwrap(),
+        ])
+        .map(String::from)
+        .collect();
+    let argv: Vec<&str> = exit_argv.iter().map(String::as_str).collect();
     let exit = seed
         .lab
-        .spawn(
-            &seed.ns(role::EXIT),
-            &[
-                exit_argv.as_slice(),
-                &[
-                    "--login-server",
-                    &url,
-                    "--auth-key",
-                    &exit_key,
-                    "--hostname",
-                    "dev-m1sk9-s1",
-                    "--advertise-exit-node",
-                    "--state-dir",
-                    exit_state.to_str().unwrap(),
-                    "--socket",
-                    exit_state.join("tsunagud.sock").to_str().unwrap(),
-                ],
-            ]
-            .concat(),
-            Some(&exit_log),
-        )
+        .spawn(&seed.ns(role::EXIT), &argv, Some(&exit_log))
         .unwrap();
     let nodes = || -> serde_json::Value {
         serde_json::from_str(&cli(&control, &data_s, &["--json", "nodes", "list"]))
@@ -498,8 +480,9 @@ pub fn setup_over(
     Joined {
         seed,
         data: data_s,
-        exit,
         exit_log,
+        exit,
+        exit_argv,
         client_key,
         server,
         server_argv,
