@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{Joined, setup_full, status_text, tsunagu, wait, web_sees};
+use common::{Joined, Transport, setup_over, status_text, tsunagu, wait, web_sees};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{
-    CAFE_PUBLIC, CLIENT_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, Netns, ProcId, SeedOptions,
-    Signal, WEB_ADDR, http_get, whoami_server,
+    CAFE_PUBLIC, CLIENT_LAN, CONTROL_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, Netns, SeedOptions, Signal,
+    Tailscaled, WEB_ADDR, http_get, whoami_server,
 };
 
 fn web() -> SocketAddr {
@@ -34,16 +34,16 @@ fn ok(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The lab with the exit node, its standby host on `exit2` (ready), and the laptop
-/// pinned to the exit node, the web server seeing the exit node's own host.
+/// The lab with the exit node and its standby host on `exit2` (both ready), and a
+/// member on the laptop pinned to the exit node, the web server seeing the exit node's
+/// own host.
 struct Standby {
     j: Joined,
     _web: tsunagu_lab::ServiceHandle,
-    exit2: ProcId,
     exit2_sock: PathBuf,
-    exit2_log: PathBuf,
-    laptop_sock: PathBuf,
-    laptop_state: PathBuf,
+    /// The member: tsunagud, or the official client.
+    laptop: Option<common::Client>,
+    official: Option<Tailscaled>,
     logs: Vec<PathBuf>,
 }
 
@@ -75,14 +75,28 @@ fn active_host(j: &Joined) -> (String, bool) {
     )
 }
 
-fn setup(test: &str) -> Standby {
-    let mut j = setup_full(
+/// The member that fetches pages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Member {
+    Tsunagud,
+    Official,
+}
+
+fn setup(test: &str, member: Member) -> Standby {
+    // The official client reaches the server and the relay over TLS only.
+    let transport = match member {
+        Member::Tsunagud => Transport::Http,
+        Member::Official => Transport::Https,
+    };
+    let mut j = setup_over(
         test,
         common::POLICY,
         SeedOptions {
             second_exit: true,
             ..SeedOptions::default()
         },
+        &[],
+        transport,
     );
     let web_server = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
     let out = j.admin(&["nodes", "standby", "add", "dev-m1sk9-s1"]);
@@ -101,34 +115,39 @@ fn setup(test: &str) -> Standby {
             "exit2",
         ],
     );
-    let exit2_sock = c2.sock.clone();
-    let exit2_log = c2.log.clone();
-    let laptop = j.join_laptop(&[]);
-    let logs = vec![
-        laptop.log.clone(),
-        j.exit_log.clone(),
-        exit2_log.clone(),
-        j.server_log.clone(),
-    ];
+    let mut logs = vec![j.exit_log.clone(), c2.log.clone(), j.server_log.clone()];
     wait(
         "both hosts of dev-m1sk9-s1 online and ready",
         Duration::from_secs(40),
         || active_host(&j) == ("dev-m1sk9-s1".to_string(), true),
     );
     let ns = j.seed.ns(role::CLIENT);
-    ok(&tsunagu(
-        &ns,
-        &laptop.sock,
-        &["set", "--exit-node=dev-m1sk9-s1"],
-    ));
+    let (laptop, official) = match member {
+        Member::Tsunagud => {
+            let laptop = j.join_laptop(&[]);
+            logs.push(laptop.log.clone());
+            ok(&tsunagu(
+                &ns,
+                &laptop.sock,
+                &["set", "--exit-node=dev-m1sk9-s1"],
+            ));
+            (Some(laptop), None)
+        }
+        Member::Official => {
+            let ts = common::official(&mut j, role::CLIENT, "laptop", &[]);
+            let key = j.client_key.clone();
+            common::official_up(&ts, &url, &key, "laptop", &[]);
+            logs.push(ts.log.clone());
+            ts.cli(&["set", "--exit-node=dev-m1sk9-s1"]).unwrap();
+            (None, Some(ts))
+        }
+    };
     web_sees(&ns, EXIT_PUBLIC, &logs);
     Standby {
         _web: web_server,
-        exit2: c2.proc,
-        exit2_sock,
-        exit2_log,
-        laptop_sock: laptop.sock,
-        laptop_state: laptop.state,
+        exit2_sock: c2.sock,
+        laptop,
+        official,
         j,
         logs,
     }
@@ -257,6 +276,21 @@ impl Results {
             self.slowest(),
             self.seen()
         );
+        // The slow and failed ones, with when they started (wall clock, to match logs).
+        let wall = std::time::SystemTime::now();
+        let now = Instant::now();
+        for r in &self.0 {
+            let took = r.end.duration_since(r.start);
+            if took > Duration::from_millis(300) || r.result.is_err() {
+                let at = wall - now.duration_since(r.start);
+                let at = chrono::DateTime::<chrono::Utc>::from(at);
+                eprintln!(
+                    "  started {} took {took:?}: {:?}",
+                    at.format("%H:%M:%S%.3f"),
+                    r.result
+                );
+            }
+        }
     }
 }
 
@@ -318,7 +352,8 @@ fn handshake_answered(s: &Standby, to: SocketAddr) -> bool {
     use gotatun::noise::index_table::IndexTable;
     use gotatun::noise::rate_limiter::RateLimiter;
     use gotatun::x25519::{PublicKey, StaticSecret};
-    let text = std::fs::read_to_string(s.laptop_state.join("node.key")).unwrap();
+    let state = &s.laptop.as_ref().expect("a tsunagud member").state;
+    let text = std::fs::read_to_string(state.join("node.key")).unwrap();
     let laptop: tsunagu_proto::NodePrivate = text.trim().parse().unwrap();
     let exit_key: tsunagu_proto::NodePublic = exit_entry(&s.j)["node_key"]
         .as_str()
@@ -355,16 +390,29 @@ fn standby_dropped(ns: &Netns, sock: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn planned_switches_restart_and_drain_lose_no_request() {
-    let mut s = setup("standby_planned");
+/// Where the member's control connection and relay go: the server, on 8080 (HTTP) or 443
+/// (HTTPS).
+fn control_ep(s: &Standby) -> String {
+    let port = if s.j.url.starts_with("https://") {
+        443
+    } else {
+        8080
+    };
+    format!("{CONTROL_PUBLIC}.{port}")
+}
+
+/// Planned maintenance, under load (a request every 100 ms): an admin failover to the
+/// standby host, the old host restarting (it comes back standing by), a drain of the
+/// active host (members move back). No request fails but the one in flight at a switch
+/// instant, if any; the web server sees the host that serves, never the cafe.
+fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
     let ns = s.j.seed.ns(role::CLIENT);
     let (exit_ns, exit2_ns) = (s.j.seed.ns(role::EXIT), s.j.seed.ns(role::EXIT2));
     let exit_sock = exit_sock(&s.j);
     assert_eq!(role_of(&exit_ns, &exit_sock), "active");
     assert_eq!(role_of(&exit2_ns, &s.exit2_sock), "standby");
 
-    // 1. Admin failover to the standby host, under load.
+    // 1. Admin failover to the standby host.
     let load = Load::start(ns.clone(), Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     let asked = Instant::now();
@@ -375,7 +423,7 @@ fn planned_switches_restart_and_drain_lose_no_request() {
     until_seen(&ns, EXIT2_PUBLIC, Duration::from_secs(5), &s.logs);
     std::thread::sleep(Duration::from_secs(1));
     let r = load.finish();
-    r.report("planned (admin failover)");
+    r.report(&format!("{who}, planned (admin failover)"));
     let bad = r.failed_outside(Some((asked, told)));
     assert!(bad.is_empty(), "failed requests: {bad:?}");
     assert!(
@@ -409,39 +457,10 @@ fn planned_switches_restart_and_drain_lose_no_request() {
             .any(|l| l.starts_with(&format!("{} ", e["id"])) && l.trim_end().ends_with("exit2")),
         "{list}"
     );
+    between(s);
 
-    // 2. The demoted host drops a member's handshake; the active host answers the same.
-    let before = standby_dropped(&exit_ns, &exit_sock);
-    assert!(
-        !handshake_answered(&s, (EXIT_PUBLIC, 41641).into()),
-        "the demoted host answered a handshake"
-    );
-    let after = standby_dropped(&exit_ns, &exit_sock);
-    assert!(after > before, "counted as dropped ({before} -> {after})");
-    assert!(
-        handshake_answered(&s, (EXIT2_PUBLIC, 41641).into()),
-        "the active host answers the same handshake"
-    );
-    // At the relay, the demoted host's connection is parked (it gets nothing).
-    let relay: serde_json::Value =
-        serde_json::from_str(&s.j.admin(&["--json", "relay-status"])).unwrap();
-    let key = exit_entry(&s.j)["node_key"].clone();
-    let conns: Vec<&serde_json::Value> = relay["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["node_key"] == key)
-        .collect();
-    assert_eq!(conns.len(), 2, "{relay}");
-    assert_eq!(
-        conns.iter().filter(|c| c["standby"] == true).count(),
-        1,
-        "one host of the key is parked: {relay}"
-    );
-    web_sees(&ns, EXIT2_PUBLIC, &s.logs);
-
-    // 3. The old host restarts (planned maintenance), under load: it comes back as a
-    // standby host and nothing moves.
+    // 2. The old host restarts (planned maintenance): it comes back as a standby host
+    // and nothing moves.
     let load = Load::start(ns.clone(), Duration::from_secs(40));
     std::thread::sleep(Duration::from_millis(500));
     s.j.seed.lab.kill(s.j.exit, Signal::SIGTERM).unwrap();
@@ -457,7 +476,7 @@ fn planned_switches_restart_and_drain_lose_no_request() {
     );
     std::thread::sleep(Duration::from_secs(2));
     let r = load.finish();
-    r.report("planned (old host restarting)");
+    r.report(&format!("{who}, planned (old host restarting)"));
     let bad = r.failed_outside(None);
     assert!(bad.is_empty(), "failed: {bad:?}");
     assert_eq!(
@@ -466,7 +485,7 @@ fn planned_switches_restart_and_drain_lose_no_request() {
         "no switch, no interruption"
     );
 
-    // 4. A drain of the active host (its offer withdrawn before maintenance) moves the
+    // 3. A drain of the active host (its offer withdrawn before maintenance) moves the
     // members back to the other host instead of away from the exit node.
     let load = Load::start(ns.clone(), Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
@@ -480,7 +499,7 @@ fn planned_switches_restart_and_drain_lose_no_request() {
     let told = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let r = load.finish();
-    r.report("planned (drain of the active host)");
+    r.report(&format!("{who}, planned (drain of the active host)"));
     let bad = r.failed_outside(Some((asked, told)));
     assert!(bad.is_empty(), "failed: {bad:?}");
     assert!(
@@ -504,12 +523,12 @@ fn planned_switches_restart_and_drain_lose_no_request() {
         e["exit_node"], "approved",
         "still an approved exit node: {e}"
     );
-    let _ = (s.exit2, &s.exit2_log, &s.laptop_sock);
 }
 
-#[test]
-fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_moves_nothing() {
-    let mut s = setup("standby_crash");
+/// The active host SIGKILLed under load: traffic back through the standby host within
+/// 5 s, nothing on the cafe LAN outside the tunnel meanwhile; the old host returns as a
+/// standby host without another interruption, and both say who serves.
+fn crash(s: &mut Standby, who: &str) {
     let ns = s.j.seed.ns(role::CLIENT);
     let exit_ns = s.j.seed.ns(role::EXIT);
     let exit_sock = exit_sock(&s.j);
@@ -525,8 +544,8 @@ fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_m
     let back = killed.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let r = load.finish();
-    eprintln!("crash: traffic back through the standby {back:?} after the kill");
-    r.report("crash");
+    eprintln!("{who}, crash: traffic back through the standby {back:?} after the kill");
+    r.report(&format!("{who}, crash"));
     assert!(back < Duration::from_secs(5), "{back:?}");
     assert!(
         !r.seen().contains(&CAFE_PUBLIC.to_string()),
@@ -540,11 +559,12 @@ fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_m
         &format!("{EXIT_PUBLIC}.41641"),
         &[
             &format!("{EXIT2_PUBLIC}.41641"),
-            &format!("{CONTROL_PUBLIC}.8080"),
+            &control_ep(s),
             &format!("{CONTROL_PUBLIC}.3478"),
         ],
     );
     assert!(leaked.is_empty(), "leaked on the cafe LAN: {leaked:#?}");
+    assert!(lines.len() > 10, "the capture saw the tunnel: {lines:#?}");
     let e = exit_entry(&s.j);
     assert_eq!(e["standby"]["active"], "exit2", "{e}");
     assert!(
@@ -573,7 +593,7 @@ fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_m
     );
     std::thread::sleep(Duration::from_secs(3));
     let r = load.finish();
-    r.report("return of the old host");
+    r.report(&format!("{who}, return of the old host"));
     let bad = r.failed_outside(None);
     assert!(bad.is_empty(), "failed: {bad:?}");
     assert_eq!(
@@ -587,5 +607,138 @@ fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_m
             && st.contains("dev-m1sk9-s1 (standby, ready)"),
         "{st}"
     );
-    let _ = (s.exit2, &s.exit2_log, &s.laptop_sock);
+}
+
+#[test]
+fn planned_switches_restart_and_drain_lose_no_request() {
+    let mut s = setup("standby_planned", Member::Tsunagud);
+    planned(&mut s, "tsunagud member", |s| {
+        // The demoted host drops a member's handshake; the active host answers the same.
+        let (exit_ns, exit_sock) = (s.j.seed.ns(role::EXIT), exit_sock(&s.j));
+        let before = standby_dropped(&exit_ns, &exit_sock);
+        assert!(
+            !handshake_answered(s, (EXIT_PUBLIC, 41641).into()),
+            "the demoted host answered a handshake"
+        );
+        let after = standby_dropped(&exit_ns, &exit_sock);
+        assert!(after > before, "counted as dropped ({before} -> {after})");
+        assert!(
+            handshake_answered(s, (EXIT2_PUBLIC, 41641).into()),
+            "the active host answers the same handshake"
+        );
+        // At the relay, the demoted host's connection is parked (it gets nothing).
+        let relay: serde_json::Value =
+            serde_json::from_str(&s.j.admin(&["--json", "relay-status"])).unwrap();
+        let key = exit_entry(&s.j)["node_key"].clone();
+        let conns: Vec<&serde_json::Value> = relay["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["node_key"] == key)
+            .collect();
+        assert_eq!(conns.len(), 2, "{relay}");
+        assert_eq!(
+            conns.iter().filter(|c| c["standby"] == true).count(),
+            1,
+            "one host of the key is parked: {relay}"
+        );
+        web_sees(&s.j.seed.ns(role::CLIENT), EXIT2_PUBLIC, &s.logs);
+    });
+}
+
+#[test]
+fn the_active_host_killed_hands_over_within_5_s_without_leaking_and_its_return_moves_nothing() {
+    let mut s = setup("standby_crash", Member::Tsunagud);
+    crash(&mut s, "tsunagud member");
+}
+
+/// The same planned maintenance with the official client pinned to the exit node
+/// (`tailscale set --exit-node=dev-m1sk9-s1`).
+#[test]
+fn official_client_pinned_to_the_exit_node_loses_no_request_in_planned_switches() {
+    let mut s = setup("standby_off_planned", Member::Official);
+    planned(&mut s, "official member", |s| {
+        let ts = s.official.as_ref().unwrap();
+        wait(
+            "the official client on a direct path to the new host",
+            Duration::from_secs(10),
+            || {
+                ts.cli(&["status"]).is_ok_and(|st| {
+                    st.lines().any(|l| {
+                        l.contains("dev-m1sk9-s1")
+                            && l.contains("active; exit node; direct 198.51.100.6:")
+                    })
+                })
+            },
+        );
+    });
+}
+
+/// The active host SIGKILLed with the official client pinned to the exit node.
+#[test]
+fn official_client_pinned_to_the_exit_node_is_back_within_5_s_of_a_crash() {
+    let mut s = setup("standby_off_crash", Member::Official);
+    crash(&mut s, "official member");
+}
+
+/// The seed's situation today, for comparison in the same lab: the official client
+/// pinned to an official exit node (`tailscaled --advertise-exit-node`, no standby host)
+/// that restarts (SIGTERM, started again at once), under the same load.
+#[test]
+fn official_exit_node_restarting_without_a_standby_host_for_comparison() {
+    let mut j = setup_over(
+        "standby_off_ref",
+        common::POLICY,
+        SeedOptions {
+            second_exit: true,
+            ..SeedOptions::default()
+        },
+        &[],
+        Transport::Https,
+    );
+    let _web = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
+    let mut off = common::official_exit(&mut j, role::EXIT2, "official-exit");
+    let ts = common::official(&mut j, role::CLIENT, "laptop", &[]);
+    let (key, url) = (j.client_key.clone(), j.url.clone());
+    common::official_up(&ts, &url, &key, "laptop", &[]);
+    ts.cli(&["set", "--exit-node=official-exit"]).unwrap();
+    let ns = j.seed.ns(role::CLIENT);
+    let logs = vec![ts.log.clone(), off.log.clone()];
+    web_sees(&ns, EXIT2_PUBLIC, &logs);
+    let load = Load::start(ns.clone(), Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted = Instant::now();
+    off.restart(&mut j.seed.lab).unwrap();
+    web_sees_within(&ns, EXIT2_PUBLIC, Duration::from_secs(60), &logs);
+    let back = restarted.elapsed();
+    // Long enough for a request stuck in the outage (5 s timeout) and answers after it.
+    std::thread::sleep(Duration::from_secs(4));
+    let r = load.finish();
+    eprintln!("official exit node, no standby: traffic back {back:?} after the restart began");
+    r.report("official member, official exit node restarting at once (no standby)");
+    assert!(
+        !r.seen().contains(&CAFE_PUBLIC.to_string()),
+        "the official client failed closed: {:?}",
+        r.seen()
+    );
+    // A restart with the machine down for a while (3 s here; a reboot takes longer).
+    let load = Load::start(ns.clone(), Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Instant::now();
+    off.stop(&mut j.seed.lab, false).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    off.restart(&mut j.seed.lab).unwrap();
+    web_sees_within(&ns, EXIT2_PUBLIC, Duration::from_secs(60), &logs);
+    let back = stopped.elapsed();
+    // Long enough for a request stuck in the outage (5 s timeout) and answers after it.
+    std::thread::sleep(Duration::from_secs(4));
+    let r = load.finish();
+    eprintln!("official exit node, no standby, down 3 s: traffic back {back:?} after it stopped");
+    r.report("official member, official exit node down 3 s (no standby)");
+    assert!(
+        !r.seen().contains(&CAFE_PUBLIC.to_string()),
+        "the official client failed closed: {:?}",
+        r.seen()
+    );
+    assert!(r.longest_gap() >= Duration::from_secs(3), "it was down 3 s");
 }

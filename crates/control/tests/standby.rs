@@ -38,6 +38,8 @@ struct Machine {
     name: String,
     disco: DiscoPublic,
     endpoint: String,
+    /// Reports say it takes the role whenever ready (`tsunagud --prefer`).
+    prefer: bool,
 }
 
 impl Machine {
@@ -53,6 +55,7 @@ impl Machine {
             name: name.into(),
             disco: DiscoPublic(NodePrivate::generate().public().0),
             endpoint: endpoint.into(),
+            prefer: false,
         }
     }
 
@@ -78,9 +81,9 @@ impl Machine {
             hostinfo: Some(hostinfo(&self.name, offers_exit)),
             endpoints: vec![self.endpoint.clone()],
             omit_peers: true,
-            tsunagu_host: role.map(|r| HostReport {
-                role: Some(r),
-                prefer: false,
+            tsunagu_host: (role.is_some() || self.prefer).then_some(HostReport {
+                role,
+                prefer: self.prefer,
             }),
             ..MapRequest::default()
         }
@@ -370,6 +373,7 @@ async fn group(ack_delay: Duration) -> Group {
         name: "dev-m1sk9-s1".into(),
         disco: a_disco,
         endpoint: "198.51.100.2:41641".into(),
+        prefer: false,
     };
     let member_key = user_key(&s, "alice", &[]).await;
     let mut m = Machine::new(&s, "laptop", "198.18.1.10:41641").await;
@@ -579,5 +583,54 @@ async fn the_active_host_gone_for_three_seconds_hands_over_to_the_standby() {
             .unwrap()
             .contains("no standby host is ready"),
         "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_preferring_host_that_returns_takes_the_role_back_once_it_has_settled() {
+    let mut g = group(Duration::ZERO).await;
+    // The active host dies: the standby takes over after 3 s.
+    g.a_task.abort();
+    g.a_ctl.client = ControlClient::connect(&g.s.url, &g.s.key, &MachinePrivate::generate())
+        .await
+        .unwrap();
+    let b_disco = g.b_disco;
+    member_sees(&mut g, b_disco, Duration::from_secs(8)).await;
+    // It comes back preferring the role (`tsunagud --prefer`), with a new disco key.
+    let machine = g.a_ctl.machine.clone();
+    let mut a = Machine {
+        client: ControlClient::connect(&g.s.url, &g.s.key, &machine)
+            .await
+            .unwrap(),
+        machine,
+        key: g.a_ctl.key.clone(),
+        name: "dev-m1sk9-s1".into(),
+        disco: DiscoPublic(NodePrivate::generate().public().0),
+        endpoint: "198.51.100.2:41641".into(),
+        prefer: true,
+    };
+    let new_disco = a.disco;
+    a.send_report(true, None).await;
+    let stream = a.stream().await;
+    let back = tokio::time::Instant::now();
+    let (_task, mut roles) = run_host(a, stream, Duration::ZERO);
+    next_role(&mut roles, HostRole::Standby).await;
+    // Ready and preferring: after 3 s settled, the role comes back, members follow.
+    let (_, took) = member_sees(&mut g, new_disco, Duration::from_secs(8)).await;
+    let took = took.max(back.elapsed());
+    assert!(
+        took >= Duration::from_millis(2900),
+        "settled first ({took:?})"
+    );
+    let view = g.s.state.standby.view(g.id).unwrap();
+    assert_eq!(view.active, "dev-m1sk9-s1");
+    assert_eq!(
+        view.last_switch.as_ref().unwrap().reason,
+        "a preferred host is ready again"
+    );
+    assert!(
+        view.hosts
+            .iter()
+            .any(|h| h.name == "dev-m1sk9-s1" && h.prefer)
     );
 }
