@@ -242,7 +242,7 @@ struct StandbyStatus {
     dropped: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 struct StandbyHost {
     name: String,
@@ -251,19 +251,6 @@ struct StandbyHost {
     ready: bool,
     not_ready: String,
     prefer: bool,
-}
-
-impl Default for StandbyHost {
-    fn default() -> Self {
-        StandbyHost {
-            name: String::new(),
-            active: false,
-            online: false,
-            ready: false,
-            not_ready: String::new(),
-            prefer: false,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -50,6 +50,11 @@ const ACK_OLD: Duration = Duration::from_secs(1);
 const HANDOVER_TTL: Duration = Duration::from_secs(60);
 /// Switches remembered per node (for `nodes standby list`).
 const SWITCHES_KEPT: usize = 10;
+/// After the server starts, hosts reconnect at their own pace (tsunagud backs off up to
+/// 30 s while the server was away): the active host counts as gone only from this long
+/// after the start, so that a standby that happens to reconnect first does not take
+/// over from a host that is serving members all along.
+const STARTUP_GRACE: Duration = Duration::from_secs(30);
 
 /// What a host reported about itself (the parts that members see when it is active).
 #[derive(Debug, Clone, Default)]
@@ -226,7 +231,7 @@ impl Standby {
             })
             .collect();
         inner.core = Switcher::new(cfg);
-        let now = Instant::now();
+        let now = Instant::now() + STARTUP_GRACE;
         for (n, hosts, active) in groups {
             inner.core.set_hosts(n, &hosts, &active, now);
         }
@@ -246,7 +251,7 @@ impl Standby {
         for h in hosts {
             by_node.entry(h.node_id).or_default().push(h);
         }
-        let now = Instant::now();
+        let now = Instant::now() + STARTUP_GRACE;
         let mut inner = self.inner.lock();
         for (node_id, hosts) in by_node {
             let Some(entry) = state.node(node_id) else {
