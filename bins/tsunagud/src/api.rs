@@ -323,6 +323,16 @@ impl Shared {
     }
 
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
+    /// Let the engine look at the host's networks again (see `Engine::refresh_host`).
+    pub fn refresh_host(&self) {
+        if let Ok(mut g) = self.engine.lock()
+            && let Some(e) = g.as_mut()
+            && let Err(e) = e.refresh_host()
+        {
+            tracing::error!("updating the exit node's closed networks: {e:#}");
+        }
+    }
+
     pub fn stop_engine(&self) {
         if let Ok(mut r) = self.relay.lock()
             && let Some(pool) = r.take()

@@ -474,6 +474,8 @@ async fn session(
             }
             _ = stun_tick.tick() => {
                 shared.probe_stun(&state);
+                // An exit node closes its host's new addresses to what it forwards.
+                shared.refresh_host();
                 continue;
             }
             _ = shared.stun.answered.notified() => {

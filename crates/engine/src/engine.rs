@@ -12,8 +12,11 @@
 //! until the daemon is back, and its start-up cleans up.
 
 use crate::device::Device;
+use crate::filter::Filter;
+use crate::os::host::host_nets;
 use crate::os::nat::{self, ExitNat, ExitNatConfig, NatError};
 use crate::os::route::{self, RouteConfig, RouteError, RouteManager, RouteState};
+use crate::scope::{self, HostNets};
 use crate::tun::{TunDevice, TunError};
 use crate::udp::{UdpError, UdpSock};
 use ipnet::IpNet;
@@ -72,6 +75,8 @@ pub struct Engine {
     routes: Option<RouteManager>,
     nat: Option<ExitNat>,
     port: u16,
+    /// The host's own networks when last looked at (closed to what we forward).
+    host: HostNets,
 }
 
 fn route_state(map: &NetMap) -> RouteState {
@@ -89,17 +94,26 @@ fn route_state(map: &NetMap) -> RouteState {
     }
 }
 
-fn nat_config(cfg: &EngineConfig, map: &NetMap) -> ExitNatConfig {
+fn nat_config(cfg: &EngineConfig, map: &NetMap, host: &HostNets) -> ExitNatConfig {
     let allowed_sources: Vec<IpNet> = map
         .peers
         .iter()
         .filter(|p| p.exit_client)
         .flat_map(|p| p.allowed_ips.iter().copied())
         .collect();
+    let granted = Filter::new(
+        map.packet_filter.as_deref(),
+        &map.self_node.addresses,
+        Some(host),
+    )
+    .explicit_grants();
     ExitNatConfig {
         table: cfg.nat_table.clone(),
         tun_ifname: cfg.tun_name.clone(),
         allowed_sources,
+        own_addresses: map.self_node.addresses.clone(),
+        closed: scope::closed_nets(host),
+        granted,
         tun_mtu: map.mtu,
     }
 }
@@ -128,7 +142,9 @@ impl Engine {
             .local_addr()
             .map(|a| a.port())
             .unwrap_or(cfg.listen_port);
-        let device = Device::start(map, Arc::new(tun), udp).map_err(EngineError::Threads)?;
+        // After the tun exists, so that it is left out by name.
+        let host = host_nets(&cfg.tun_name);
+        let device = Device::start(map, &host, Arc::new(tun), udp).map_err(EngineError::Threads)?;
         let mut engine = Engine {
             cfg,
             map: map.clone(),
@@ -136,6 +152,7 @@ impl Engine {
             routes: None,
             nat: None,
             port,
+            host,
         };
         let mut routes = RouteManager::new(route_cfg)?;
         if let Err(e) = routes.apply(&route_state(map)) {
@@ -144,7 +161,7 @@ impl Engine {
         }
         engine.routes = Some(routes);
         if map.self_node.serve_exit {
-            match ExitNat::install(&nat_config(&engine.cfg, map)) {
+            match ExitNat::install(&nat_config(&engine.cfg, map, &engine.host)) {
                 Ok(nat) => engine.nat = Some(nat),
                 Err(e) => {
                     engine.shutdown();
@@ -162,19 +179,24 @@ impl Engine {
         // that no longer takes it), peers before routes when one comes (so the default
         // route never points at a tunnel without its peer). Either order is leak-free:
         // the tunnel drops what it cannot route.
+        if map.self_node.serve_exit {
+            self.host = host_nets(&self.cfg.tun_name);
+        }
         let adding_exit = map.exit_node.is_some() && self.map.exit_node.is_none();
         if adding_exit {
-            self.device.apply(map);
+            self.device.apply(map, &self.host);
         }
         if let Some(routes) = self.routes.as_mut() {
             routes.apply(&route_state(map))?;
         }
         if !adding_exit {
-            self.device.apply(map);
+            self.device.apply(map, &self.host);
         }
         match (map.self_node.serve_exit, self.nat.as_mut()) {
-            (true, Some(nat)) => nat.update(&nat_config(&self.cfg, map))?,
-            (true, None) => self.nat = Some(ExitNat::install(&nat_config(&self.cfg, map))?),
+            (true, Some(nat)) => nat.update(&nat_config(&self.cfg, map, &self.host))?,
+            (true, None) => {
+                self.nat = Some(ExitNat::install(&nat_config(&self.cfg, map, &self.host))?)
+            }
             (false, Some(_)) => {
                 if let Some(nat) = self.nat.take() {
                     nat.remove()?;
@@ -188,6 +210,26 @@ impl Engine {
 
     pub fn map(&self) -> &NetMap {
         &self.map
+    }
+
+    /// Look at the host's networks again (an address came or went: DHCP, a new LAN) and,
+    /// when serving as exit node and they changed, close the new ones to forwarding.
+    /// Call it now and then; cheap when nothing changed.
+    pub fn refresh_host(&mut self) -> Result<(), EngineError> {
+        if !self.map.self_node.serve_exit {
+            return Ok(());
+        }
+        let host = host_nets(&self.cfg.tun_name);
+        if host == self.host {
+            return Ok(());
+        }
+        tracing::info!(addresses = ?host.addrs, subnets = ?host.subnets, "the host's networks changed");
+        self.host = host;
+        self.device.apply(&self.map, &self.host);
+        if let Some(nat) = self.nat.as_mut() {
+            nat.update(&nat_config(&self.cfg, &self.map, &self.host))?;
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {

@@ -7,6 +7,7 @@
 
 use crate::allowed_ips::AllowedIps;
 use crate::filter::{Filter, Flows, Verdict};
+use crate::scope::HostNets;
 use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::noise::{TimerParams, Tunn};
@@ -593,7 +594,12 @@ impl PeerTable {
     /// Build the table for `map`, reusing the WireGuard state of peers that `previous`
     /// already had (same key, same local key). The map must be valid
     /// ([`NetMap::validate`]).
-    pub fn build(map: &NetMap, previous: &PeerTable, index_table: &IndexTable) -> PeerTable {
+    pub fn build(
+        map: &NetMap,
+        previous: &PeerTable,
+        index_table: &IndexTable,
+        host: &HostNets,
+    ) -> PeerTable {
         let own = map.self_node.private_key.public();
         let same_identity = own.0 == previous.local.public.to_bytes();
         let local = if same_identity {
@@ -682,7 +688,7 @@ impl PeerTable {
             filter: Filter::new(
                 map.packet_filter.as_deref(),
                 &map.self_node.addresses,
-                map.self_node.serve_exit,
+                map.self_node.serve_exit.then_some(host),
             ),
         }
     }
@@ -797,7 +803,12 @@ mod tests {
 
     fn build(m: &NetMap, prev: Option<&PeerTable>) -> PeerTable {
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&m.self_node.private_key)));
-        PeerTable::build(m, prev.unwrap_or(&empty), &IndexTable::from_os_rng())
+        PeerTable::build(
+            m,
+            prev.unwrap_or(&empty),
+            &IndexTable::from_os_rng(),
+            &HostNets::default(),
+        )
     }
 
     fn disco_peer() -> (PeerTable, SocketAddr, SocketAddr) {
