@@ -9,7 +9,9 @@
 //!
 //! [`Engine::shutdown`] undoes 4 and 5 and stops the device. A crash leaves 4 and 5 in
 //! place on purpose: with an exit node selected, traffic stays blocked (fail closed)
-//! until the daemon is back, and its start-up cleans up.
+//! until the daemon is back, and its start-up cleans up. After a reboot nothing is left;
+//! a daemon with an exit node in its settings calls [`block_internet`] before it has a
+//! map, and step 4 converges from that block.
 
 use crate::device::Device;
 use crate::filter::Filter;
@@ -118,15 +120,37 @@ fn nat_config(cfg: &EngineConfig, map: &NetMap, host: &HostNets) -> ExitNatConfi
     }
 }
 
+fn route_config(cfg: &EngineConfig) -> RouteConfig {
+    RouteConfig {
+        table: cfg.route_table,
+        fwmark: cfg.fwmark,
+        rule_priority_base: cfg.rule_priority_base,
+        tun_ifname: cfg.tun_name.clone(),
+    }
+}
+
+/// Fail closed before there is a map: block internet traffic (our rules and the
+/// `unreachable default` of table 52, the LAN kept with `allow_lan_access`) without a
+/// tun. A daemon with an exit node in its settings calls this at start, before it
+/// contacts the server: after a reboot on a network that blocks the server, nothing
+/// leaves directly. [`Engine::start`] with a map that uses (or still blocks for) the
+/// exit node converges from it without a gap; [`unblock`] removes it.
+pub fn block_internet(cfg: &EngineConfig, allow_lan_access: bool) -> Result<(), EngineError> {
+    RouteManager::new(route_config(cfg))?.block_without_tun(allow_lan_access)?;
+    Ok(())
+}
+
+/// Remove our rules and routes ([`block_internet`]'s, or a crashed run's) while no
+/// engine runs: the user stopped the node or logged out.
+pub fn unblock(cfg: &EngineConfig) -> Result<(), EngineError> {
+    route::cleanup_stale(&route_config(cfg))?;
+    Ok(())
+}
+
 impl Engine {
     pub fn start(cfg: EngineConfig, map: &NetMap) -> Result<Engine, EngineError> {
         map.validate()?;
-        let route_cfg = RouteConfig {
-            table: cfg.route_table,
-            fwmark: cfg.fwmark,
-            rule_priority_base: cfg.rule_priority_base,
-            tun_ifname: cfg.tun_name.clone(),
-        };
+        let route_cfg = route_config(&cfg);
         // A previous run that used an exit node left its fail-closed rules and
         // `unreachable default` behind on purpose (crash, or a stop that kept the block).
         // If this map blocks the internet too, converge from them instead of removing

@@ -183,6 +183,9 @@ impl Joined {
             "--hostname",
             hostname,
         ];
+        if url.starts_with("http://") {
+            argv.push("--insecure-http"); // the lab's server off loopback
+        }
         argv.extend_from_slice(extra);
         self.start_node(role, name, &argv)
     }
@@ -294,7 +297,8 @@ pub fn unblock_udp(router: &Netns) {
 }
 
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
-/// The server's URL in the seed lab.
+/// The server's URL in the seed lab (plain HTTP off loopback: tsunagud and `tsunagu up`
+/// need `--insecure-http` for it).
 pub const SERVER_URL: &str = "http://198.51.100.4:8080";
 
 /// The tag that the setup's policy auto-approves as exit node.
@@ -421,29 +425,26 @@ pub fn setup_over(
     let exit_env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
         .chain(env.iter().cloned())
         .collect();
-    let exit_argv = tsunagud_argv(&exit_env);
+    let mut exit_argv = tsunagud_argv(&exit_env);
+    let exit_sock = exit_state.join("tsunagud.sock");
+    exit_argv.extend([
+        "--login-server",
+        &url,
+        "--auth-key",
+        &exit_key,
+        "--hostname",
+        "dev-m1sk9-s1",
+        "--advertise-exit-node",
+        "--state-dir",
+        exit_state.to_str().unwrap(),
+        "--socket",
+        exit_sock.to_str().unwrap(),
+    ]);
+    if url.starts_with("http://") {
+        exit_argv.push("--insecure-http");
+    }
     seed.lab
-        .spawn(
-            &seed.ns(role::EXIT),
-            &[
-                exit_argv.as_slice(),
-                &[
-                    "--login-server",
-                    &url,
-                    "--auth-key",
-                    &exit_key,
-                    "--hostname",
-                    "dev-m1sk9-s1",
-                    "--advertise-exit-node",
-                    "--state-dir",
-                    exit_state.to_str().unwrap(),
-                    "--socket",
-                    exit_state.join("tsunagud.sock").to_str().unwrap(),
-                ],
-            ]
-            .concat(),
-            Some(&exit_log),
-        )
+        .spawn(&seed.ns(role::EXIT), &exit_argv, Some(&exit_log))
         .unwrap();
     let nodes = || -> serde_json::Value {
         serde_json::from_str(&cli(&control, &data_s, &["--json", "nodes", "list"]))
