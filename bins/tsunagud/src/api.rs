@@ -1111,7 +1111,10 @@ pub async fn serve(
 }
 
 /// During a drain: go on forwarding as `current` does (serving as exit node, for the
-/// peers that may use us), whatever the new map says.
+/// peers that may use us, by the rules that let them), whatever the new map says. The
+/// server no longer sends an exit node that withdrew its offer the rules of the
+/// internet: `current`'s rules are kept beside the new ones, without the destinations
+/// that name our own addresses (what peers may open on this node is the new map's).
 fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::NetMap) {
     if !current.self_node.serve_exit {
         return;
@@ -1124,6 +1127,21 @@ fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::N
             .any(|o| o.key == p.key && o.exit_client)
         {
             p.exit_client = true;
+        }
+    }
+    let own: Vec<String> = current
+        .self_node
+        .addresses
+        .iter()
+        .flat_map(|a| [a.addr().to_string(), a.to_string()])
+        .collect();
+    if let (Some(new), Some(old)) = (map.packet_filter.as_mut(), &current.packet_filter) {
+        for rule in old {
+            let mut fwd = rule.clone();
+            fwd.dst_ports.retain(|d| !own.contains(&d.ip));
+            if !fwd.dst_ports.is_empty() && !new.contains(&fwd) {
+                new.push(fwd);
+            }
         }
     }
 }
@@ -1173,6 +1191,17 @@ mod tests {
         let mut next = map(false, false);
         keep_serving_exit(&mut next, &map(false, false));
         assert!(!next.self_node.serve_exit);
+        // The rules that let peers use us go on forwarding; what named our own address
+        // is the new map's business.
+        use tsunagu_proto::tailcfg::{FilterRule, NetPortRange};
+        let internet = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("8.0.0.0/7")]);
+        let mine = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("100.64.0.1")]);
+        let mut serving = map(true, true);
+        serving.packet_filter = Some(vec![internet.clone(), mine]);
+        let mut next = map(false, false);
+        next.packet_filter = Some(vec![]);
+        keep_serving_exit(&mut next, &serving);
+        assert_eq!(next.packet_filter, Some(vec![internet]));
     }
     use super::*;
 
