@@ -504,8 +504,7 @@ fn syn_mss_is_clamped_to_the_tunnel_mtu_both_ways() {
 fn last_drop(exit: &Netns, chain: &str) -> u64 {
     nft(exit, &["list", "chain", "inet", "tsunagu", chain])
         .lines()
-        .filter(|l| l.contains("counter packets") && l.contains("drop"))
-        .next_back()
+        .rfind(|l| l.contains("counter packets") && l.contains("drop"))
         .and_then(|l| {
             let mut it = l.split_whitespace().skip_while(|w| *w != "packets");
             it.nth(1).and_then(|n| n.parse().ok())
