@@ -118,6 +118,11 @@ async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), S
     let mut node = entry.node;
     let advertised: Vec<IpNet> = hostinfo.routable_ips.clone();
     if advertised != node.advertised_routes {
+        for r in &advertised {
+            if let Some(why) = mapper::refused_route(r) {
+                tracing::warn!(node = id, route = %r, "advertised route refused: {why}");
+            }
+        }
         node = store.set_advertised_routes(id, &advertised).await?;
     }
     let policy = app.state.policy();
@@ -162,7 +167,10 @@ async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), S
                 .collect::<Vec<_>>(),
         );
     }
-    for r in advertised.iter().filter(|r| !mapper::is_default_route(r)) {
+    for r in advertised
+        .iter()
+        .filter(|r| !mapper::is_default_route(r) && mapper::refused_route(r).is_none())
+    {
         if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
             approved.push(*r);
         }
@@ -408,12 +416,26 @@ async fn apply_map_update(app: &App, id: i64, req: &MapRequest) -> Result<(), St
         return Ok(());
     };
     let NodeEntry { node, .. } = entry;
-    let endpoints: Vec<String> = req
-        .endpoint_addrs()
-        .into_iter()
+    // The first MAX_ENDPOINTS distinct ones (the client lists its best first).
+    let offered = req.endpoint_addrs();
+    let mut seen = std::collections::HashSet::new();
+    let endpoints: Vec<String> = offered
+        .iter()
+        .filter(|(a, _)| seen.insert(*a))
+        .take(mapper::MAX_ENDPOINTS)
         .map(|(a, _)| a.to_string())
         .collect();
+    let offered = offered.len();
     if endpoints != node.endpoints {
+        // Logged when the kept list changes, not on every report of the same list.
+        if offered > endpoints.len() {
+            tracing::warn!(
+                node = id,
+                offered,
+                kept = endpoints.len(),
+                "too many endpoints: the first ones kept"
+            );
+        }
         store.update_endpoints(id, &endpoints).await?;
     }
     let disco = req.disco_key.to_string();
