@@ -49,6 +49,16 @@ struct PrefFlags {
         default_missing_value = "true"
     )]
     advertise_exit_node: Option<bool>,
+    /// Route to the subnets other devices advertise (off by default: a peer's route
+    /// then never captures this device's own LAN).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        require_equals = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    accept_routes: Option<bool>,
     /// The name to register this device with.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -61,9 +71,14 @@ struct PrefFlags {
 enum Cmd {
     /// Connect to the tailnet, logging in if needed.
     Up {
-        /// The coordination server, e.g. http://198.51.100.4:8080.
+        /// The coordination server, e.g. https://ctl.example (`http://` only on loopback
+        /// or with --insecure-http).
         #[arg(long, value_name = "URL")]
         login_server: Option<String>,
+        /// Allow an `http://` login server that is not on loopback (a lab, a trusted
+        /// network): the server's key then comes unauthenticated over the network.
+        #[arg(long)]
+        insecure_http: bool,
         /// Pre-auth key (or file:PATH to read it from); without one, an admin approves
         /// the device at the URL printed.
         #[arg(long, value_name = "KEY")]
@@ -367,7 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if req.is_empty() {
                 bail!(
                     "nothing to set (try --exit-node=NAME, --exit-node-allow-lan-access, \
-                     --advertise-exit-node or --hostname=NAME)"
+                     --accept-routes, --advertise-exit-node or --hostname=NAME)"
                 );
             }
             let body = serde_json::Value::Object(req).to_string();
@@ -376,6 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Up {
             login_server,
+            insecure_http,
             auth_key,
             advertise_tags,
             standby_key,
@@ -388,6 +404,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut req = pref_request(sock, &prefs)?;
             if let Some(url) = login_server {
                 req.insert("login_server".into(), url.into());
+            }
+            if insecure_http {
+                req.insert("insecure_http".into(), true.into());
             }
             if let Some(key) = auth_key {
                 req.insert("auth_key".into(), read_auth_key(&key)?.into());
@@ -641,6 +660,9 @@ fn pref_request(
     }
     if let Some(l) = f.exit_node_allow_lan_access {
         req.insert("exit_node_allow_lan_access".into(), l.into());
+    }
+    if let Some(a) = f.accept_routes {
+        req.insert("accept_routes".into(), a.into());
     }
     if let Some(h) = &f.hostname {
         req.insert("hostname".into(), h.clone().into());
@@ -1133,12 +1155,19 @@ mod tests {
         );
         let p = set_prefs(&["--advertise-exit-node", "--yes"]);
         assert_eq!((p.advertise_exit_node, p.yes), (Some(true), true));
+        assert_eq!(set_prefs(&["--accept-routes"]).accept_routes, Some(true));
+        assert_eq!(
+            set_prefs(&["--accept-routes=false"]).accept_routes,
+            Some(false)
+        );
+        assert_eq!(set_prefs(&["--hostname=x"]).accept_routes, None);
         assert!(Cli::try_parse_from(["tsunagu", "set", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["tsunagu", "ip", "-4", "-6"]).is_err());
         let c = Cli::try_parse_from([
             "tsunagu",
             "up",
             "--login-server=http://198.51.100.4:8080",
+            "--insecure-http",
             "--auth-key=tskey-auth-1-x",
             "--advertise-tags=tag:exit,tag:b",
             "--reset",
@@ -1148,6 +1177,7 @@ mod tests {
         match c.cmd {
             Cmd::Up {
                 login_server,
+                insecure_http,
                 auth_key,
                 advertise_tags,
                 reset,
@@ -1155,6 +1185,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(login_server.as_deref(), Some("http://198.51.100.4:8080"));
+                assert!(insecure_http);
                 assert_eq!(auth_key.as_deref(), Some("tskey-auth-1-x"));
                 assert_eq!(
                     advertise_tags,

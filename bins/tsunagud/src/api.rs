@@ -47,6 +47,8 @@ pub struct DaemonPrefs {
     pub prefer: bool,
     /// After `logout`: the node key is new and `up` must authenticate again.
     pub logged_out: bool,
+    /// `--insecure-http`: an `http://` login server off loopback is allowed.
+    pub insecure_http: bool,
     #[serde(flatten)]
     pub prefs: Prefs,
 }
@@ -120,6 +122,9 @@ pub struct Shared {
     /// and until when it does now (planned maintenance: a drain).
     pub exit_drain: Duration,
     pub drain_until: Mutex<Option<std::time::Instant>>,
+    /// The internet was blocked at start (an exit node in the settings) and no engine
+    /// has taken the block over yet.
+    pub start_block: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -203,6 +208,9 @@ impl Shared {
                 // A standby host starts silent: the role came with the first map.
                 cfg.standby = crate::standby::standing_by(self);
                 let e = Engine::start(cfg, &map).context("starting the engine")?;
+                // The engine owns the rules now (it converged from any block).
+                self.start_block
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(
                     name = %map.self_node.name,
                     addresses = ?map.self_node.addresses,
@@ -356,17 +364,42 @@ impl Shared {
     }
 
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
+    /// Let the engine look at the host's networks again (see `Engine::refresh_host`).
+    pub fn refresh_host(&self) {
+        if let Ok(mut g) = self.engine.lock()
+            && let Some(e) = g.as_mut()
+            && let Err(e) = e.refresh_host()
+        {
+            tracing::error!("updating the exit node's closed networks: {e:#}");
+        }
+    }
+
     pub fn stop_engine(&self) {
         if let Ok(mut r) = self.relay.lock()
             && let Some(pool) = r.take()
         {
             pool.shutdown();
         }
-        if let Ok(mut g) = self.engine.lock()
-            && let Some(mut e) = g.take()
-        {
-            e.shutdown();
-            tracing::info!("data plane stopped");
+        if let Ok(mut g) = self.engine.lock() {
+            match g.take() {
+                Some(mut e) => {
+                    e.shutdown();
+                    tracing::info!("data plane stopped");
+                }
+                // No engine, but the block from start: the user stopped or logged out
+                // before the first map, so nothing stays blocked.
+                None => {
+                    if self
+                        .start_block
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        match tsunagu_engine::engine::unblock(&self.engine_cfg) {
+                            Ok(()) => tracing::info!("block removed"),
+                            Err(e) => tracing::error!("removing the block: {e:#}"),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -502,6 +535,7 @@ pub struct PrefsRequest {
     pub exit_node: Option<String>,
     pub exit_node_allow_lan_access: Option<bool>,
     pub advertise_exit_node: Option<bool>,
+    pub accept_routes: Option<bool>,
     pub hostname: Option<String>,
 }
 
@@ -515,6 +549,8 @@ pub struct UpRequest {
     /// As a host of an exit node with standby hosts: take the role whenever ready.
     pub prefer: Option<bool>,
     pub advertise_tags: Option<Vec<String>>,
+    /// Allow an `http://` login server off loopback.
+    pub insecure_http: Option<bool>,
     /// Settings not given return to their defaults (instead of staying as they are).
     pub reset: bool,
     #[serde(flatten)]
@@ -690,6 +726,9 @@ fn merge_prefs(
     if let Some(a) = req.advertise_exit_node {
         next.prefs.advertise_exit_node = a;
     }
+    if let Some(a) = req.accept_routes {
+        next.prefs.accept_routes = a;
+    }
     if let Some(h) = &req.hostname {
         let h = h.trim();
         if !h.is_empty() && !valid_hostname(h) {
@@ -735,6 +774,7 @@ fn needs_new_session(old: &DaemonPrefs, next: &DaemonPrefs) -> bool {
         || old.want_running != next.want_running
         || old.logged_out != next.logged_out
         || old.prefer != next.prefer
+        || old.insecure_http != next.insecure_http
 }
 
 fn log_prefs(p: &DaemonPrefs, what: &str) {
@@ -746,6 +786,7 @@ fn log_prefs(p: &DaemonPrefs, what: &str) {
         },
         allow_lan = p.prefs.exit_node_allow_lan_access,
         advertise_exit_node = p.prefs.advertise_exit_node,
+        accept_routes = p.prefs.accept_routes,
         "{what}"
     );
 }
@@ -827,12 +868,15 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
             } else {
                 old.clone()
             };
+            if let Some(i) = req.insecure_http {
+                next.insecure_http = i;
+            }
             if let Some(url) = &req.login_server {
                 let url = url.trim().trim_end_matches('/');
                 if !url.starts_with("http://") && !url.starts_with("https://") {
                     return Err(err(
                         StatusCode::BAD_REQUEST,
-                        format!("invalid login server {url:?}: give http://HOST:PORT"),
+                        format!("invalid login server {url:?}: give https://HOST[:PORT]"),
                     ));
                 }
                 next.login_server = url.to_string();
@@ -843,6 +887,8 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                     "no coordination server known yet: give --login-server=URL",
                 ));
             }
+            tsunagu_client::transport::check_server_url(&next.login_server, next.insecure_http)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
             if let Some(tags) = &req.advertise_tags {
                 if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
                     return Err(err(
@@ -958,15 +1004,21 @@ pub struct LogoutResponse {
 }
 
 async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
-    let (server, node) = {
+    let (server, insecure_http, node) = {
         let p = lock(&shared.prefs).map_err(internal)?;
-        (p.login_server.clone(), shared.node_key())
+        (p.login_server.clone(), p.insecure_http, shared.node_key())
     };
     let mut warning = String::new();
     if !server.is_empty() {
         let told = tokio::time::timeout(
             Duration::from_secs(10),
-            crate::control::logout(&server, &shared.machine, &node, shared.engine_cfg.fwmark),
+            crate::control::logout(
+                &server,
+                insecure_http,
+                &shared.machine,
+                &node,
+                shared.engine_cfg.fwmark,
+            ),
         )
         .await;
         match told {
@@ -1122,7 +1174,10 @@ pub async fn serve(
 }
 
 /// During a drain: go on forwarding as `current` does (serving as exit node, for the
-/// peers that may use us), whatever the new map says.
+/// peers that may use us, by the rules that let them), whatever the new map says. The
+/// server no longer sends an exit node that withdrew its offer the rules of the
+/// internet: `current`'s rules are kept beside the new ones, without the destinations
+/// that name our own addresses (what peers may open on this node is the new map's).
 fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::NetMap) {
     if !current.self_node.serve_exit {
         return;
@@ -1135,6 +1190,21 @@ fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::N
             .any(|o| o.key == p.key && o.exit_client)
         {
             p.exit_client = true;
+        }
+    }
+    let own: Vec<String> = current
+        .self_node
+        .addresses
+        .iter()
+        .flat_map(|a| [a.addr().to_string(), a.to_string()])
+        .collect();
+    if let (Some(new), Some(old)) = (map.packet_filter.as_mut(), &current.packet_filter) {
+        for rule in old {
+            let mut fwd = rule.clone();
+            fwd.dst_ports.retain(|d| !own.contains(&d.ip));
+            if !fwd.dst_ports.is_empty() && !new.contains(&fwd) {
+                new.push(fwd);
+            }
         }
     }
 }
@@ -1184,6 +1254,17 @@ mod tests {
         let mut next = map(false, false);
         keep_serving_exit(&mut next, &map(false, false));
         assert!(!next.self_node.serve_exit);
+        // The rules that let peers use us go on forwarding; what named our own address
+        // is the new map's business.
+        use tsunagu_proto::tailcfg::{FilterRule, NetPortRange};
+        let internet = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("8.0.0.0/7")]);
+        let mine = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("100.64.0.1")]);
+        let mut serving = map(true, true);
+        serving.packet_filter = Some(vec![internet.clone(), mine]);
+        let mut next = map(false, false);
+        next.packet_filter = Some(vec![]);
+        keep_serving_exit(&mut next, &serving);
+        assert_eq!(next.packet_filter, Some(vec![internet]));
     }
     use super::*;
 
@@ -1200,7 +1281,9 @@ mod tests {
                 exit_node: "dev-m1sk9-s1".into(),
                 exit_node_allow_lan_access: true,
                 advertise_exit_node: false,
+                accept_routes: true,
             },
+            insecure_http: true,
             ..DaemonPrefs::default()
         };
         save_prefs(&path, &p).unwrap();
@@ -1223,6 +1306,10 @@ mod tests {
         assert_eq!(p.prefs.exit_node, "x");
         assert!(p.prefs.exit_node_allow_lan_access);
         assert!(p.login_server.is_empty() && !p.want_running);
+        assert!(
+            !p.prefs.accept_routes && !p.insecure_http,
+            "off unless asked for"
+        );
     }
 
     #[test]
@@ -1243,7 +1330,11 @@ mod tests {
         let mut b = a.clone();
         b.prefs.exit_node = "dev-m1sk9-s1".into();
         b.prefs.exit_node_allow_lan_access = true;
+        b.prefs.accept_routes = true;
         assert!(!needs_new_session(&a, &b));
+        let mut c = a.clone();
+        c.insecure_http = true;
+        assert!(needs_new_session(&a, &c), "how the server is reached");
         b.prefs.advertise_exit_node = true;
         assert!(needs_new_session(&a, &b));
         let mut c = a.clone();

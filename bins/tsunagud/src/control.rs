@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tsunagu_client::netmap::{MapState, Prefs};
+use tsunagu_client::transport::{ServerSecurity, check_server_url};
 use tsunagu_client::{ControlClient, fetch_server_key_marked};
 use tsunagu_engine::engine::{Engine, EngineConfig};
 use tsunagu_proto::tailcfg::{
@@ -37,6 +38,8 @@ pub struct JoinArgs {
     pub hostname: Option<String>,
     pub advertise_tags: Vec<String>,
     pub prefs: Prefs,
+    /// `--insecure-http`: plain HTTP to a login server off loopback.
+    pub insecure_http: bool,
     pub engine: EngineConfig,
     pub mtu: u16,
     /// The local API's Unix socket.
@@ -197,9 +200,34 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
     }
     saved.prefs.exit_node_allow_lan_access |= args.prefs.exit_node_allow_lan_access;
     saved.prefs.advertise_exit_node |= args.prefs.advertise_exit_node;
+    saved.prefs.accept_routes |= args.prefs.accept_routes;
+    saved.insecure_http |= args.insecure_http;
     if on_disk.as_ref() != Some(&saved) {
         // A restart without those flags comes back the same.
         crate::api::save_prefs(&prefs_path, &saved)?;
+    }
+    // Fail closed from boot: with an exit node chosen, block the internet now, before
+    // the server is reached (it may never be, on a network that blocks it); the engine
+    // converges from this block when the first map comes.
+    let mut start_block = false;
+    if saved.want_running
+        && !saved.logged_out
+        && !saved.login_server.is_empty()
+        && !saved.prefs.exit_node.is_empty()
+    {
+        match tsunagu_engine::engine::block_internet(
+            &args.engine,
+            saved.prefs.exit_node_allow_lan_access,
+        ) {
+            Ok(()) => {
+                start_block = true;
+                tracing::info!(
+                    exit_node = %saved.prefs.exit_node,
+                    "internet blocked until the exit node is reached (fail closed from start)"
+                );
+            }
+            Err(e) => tracing::error!("cannot block the internet before the first map: {e:#}"),
+        }
     }
     let (backend, _) = tokio::sync::watch::channel(crate::api::Backend::default());
     let (generation, _) = tokio::sync::watch::channel(0u64);
@@ -230,6 +258,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         endpoints: Mutex::new(Vec::new()),
         exit_drain: args.exit_drain,
         drain_until: Mutex::new(None),
+        start_block: std::sync::atomic::AtomicBool::new(start_block),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -374,12 +403,15 @@ async fn bounded<T, E: Into<anyhow::Error>>(
 
 /// Dial the server on a socket with the engine's bypass mark, so the control
 /// connection takes the physical network whatever the tunnel does with the default
-/// route (exit node, or its fail-closed block).
+/// route (exit node, or its fail-closed block). Plain HTTP only to loopback, or with
+/// `insecure_http` (see `tsunagu_client::transport::check_server_url`).
 async fn connect(
     server: &str,
+    insecure_http: bool,
     machine: &MachinePrivate,
     fwmark: u32,
 ) -> anyhow::Result<ControlClient> {
+    check_server_url(server, insecure_http)?;
     let what = format!("cannot reach the coordination server {server}");
     let mark = Some(fwmark);
     let server_key = bounded(&what, fetch_server_key_marked(server, mark)).await?;
@@ -393,11 +425,12 @@ async fn connect(
 /// Tell the server this node logs out (its key expires now).
 pub async fn logout(
     server: &str,
+    insecure_http: bool,
     machine: &MachinePrivate,
     node: &NodePrivate,
     fwmark: u32,
 ) -> anyhow::Result<()> {
-    let mut client = connect(server, machine, fwmark).await?;
+    let mut client = connect(server, insecure_http, machine, fwmark).await?;
     let reg = RegisterRequest {
         version: CURRENT_CAPABILITY_VERSION,
         node_key: node.public(),
@@ -422,8 +455,20 @@ async fn session(
     let p = &mut p;
     let server = p.login_server.clone();
     let server = server.as_str();
+    if check_server_url(server, p.insecure_http)? == ServerSecurity::Insecure {
+        tracing::warn!(
+            %server,
+            "plain HTTP to the coordination server (--insecure-http): its key is not authenticated; use https:// outside a lab"
+        );
+    }
     let mut node = shared.node_key();
-    let mut client = connect(server, &shared.machine, shared.engine_cfg.fwmark).await?;
+    let mut client = connect(
+        server,
+        p.insecure_http,
+        &shared.machine,
+        shared.engine_cfg.fwmark,
+    )
+    .await?;
     let auth_key = shared.auth_key.lock().ok().and_then(|k| k.clone());
     // A standby key until the server granted the identity (then this host registers
     // with the identity's key).
@@ -519,6 +564,8 @@ async fn session(
             }
             _ = stun_tick.tick() => {
                 shared.probe_stun(&state);
+                // An exit node closes its host's new addresses to what it forwards.
+                shared.refresh_host();
                 continue;
             }
             _ = shared.stun.answered.notified() => {

@@ -35,8 +35,9 @@ struct Args {
         conflicts_with = "login_server"
     )]
     config: Option<PathBuf>,
-    /// Join this coordination server (e.g. http://198.51.100.4:8080); without it the
-    /// saved one, or none until `tsunagu up --login-server=URL`.
+    /// Join this coordination server (e.g. https://ctl.example); without it the saved
+    /// one, or none until `tsunagu up --login-server=URL`. `http://` only on loopback or
+    /// with --insecure-http.
     #[arg(long, value_name = "URL")]
     login_server: Option<String>,
     /// Pre-auth key for the first registration.
@@ -68,6 +69,14 @@ struct Args {
     /// With an exit node, keep the local LAN reachable directly.
     #[arg(long)]
     exit_node_allow_lan_access: bool,
+    /// Route to the subnets other nodes advertise (off by default, as Tailscale on
+    /// Linux: a peer's route never captures this device's LAN unless asked for).
+    #[arg(long)]
+    accept_routes: bool,
+    /// Allow an `http://` login server that is not on loopback (a lab, a trusted
+    /// network): its key then comes unauthenticated over the network.
+    #[arg(long)]
+    insecure_http: bool,
     /// TUN interface name (overrides the file's `tun`).
     #[arg(long, value_name = "NAME")]
     tun: Option<String>,
@@ -257,7 +266,9 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
             exit_node: args.exit_node.clone(),
             exit_node_allow_lan_access: args.exit_node_allow_lan_access,
             advertise_exit_node: args.advertise_exit_node,
+            accept_routes: args.accept_routes,
         },
+        insecure_http: args.insecure_http,
         engine: EngineConfig {
             tun_name: args
                 .tun

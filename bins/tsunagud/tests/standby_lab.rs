@@ -103,18 +103,18 @@ fn setup(test: &str, member: Member) -> Standby {
     let key = out.lines().last().unwrap_or_default().to_string();
     assert!(key.starts_with("tskey-standby-"), "{out}");
     let url = j.url.clone();
-    let c2 = j.start_node(
-        role::EXIT2,
+    let mut args = vec![
+        "--login-server",
+        &url,
+        "--standby-key",
+        &key,
+        "--hostname",
         "exit2",
-        &[
-            "--login-server",
-            &url,
-            "--standby-key",
-            &key,
-            "--hostname",
-            "exit2",
-        ],
-    );
+    ];
+    if url.starts_with("http://") {
+        args.push("--insecure-http"); // the lab's server off loopback
+    }
+    let c2 = j.start_node(role::EXIT2, "exit2", &args);
     let mut logs = vec![j.exit_log.clone(), c2.log.clone(), j.server_log.clone()];
     wait(
         "both hosts of dev-m1sk9-s1 online and ready",

@@ -120,6 +120,11 @@ async fn apply_hostinfo(state: &State, id: i64, hostinfo: &Hostinfo) -> Result<(
     let mut node = entry.node;
     let advertised: Vec<IpNet> = hostinfo.routable_ips.clone();
     if advertised != node.advertised_routes {
+        for r in &advertised {
+            if let Some(why) = mapper::refused_route(r) {
+                tracing::warn!(node = id, route = %r, "advertised route refused: {why}");
+            }
+        }
         node = store.set_advertised_routes(id, &advertised).await?;
     }
     let policy = state.policy();
@@ -164,7 +169,10 @@ async fn apply_hostinfo(state: &State, id: i64, hostinfo: &Hostinfo) -> Result<(
                 .collect::<Vec<_>>(),
         );
     }
-    for r in advertised.iter().filter(|r| !mapper::is_default_route(r)) {
+    for r in advertised
+        .iter()
+        .filter(|r| !mapper::is_default_route(r) && mapper::refused_route(r).is_none())
+    {
         if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
             approved.push(*r);
         }
@@ -586,11 +594,16 @@ async fn apply_map_update(
     machine_key: &str,
     req: &MapRequest,
 ) -> Result<(), StoreError> {
-    let endpoints: Vec<String> = req
-        .endpoint_addrs()
-        .into_iter()
+    // The first MAX_ENDPOINTS distinct ones (the client lists its best first).
+    let offered = req.endpoint_addrs();
+    let mut seen = std::collections::HashSet::new();
+    let endpoints: Vec<String> = offered
+        .iter()
+        .filter(|(a, _)| seen.insert(*a))
+        .take(mapper::MAX_ENDPOINTS)
         .map(|(a, _)| a.to_string())
         .collect();
+    let offered = offered.len();
     let disco = (req.disco_key.0 != [0; 32]).then(|| req.disco_key.to_string());
     if app.state.standby.in_group(id) {
         // A node with standby hosts: only the host members see writes its row.
@@ -603,6 +616,20 @@ async fn apply_map_update(
         if app.state.standby.on_report(id, machine_key, report) == standby::Outcome::Hold {
             return Ok(());
         }
+    }
+    if offered > endpoints.len()
+        && app
+            .state
+            .node(id)
+            .is_some_and(|e| e.node.endpoints != endpoints)
+    {
+        // Logged when the kept list changes, not on every report of the same list.
+        tracing::warn!(
+            node = id,
+            offered,
+            kept = endpoints.len(),
+            "too many endpoints: the first ones kept"
+        );
     }
     write_report(
         &app.state,

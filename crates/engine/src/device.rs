@@ -24,6 +24,7 @@ use crate::peers::{
     DiscoSend, LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr,
     relay_region,
 };
+use crate::scope::HostNets;
 use crate::tun::TunIo;
 use crate::udp::UdpSock;
 use gotatun::noise::TunnResult;
@@ -193,20 +194,27 @@ pub struct Device {
 
 impl Device {
     /// Start the device for `map` (which must be valid) on the given TUN and socket.
-    pub fn start(map: &NetMap, tun: Arc<dyn TunIo>, udp: UdpSock) -> io::Result<Device> {
-        Self::start_standby(map, tun, udp, false)
+    /// `host`: the host's own networks, closed to what it forwards as exit node.
+    pub fn start(
+        map: &NetMap,
+        host: &HostNets,
+        tun: Arc<dyn TunIo>,
+        udp: UdpSock,
+    ) -> io::Result<Device> {
+        Self::start_standby(map, host, tun, udp, false)
     }
 
     /// [`Device::start`], standing by from the first packet on when `standby`.
     pub fn start_standby(
         map: &NetMap,
+        host: &HostNets,
         tun: Arc<dyn TunIo>,
         udp: UdpSock,
         standby: bool,
     ) -> io::Result<Device> {
         let index_table = IndexTable::from_os_rng();
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&map.self_node.private_key)));
-        let table = PeerTable::build(map, &empty, &index_table);
+        let table = PeerTable::build(map, &empty, &index_table, host);
         let shared = Arc::new(Shared {
             table: RwLock::new(Arc::new(table)),
             relay: RwLock::new(None),
@@ -242,9 +250,10 @@ impl Device {
     }
 
     /// Reconfigure for a new map (which must be valid). Sessions of unchanged peers survive.
-    pub fn apply(&self, map: &NetMap) {
+    /// `host` as for [`Device::start`].
+    pub fn apply(&self, map: &NetMap, host: &HostNets) {
         let mut table = self.shared.table.write();
-        let next = PeerTable::build(map, &table, &self.shared.index_table);
+        let next = PeerTable::build(map, &table, &self.shared.index_table, host);
         *table = Arc::new(next);
     }
 

@@ -186,6 +186,9 @@ impl Joined {
             "--hostname",
             hostname,
         ];
+        if url.starts_with("http://") {
+            argv.push("--insecure-http"); // the lab's server off loopback
+        }
         argv.extend_from_slice(extra);
         self.start_node(role, name, &argv)
     }
@@ -308,7 +311,8 @@ pub fn unblock_udp(router: &Netns) {
 }
 
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
-/// The server's URL in the seed lab.
+/// The server's URL in the seed lab (plain HTTP off loopback: tsunagud and `tsunagu up`
+/// need `--insecure-http` for it).
 pub const SERVER_URL: &str = "http://198.51.100.4:8080";
 
 /// The tag that the setup's policy auto-approves as exit node.
@@ -436,7 +440,7 @@ pub fn setup_over(
         .chain(env.iter().cloned())
         .collect();
     let exit_sock = exit_state.join("tsunagud.sock");
-    let exit_argv: Vec<String> = tsunagud_argv(&exit_env)
+    let mut exit_argv: Vec<String> = tsunagud_argv(&exit_env)
         .into_iter()
         .chain([
             "--login-server",
@@ -453,6 +457,9 @@ pub fn setup_over(
         ])
         .map(String::from)
         .collect();
+    if url.starts_with("http://") {
+        exit_argv.push("--insecure-http".into()); // the lab's server off loopback
+    }
     let argv: Vec<&str> = exit_argv.iter().map(String::as_str).collect();
     let exit = seed
         .lab
