@@ -202,6 +202,7 @@ impl Load {
     }
 }
 
+/// The requests, in order.
 struct Results(Vec<Request>);
 
 impl Results {
@@ -230,15 +231,22 @@ impl Results {
             .collect()
     }
 
-    /// The longest time between two answers in a row (100 ms when nothing happens).
+    /// The longest time without an answer: between two answers in a row (100 ms when
+    /// nothing happens), or from the last answer to the end of the last request when the
+    /// load ended on failures.
     fn longest_gap(&self) -> Duration {
-        let ok: Vec<Instant> = self
+        let mut ends: Vec<Instant> = self
             .0
             .iter()
             .filter(|r| r.result.is_ok())
             .map(|r| r.end)
             .collect();
-        ok.windows(2)
+        if let Some(last) = self.0.last()
+            && last.result.is_err()
+        {
+            ends.push(last.end);
+        }
+        ends.windows(2)
             .map(|w| w[1].duration_since(w[0]))
             .max()
             .unwrap_or_default()
@@ -712,7 +720,7 @@ fn official_exit_node_restarting_without_a_standby_host_for_comparison() {
     web_sees_within(&ns, EXIT2_PUBLIC, Duration::from_secs(60), &logs);
     let back = restarted.elapsed();
     // Long enough for a request stuck in the outage (5 s timeout) and answers after it.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     let r = load.finish();
     eprintln!("official exit node, no standby: traffic back {back:?} after the restart began");
     r.report("official member, official exit node restarting at once (no standby)");
@@ -731,7 +739,7 @@ fn official_exit_node_restarting_without_a_standby_host_for_comparison() {
     web_sees_within(&ns, EXIT2_PUBLIC, Duration::from_secs(60), &logs);
     let back = stopped.elapsed();
     // Long enough for a request stuck in the outage (5 s timeout) and answers after it.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     let r = load.finish();
     eprintln!("official exit node, no standby, down 3 s: traffic back {back:?} after it stopped");
     r.report("official member, official exit node down 3 s (no standby)");
