@@ -667,6 +667,14 @@ fn official_client_pinned_to_the_exit_node_loses_no_request_in_planned_switches(
     let mut s = setup("standby_off_planned", Member::Official);
     planned(&mut s, "official member", |s| {
         let ts = s.official.as_ref().unwrap();
+        // What made it handshake afresh with the new host: the peer's disco key changed
+        // (its log line when it resets the WireGuard peer, `ResetDevicePeer`).
+        let log = ts.log_text();
+        assert!(
+            log.contains("disco key changed from"),
+            "{}",
+            ts.log_tail(60)
+        );
         wait(
             "the official client on a direct path to the new host",
             Duration::from_secs(10),
