@@ -35,6 +35,8 @@ struct File {
     /// Relay regions run elsewhere, announced in the DERP map (`[[derp_region]]`).
     #[serde(default)]
     derp_region: Vec<tsunagu_control::relay::RegionConfig>,
+    /// Seconds an exit node's active host may be gone before a standby host takes over.
+    standby_failover_after_secs: Option<u64>,
 }
 
 /// The effective configuration.
@@ -53,6 +55,9 @@ pub struct Config {
     /// Announce relays that speak plain HTTP (the embedded one on a plain-HTTP server,
     /// and regions marked `http`).
     pub derp_announce_http: bool,
+    /// An exit node's active host gone (map stream and relay connection) this many
+    /// seconds: a ready standby host takes over.
+    pub standby_failover_after_secs: u64,
 }
 
 /// A region given with `--derp-region`, checked (clap shows the error with the flag).
@@ -144,6 +149,7 @@ impl Config {
             relay,
             derp_regions,
             derp_announce_http,
+            standby_failover_after_secs: f.standby_failover_after_secs.unwrap_or(3).max(1),
         })
     }
 

@@ -86,6 +86,20 @@ enum Cmd {
         /// Tags to request, e.g. tag:exit.
         #[arg(long, value_delimiter = ',', value_name = "TAGS")]
         advertise_tags: Option<Vec<String>>,
+        /// Join an exit node as one of its standby hosts: a key from `tsunagu-server nodes
+        /// standby add NODE` (or file:PATH); implies --advertise-exit-node.
+        #[arg(long, value_name = "KEY")]
+        standby_key: Option<String>,
+        /// As a host of an exit node with standby hosts: take the role whenever this
+        /// device is ready (by default a host that comes back stands by).
+        #[arg(
+            long,
+            value_name = "BOOL",
+            require_equals = true,
+            num_args = 0..=1,
+            default_missing_value = "true"
+        )]
+        prefer: Option<bool>,
         /// Settings not given return to their defaults.
         #[arg(long)]
         reset: bool,
@@ -226,6 +240,84 @@ struct Status {
     self_node: Option<SelfStatus>,
     exit_node: Option<ExitStatus>,
     peers: Vec<PeerInfo>,
+    /// A host of an exit node with standby hosts.
+    #[serde(default)]
+    standby: Option<StandbyStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StandbyStatus {
+    identity: String,
+    role: String,
+    #[serde(default)]
+    hosts: Vec<StandbyHost>,
+    #[serde(default)]
+    last_switch: Option<Switch>,
+    #[serde(default)]
+    dropped: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct StandbyHost {
+    name: String,
+    active: bool,
+    online: bool,
+    ready: bool,
+    not_ready: String,
+    prefer: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Switch {
+    at: String,
+    from: String,
+    to: String,
+    reason: String,
+}
+
+/// The `# Standby` lines of `status` for a host of an exit node with standby hosts.
+fn render_standby(s: &StandbyStatus) -> String {
+    let mut out = format!(
+        "# Host of exit node {}: {}\n",
+        s.identity,
+        if s.role == "active" {
+            "active (this host serves it)".to_string()
+        } else {
+            format!(
+                "standing by (answers nothing; {} datagram{} dropped)",
+                s.dropped,
+                if s.dropped == 1 { "" } else { "s" }
+            )
+        }
+    );
+    let hosts: Vec<String> = s
+        .hosts
+        .iter()
+        .map(|h| {
+            let mut what = vec![if h.active { "active" } else { "standby" }];
+            what.push(if !h.online {
+                "offline"
+            } else if h.ready {
+                "ready"
+            } else {
+                h.not_ready.as_str()
+            });
+            if h.prefer {
+                what.push("preferred");
+            }
+            format!("{} ({})", h.name, what.join(", "))
+        })
+        .collect();
+    out.push_str(&format!("#   hosts: {}\n", hosts.join("; ")));
+    if let Some(sw) = &s.last_switch {
+        out.push_str(&format!(
+            "#   last switch {}: {} -> {} ({})\n",
+            sw.at, sw.from, sw.to, sw.reason
+        ));
+    }
+    out
 }
 
 /// A handshake younger than this counts as "active" (WireGuard rekeys every 2 minutes
@@ -302,6 +394,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure_http,
             auth_key,
             advertise_tags,
+            standby_key,
+            prefer,
             reset,
             timeout,
             json,
@@ -316,6 +410,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(key) = auth_key {
                 req.insert("auth_key".into(), read_auth_key(&key)?.into());
+            }
+            if let Some(key) = standby_key {
+                req.insert("standby_key".into(), read_auth_key(&key)?.into());
+            }
+            if let Some(p) = prefer {
+                req.insert("prefer".into(), p.into());
             }
             if let Some(tags) = advertise_tags {
                 req.insert("advertise_tags".into(), tags.into());
@@ -885,6 +985,9 @@ fn render_status(st: &Status) -> String {
             );
         }
     }
+    if let Some(s) = &st.standby {
+        out.push_str(&render_standby(s));
+    }
     if !st.backend.error.is_empty() {
         out.push_str(&format!(
             "# Coordination server: {} (the tailnet keeps running on the last map)\n",
@@ -994,6 +1097,7 @@ mod tests {
             login_server: String::new(),
             exit_node: None,
             peers: vec![peer(Some(true), Some(3), true, true)],
+            standby: None,
         };
         assert_eq!(
             render_status(&st),
@@ -1149,6 +1253,34 @@ mod tests {
     }
 
     #[test]
+    fn a_host_of_an_exit_node_with_standby_hosts_says_its_role_and_the_last_switch() {
+        let json = r#"{"identity":"dev-m1sk9-s1","role":"standby","dropped":3,
+            "hosts":[{"Name":"dev-m1sk9-s1","Active":false,"Online":true,"Ready":true,"NotReady":"","Prefer":true},
+                     {"Name":"exit2","Active":true,"Online":true,"Ready":true,"NotReady":""}],
+            "last_switch":{"At":"2026-05-01T10:00:00Z","From":"dev-m1sk9-s1","To":"exit2","Reason":"admin failover"}}"#;
+        let s: StandbyStatus = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            render_standby(&s),
+            "# Host of exit node dev-m1sk9-s1: standing by (answers nothing; 3 datagrams dropped)\n\
+             #   hosts: dev-m1sk9-s1 (standby, ready, preferred); exit2 (active, ready)\n\
+             #   last switch 2026-05-01T10:00:00Z: dev-m1sk9-s1 -> exit2 (admin failover)\n"
+        );
+        let c = Cli::try_parse_from(["tsunagu", "up", "--standby-key=tskey-standby-x", "--prefer"])
+            .unwrap();
+        match c.cmd {
+            Cmd::Up {
+                standby_key,
+                prefer,
+                ..
+            } => {
+                assert_eq!(standby_key.as_deref(), Some("tskey-standby-x"));
+                assert_eq!(prefer, Some(true));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn exit_node_list_shows_only_usable_exit_nodes() {
         let st = Status {
             backend: Backend::default(),
@@ -1163,6 +1295,7 @@ mod tests {
                     ..peer(Some(true), None, false, false)
                 },
             ],
+            standby: None,
         };
         let nodes = exit_nodes(&st, None);
         assert_eq!(

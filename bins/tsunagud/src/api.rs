@@ -42,6 +42,9 @@ pub struct DaemonPrefs {
     pub advertise_tags: Vec<String>,
     /// `up` sets it, `down` clears it.
     pub want_running: bool,
+    /// As a host of an exit node with standby hosts: take the role whenever this host is
+    /// ready (`--prefer`), instead of standing by when it comes back.
+    pub prefer: bool,
     /// After `logout`: the node key is new and `up` must authenticate again.
     pub logged_out: bool,
     /// `--insecure-http`: an `http://` login server off loopback is allowed.
@@ -92,6 +95,12 @@ pub struct Shared {
     pub default_hostname: String,
     /// A pre-auth key for the next registration only; never written to disk.
     pub auth_key: Mutex<Option<String>>,
+    /// A standby key (`--standby-key`) until the server granted the exit node's
+    /// identity; never written to disk.
+    pub standby_key: Mutex<Option<String>>,
+    /// As a host of an exit node with standby hosts: what the server last said (role,
+    /// hosts, last switch); see [`crate::standby`].
+    pub standby: Mutex<Option<tsunagu_proto::tailcfg::StandbyInfo>>,
     /// The control loop's state, published.
     pub backend: tokio::sync::watch::Sender<Backend>,
     /// Bumped on every change of settings: the control loop restarts its session.
@@ -103,8 +112,9 @@ pub struct Shared {
     pub relay_cfg: crate::relay::PoolConfig,
     /// STUN through the WireGuard socket: our public endpoint.
     pub stun: Arc<crate::netcheck::Stun>,
-    /// The disco key of this run (its public half is announced to the server).
-    pub disco: tsunagu_disco::DiscoPrivate,
+    /// The disco key (its public half is announced to the server): one per run, and a
+    /// new one each time this host stops serving as an exit node's active host.
+    pub disco: Mutex<tsunagu_disco::DiscoPrivate>,
     /// Our endpoints as last reported to the server (public first), which the engine
     /// also puts in its CallMeMaybe messages.
     pub endpoints: Mutex<Vec<std::net::SocketAddr>>,
@@ -131,6 +141,27 @@ impl Shared {
             .lock()
             .map(|k| k.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Our disco key now.
+    pub fn disco_key(&self) -> tsunagu_disco::DiscoPrivate {
+        self.disco
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// A new disco key, in force at once (see [`crate::standby`]).
+    pub fn rotate_disco(&self) {
+        let fresh = tsunagu_disco::DiscoPrivate::generate();
+        if let Ok(mut k) = self.disco.lock() {
+            *k = fresh.clone();
+        }
+        if let Ok(g) = self.engine.lock()
+            && let Some(e) = g.as_ref()
+        {
+            e.device().set_disco(Some(fresh));
+        }
     }
 
     pub fn hostname(&self, p: &DaemonPrefs) -> String {
@@ -173,8 +204,10 @@ impl Shared {
                 }
             }
             None => {
-                let e =
-                    Engine::start(self.engine_cfg.clone(), &map).context("starting the engine")?;
+                let mut cfg = self.engine_cfg.clone();
+                // A standby host starts silent: the role came with the first map.
+                cfg.standby = crate::standby::standing_by(self);
+                let e = Engine::start(cfg, &map).context("starting the engine")?;
                 // The engine owns the rules now (it converged from any block).
                 self.start_block
                     .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -186,7 +219,7 @@ impl Shared {
                     "running"
                 );
                 e.device().set_stun_sink(Some(self.stun.sink()));
-                e.device().set_disco(Some(self.disco.clone()));
+                e.device().set_disco(Some(self.disco_key()));
                 if let Ok(eps) = self.endpoints.lock() {
                     e.device().set_endpoints(eps.clone());
                 }
@@ -491,6 +524,9 @@ pub struct Status {
     /// to them.
     #[serde(default)]
     pub relays: Vec<crate::relay::RelayConnStatus>,
+    /// A host of an exit node with standby hosts: its role, the hosts, the last switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<crate::standby::StandbyStatus>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -508,6 +544,10 @@ pub struct PrefsRequest {
 pub struct UpRequest {
     pub login_server: Option<String>,
     pub auth_key: Option<String>,
+    /// Join an exit node as one of its standby hosts (`tsunagu-server nodes standby add`).
+    pub standby_key: Option<String>,
+    /// As a host of an exit node with standby hosts: take the role whenever ready.
+    pub prefer: Option<bool>,
     pub advertise_tags: Option<Vec<String>>,
     /// Allow an `http://` login server off loopback.
     pub insecure_http: Option<bool>,
@@ -664,6 +704,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         self_node,
         exit_node,
         peers,
+        standby: crate::standby::status(shared, counters.map_or(0, |c| c.standby_dropped)),
         counters,
         relays: shared.relay_connections(),
     })
@@ -732,6 +773,7 @@ fn needs_new_session(old: &DaemonPrefs, next: &DaemonPrefs) -> bool {
         || old.prefs.advertise_exit_node != next.prefs.advertise_exit_node
         || old.want_running != next.want_running
         || old.logged_out != next.logged_out
+        || old.prefer != next.prefer
         || old.insecure_http != next.insecure_http
 }
 
@@ -857,16 +899,35 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                 next.advertise_tags = tags.clone();
             }
             merge_prefs(&s, &mut next, &req.prefs)?;
+            if let Some(p) = req.prefer {
+                next.prefer = p;
+            }
             let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
-            if auth_key.is_some() || old.login_server != next.login_server {
+            let standby_key = req.standby_key.clone().filter(|k| !k.trim().is_empty());
+            if let Some(k) = &standby_key {
+                if !k
+                    .trim()
+                    .starts_with(tsunagu_proto::tailcfg::STANDBY_KEY_PREFIX)
+                {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        "not a standby key (tsunagu-server nodes standby add NODE makes one)",
+                    ));
+                }
+                // A standby host offers the exit node it stands by for.
+                next.prefs.advertise_exit_node = true;
+            }
+            if auth_key.is_some() || standby_key.is_some() || old.login_server != next.login_server
+            {
                 next.logged_out = false;
             }
             next.want_running = true;
             let running = s.backend.borrow().state == BackendState::Running;
-            if next == old && auth_key.is_none() && running {
+            let new_key = auth_key.is_some() || standby_key.is_some();
+            if next == old && !new_key && running {
                 return Ok(None);
             }
-            if !needs_new_session(&old, &next) && auth_key.is_none() && running {
+            if !needs_new_session(&old, &next) && !new_key && running {
                 // Only data-plane choices changed: apply them like `set`.
                 s.apply_locked(&next.prefs)
                     .map_err(|e| internal(format!("{e:#}")))?;
@@ -875,6 +936,7 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                 return Ok(None);
             }
             *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
+            *lock(&s.standby_key).map_err(internal)? = standby_key.map(|k| k.trim().to_string());
             let generation = s
                 .commit(&mut prefs, next.clone())
                 .map_err(|e| internal(format!("{e:#}")))?;
@@ -896,6 +958,7 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let mut prefs = lock(&s.prefs)?;
                 *lock(&s.auth_key)? = None;
+                *lock(&s.standby_key)? = None;
                 s.commit(&mut prefs, old)?;
                 Ok(())
             })

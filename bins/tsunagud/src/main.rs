@@ -15,6 +15,7 @@ mod control;
 mod netcheck;
 mod regions;
 mod relay;
+mod standby;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -42,6 +43,14 @@ struct Args {
     /// Pre-auth key for the first registration.
     #[arg(long, value_name = "KEY", env = "TSUNAGU_AUTH_KEY")]
     auth_key: Option<String>,
+    /// Join an exit node as one of its standby hosts (a key from `tsunagu-server nodes
+    /// standby add NODE`; implies --advertise-exit-node). Env: TSUNAGU_STANDBY_KEY.
+    #[arg(long, value_name = "KEY", env = "TSUNAGU_STANDBY_KEY")]
+    standby_key: Option<String>,
+    /// As a host of an exit node with standby hosts: take the role whenever this host is
+    /// ready (by default a host that comes back stands by).
+    #[arg(long)]
+    prefer: bool,
     /// State directory (keys, mode 0600).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tsunagud")]
     state_dir: PathBuf,
@@ -111,6 +120,11 @@ struct Args {
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
+}
+
+/// `Hostinfo.App` of tsunagud.
+pub(crate) fn standby_app() -> &'static str {
+    "tsunagud"
 }
 
 fn main() -> std::process::ExitCode {
@@ -242,6 +256,8 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
     let join = control::JoinArgs {
         login_server: args.login_server.clone(),
         auth_key: args.auth_key.clone(),
+        standby_key: args.standby_key.clone(),
+        prefer: args.prefer,
         state_dir: args.state_dir.clone(),
         default_hostname,
         hostname: args.hostname.clone(),

@@ -209,6 +209,17 @@ impl ControlClient {
         Ok(serde_json::from_slice(&body)?)
     }
 
+    /// POST `body` as JSON to `path` over the Noise channel (tsunagu's own endpoints, such
+    /// as the standby key handover); the answer's body.
+    pub async fn post_json<T: serde::Serialize>(
+        &mut self,
+        path: &str,
+        body: &T,
+    ) -> Result<Bytes, ClientError> {
+        let resp = self.post(path, serde_json::to_vec(body)?).await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    }
+
     /// Start a map request; with `req.stream` the returned [`MapStream`] yields every
     /// message until the server closes it.
     pub async fn map(&mut self, req: &MapRequest) -> Result<MapStream, ClientError> {

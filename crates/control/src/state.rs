@@ -132,6 +132,8 @@ pub struct State {
     domain: String,
     /// Permits for [`FULL_MAPS_IN_FLIGHT`].
     pub full_maps: Arc<tokio::sync::Semaphore>,
+    /// Standby hosts of exit nodes, and which host serves.
+    pub standby: crate::standby::Standby,
 }
 
 fn policy_nodes(
@@ -238,7 +240,10 @@ impl State {
             derp_map,
             domain,
             full_maps: Arc::new(tokio::sync::Semaphore::new(FULL_MAPS_IN_FLIGHT)),
+            standby: crate::standby::Standby::default(),
         });
+        state.standby.load(&state).await?;
+        crate::standby::Standby::start(&state);
         let weak = Arc::downgrade(&state);
         tokio::spawn(async move { rebuild_loop(weak).await });
         Ok(state)

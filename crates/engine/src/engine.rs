@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub route_table: u32,
     pub rule_priority_base: u32,
     pub nat_table: String,
+    /// Start standing by (a standby host of an exit node: see `Device::set_standby`).
+    pub standby: bool,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +49,7 @@ impl Default for EngineConfig {
             route_table: route::DEFAULT_TABLE,
             rule_priority_base: route::DEFAULT_RULE_PRIORITY_BASE,
             nat_table: nat::DEFAULT_TABLE.into(),
+            standby: false,
         }
     }
 }
@@ -168,7 +171,8 @@ impl Engine {
             .unwrap_or(cfg.listen_port);
         // After the tun exists, so that it is left out by name.
         let host = host_nets(&cfg.tun_name);
-        let device = Device::start(map, &host, Arc::new(tun), udp).map_err(EngineError::Threads)?;
+        let device = Device::start_standby(map, &host, Arc::new(tun), udp, cfg.standby)
+            .map_err(EngineError::Threads)?;
         let mut engine = Engine {
             cfg,
             map: map.clone(),

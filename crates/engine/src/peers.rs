@@ -562,6 +562,16 @@ impl PeerState {
         }
     }
 
+    /// Forget the WireGuard session and what the path learned: the next packet for the
+    /// peer starts a new handshake, on the path the map gives.
+    pub(crate) fn reset_session(&self, now: Instant) {
+        self.tunn.lock().reset();
+        let mut p = self.path.lock();
+        let disco = p.disco.as_ref().map(|d| d.key);
+        let fresh = PathState::new(&p.configured, p.relay, disco, now);
+        *p = fresh;
+    }
+
     /// Time since the last completed handshake, if a session exists.
     pub fn last_handshake(&self) -> Option<Duration> {
         self.tunn.lock().time_since_last_handshake()
@@ -662,6 +672,15 @@ impl PeerTable {
                         *path = PathState::new(&endpoints, relay, peer.disco, Instant::now());
                     }
                     drop(path);
+                    if disco.is_some() && peer.disco.is_some() && disco != peer.disco {
+                        // A new disco key for the same node key: the peer restarted, or
+                        // another host now holds its identity (an exit node's standby
+                        // host). Its side of our session is gone: start over at once, on
+                        // the next packet, instead of after seconds of silence (Tailscale's
+                        // clients do the same: `ResetDevicePeer`).
+                        state.tunn.lock().reset();
+                        tracing::info!(peer = %peer.key.short(), "new disco key: new WireGuard session");
+                    }
                     state
                 }
                 None => {
@@ -801,6 +820,8 @@ pub(crate) fn bump(counter: &AtomicU64, by: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gotatun::noise::TunnResult;
+    use gotatun::packet::Packet;
     use tsunagu_proto::{NodePrivate, Peer, SelfNode};
 
     fn map() -> NetMap {
@@ -839,6 +860,78 @@ mod tests {
             &IndexTable::from_os_rng(),
             &HostNets::default(),
         )
+    }
+
+    /// A WireGuard handshake between our peer entry for `remote` and `remote` itself, so
+    /// that the entry has a session.
+    fn handshake(t: &PeerTable, remote: &NodePrivate, me: &NodePublic) {
+        let state = &t.get(&remote.public()).unwrap().state;
+        let them = LocalKey::new(remote);
+        let mut responder = Tunn::new(
+            them.private.clone(),
+            PublicKey::from(me.0),
+            None,
+            None,
+            IndexTable::from_os_rng(),
+            them.rate_limiter.clone(),
+        );
+        let from: SocketAddr = "198.51.100.3:1".parse().unwrap();
+        let init: Packet = state
+            .tunn
+            .lock()
+            .format_handshake_initiation(false)
+            .unwrap()
+            .into();
+        let init = them.rate_limiter.verify_packet(from, init).ok().unwrap();
+        let resp = match responder.handle_incoming_packet(init) {
+            TunnResult::WriteToNetwork(resp) => resp,
+            TunnResult::Err(e) => panic!("no handshake response: {e:?}"),
+            _ => panic!("no handshake response"),
+        };
+        let resp: Packet = resp.into();
+        let resp = t.local.rate_limiter.verify_packet(from, resp).ok().unwrap();
+        let _ = state.tunn.lock().handle_incoming_packet(resp);
+        assert!(state.last_handshake().is_some(), "a session");
+    }
+
+    #[test]
+    fn a_new_disco_key_for_the_same_node_key_starts_a_new_session_at_once() {
+        let mut m = map();
+        let exit = NodePrivate::generate();
+        m.peers[0].key = exit.public();
+        m.peers[0].disco = Some(DiscoPublic([1; 32]));
+        let me = m.self_node.private_key.public();
+        let t1 = build(&m, None);
+        handshake(&t1, &exit, &me);
+        // Same disco key (a map change elsewhere): the session stays.
+        let t2 = build(&m, Some(&t1));
+        assert!(t2.entries()[0].state.last_handshake().is_some());
+        // Another host took over the identity (or it restarted): a new session.
+        m.peers[0].disco = Some(DiscoPublic([2; 32]));
+        m.peers[0].endpoints = vec!["198.51.100.6:41641".parse().unwrap()];
+        let t3 = build(&m, Some(&t2));
+        assert!(
+            Arc::ptr_eq(&t3.entries()[0].state, &t2.entries()[0].state),
+            "the same peer entry (counters kept)"
+        );
+        assert!(
+            t3.entries()[0].state.last_handshake().is_none(),
+            "no session left"
+        );
+        assert_eq!(
+            t3.entries()[0].state.endpoint(),
+            None,
+            "the path follows the map (disco finds the new host)"
+        );
+        // A peer that gains a disco key (first map with one) keeps its session.
+        let mut m = map();
+        m.peers[0].key = exit.public();
+        let me = m.self_node.private_key.public();
+        let t1 = build(&m, None);
+        handshake(&t1, &exit, &me);
+        m.peers[0].disco = Some(DiscoPublic([3; 32]));
+        let t2 = build(&m, Some(&t1));
+        assert!(t2.entries()[0].state.last_handshake().is_some());
     }
 
     fn disco_peer() -> (PeerTable, SocketAddr, SocketAddr) {

@@ -545,3 +545,69 @@ fn disco_finds_the_direct_path_and_refuses_bad_boxes() {
     assert_eq!(b.peers()[0].endpoint, Some(ea));
     drop(hole);
 }
+
+/// A standby host (of an exit node whose identity another host serves) answers nothing:
+/// handshakes and data are dropped and counted, nothing reaches its TUN, it sends nothing.
+/// Made active, it handshakes and forwards; made standby again, its session is gone and
+/// data is dropped at once.
+#[test]
+fn a_standby_host_drops_handshakes_and_data_until_it_is_active() {
+    let (a, b) = pair();
+    b.device.set_standby(true);
+    assert!(b.device.standby());
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"to the exit node");
+    a.app.to_tun.send(p.clone()).unwrap();
+    // a's handshake (and its ~1 s retry) reach b and are dropped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.device.counters().standby_dropped < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        b.device.counters().standby_dropped >= 2,
+        "{:?}",
+        b.device.counters()
+    );
+    assert!(b.app.from_tun.try_recv().is_err(), "nothing delivered");
+    assert!(
+        !a.device.has_session(&b.key.public()),
+        "no handshake answered"
+    );
+    // b's own traffic to a goes nowhere while it stands by.
+    let before = b.device.counters().standby_dropped;
+    b.app
+        .to_tun
+        .send(ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], b"from b"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.device.counters().standby_dropped == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.device.counters().standby_dropped > before);
+    assert!(a.app.from_tun.try_recv().is_err());
+
+    // Active: a's next retry gets through, the queued packet with it.
+    b.device.set_standby(false);
+    assert_eq!(recv(&b.app), p);
+    assert!(a.device.has_session(&b.key.public()));
+
+    // Standby again: the session is gone on b's side and a's data is dropped.
+    b.device.set_standby(true);
+    assert!(!b.device.has_session(&a.key.public()));
+    let before = b.device.counters().standby_dropped;
+    a.app.to_tun.send(p.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.device.counters().standby_dropped == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        b.device.counters().standby_dropped > before,
+        "data dropped at once"
+    );
+    assert!(
+        b.app
+            .from_tun
+            .recv_timeout(Duration::from_millis(300))
+            .is_err(),
+        "nothing delivered"
+    );
+}

@@ -52,6 +52,7 @@ pub async fn server_with_regions(
         ephemeral_timeout: Duration::from_secs(300),
         relay,
         derp_regions,
+        standby_failover_after: Duration::from_secs(3),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
