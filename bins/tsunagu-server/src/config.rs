@@ -46,6 +46,8 @@ struct File {
     /// Bounds on connections, sessions, requests and registrations (`[limits]`).
     #[serde(default)]
     limits: LimitsFile,
+    /// Seconds an exit node's active host may be gone before a standby host takes over.
+    standby_failover_after_secs: Option<u64>,
 }
 
 /// `[limits]` in the configuration file; every key optional (see
@@ -156,6 +158,9 @@ pub struct Config {
     /// Announce relays that speak plain HTTP (the embedded one on a plain-HTTP server,
     /// and regions marked `http`).
     pub derp_announce_http: bool,
+    /// An exit node's active host gone (map stream and relay connection) this many
+    /// seconds: a ready standby host takes over.
+    pub standby_failover_after_secs: u64,
     pub limits: Limits,
 }
 
@@ -258,6 +263,7 @@ impl Config {
             relay,
             derp_regions,
             derp_announce_http,
+            standby_failover_after_secs: f.standby_failover_after_secs.unwrap_or(3).max(1),
             limits,
         })
     }

@@ -9,9 +9,8 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
 
-/// Endpoints kept of a node's report (the rest are dropped): every peer that talks to the
-/// node pings each of them, so a long list would make the tailnet spray third parties.
-pub const MAX_ENDPOINTS: usize = 32;
+/// Endpoints kept of a node's report (the mapper's cap, named here with the other bounds).
+pub use crate::mapper::MAX_ENDPOINTS;
 
 /// The largest Hostinfo accepted (as stored: its known fields, serialized). It goes into
 /// every peer's map, so it is bounded; a real one is 1-3 KiB.

@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// Relay regions run elsewhere, announced in the DERP map after the embedded one
     /// (checked: no ID or code twice, the embedded region's included).
     pub derp_regions: Vec<crate::relay::RegionSpec>,
+    /// An exit node's active host gone (map stream and relay connection) this long: a
+    /// ready standby host takes over.
+    pub standby_failover_after: Duration,
     /// Bounds on connections, sessions, requests, registrations and key lifetimes.
     pub limits: Limits,
 }
@@ -186,6 +189,14 @@ impl Server {
         let state =
             State::load_with(store, derp_map, DOMAIN.to_string(), cfg.limits.clone()).await?;
         let _ = state_cell.set(Arc::downgrade(&state));
+        state.standby.set_config(crate::standby::core::Config {
+            unreachable_after: cfg.standby_failover_after,
+            settle: cfg.standby_failover_after,
+            relay: relay.is_some(),
+        });
+        if let Some(r) = &relay {
+            state.standby.set_relay(r.clone());
+        }
         let app = Arc::new(App::new(state, cfg.server_url.clone()));
         Ok(Server {
             app,
@@ -210,6 +221,7 @@ impl Server {
             .route("/key", get(get_key))
             .route("/ts2021", post(ts2021))
             .route("/register/{token}", get(register_page))
+            .route("/standby/{name}", get(standby_page))
             .route("/health", get(|| async { "ok\n" }))
             .fallback(not_implemented)
             .with_state(Arc::new(front));
@@ -315,6 +327,20 @@ async fn register_page(Path(token): Path<String>) -> Response {
         .into_response()
 }
 
+async fn standby_page(Path(name): Path<String>) -> Response {
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        format!(
+            "This standby host of {safe} waits for the exit node's active host to hand its key over.\n\nThe active host must be online (tsunagud); this host keeps asking.\n"
+        ),
+    )
+        .into_response()
+}
+
 async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response {
     let peer = req
         .extensions()
@@ -375,6 +401,11 @@ where
         .route(
             "/machine/map",
             post(machine::map).layer(DefaultBodyLimit::max(limits.max_map_body)),
+        )
+        .route(
+            tsunagu_proto::tailcfg::HANDOVER_PATH,
+            // A node key and a private key: a few hundred bytes.
+            post(machine::handover).layer(DefaultBodyLimit::max(4096)),
         )
         .fallback(not_implemented)
         .layer(axum::middleware::from_fn_with_state(

@@ -114,8 +114,9 @@ struct Inner {
     users: BTreeMap<i64, User>,
     policy: Arc<Policy>,
     policy_text: Option<String>,
-    /// Live map streams per node, oldest first: each stream's ID and what closes it.
-    sessions: BTreeMap<i64, VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// Live map streams per node, oldest first: each stream's ID, the machine it comes
+    /// from (a node with standby hosts has several) and what closes it.
+    sessions: BTreeMap<i64, VecDeque<(u64, String, oneshot::Sender<()>)>>,
     next_session: u64,
     /// Node keys (`nodekey:…`) of the nodes in the cache.
     by_node_key: HashMap<String, i64>,
@@ -144,6 +145,8 @@ pub struct State {
     domain: String,
     /// Permits for [`FULL_MAPS_IN_FLIGHT`].
     pub full_maps: Arc<tokio::sync::Semaphore>,
+    /// Standby hosts of exit nodes, and which host serves.
+    pub standby: crate::standby::Standby,
     /// The server's bounds.
     pub limits: Limits,
     /// Follow-up registration requests waiting on a token, woken when it changes.
@@ -209,7 +212,7 @@ pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
         approved_routes: n
             .approved_routes
             .iter()
-            .filter(|r| n.advertised_routes.contains(r))
+            .filter(|r| n.advertised_routes.contains(r) && mapper::refused_route(r).is_none())
             .copied()
             .collect(),
     }
@@ -266,7 +269,7 @@ impl State {
             None => (Policy::default_policy(), None),
         };
         let compiled = policy.compile(&policy_nodes(&nodes, &users));
-        let peers = mapper::update_peers(&BTreeMap::new(), &nodes, None, &domain, 0);
+        let (peers, _) = mapper::update_peers(&BTreeMap::new(), &nodes, None, &domain, 0);
         let first = Snapshot {
             version: 0,
             now: Utc::now(),
@@ -313,9 +316,12 @@ impl State {
             derp_map,
             domain,
             full_maps: Arc::new(tokio::sync::Semaphore::new(FULL_MAPS_IN_FLIGHT)),
+            standby: crate::standby::Standby::default(),
             limits,
             registrations: Mutex::new(HashMap::new()),
         });
+        state.standby.load(&state).await?;
+        crate::standby::Standby::start(&state);
         let weak = Arc::downgrade(&state);
         tokio::spawn(async move { rebuild_loop(weak).await });
         Ok(state)
@@ -475,21 +481,37 @@ impl State {
         self.dirty.notify_one();
     }
 
-    /// A map stream of `id` started. Beyond [`Limits::max_map_streams_per_node`] the
-    /// node's oldest stream is closed (its ticket's `closed` completes): a client that
-    /// reconnects keeps working, one that opens streams in a loop holds a few at most.
+    /// A map stream of `id` started (from an unnamed machine; see
+    /// [`State::session_started_from`]).
     pub fn session_started(&self, id: i64) -> SessionTicket {
+        self.session_started_from(id, "")
+    }
+
+    /// A map stream of `id` from `machine_key` started. Beyond
+    /// [`Limits::max_map_streams_per_node`] streams of that machine for that node, the
+    /// oldest of them is closed (its ticket's `closed` completes): a client that
+    /// reconnects keeps working, one that opens streams in a loop holds a few at most.
+    /// Counted per machine because the hosts of an exit node with standby hosts each hold
+    /// their own stream for it.
+    pub fn session_started_from(&self, id: i64, machine_key: &str) -> SessionTicket {
         let mut inner = self.inner.lock();
         let sid = inner.next_session;
         inner.next_session += 1;
         let (tx, rx) = oneshot::channel();
         let max = self.limits.max_map_streams_per_node.max(1);
         let streams = inner.sessions.entry(id).or_default();
-        streams.push_back((sid, tx));
+        streams.push_back((sid, machine_key.to_string(), tx));
         let first = streams.len() == 1;
-        while streams.len() > max {
-            // Dropping the sender closes the oldest stream.
-            streams.pop_front();
+        while streams
+            .iter()
+            .filter(|(_, mk, _)| mk == machine_key)
+            .count()
+            > max
+        {
+            // Dropping the sender closes the machine's oldest stream.
+            if let Some(i) = streams.iter().position(|(_, mk, _)| mk == machine_key) {
+                streams.remove(i);
+            }
         }
         if first && let Some(e) = inner.nodes.get_mut(&id).map(Arc::make_mut) {
             e.online = true;
@@ -525,7 +547,7 @@ impl State {
             return false;
         };
         let before = streams.len();
-        streams.retain(|(s, _)| *s != sid);
+        streams.retain(|(s, _, _)| *s != sid);
         if streams.len() == before || !streams.is_empty() {
             return false;
         }
@@ -642,8 +664,23 @@ impl State {
             Change::All => None,
         };
         let prev = self.snapshot.borrow().clone();
-        let peers = mapper::update_peers(&prev.peers, &nodes, changed, &self.domain, version);
+        let (peers, moved) =
+            mapper::update_peers(&prev.peers, &nodes, changed, &self.domain, version);
         drop(prev);
+        let log = if moved.is_empty() {
+            log
+        } else {
+            // Routers whose routes moved changed too: sessions must resend them.
+            let mut inner = self.inner.lock();
+            if let Some((v, Change::Nodes(ids))) = inner.log.back_mut()
+                && *v == version
+            {
+                let mut all = (**ids).clone();
+                all.extend(moved);
+                *ids = Arc::new(all);
+            }
+            Arc::new(inner.log.clone())
+        };
         let snap = Snapshot {
             version,
             now: Utc::now(),

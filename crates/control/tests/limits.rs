@@ -640,25 +640,6 @@ async fn non_streaming_maps_share_the_rebuild_tasks_snapshots() {
     );
 }
 
-/// A node's endpoints are capped at 32 (each peer pings each of them).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_are_capped() {
-    let s = server().await;
-    let key = user_key(&s, "alice", &[]).await;
-    let mut a = SimNode::connect(&s, "a").await;
-    assert!(a.register(&key).await.machine_authorized);
-    let mut req = a.map_request(false);
-    req.omit_peers = true;
-    req.endpoints = (0..200u32)
-        .map(|i| format!("203.0.113.{}:{}", i % 250 + 1, 1000 + i))
-        .collect();
-    a.client.map(&req).await.unwrap();
-    assert_eq!(
-        node_row(&s, &a).await.endpoints.len(),
-        tsunagu_control::limits::MAX_ENDPOINTS
-    );
-}
-
 // ---------------------------------------------------------------------------------------
 // Item 9: key expiry
 

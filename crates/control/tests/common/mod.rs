@@ -71,6 +71,7 @@ pub async fn server_full(
         ephemeral_timeout: Duration::from_secs(300),
         relay,
         derp_regions,
+        standby_failover_after: Duration::from_secs(3),
         limits: limits.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,4 +1,4 @@
--- tsunagu-store schema, version 2 (SQLite dialect; portable statements only).
+-- tsunagu-store schema, version 14 (SQLite dialect; portable statements only).
 --
 -- * One interactive registration per machine key: a node that asks again renews its row
 --   instead of adding one (so anyone who completes the Noise handshake can hold at most
