@@ -566,7 +566,7 @@ async fn start_attack(name: &'static str, ctx: Ctx, until: Instant) -> Result<At
                             let node = NodePrivate::generate();
                             // Every other one with a made-up pre-auth key.
                             let fake = format!("tskey-auth-{:012}-{:032}", k, n);
-                            let auth = (n % 2 == 0).then_some(fake.as_str());
+                            let auth = n.is_multiple_of(2).then_some(fake.as_str());
                             let mut req = register_request(&node, &format!("garbage-{k}"), auth);
                             if let Some(h) = req.hostinfo.as_mut() {
                                 h.os_version = junk.clone();

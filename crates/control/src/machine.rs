@@ -151,25 +151,19 @@ fn store_error(e: StoreError) -> Response {
     error(status, e.to_string())
 }
 
-/// The body, or a clear refusal when it is over the route's limit (or unreadable).
-fn body_or_refusal(
-    body: Result<Bytes, BytesRejection>,
-    what: &str,
-    limit: usize,
-) -> Result<Bytes, Response> {
-    body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{what} request over {limit} bytes refused (a Hostinfo may hold at most {} bytes)",
-                    crate::limits::MAX_HOSTINFO
-                ),
-            )
-        } else {
-            error(rej.status(), rej.body_text())
-        }
-    })
+/// The refusal of a body that is over the route's limit (or unreadable), saying so.
+fn body_refusal(rej: BytesRejection, what: &str, limit: usize) -> Response {
+    if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{what} request over {limit} bytes refused (a Hostinfo may hold at most {} bytes)",
+                crate::limits::MAX_HOSTINFO
+            ),
+        )
+    } else {
+        error(rej.status(), rej.body_text())
+    }
 }
 
 /// A refusal when `hostinfo` is over the limit (measured as stored: its known fields,
@@ -366,9 +360,9 @@ pub async fn register(
             "too many register requests from this address; try again later",
         );
     }
-    let body = match body_or_refusal(body, "register", app.state.limits.max_register_body) {
+    let body = match body {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(rej) => return body_refusal(rej, "register", app.state.limits.max_register_body),
     };
     let req: RegisterRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -735,9 +729,9 @@ pub async fn map(
     Extension(ctx): Extension<MachineCtx>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_refusal(body, "map", app.state.limits.max_map_body) {
+    let body = match body {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(rej) => return body_refusal(rej, "map", app.state.limits.max_map_body),
     };
     let req: MapRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
