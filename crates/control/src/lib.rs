@@ -1,5 +1,6 @@
 //! tsunagu-server's core (being assembled).
 pub mod admin;
+pub mod dns;
 pub mod framing;
 pub mod machine;
 pub mod mapper;

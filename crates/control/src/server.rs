@@ -35,8 +35,8 @@ use tsunagu_proto::tailcfg::{
 use tsunagu_proto::{MachinePrivate, MachinePublic};
 use tsunagu_store::Store;
 
-/// The MagicDNS suffix of node names (".internal" is reserved for private use).
-pub const DOMAIN: &str = "tailnet.internal";
+/// The MagicDNS suffix of node names by default (see [`crate::dns`]).
+pub const DOMAIN: &str = crate::dns::DEFAULT_BASE_DOMAIN;
 /// File holding the server's Noise private key.
 pub const KEY_FILE: &str = "noise.key";
 
@@ -54,6 +54,8 @@ pub struct ServerConfig {
     /// Relay regions run elsewhere, announced in the DERP map after the embedded one
     /// (checked: no ID or code twice, the embedded region's included).
     pub derp_regions: Vec<crate::relay::RegionSpec>,
+    /// The tailnet's DNS settings (checked), sent to every node.
+    pub dns: crate::dns::DnsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +167,14 @@ impl Server {
             );
             derp_map.regions.insert(i32::from(spec.id), spec.region());
         }
-        let state = State::load(store, derp_map, DOMAIN.to_string()).await?;
+        let state = State::load_with_dns(store, derp_map, &cfg.dns).await?;
+        tracing::info!(
+            magic_dns = cfg.dns.magic_dns,
+            base_domain = %cfg.dns.base_domain,
+            nameservers = cfg.dns.global.len(),
+            split = cfg.dns.split.len(),
+            "DNS settings"
+        );
         let app = Arc::new(App {
             state,
             server_url: cfg.server_url.clone(),

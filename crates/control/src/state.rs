@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tsunagu_policy::{CompiledPolicy, FilterClass, Policy, PolicyNode};
-use tsunagu_proto::tailcfg::DERPMap;
+use tsunagu_proto::tailcfg::{CapabilityVersion, DERPMap, DNSConfig};
 use tsunagu_store::{Node, Store, StoreError, User};
 
 /// How long the rebuild task waits for more changes before building a snapshot.
@@ -50,6 +50,9 @@ pub struct NodeEntry {
     pub node: Node,
     pub online: bool,
     pub home_derp: i32,
+    /// The capability version the node last reported (0 until it does): peers read it
+    /// as `Node.Cap` (e.g. 26+ means it serves DNS over HTTPS as an exit node).
+    pub capver: CapabilityVersion,
 }
 
 /// What changed in one version.
@@ -70,6 +73,8 @@ pub struct Snapshot {
     pub derp_map: DERPMap,
     /// MagicDNS suffix of node names.
     pub domain: String,
+    /// The tailnet's DNS settings as clients get them (`None`: none sent).
+    pub dns: Option<Arc<DNSConfig>>,
     log: Arc<VecDeque<(u64, Change)>>,
     /// Every node as its peers see it, serialized (shared with the previous snapshot for
     /// unchanged nodes).
@@ -116,6 +121,7 @@ struct Inner {
     pending_all: bool,
     version: u64,
     log: VecDeque<(u64, Change)>,
+    dns: Option<Arc<DNSConfig>>,
 }
 
 /// Shared server state.
@@ -164,12 +170,29 @@ pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
 }
 
 impl State {
-    /// Load everything from the store and build the first snapshot.
+    /// Load everything from the store and build the first snapshot, with MagicDNS on
+    /// `domain` and no other DNS settings.
     pub async fn load(
         store: Store,
         derp_map: DERPMap,
         domain: String,
     ) -> Result<Arc<State>, StoreError> {
+        let dns = crate::dns::DnsSettings {
+            base_domain: domain,
+            ..crate::dns::DnsSettings::default()
+        };
+        Self::load_with_dns(store, derp_map, &dns).await
+    }
+
+    /// Load everything from the store and build the first snapshot; node names end in
+    /// `dns.base_domain`, and every map carries `dns` as its `DNSConfig`.
+    pub async fn load_with_dns(
+        store: Store,
+        derp_map: DERPMap,
+        dns: &crate::dns::DnsSettings,
+    ) -> Result<Arc<State>, StoreError> {
+        let domain = dns.base_domain.clone();
+        let dns_config = Some(Arc::new(dns.to_dns_config()));
         let users: BTreeMap<i64, User> = store
             .list_users()
             .await?
@@ -187,6 +210,7 @@ impl State {
                         node: n,
                         online: false,
                         home_derp: 0,
+                        capver: CapabilityVersion::default(),
                     }),
                 )
             })
@@ -213,6 +237,7 @@ impl State {
             compiled,
             derp_map: derp_map.clone(),
             domain: domain.clone(),
+            dns: dns_config.clone(),
             log: Arc::new(VecDeque::new()),
             peers,
             filters: Mutex::default(),
@@ -231,6 +256,7 @@ impl State {
                 pending_all: false,
                 version: 0,
                 log: VecDeque::new(),
+                dns: dns_config,
             }),
             rebuilding: Mutex::new(()),
             dirty: Notify::new(),
@@ -291,13 +317,18 @@ impl State {
         let mut inner = self.inner.lock();
         let id = node.id;
         let online = inner.sessions.get(&id).is_some_and(|&n| n > 0);
-        let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
+        let (home_derp, capver) = inner
+            .nodes
+            .get(&id)
+            .map(|e| (e.home_derp, e.capver))
+            .unwrap_or_default();
         inner.nodes.insert(
             id,
             Arc::new(NodeEntry {
                 node,
                 online,
                 home_derp,
+                capver,
             }),
         );
         self.mark(&mut inner, id);
@@ -321,6 +352,37 @@ impl State {
         if changed {
             self.mark(&mut inner, id);
         }
+    }
+
+    /// The capability version a node reported (in a map request).
+    pub fn set_capver(&self, id: i64, capver: CapabilityVersion) {
+        let mut inner = self.inner.lock();
+        let changed = match inner.nodes.get_mut(&id).map(Arc::make_mut) {
+            Some(e) if e.capver != capver => {
+                e.capver = capver;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.mark(&mut inner, id);
+        }
+    }
+
+    /// New DNS settings (a reload): every session sends the new `DNSConfig`. The base
+    /// domain is fixed for the server's life (node names are built from it).
+    pub fn set_dns(&self, dns: &crate::dns::DnsSettings) -> Result<(), String> {
+        if dns.base_domain != self.domain {
+            return Err(format!(
+                "dns.base_domain cannot change while the server runs ({:?} -> {:?}); restart it",
+                self.domain, dns.base_domain
+            ));
+        }
+        let mut inner = self.inner.lock();
+        inner.dns = Some(Arc::new(dns.to_dns_config()));
+        inner.pending_all = true;
+        self.dirty.notify_one();
+        Ok(())
     }
 
     pub fn upsert_user(&self, user: User) {
@@ -394,7 +456,7 @@ impl State {
     /// change made before the call.
     pub fn rebuild(&self) {
         let _serial = self.rebuilding.lock();
-        let (nodes, users, policy, version, change, log) = {
+        let (nodes, users, policy, version, change, log, dns) = {
             let mut inner = self.inner.lock();
             if inner.pending.is_empty() && !inner.pending_all {
                 return;
@@ -418,6 +480,7 @@ impl State {
                 version,
                 change,
                 Arc::new(inner.log.clone()),
+                inner.dns.clone(),
             )
         };
         let compiled = policy.compile(&policy_nodes(&nodes, &users));
@@ -436,6 +499,7 @@ impl State {
             compiled,
             derp_map: self.derp_map.clone(),
             domain: self.domain.clone(),
+            dns,
             log,
             peers,
             filters: Mutex::default(),

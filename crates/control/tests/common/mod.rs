@@ -41,6 +41,26 @@ pub async fn server_with_regions(
     relay: Option<RelaySettings>,
     derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
 ) -> TestServer {
+    server_full(
+        relay,
+        derp_regions,
+        tsunagu_control::dns::DnsSettings::default(),
+    )
+    .await
+}
+
+/// A server without relay whose tailnet has these DNS settings.
+#[allow(dead_code)]
+pub async fn server_with_dns(dns: tsunagu_control::dns::DnsSettings) -> TestServer {
+    server_full(None, Vec::new(), dns).await
+}
+
+/// A server with everything given.
+pub async fn server_full(
+    relay: Option<RelaySettings>,
+    derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
+    dns: tsunagu_control::dns::DnsSettings,
+) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         data_dir: dir.path().to_path_buf(),
@@ -52,6 +72,7 @@ pub async fn server_with_regions(
         ephemeral_timeout: Duration::from_secs(300),
         relay,
         derp_regions,
+        dns,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
