@@ -99,6 +99,9 @@ pub struct Filter {
     local: Vec<IpAddr>,
     /// Packets to other addresses are forwarded (we serve as exit node), not dropped.
     forwards: bool,
+    /// Our PeerAPI's TCP port: connections to it pass whatever the rules say (the
+    /// PeerAPI checks who may use it, per request).
+    peerapi_port: Option<u16>,
 }
 
 /// The parts of an IP packet the filter looks at.
@@ -268,7 +271,15 @@ impl Filter {
             rules: rules.map(compile),
             local: local.iter().map(IpNet::addr).collect(),
             forwards,
+            peerapi_port: None,
         }
+    }
+
+    /// Let TCP connections to `port` on our addresses in whatever the rules say (the
+    /// PeerAPI, as Tailscale's clients do).
+    pub fn with_peerapi_port(mut self, port: Option<u16>) -> Filter {
+        self.peerapi_port = port;
+        self
     }
 
     /// Whether outgoing packets must be noted (for UDP answers): only with rules.
@@ -303,6 +314,9 @@ impl Filter {
                 let syn_only = h.tcp_flags & 0x02 != 0 && h.tcp_flags & 0x10 == 0;
                 if !syn_only {
                     return Verdict::Accept("tcp non-syn");
+                }
+                if self.peerapi_port.is_some() && h.ports.map(|(_, d)| d) == self.peerapi_port {
+                    return Verdict::Accept("peerapi");
                 }
                 true
             }

@@ -123,6 +123,11 @@ pub const DEFAULT_RULE_PRIORITY_BASE: u32 = 5210;
 pub const PRIORITY_FWMARK_MAIN: u32 = 0;
 pub const PRIORITY_LAN: u32 = 30;
 pub const PRIORITY_FWMARK_UNREACHABLE: u32 = 40;
+/// `to fe80::/10 unreachable`, with an exit node (in use or blocked) and no LAN access:
+/// link-local destinations name their interface, so the route lookup skips table 52's
+/// routes through the tun and would find the LAN in main. A router-advertised
+/// `fe80::` resolver would then get DNS queries past the tunnel.
+pub const PRIORITY_LINK_LOCAL: u32 = 45;
 pub const PRIORITY_TABLE: u32 = 60;
 /// Metric of the `unreachable default` under the exit-node default: anything works as
 /// long as it is worse than the tun route's, and this leaves room for both.
@@ -495,7 +500,21 @@ impl RouteManager {
         } else {
             Vec::new()
         };
-        let want_rules = desired_rules(&self.cfg, &families, &lan);
+        let block_link_local = (desired.exit_node || desired.block_internet)
+            && !desired.allow_lan_access
+            && families.contains(&Family::V6);
+        let mut want_rules = desired_rules(&self.cfg, &families, &lan);
+        if block_link_local {
+            want_rules.push(Rule {
+                dst: Some(link_local_v6()),
+                ..Rule::new(
+                    Family::V6,
+                    self.cfg.rule_priority_base + PRIORITY_LINK_LOCAL,
+                    RuleAction::Unreachable,
+                )
+            });
+            want_rules.sort();
+        }
         let have_rules = self.our_rules(&families)?;
         let have_routes = self.our_routes(&families)?;
 
@@ -822,8 +841,18 @@ fn is_our_rule(cfg: &RouteConfig, r: &Rule) -> bool {
         PRIORITY_TABLE => {
             r.action == RuleAction::Table(cfg.table) && r.fwmark.is_none() && r.dst.is_none()
         }
+        PRIORITY_LINK_LOCAL => {
+            r.action == RuleAction::Unreachable
+                && r.fwmark.is_none()
+                && r.dst == Some(link_local_v6())
+        }
         _ => false,
     }
+}
+
+/// fe80::/10.
+fn link_local_v6() -> IpNet {
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10).expect("valid prefix"))
 }
 
 fn lan_subnets_from(routes: &[Route], tun_index: u32, state: &RouteState) -> Vec<IpNet> {
@@ -1075,8 +1104,22 @@ fn parse_link(m: &LinkMessage) -> Link {
     link
 }
 
+/// 100.100.100.100: the node's own resolver (MagicDNS), as on every Tailscale client.
+pub const SERVICE_IPV4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
+
 fn address_msg(index: u32, addr: IpNet) -> AddressMessage {
     match addr {
+        // Scope host: reachable from this node only, and never picked as the source of
+        // packets through the tun (source selection skips host-scoped addresses for
+        // link-scoped routes), so the node's tailnet address stays the source.
+        IpNet::V4(n) if n.addr() == SERVICE_IPV4 => {
+            let mut m = AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build();
+            m.header.scope = rtnetlink::packet_route::address::AddressScope::Host;
+            m
+        }
         IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
             .index(index)
             .address(n.addr(), n.prefix_len())
