@@ -24,5 +24,10 @@ pub mod resolvconf;
 
 pub use hickory_proto;
 
+/// The control protocol's record type, for callers that build zones.
+pub mod tailcfg_record {
+    pub use tsunagu_proto::tailcfg::DNSRecord;
+}
+
 /// Where MagicDNS lives: the address every Tailscale client resolves through.
 pub const SERVICE_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 100);

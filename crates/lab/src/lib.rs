@@ -48,6 +48,7 @@ pub use seed::{
     PRINTER_LAN, RELAY2_PUBLIC, RESOLVER, Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
 };
 pub use services::{
-    IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, http_get, ping, tcp_connect_ok, tcp_echo,
-    tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send, udp_sink, whoami_server,
+    IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, dns_query, dns_server, http_get, ping,
+    tcp_connect_ok, tcp_echo, tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send,
+    udp_sink, whoami_server,
 };
