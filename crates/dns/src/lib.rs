@@ -17,6 +17,8 @@
 //! checked; nothing panics on it (the DoH request parser is fuzzed).
 
 pub mod doh;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod magic;
 pub mod message;
 pub mod plan;
