@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{setup, tsunagu, wait};
+use common::{setup, setup_with_policy, tsunagu, wait};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
@@ -184,4 +184,182 @@ fn a_member_resolves_through_the_exit_node_and_nothing_leaks_on_the_cafe_lan() {
         before,
         "resolv.conf restored byte for byte"
     );
+}
+
+/// The exit node's PeerAPI URL, from its log.
+fn peerapi_url(log: &std::path::Path) -> String {
+    let mut url = String::new();
+    wait("the exit node's PeerAPI", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        url = text
+            .lines()
+            .filter(|l| l.contains("peerapi: serving"))
+            .filter_map(|l| l.find("http://100.").map(|i| &l[i..]))
+            .map(|u| {
+                u.split(|c: char| c.is_whitespace() || c == '\x1b')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .next()
+            .unwrap_or_default();
+        !url.is_empty()
+    });
+    format!("{url}/dns-query")
+}
+
+/// `curl` in `ns`: the HTTP status (as text) of a request with `args`.
+fn status_of(ns: &tsunagu_lab::Netns, args: &[&str]) -> String {
+    let mut argv = vec![
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-m",
+        "8",
+    ];
+    argv.extend_from_slice(args);
+    let out = ns.exec_status(&argv).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_exit_nodes_doh_refuses_outsiders_and_bad_requests_and_keeps_serving() {
+    // Members reach everything; guests reach the exit node itself, not the internet
+    // through it.
+    let mut j = setup_with_policy(
+        "dns_doh",
+        r#"{
+  "tagOwners": { "tag:exit": ["admin"] },
+  "autoApprovers": { "exitNode": ["tag:exit"] },
+  "acls": [
+    { "action": "accept", "src": ["admin"], "dst": ["*:*"] },
+    { "action": "accept", "src": ["guest"], "dst": ["tag:exit:*"] },
+  ],
+}"#,
+    );
+    let web = j.seed.ns(role::WEB);
+    let _inet_dns = dns_server(
+        &web,
+        SocketAddr::new(RESOLVER.into(), 53),
+        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
+    )
+    .unwrap();
+    let url = peerapi_url(&j.exit_log);
+    let client_ns = j.seed.ns(role::CLIENT);
+    let _c = j.join_laptop(&[]);
+    // A guest: sees the exit node, but the policy does not let it use it.
+    let other_ns = j
+        .seed
+        .add_public_host("other", tsunagu_lab::RELAY2_PUBLIC)
+        .unwrap();
+    j.admin(&["users", "create", "guest"]);
+    let key = j
+        .admin(&["preauthkeys", "create", "--user", "guest"])
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    let _o = j.join("other", "other", "guest-node", &key, &[]);
+    let q = tsunagu_dns::message::build_query(
+        7,
+        "web.lab.test",
+        tsunagu_dns::hickory_proto::rr::RecordType::A,
+    )
+    .unwrap();
+    let qfile = j.seed.lab.log_path("q.bin");
+    std::fs::write(&qfile, &q).unwrap();
+    let body = format!("@{}", qfile.display());
+    let post = |ns: &tsunagu_lab::Netns, ct: &str, data: &str| {
+        status_of(
+            ns,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &format!("content-type: {ct}"),
+                "--data-binary",
+                data,
+                &url,
+            ],
+        )
+    };
+    // The member gets answers (once the map has reached the exit node).
+    let mut code = String::new();
+    wait("DoH answers the member", Duration::from_secs(20), || {
+        code = post(&client_ns, "application/dns-message", &body);
+        code == "200"
+    });
+    // GET ?dns= too.
+    let get = tsunagu_dns::doh::get_url(&url, &q);
+    assert_eq!(status_of(&client_ns, &[&get]), "200");
+    // Not allowed to use the exit node: 403, whatever it sends.
+    let mut refused = String::new();
+    wait(
+        "the tagged node reaches the PeerAPI",
+        Duration::from_secs(20),
+        || {
+            refused = post(&other_ns, "application/dns-message", &body);
+            !refused.is_empty() && refused != "000"
+        },
+    );
+    assert_eq!(refused, "403");
+    // Bad requests from the member: 4xx, and the exit node keeps serving.
+    let big = j.seed.lab.log_path("big.bin");
+    std::fs::write(&big, vec![0u8; 5000]).unwrap();
+    let big = format!("@{}", big.display());
+    assert_eq!(
+        post(&client_ns, "application/dns-message", "hello, not DNS"),
+        "400"
+    );
+    assert_eq!(post(&client_ns, "text/plain", &body), "415");
+    assert_eq!(post(&client_ns, "application/dns-message", &big), "413");
+    assert_eq!(status_of(&client_ns, &[&url]), "400", "GET without ?dns=");
+    assert_eq!(post(&client_ns, "application/dns-message", &body), "200");
+}
+
+#[test]
+fn resolv_conf_is_restored_after_sigkill_and_logout() {
+    let mut j = setup("dns_restore");
+    let client_ns = j.seed.ns(role::CLIENT);
+    let resolv = client_ns.etc_dir().join("resolv.conf");
+    let before = std::fs::read(&resolv).unwrap();
+    let c = j.join_laptop(&[]);
+    let installed =
+        || std::fs::read_to_string(&resolv).is_ok_and(|t| t.contains("nameserver 100.100.100.100"));
+    wait("resolv.conf installed", Duration::from_secs(20), installed);
+    // A crash: the file stays ours until the next start, which puts the original back
+    // (and installs ours again, running).
+    j.seed
+        .lab
+        .kill(c.proc, tsunagu_lab::Signal::SIGKILL)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(installed(), "a crash cannot restore anything");
+    let c = j.start_client("client", &[]);
+    wait(
+        "resolv.conf installed again",
+        Duration::from_secs(20),
+        installed,
+    );
+    let out = tsunagu(&client_ns, &c.sock, &["down"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(&resolv).unwrap(),
+        before,
+        "after SIGKILL, restart, down"
+    );
+    // up again, then logout.
+    let out = tsunagu(&client_ns, &c.sock, &["up"]);
+    assert!(out.status.success(), "{out:?}");
+    wait(
+        "resolv.conf installed after up",
+        Duration::from_secs(20),
+        installed,
+    );
+    let out = tsunagu(&client_ns, &c.sock, &["logout"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&resolv).unwrap(), before, "after logout");
 }
