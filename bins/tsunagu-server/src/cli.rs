@@ -36,7 +36,7 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordination server (with its embedded DERP relay and STUN server).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a DERP relay and STUN server on their own.
     Relay(RelayArgs),
     /// Show the running server's embedded relay: counters and connected clients.
