@@ -35,6 +35,7 @@ mod netns;
 pub mod seed;
 mod services;
 pub mod tailnet;
+pub mod tailscaled;
 
 pub use addr::{Cidr, is_lab_addr};
 pub use capture::{Capture, capture, capture_filtered, read_pcap, tunnel_leaks};
@@ -52,3 +53,4 @@ pub use services::{
     tcp_connect_ok, tcp_echo, tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send,
     udp_sink, whoami_server,
 };
+pub use tailscaled::{OfficialBins, Tailscaled, TailscaledOpts};

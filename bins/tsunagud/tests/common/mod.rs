@@ -92,6 +92,9 @@ pub struct Joined {
     /// The server's data directory.
     pub data: String,
     pub exit_log: PathBuf,
+    /// The exit node's tsunagud, and how to start it again (same state directory).
+    pub exit: ProcId,
+    pub exit_argv: Vec<String>,
     /// A pre-auth key of user `admin` for a member node.
     pub client_key: String,
     pub server: ProcId,
@@ -218,6 +221,17 @@ impl Joined {
             state,
             log,
         }
+    }
+
+    /// Start the exit node's tsunagud again (after it was stopped or killed), same state.
+    pub fn restart_exit(&mut self) {
+        let argv: Vec<&str> = self.exit_argv.iter().map(String::as_str).collect();
+        let ns = self.seed.ns(role::EXIT);
+        self.exit = self
+            .seed
+            .lab
+            .spawn(&ns, &argv, Some(&self.exit_log))
+            .unwrap();
     }
 
     /// `tsunagu-server --data-dir DATA args...` in the control namespace (stdout).
@@ -421,29 +435,28 @@ pub fn setup_over(
     let exit_env: Vec<String> = std::iter::once("TSUNAGU_EXIT_DRAIN=4".to_string())
         .chain(env.iter().cloned())
         .collect();
-    let exit_argv = tsunagud_argv(&exit_env);
-    seed.lab
-        .spawn(
-            &seed.ns(role::EXIT),
-            &[
-                exit_argv.as_slice(),
-                &[
-                    "--login-server",
-                    &url,
-                    "--auth-key",
-                    &exit_key,
-                    "--hostname",
-                    "dev-m1sk9-s1",
-                    "--advertise-exit-node",
-                    "--state-dir",
-                    exit_state.to_str().unwrap(),
-                    "--socket",
-                    exit_state.join("tsunagud.sock").to_str().unwrap(),
-                ],
-            ]
-            .concat(),
-            Some(&exit_log),
-        )
+    let exit_sock = exit_state.join("tsunagud.sock");
+    let exit_argv: Vec<String> = tsunagud_argv(&exit_env)
+        .into_iter()
+        .chain([
+            "--login-server",
+            &url,
+            "--auth-key",
+            &exit_key,
+            "--hostname",
+            "dev-m1sk9-s1",
+            "--advertise-exit-node",
+            "--state-dir",
+            exit_state.to_str().unwrap(),
+            "--socket",
+            exit_sock.to_str().unwrap(),
+        ])
+        .map(String::from)
+        .collect();
+    let argv: Vec<&str> = exit_argv.iter().map(String::as_str).collect();
+    let exit = seed
+        .lab
+        .spawn(&seed.ns(role::EXIT), &argv, Some(&exit_log))
         .unwrap();
     let nodes = || -> serde_json::Value {
         serde_json::from_str(&cli(&control, &data_s, &["--json", "nodes", "list"]))
@@ -468,6 +481,8 @@ pub fn setup_over(
         seed,
         data: data_s,
         exit_log,
+        exit,
+        exit_argv,
         client_key,
         server,
         server_argv,
