@@ -207,6 +207,9 @@ impl Joined {
             sock.to_str().unwrap(),
         ]);
         argv.extend_from_slice(extra);
+        // A killed run leaves its socket behind: gone first, so that the wait below
+        // sees this run's.
+        let _ = std::fs::remove_file(&sock);
         let proc = self
             .seed
             .lab
