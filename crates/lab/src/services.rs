@@ -442,7 +442,13 @@ pub fn dns_query(
 ) -> Result<Option<(String, Vec<IpAddr>)>, LabError> {
     use tsunagu_dns::hickory_proto::rr::RecordType;
     use tsunagu_dns::message;
-    let id = (Instant::now().elapsed().subsec_nanos() as u16) | 1;
+    // A fresh ID per query (the clock's nanoseconds, then counted on), so that a late
+    // answer to an earlier query is not taken for this one's.
+    static NEXT_ID: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u16);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed).wrapping_add(seed) | 1;
     let q = message::build_query(id, name, RecordType::A)
         .ok_or_else(|| LabError::invalid("name", name.to_string()))?;
     ns.run(|| -> Result<Option<(String, Vec<IpAddr>)>, LabError> {
@@ -461,6 +467,9 @@ pub fn dns_query(
                 .map_err(|e| LabError::io("dns query timeout", e))?;
             match s.recv_from(&mut buf) {
                 Ok((n, _)) => {
+                    if n < 2 || buf[..2] != id.to_be_bytes() {
+                        continue; // an answer to another query
+                    }
                     if let Some((rc, addrs)) = message::answer_addrs(&buf[..n]) {
                         return Ok(Some((rc.to_string(), addrs)));
                     }
