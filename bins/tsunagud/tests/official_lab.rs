@@ -5,37 +5,13 @@
 
 mod common;
 
-use common::{POLICY, Transport, peer_line, setup_over, status_text, tsunagu, wait};
+use common::{POLICY, Transport, official, peer_line, setup_over, status_text, tsunagu, up, wait};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{
-    CAFE_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, PRINTER_LAN, SeedOptions, Tailscaled, TailscaledOpts,
-    WEB_ADDR, http_get, whoami_server,
+    CAFE_PUBLIC, EXIT_PUBLIC, EXIT2_PUBLIC, PRINTER_LAN, SeedOptions, Tailscaled, WEB_ADDR,
+    http_get, whoami_server,
 };
-
-/// The official daemon in `role`'s namespace, trusting the lab CA of `j`.
-fn official(j: &mut common::Joined, role: &str, name: &str, args: &[&str]) -> Tailscaled {
-    let ns = j.seed.ns(role);
-    let opts = TailscaledOpts {
-        env: j.env.clone(),
-        args: args.iter().map(|s| s.to_string()).collect(),
-        ..TailscaledOpts::default()
-    };
-    Tailscaled::start(&mut j.seed.lab, &ns, name, opts).unwrap()
-}
-
-/// `tailscale up --login-server=URL --auth-key=KEY --hostname=NAME extra...`, Running.
-fn up(ts: &Tailscaled, url: &str, key: &str, hostname: &str, extra: &[&str]) {
-    let login = format!("--login-server={url}");
-    let auth = format!("--auth-key={key}");
-    let host = format!("--hostname={hostname}");
-    let mut args = vec!["up", &login, &auth, &host, "--timeout=60s"];
-    args.extend_from_slice(extra);
-    if let Err(e) = ts.cli(&args) {
-        panic!("tailscale up: {e}\n{}", ts.log_tail(80));
-    }
-    ts.wait_running(Duration::from_secs(30)).unwrap();
-}
 
 /// The line of `tailscale status` naming `host`.
 fn status_line(ts: &Tailscaled, host: &str) -> Option<String> {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions, WEB_ADDR, http_get};
+use tsunagu_lab::{
+    Lab, Netns, ProcId, Seed, SeedOptions, Tailscaled, TailscaledOpts, WEB_ADDR, http_get,
+};
 
 pub const POLICY: &str = r#"{
   "tagOwners": { "tag:exit": ["admin"] },
@@ -271,6 +273,31 @@ impl Joined {
             .spawn(&ns, &argv, Some(&self.server_log))
             .unwrap();
     }
+}
+
+/// The official daemon (`tailscaled`) in `role`'s namespace, state under `name`, trusting
+/// the lab CA of `j`.
+pub fn official(j: &mut Joined, role: &str, name: &str, args: &[&str]) -> Tailscaled {
+    let ns = j.seed.ns(role);
+    let opts = TailscaledOpts {
+        env: j.env.clone(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..TailscaledOpts::default()
+    };
+    Tailscaled::start(&mut j.seed.lab, &ns, name, opts).unwrap()
+}
+
+/// `tailscale up --login-server=URL --auth-key=KEY --hostname=NAME extra...`, Running.
+pub fn up(ts: &Tailscaled, url: &str, key: &str, hostname: &str, extra: &[&str]) {
+    let login = format!("--login-server={url}");
+    let auth = format!("--auth-key={key}");
+    let host = format!("--hostname={hostname}");
+    let mut args = vec!["up", &login, &auth, &host, "--timeout=60s"];
+    args.extend_from_slice(extra);
+    if let Err(e) = ts.cli(&args) {
+        panic!("tailscale up: {e}\n{}", ts.log_tail(80));
+    }
+    ts.wait_running(Duration::from_secs(30)).unwrap();
 }
 
 /// `tsunagu status` text (whatever the exit code).
