@@ -53,6 +53,19 @@ const RESOLVER_INFLIGHT: usize = 256;
 const RESOLVER_TCP_CONNS: usize = 64;
 /// Queries in flight per peer at the PeerAPI; more get 429.
 pub const PEERAPI_PER_PEER: usize = 32;
+/// Connections one peer may hold open to the PeerAPI; more are closed at once.
+pub const PEERAPI_CONNS_PER_PEER: usize = 32;
+/// A connection that has not sent a whole request header within this time (a new one,
+/// or a kept-alive one between requests) is closed. Go clients keep idle connections
+/// longer (90 s) but retry a request that found its connection closed.
+const PEERAPI_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// One request, body included, from its header on; then 408.
+const PEERAPI_REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+/// The PeerAPI's read buffer, which bounds a request header (hyper's smallest).
+const PEERAPI_MAX_BUF: usize = 8192;
+/// DoH requests in flight from our resolver (below [`PEERAPI_CONNS_PER_PEER`], so that
+/// a burst of queries queues here instead of being refused by the exit node).
+const DOH_INFLIGHT: usize = 16;
 /// How long an idle TCP connection to the resolver stays open.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -252,6 +265,7 @@ impl Dns {
         let state = PeerApiState {
             api: self.peerapi.clone(),
             backup: self.backup_path(),
+            doh: Arc::new(DohClient::new()),
         };
         let app = axum::Router::new()
             .route("/dns-query", axum::routing::any(doh_handler))
@@ -259,13 +273,9 @@ impl Dns {
             .layer(axum::extract::DefaultBodyLimit::max(
                 tsunagu_dns::doh::MAX_BODY,
             ))
+            .layer(axum::middleware::from_fn(request_deadline))
             .with_state(state);
-        Ok(self.rt.spawn(async move {
-            let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(l, svc).await {
-                tracing::warn!("peerapi stopped: {e}");
-            }
-        }))
+        Ok(self.rt.spawn(serve_peerapi(l, app, self.peerapi.clone())))
     }
 }
 
@@ -552,6 +562,112 @@ async fn serve_tcp(l: tokio::net::TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
+/// The PeerAPI's accept loop: at most [`PEERAPI_CONNS_PER_PEER`] connections per peer,
+/// each an HTTP/1.1 connection that must send its request headers within
+/// [`PEERAPI_HEADER_TIMEOUT`] (a peer that opens connections and sends nothing, or
+/// trickles its header, holds nothing for long) and whose requests end within
+/// [`PEERAPI_REQUEST_TIMEOUT`].
+async fn serve_peerapi(l: tokio::net::TcpListener, app: axum::Router, api: Arc<PeerApi>) {
+    loop {
+        let (stream, from) = match l.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: pause instead of spinning.
+                tracing::debug!("peerapi accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ip = unmapped(from.ip());
+        let Some(slot) = api.conn_slot(ip) else {
+            tracing::debug!(%ip, "peerapi: too many connections from this peer; closed");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(from));
+                    let mut app = app.clone();
+                    tower_service::Service::call(&mut app, req)
+                },
+            );
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(PEERAPI_HEADER_TIMEOUT)
+                .max_buf_size(PEERAPI_MAX_BUF);
+            if let Err(e) = http
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%ip, "peerapi connection: {e}");
+            }
+        });
+    }
+}
+
+/// Ends a PeerAPI request that takes longer than [`PEERAPI_REQUEST_TIMEOUT`] (reading a
+/// slow body included) with 408.
+async fn request_deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(PEERAPI_REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => plain(StatusCode::REQUEST_TIMEOUT, "request took too long"),
+    }
+}
+
+/// An IPv4 peer seen on an IPv6 socket as `::ffff:a.b.c.d` is that IPv4 peer.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Open connections per peer, bounded (a peer at its bound gets no more).
+#[derive(Debug, Default)]
+pub struct ConnLimiter {
+    open: Mutex<BTreeMap<IpAddr, usize>>,
+}
+
+/// One open connection; its slot is given back when dropped.
+pub struct ConnSlot {
+    api: Arc<PeerApi>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut open = self.api.conns.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnLimiter {
+    /// Count one more connection from `ip` if it has fewer than `max` open.
+    fn acquire(&self, ip: IpAddr, max: usize) -> bool {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Connections open from `ip`.
+    #[cfg(test)]
+    fn open(&self, ip: IpAddr) -> usize {
+        self.open.lock().get(&ip).copied().unwrap_or(0)
+    }
+}
+
 /// A DoH client for the exit node's `/dns-query` (plain HTTP/1.1 over the tunnel,
 /// connections kept open between queries).
 pub struct DohClient {
@@ -561,6 +677,8 @@ pub struct DohClient {
             http_body_util::Full<Bytes>,
         >,
     >,
+    /// Requests in flight, bounded ([`DOH_INFLIGHT`]).
+    inflight: Arc<Semaphore>,
 }
 
 fn new_client() -> hyper_util::client::legacy::Client<
@@ -580,11 +698,18 @@ impl DohClient {
     fn new() -> Self {
         DohClient {
             client: Mutex::new(new_client()),
+            inflight: Arc::new(Semaphore::new(DOH_INFLIGHT)),
         }
     }
 
     /// POST `q` to `url`; the answer's bytes.
     pub async fn query(&self, url: &str, q: &[u8]) -> std::io::Result<Vec<u8>> {
+        // Waiting for a slot counts against the query's own deadline (the caller's).
+        let _permit = self
+            .inflight
+            .acquire()
+            .await
+            .map_err(std::io::Error::other)?;
         let client = self.client.lock().clone();
         let req = hyper::Request::post(url)
             .header("content-type", tsunagu_dns::doh::CONTENT_TYPE)
@@ -617,17 +742,34 @@ impl DohClient {
     }
 }
 
-/// The PeerAPI's shared state: who may use our DoH, and each peer's queries in flight.
+/// The PeerAPI's shared state: who may use our DoH, each peer's queries in flight and
+/// open connections.
 #[derive(Default)]
 pub struct PeerApi {
     allowed: RwLock<BTreeSet<IpAddr>>,
     inflight: Mutex<BTreeMap<IpAddr, Arc<Semaphore>>>,
+    conns: ConnLimiter,
+}
+
+impl PeerApi {
+    /// A connection slot for `ip`, unless it holds [`PEERAPI_CONNS_PER_PEER`] already.
+    fn conn_slot(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
+        self.conns
+            .acquire(ip, PEERAPI_CONNS_PER_PEER)
+            .then(|| ConnSlot {
+                api: self.clone(),
+                ip,
+            })
+    }
 }
 
 #[derive(Clone)]
 struct PeerApiState {
     api: Arc<PeerApi>,
     backup: PathBuf,
+    /// The forwarder's client (its upstreams are plain DNS: unused, but `forward` takes
+    /// one).
+    doh: Arc<DohClient>,
 }
 
 fn plain(status: StatusCode, msg: &str) -> Response {
@@ -642,10 +784,7 @@ async fn doh_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = unmapped(peer.ip());
     if !st.api.allowed.read().contains(&ip) {
         return plain(StatusCode::FORBIDDEN, "DNS access denied");
     }
@@ -684,11 +823,11 @@ async fn doh_handler(
             zone: n.zone,
         })
         .collect();
-    let doh = DohClient::new();
-    let answer = match tokio::time::timeout(PEERAPI_DEADLINE, forward(&q, &upstreams, &doh)).await {
-        Ok(Some(a)) => a,
-        _ => message::servfail(&q),
-    };
+    let answer =
+        match tokio::time::timeout(PEERAPI_DEADLINE, forward(&q, &upstreams, &st.doh)).await {
+            Ok(Some(a)) => a,
+            _ => message::servfail(&q),
+        };
     (
         StatusCode::OK,
         [("content-type", tsunagu_dns::doh::CONTENT_TYPE)],
@@ -707,6 +846,26 @@ mod tests {
         assert_eq!(a, peerapi_port(&[1; 32]));
         assert!(a >= 0x8000);
         assert_ne!(a, peerapi_port(&[2; 32]));
+    }
+
+    #[test]
+    fn connection_slots_are_bounded_per_peer_and_given_back() {
+        let api = Arc::new(PeerApi::default());
+        let a: IpAddr = "100.64.0.2".parse().unwrap();
+        let b: IpAddr = "100.64.0.3".parse().unwrap();
+        let slots: Vec<ConnSlot> = (0..PEERAPI_CONNS_PER_PEER)
+            .map(|_| api.conn_slot(a).unwrap())
+            .collect();
+        assert!(api.conn_slot(a).is_none(), "bound reached");
+        assert!(api.conn_slot(b).is_some(), "another peer is not affected");
+        assert_eq!(api.conns.open(b), 0, "its slot went back");
+        drop(slots);
+        assert_eq!(api.conns.open(a), 0);
+        assert!(api.conn_slot(a).is_some());
+        assert!(
+            api.conns.open.lock().is_empty(),
+            "no entry kept for idle peers"
+        );
     }
 
     #[test]
