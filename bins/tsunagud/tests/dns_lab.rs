@@ -363,3 +363,501 @@ fn resolv_conf_is_restored_after_sigkill_and_logout() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&resolv).unwrap(), before, "after logout");
 }
+
+/// The IPv4 addresses `getent ahostsv4 NAME` gives in `ns`: the system resolver (glibc
+/// reading the namespace's resolv.conf), as applications use it; empty when the name
+/// does not resolve.
+fn getent(ns: &tsunagu_lab::Netns, name: &str) -> Vec<IpAddr> {
+    let out = ns
+        .exec_status_timeout(&["getent", "ahostsv4", name], Duration::from_secs(15))
+        .unwrap();
+    let mut addrs: Vec<IpAddr> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    addrs.dedup();
+    addrs
+}
+
+/// Polls `getent` for `name` in `ns` until it gives `want` or `within` passes: how long
+/// it took, if it did.
+fn getent_until(
+    ns: &tsunagu_lab::Netns,
+    name: &str,
+    want: IpAddr,
+    within: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if getent(ns, name).contains(&want) {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node's first tailnet IPv4 address, from the server's node list.
+fn tailnet_ip(j: &common::Joined, name: &str) -> IpAddr {
+    let nodes = j.nodes();
+    let node = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == name))
+        .unwrap_or_else(|| panic!("no node {name}: {nodes}"));
+    node["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
+        .find(IpAddr::is_ipv4)
+        .unwrap()
+}
+
+/// `fe80::1` on the cafe router's LAN bridge: the router-advertised resolver of an IPv6
+/// cafe network.
+const CAFE_LL: &str = "fe80::1";
+
+/// The index of interface `name` inside `ns` (the scope of a link-local address).
+fn ifindex(ns: &tsunagu_lab::Netns, name: &'static str) -> u32 {
+    ns.run(move || nix::net::if_::if_nametoindex(name).unwrap())
+        .unwrap()
+}
+
+/// An exit node in use, and the cafe's resolver on an IPv6 link-local address in
+/// `resolv.conf` (`fe80::1%eth0`): nothing reaches it, from tsunagud's forwarder (which
+/// sends through the exit node's DoH) or from an application asking it directly (the
+/// route lookup for `fe80::/10` is unreachable while the exit node is in use, even with
+/// `--accept-dns=false` leaving resolv.conf as the cafe gave it). A capture on the cafe
+/// LAN shows no DNS. Without the exit node, the same resolver answers again (so the test
+/// would fail if the blocking were gone).
+#[test]
+fn a_link_local_resolver_cannot_bypass_the_exit_node() {
+    let mut j = setup("dns_ll");
+    let web = j.seed.ns(role::WEB);
+    let cafe = j.seed.ns(role::CAFE);
+    let client_ns = j.seed.ns(role::CLIENT);
+    let _inet_dns = dns_server(
+        &web,
+        SocketAddr::new(RESOLVER.into(), 53),
+        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
+    )
+    .unwrap();
+    cafe.add_addr("lan", &format!("{CAFE_LL}/64")).unwrap();
+    let cafe_ll =
+        std::net::SocketAddrV6::new(CAFE_LL.parse().unwrap(), 53, 0, ifindex(&cafe, "lan"));
+    let cafe_dns = dns_server(
+        &cafe,
+        cafe_ll.into(),
+        &[("web.lab.test", "198.18.1.66".parse().unwrap())],
+    )
+    .unwrap();
+    let resolv = client_ns.etc_dir().join("resolv.conf");
+    let before = b"# router advertisement (RDNSS)\nnameserver fe80::1%eth0\n".to_vec();
+    std::fs::write(&resolv, &before).unwrap();
+    let from_client = SocketAddr::V6(std::net::SocketAddrV6::new(
+        CAFE_LL.parse().unwrap(),
+        53,
+        0,
+        ifindex(&client_ns, "eth0"),
+    ));
+    // Sanity: without tsunagud the laptop reaches it (directly and through glibc).
+    let direct = dns_query(
+        &client_ns,
+        from_client,
+        "web.lab.test",
+        Duration::from_secs(2),
+    )
+    .unwrap()
+    .expect("the link-local resolver answers");
+    assert_eq!(direct.1, ["198.18.1.66".parse::<IpAddr>().unwrap()]);
+    assert_eq!(getent(&client_ns, "web.lab.test"), direct.1);
+    let asked = cafe_dns.count();
+
+    let c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
+    wait("resolv.conf installed", Duration::from_secs(20), || {
+        std::fs::read_to_string(&resolv).is_ok_and(|t| t.contains("nameserver 100.100.100.100"))
+    });
+    let a = resolve_until(
+        &client_ns,
+        "web.lab.test",
+        Duration::from_secs(20),
+        is_addr("203.0.113.10"),
+    );
+    assert!(is_addr("203.0.113.10")(&a), "through the exit node: {a:?}");
+
+    let (cafe_cap_ns, port) = j.seed.cafe_lan_iface();
+    let file = j.seed.lab.log_path("cafe-dns.pcap");
+    let cap = tsunagu_lab::capture_filtered(
+        &mut j.seed.lab,
+        &cafe_cap_ns,
+        port,
+        &file,
+        &["port", "53", "or", "port", "853"],
+    )
+    .unwrap();
+    // The system resolver (ours), and an application asking fe80::1%eth0 itself.
+    assert_eq!(getent(&client_ns, "web.lab.test"), [IpAddr::V4(WEB_ADDR)]);
+    let asked_directly = dns_query(
+        &client_ns,
+        from_client,
+        "web.lab.test",
+        Duration::from_secs(2),
+    );
+    assert!(
+        !matches!(asked_directly, Ok(Some(_))),
+        "the link-local resolver answered past the tunnel: {asked_directly:?}"
+    );
+    // The cafe's resolv.conf back in place (--accept-dns=false): glibc asks fe80::1%eth0,
+    // and nothing leaves.
+    let out = tsunagu(&client_ns, &c.sock, &["set", "--accept-dns=false"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&resolv).unwrap(), before, "restored");
+    assert_eq!(getent(&client_ns, "web.lab.test"), Vec::<IpAddr>::new());
+    assert_eq!(cafe_dns.count(), asked, "the link-local resolver was asked");
+    let lines = cap.finish(&mut j.seed.lab).unwrap();
+    assert!(lines.is_empty(), "DNS on the cafe LAN: {lines:#?}");
+
+    // No exit node: the cafe's resolver is the laptop's again.
+    let out = tsunagu(&client_ns, &c.sock, &["set", "--exit-node="]);
+    assert!(out.status.success(), "{out:?}");
+    let mut got = Vec::new();
+    wait(
+        "the link-local resolver reachable again",
+        Duration::from_secs(10),
+        || {
+            got = getent(&client_ns, "web.lab.test");
+            !got.is_empty()
+        },
+    );
+    assert_eq!(got, ["198.18.1.66".parse::<IpAddr>().unwrap()]);
+    assert!(cafe_dns.count() > asked);
+}
+
+/// The seed over HTTPS (the official client reaches relays over TLS only) with the
+/// cafe's printer namespace as a second device at the cafe, the internet's resolver and
+/// web server, and the cafe's resolver (198.18.1.1, wrong answers, counted) named by both
+/// devices' resolv.conf, as the cafe's DHCP would.
+struct Cafe {
+    j: common::Joined,
+    inet_dns: tsunagu_lab::ServiceHandle,
+    cafe_dns: tsunagu_lab::ServiceHandle,
+    _web: tsunagu_lab::ServiceHandle,
+}
+
+/// Names the internet's resolver knows (and the cafe's, wrongly).
+const INET_NAMES: [(&str, [u8; 4]); 3] = [
+    ("web.lab.test", [203, 0, 113, 10]),
+    ("down.lab.test", [203, 0, 113, 11]),
+    ("after.lab.test", [203, 0, 113, 12]),
+];
+
+fn cafe(test: &str) -> Cafe {
+    let j = common::setup_over(
+        test,
+        common::POLICY,
+        tsunagu_lab::SeedOptions {
+            lan_host: true,
+            ..Default::default()
+        },
+        &[],
+        common::Transport::Https,
+    );
+    let web = j.seed.ns(role::WEB);
+    let names: Vec<(&str, IpAddr)> = INET_NAMES
+        .iter()
+        .map(|(n, a)| (*n, IpAddr::from(*a)))
+        .collect();
+    let inet_dns = dns_server(&web, SocketAddr::new(RESOLVER.into(), 53), &names).unwrap();
+    let wrong: Vec<(&str, IpAddr)> = INET_NAMES
+        .iter()
+        .map(|(n, _)| (*n, "198.18.1.66".parse().unwrap()))
+        .collect();
+    let cafe_dns = dns_server(
+        &j.seed.ns(role::CAFE),
+        CAFE_RESOLVER.parse().unwrap(),
+        &wrong,
+    )
+    .unwrap();
+    let _web = whoami_server(&web, (WEB_ADDR, 80).into()).unwrap();
+    for r in [role::CLIENT, role::PRINTER] {
+        std::fs::write(
+            j.seed.ns(r).etc_dir().join("resolv.conf"),
+            "# from the cafe's DHCP\nnameserver 198.18.1.1\nsearch cafe.example\n",
+        )
+        .unwrap();
+    }
+    Cafe {
+        j,
+        inet_dns,
+        cafe_dns,
+        _web,
+    }
+}
+
+/// The official client in the printer's namespace (a second device at the cafe), joined
+/// as `hostname`; with `exit` it uses the tsunagud exit node.
+fn official_at_the_cafe(c: &mut Cafe, hostname: &str, exit: bool) -> tsunagu_lab::Tailscaled {
+    let ts = common::official(&mut c.j, role::PRINTER, hostname, &[]);
+    let (url, key) = (c.j.url.clone(), c.j.new_key());
+    common::up(&ts, &url, &key, hostname, &[]);
+    if exit {
+        ts.cli(&["set", "--exit-node=dev-m1sk9-s1"]).unwrap();
+    }
+    ts
+}
+
+/// DNS captures on both cafe devices' bridge ports (UDP/TCP 53 and 853).
+fn dns_captures(c: &mut Cafe, tag: &str) -> Vec<tsunagu_lab::Capture> {
+    let cafe_ns = c.j.seed.ns(role::CAFE);
+    ["p-client", "p-printer"]
+        .iter()
+        .map(|port| {
+            let file = c.j.seed.lab.log_path(&format!("{tag}-{port}.pcap"));
+            tsunagu_lab::capture_filtered(
+                &mut c.j.seed.lab,
+                &cafe_ns,
+                port,
+                &file,
+                &["port", "53", "or", "port", "853"],
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn finish(c: &mut Cafe, caps: Vec<tsunagu_lab::Capture>) -> Vec<String> {
+    caps.into_iter()
+        .flat_map(|cap| cap.finish(&mut c.j.seed.lab).unwrap())
+        .collect()
+}
+
+/// The official client (Tailscale's tailscaled) using a tsunagud exit node: its DNS
+/// goes to the exit node's DoH (`peerapi-dns-proxy`), so it resolves a name only the
+/// internet's resolver knows, asked from the exit node's address, and fetches the page
+/// by name; the cafe's resolver is never asked and a capture on the cafe LAN shows no
+/// DNS. Its resolv.conf is rewritten by tailscaled (100.100.100.100), the backup kept in
+/// its private /etc.
+#[test]
+fn the_official_client_resolves_through_a_tsunagud_exit_node_with_no_dns_on_the_cafe_lan() {
+    let mut c = cafe("dns_off_exit");
+    let printer = c.j.seed.ns(role::PRINTER);
+    let ts = official_at_the_cafe(&mut c, "phone", true);
+    let resolv = printer.etc_dir().join("resolv.conf");
+    wait("tailscaled's resolv.conf", Duration::from_secs(20), || {
+        std::fs::read_to_string(&resolv).is_ok_and(|t| t.contains("nameserver 100.100.100.100"))
+    });
+    let text = std::fs::read_to_string(&resolv).unwrap();
+    assert!(text.contains("generated by tailscale"), "{text}");
+    assert!(text.contains("search tailnet.internal"), "{text}");
+    assert!(
+        ts.state_dir()
+            .join("etc-upper/resolv.pre-tailscale-backup.conf")
+            .is_file(),
+        "tailscaled's backup in its private /etc"
+    );
+    // Settle: DNS through the exit node's DoH once the official client has its map.
+    let took = getent_until(
+        &printer,
+        "web.lab.test",
+        IpAddr::V4(WEB_ADDR),
+        Duration::from_secs(30),
+    );
+    assert!(
+        took.is_some(),
+        "web.lab.test: {:?}\n{}",
+        getent(&printer, "web.lab.test"),
+        ts.log_tail(60)
+    );
+
+    let asked_cafe = c.cafe_dns.count();
+    let asked_inet = c.inet_dns.count();
+    let caps = dns_captures(&mut c, "off");
+    assert_eq!(
+        getent(&printer, "down.lab.test"),
+        [IpAddr::from([203, 0, 113, 11])]
+    );
+    let out = printer
+        .exec(&["curl", "-s", "-m", "10", "http://web.lab.test/"])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "198.51.100.2",
+        "fetched by name through the exit node"
+    );
+    let lines = finish(&mut c, caps);
+    assert!(lines.is_empty(), "DNS on the cafe LAN: {lines:#?}");
+    assert_eq!(
+        c.cafe_dns.count(),
+        asked_cafe,
+        "the cafe's resolver was asked"
+    );
+    assert!(c.inet_dns.count() > asked_inet);
+    let sources: Vec<IpAddr> = c.inet_dns.peers().iter().map(|s| s.ip()).collect();
+    assert!(
+        sources
+            .iter()
+            .all(|ip| *ip == IpAddr::V4(tsunagu_lab::EXIT_PUBLIC)),
+        "the internet's resolver is asked by the exit node only: {sources:?}"
+    );
+}
+
+/// MagicDNS from tsunagud and from the official client, both at the cafe: `curl
+/// http://dev-m1sk9-s1/` and `ping dev-m1sk9-s1` (bare names through the search domain);
+/// then the admin renames the node and both resolve the new name within 2 s (and the old
+/// one no longer).
+#[test]
+fn magic_dns_names_work_from_tsunagud_and_the_official_client_and_follow_a_rename() {
+    let mut c = cafe("dns_magic");
+    let client_ns = c.j.seed.ns(role::CLIENT);
+    let printer = c.j.seed.ns(role::PRINTER);
+    // The exit node serves a page on its tailnet address (it answers with the source).
+    let _page = whoami_server(
+        &c.j.seed.ns(role::EXIT),
+        (std::net::Ipv4Addr::UNSPECIFIED, 80).into(),
+    )
+    .unwrap();
+    let laptop = c.j.join_laptop(&[]);
+    let ts = official_at_the_cafe(&mut c, "phone", false);
+    let exit_ip = tailnet_ip(&c.j, "dev-m1sk9-s1");
+    let laptop_ip = tailnet_ip(&c.j, "laptop");
+    let phone_ip = tailnet_ip(&c.j, "phone");
+
+    for (who, ns, me) in [
+        ("tsunagud", &client_ns, laptop_ip),
+        ("official", &printer, phone_ip),
+    ] {
+        let took = getent_until(ns, "dev-m1sk9-s1", exit_ip, Duration::from_secs(30));
+        assert!(
+            took.is_some(),
+            "{who}: dev-m1sk9-s1 -> {:?}",
+            getent(ns, "dev-m1sk9-s1")
+        );
+        let out = ns
+            .exec_status(&["curl", "-s", "-m", "10", "http://dev-m1sk9-s1/"])
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            me.to_string(),
+            "{who}: curl http://dev-m1sk9-s1/ over the tailnet: {out:?}"
+        );
+        let ping = ns
+            .exec_status(&["ping", "-c", "1", "-W", "3", "dev-m1sk9-s1"])
+            .unwrap();
+        assert!(ping.status.success(), "{who}: ping dev-m1sk9-s1: {ping:?}");
+        let text = String::from_utf8_lossy(&ping.stdout);
+        assert!(text.contains("dev-m1sk9-s1.tailnet.internal"), "{who}: {text}");
+    }
+
+    // The rename, then both devices poll the new name.
+    let out =
+        c.j.admin(&["nodes", "rename", "dev-m1sk9-s1", "dev-m1sk9-s2"]);
+    let renamed = Instant::now();
+    assert!(!out.contains("rror"), "{out}");
+    let mut took: [Option<Duration>; 2] = [None, None];
+    while renamed.elapsed() < Duration::from_secs(2) && took.iter().any(Option::is_none) {
+        for (i, ns) in [&client_ns, &printer].into_iter().enumerate() {
+            if took[i].is_none() && getent(ns, "dev-m1sk9-s2").contains(&exit_ip) {
+                took[i] = Some(renamed.elapsed());
+            }
+        }
+    }
+    assert!(
+        took.iter().all(Option::is_some),
+        "renamed node within 2 s (tsunagud, official): {took:?}\n{}",
+        ts.log_tail(40)
+    );
+    eprintln!(
+        "renamed node resolved after: tsunagud {:?}, official client {:?}",
+        took[0], took[1]
+    );
+    for (who, ns) in [("tsunagud", &client_ns), ("official", &printer)] {
+        assert_eq!(
+            getent(ns, "dev-m1sk9-s2.tailnet.internal"),
+            [exit_ip],
+            "{who}"
+        );
+        assert!(
+            getent(ns, "dev-m1sk9-s1.tailnet.internal").is_empty(),
+            "{who}: old name"
+        );
+    }
+    drop(laptop);
+}
+
+/// Both the tsunagud member and the official client use the tsunagud exit node. It is
+/// killed: names fail on both (SERVFAIL or no answer, never the cafe resolver's answer;
+/// the cafe's resolver is never asked and no DNS crosses the cafe LAN), and they resolve
+/// again within 5 s of its return.
+#[test]
+fn exit_node_killed_names_fail_for_both_clients_and_come_back_within_5s() {
+    let mut c = cafe("dns_killed");
+    let client_ns = c.j.seed.ns(role::CLIENT);
+    let printer = c.j.seed.ns(role::PRINTER);
+    let _laptop = c.j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
+    let ts = official_at_the_cafe(&mut c, "phone", true);
+    for ns in [&client_ns, &printer] {
+        let took = getent_until(
+            ns,
+            "web.lab.test",
+            IpAddr::V4(WEB_ADDR),
+            Duration::from_secs(30),
+        );
+        assert!(took.is_some(), "{}", ts.log_tail(40));
+    }
+    let asked_cafe = c.cafe_dns.count();
+    let caps = dns_captures(&mut c, "killed");
+
+    c.j.seed
+        .lab
+        .kill(c.j.exit, tsunagu_lab::Signal::SIGKILL)
+        .unwrap();
+    let down = Instant::now();
+    let mut asked = [0, 0];
+    while down.elapsed() < Duration::from_secs(4) {
+        for (i, ns) in [&client_ns, &printer].into_iter().enumerate() {
+            let a = dns_query(ns, quad100(), "down.lab.test", Duration::from_millis(1500)).unwrap();
+            asked[i] += 1;
+            assert!(
+                a.as_ref()
+                    .is_none_or(|(rc, addrs)| addrs.is_empty() && rc != "No Error"),
+                "an answer while the exit node is down ({}): {a:?}",
+                ["tsunagud", "official"][i]
+            );
+        }
+    }
+    assert!(asked.iter().all(|n| *n >= 2), "{asked:?}");
+
+    c.j.restart_exit();
+    let back = Instant::now();
+    let want = IpAddr::from([203, 0, 113, 12]);
+    let mut took: [Option<Duration>; 2] = [None, None];
+    while back.elapsed() < Duration::from_secs(5) && took.iter().any(Option::is_none) {
+        for (i, ns) in [&client_ns, &printer].into_iter().enumerate() {
+            if took[i].is_none()
+                && dns_query(ns, quad100(), "after.lab.test", Duration::from_millis(500))
+                    .unwrap()
+                    .is_some_and(|(_, a)| a.contains(&want))
+            {
+                took[i] = Some(back.elapsed());
+            }
+        }
+    }
+    assert!(
+        took.iter().all(Option::is_some),
+        "names back within 5 s of the exit node's return (tsunagud, official): {took:?}\n{}",
+        ts.log_tail(40)
+    );
+    eprintln!(
+        "names back after the exit node's return: tsunagud {:?}, official client {:?}",
+        took[0], took[1]
+    );
+    let lines = finish(&mut c, caps);
+    assert!(lines.is_empty(), "DNS on the cafe LAN: {lines:#?}");
+    assert_eq!(
+        c.cafe_dns.count(),
+        asked_cafe,
+        "the cafe's resolver was asked"
+    );
+}
