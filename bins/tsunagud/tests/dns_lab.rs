@@ -861,3 +861,115 @@ fn exit_node_killed_names_fail_for_both_clients_and_come_back_within_5s() {
         "the cafe's resolver was asked"
     );
 }
+
+/// Whether the other end closed `s` within `within`: reading reaches its end (after
+/// whatever it sent last) or fails, instead of timing out.
+fn closed_within(s: &std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read as _;
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match (&*s).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    }
+}
+
+/// The exit node's PeerAPI bounds what one peer can hold: a member opening 40
+/// connections keeps 32 (the rest are closed at once), connections that send no request
+/// are closed after the 10 s header timeout, and meanwhile another member is served.
+#[test]
+fn the_peerapi_bounds_connections_per_peer_and_idle_headers() {
+    let mut j = setup("dns_conns");
+    let web = j.seed.ns(role::WEB);
+    let _inet_dns = dns_server(
+        &web,
+        SocketAddr::new(RESOLVER.into(), 53),
+        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
+    )
+    .unwrap();
+    let url = peerapi_url(&j.exit_log);
+    let target: SocketAddr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client_ns = j.seed.ns(role::CLIENT);
+    let _c = j.join_laptop(&[]);
+    let other_ns = j
+        .seed
+        .add_public_host("other", tsunagu_lab::RELAY2_PUBLIC)
+        .unwrap();
+    let key = j.new_key();
+    let _o = j.join("other", "other", "desktop", &key, &[]);
+    let q = tsunagu_dns::message::build_query(
+        9,
+        "web.lab.test",
+        tsunagu_dns::hickory_proto::rr::RecordType::A,
+    )
+    .unwrap();
+    let get = tsunagu_dns::doh::get_url(&url, &q);
+    for ns in [&client_ns, &other_ns] {
+        wait("DoH answers", Duration::from_secs(20), || {
+            status_of(ns, &[&get]) == "200"
+        });
+    }
+
+    // 40 connections from the laptop; each is then read for 500 ms: the server closes
+    // the ones beyond its bound at once (EOF), the others wait for a request.
+    let opened = Instant::now();
+    let conns: Vec<std::net::TcpStream> = client_ns
+        .run(move || {
+            (0..40)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).ok()
+                })
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(conns.len(), 40, "connected");
+    std::thread::sleep(Duration::from_millis(500));
+    let open: Vec<&std::net::TcpStream> = conns
+        .iter()
+        .filter(|s| !closed_within(s, Duration::from_millis(100)))
+        .collect();
+    assert_eq!(open.len(), 32, "connections kept for one peer");
+    // Another member is served meanwhile.
+    assert_eq!(status_of(&other_ns, &[&get]), "200");
+    // Silent connections are closed by the header timeout (10 s), not kept forever.
+    let deadline = opened + Duration::from_secs(14);
+    for s in &open {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            closed_within(s, left.max(Duration::from_millis(10))),
+            "a connection that sent nothing was still open after {:?}",
+            opened.elapsed()
+        );
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(9),
+        "closed before the header timeout: {:?}",
+        opened.elapsed()
+    );
+    drop(conns);
+    // The laptop is served again.
+    wait(
+        "DoH answers the laptop again",
+        Duration::from_secs(10),
+        || status_of(&client_ns, &[&get]) == "200",
+    );
+}
