@@ -36,6 +36,7 @@ pub mod seed;
 mod services;
 pub mod tailnet;
 pub mod tailscaled;
+pub mod tls;
 
 pub use addr::{Cidr, is_lab_addr};
 pub use capture::{Capture, capture, capture_filtered, read_pcap, tunnel_leaks};
@@ -54,3 +55,4 @@ pub use services::{
     udp_sink, whoami_server,
 };
 pub use tailscaled::{OfficialBins, Tailscaled, TailscaledOpts};
+pub use tls::{LabTls, lab_tls};
