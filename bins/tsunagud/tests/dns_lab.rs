@@ -747,7 +747,10 @@ fn magic_dns_names_work_from_tsunagud_and_the_official_client_and_follow_a_renam
             .unwrap();
         assert!(ping.status.success(), "{who}: ping dev-m1sk9-s1: {ping:?}");
         let text = String::from_utf8_lossy(&ping.stdout);
-        assert!(text.contains("dev-m1sk9-s1.tailnet.internal"), "{who}: {text}");
+        assert!(
+            text.contains("dev-m1sk9-s1.tailnet.internal"),
+            "{who}: {text}"
+        );
     }
 
     // The rename, then both devices poll the new name.
