@@ -13,6 +13,9 @@
 //!                                                               #   allow_lan_access only, one
 //!                                                               #   per directly connected LAN
 //! 5250: from all fwmark 0x80000/0xff0000 unreachable proto 52   # base+40, always
+//! 5255: from all to fe80::/10 unreachable proto 52              # base+45, ip -6 only: exit
+//!                                                               #   node (in use or blocked)
+//!                                                               #   without allow_lan_access
 //! 5270: from all lookup 52 proto 52                             # base+60, always
 //!
 //! $ ip route show table 52
@@ -39,6 +42,12 @@
 //! - **5250**: if main has no route for a marked packet it must fail, not fall through to
 //!   table 52 (that loop again). Tailscale also tries table `default` at +20 before
 //!   this; that table is empty on every system, so we leave it out.
+//! - **5255**: a link-local destination names its interface (`fe80::1%eth0`), so its
+//!   route lookup skips table 52's routes through the tun and would find the LAN in
+//!   main: a router-advertised `fe80::` resolver would get DNS past the tunnel. Behind an
+//!   exit node nothing may reach the LAN unless the user allows it, so `fe80::/10` is
+//!   unreachable there ("Network is unreachable"); the daemon's own marked packets match
+//!   5210 first.
 //! - **5270**: everything else consults table 52 *before* main (32766). Tailnet routes
 //!   therefore win over anything in main, even over a LAN or an ISP that uses the same
 //!   CGNAT range 100.64.0.0/10. Without an exit node, table 52 holds only tailnet routes,
@@ -1758,6 +1767,9 @@ mod tests {
         assert_eq!(
             log,
             [
+                // Without LAN access, link-local destinations stay off the LAN too
+                // (added before the LAN exemptions go).
+                "+-6 rule pref 5255 to fe80::/10 unreachable proto 52",
                 "--6 rule pref 5240 to 2001:db8:1::/64 lookup 254 proto 52",
                 "--4 rule pref 5240 to 198.18.1.0/24 lookup 254 proto 52",
             ]
@@ -1773,6 +1785,37 @@ mod tests {
                 .iter()
                 .any(|r| r.action == RuleAction::Table(100))
         );
+    }
+
+    #[test]
+    fn link_local_is_unreachable_only_behind_an_exit_node_without_lan_access() {
+        let (mut m, f) = host();
+        let link_local = |f: &Fake| {
+            f.k()
+                .rules
+                .iter()
+                .filter(|r| r.priority == 5255)
+                .map(|r| format!("{:?} {:?}", r.dst.map(|d| d.to_string()), r.action))
+                .collect::<Vec<_>>()
+        };
+        let want = [format!(
+            "{:?} {:?}",
+            Some("fe80::/10"),
+            RuleAction::Unreachable
+        )];
+        m.apply(&state(true, false)).unwrap();
+        assert_eq!(link_local(&f), want, "exit node, no LAN access");
+        m.apply(&RouteState {
+            exit_node: false,
+            block_internet: true,
+            ..state(false, false)
+        })
+        .unwrap();
+        assert_eq!(link_local(&f), want, "exit node chosen but blocked");
+        m.apply(&state(true, true)).unwrap();
+        assert!(link_local(&f).is_empty(), "LAN access keeps the link");
+        m.apply(&state(false, false)).unwrap();
+        assert!(link_local(&f).is_empty(), "no exit node");
     }
 
     #[test]
