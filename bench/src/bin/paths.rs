@@ -187,6 +187,7 @@ fn build_net(args: &Args, name: &str, opts: SeedOptions) -> Result<Net> {
                 &daemon,
                 "--login-server",
                 SERVER_URL,
+                "--insecure-http",
                 "--auth-key",
                 &key,
                 "--hostname",

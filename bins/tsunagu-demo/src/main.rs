@@ -224,6 +224,7 @@ fn main() -> anyhow::Result<()> {
         &[
             "up",
             &format!("--login-server={SERVER_URL}"),
+            "--insecure-http",
             &format!("--auth-key={exit_key}"),
             &format!("--hostname={EXIT}"),
             "--advertise-tags=tag:exit",
@@ -241,6 +242,7 @@ fn main() -> anyhow::Result<()> {
         &[
             "up",
             &format!("--login-server={SERVER_URL}"),
+            "--insecure-http",
             &format!("--auth-key={client_key}"),
             "--hostname=laptop",
         ],

@@ -97,6 +97,15 @@ pub struct ServeArgs {
     pub derp_region: Vec<tsunagu_control::relay::RegionSpec>,
     #[command(flatten)]
     pub mesh: MeshArgs,
+    /// An exit node's active host gone (map stream and relay connection) this many
+    /// seconds: a ready standby host takes over (default 3).
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "TSUNAGU_STANDBY_FAILOVER_AFTER",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub standby_failover_after: Option<u64>,
     #[command(flatten)]
     pub dns: DnsArgs,
 }
@@ -233,6 +242,33 @@ pub enum NodesCmd {
         #[arg(long)]
         user: String,
     },
+    /// Standby hosts of an exit node: other machines that hold its identity and take over
+    /// when it goes away (tagged, approved exit nodes run by tsunagud).
+    #[command(subcommand)]
+    Standby(StandbyCmd),
+    /// Move an exit node's members to another of its hosts now (planned maintenance).
+    Failover {
+        node: String,
+        /// The host to move to (hostname or machine key); default: the best ready one.
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StandbyCmd {
+    /// A single-use key that enrols one standby host of NODE (`tsunagu up
+    /// --standby-key=KEY` on it); the key alone is printed on the last line.
+    Add {
+        node: String,
+        /// Lifetime of the key, e.g. 30m, 24h (default 1h).
+        #[arg(long, value_name = "DUR")]
+        expiration: Option<String>,
+    },
+    /// Exit nodes with standby hosts: their hosts, which is active, the last switches.
+    List { node: Option<String> },
+    /// Remove a standby host (hostname or machine key): it is refused at once.
+    Remove { host: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,6 +38,8 @@ struct File {
     /// The tailnet's DNS (`[dns]`, Headscale's names).
     #[serde(default)]
     dns: tsunagu_control::dns::DnsFile,
+    /// Seconds an exit node's active host may be gone before a standby host takes over.
+    standby_failover_after_secs: Option<u64>,
 }
 
 /// The effective configuration.
@@ -59,6 +61,9 @@ pub struct Config {
     /// `[dns]` as written; checked (with the command line's additions) by
     /// [`Config::dns_settings`].
     pub dns: tsunagu_control::dns::DnsFile,
+    /// An exit node's active host gone (map stream and relay connection) this many
+    /// seconds: a ready standby host takes over.
+    pub standby_failover_after_secs: u64,
 }
 
 /// A region given with `--derp-region`, checked (clap shows the error with the flag).
@@ -151,6 +156,7 @@ impl Config {
             derp_regions,
             derp_announce_http,
             dns: f.dns,
+            standby_failover_after_secs: f.standby_failover_after_secs.unwrap_or(3).max(1),
         })
     }
 

@@ -7,7 +7,7 @@ mod config;
 use admin_client::AdminClient;
 use anyhow::Context as _;
 use clap::Parser as _;
-use cli::{Cli, Command, KeysCmd, NodesCmd, PolicyCmd, UsersCmd};
+use cli::{Cli, Command, KeysCmd, NodesCmd, PolicyCmd, StandbyCmd, UsersCmd};
 use config::Config;
 use serde_json::{Value, json};
 
@@ -80,6 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.relay = None;
         }
         cfg.derp_announce_http |= s.derp_announce_http;
+        if let Some(secs) = s.standby_failover_after {
+            cfg.standby_failover_after_secs = secs;
+        }
         cfg.derp_regions.extend(s.derp_region.iter().cloned());
         if let Some(r) = &mut cfg.relay {
             if let Some(stun) = &s.stun_listen {
@@ -233,6 +236,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         relay: cfg.relay.clone(),
         derp_regions: cfg.derp_regions.clone(),
         dns: cfg.dns_settings()?,
+        standby_failover_after: std::time::Duration::from_secs(cfg.standby_failover_after_secs),
     })
     .await?;
     Ok(())
@@ -397,6 +401,101 @@ async fn keys(admin: &AdminClient, cmd: KeysCmd, json_out: bool) -> anyhow::Resu
     Ok(())
 }
 
+async fn standby(admin: &AdminClient, cmd: StandbyCmd, json_out: bool) -> anyhow::Result<()> {
+    match cmd {
+        StandbyCmd::Add { node, expiration } => {
+            let v = admin
+                .call(
+                    "POST",
+                    &format!("/v1/nodes/{node}/standby"),
+                    Some(json!({ "expiration": expiration })),
+                )
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "standby key for {} (single use), expires {}; on the standby host run `tsunagu up --login-server=URL --standby-key=KEY --advertise-exit-node`:",
+                    v["node"].as_str().unwrap_or(&node),
+                    v["expires_at"].as_str().unwrap_or_default()
+                );
+                println!("{}", v["key"].as_str().unwrap_or_default());
+            }
+        }
+        StandbyCmd::List { node } => {
+            let path = match node {
+                Some(n) => format!("/v1/standby?node={n}"),
+                None => "/v1/standby".to_string(),
+            };
+            let v = admin.call("GET", &path, None).await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let groups = rows(&v["nodes"]);
+            if groups.is_empty() {
+                println!("no exit node has standby hosts");
+            }
+            for g in groups {
+                println!(
+                    "{}: active host {}",
+                    g["name"].as_str().unwrap_or_default(),
+                    g["active"].as_str().unwrap_or_default()
+                );
+                let mut hosts = rows(&g["hosts"]);
+                for h in &mut hosts {
+                    if h["NotReady"].as_str().is_some_and(str::is_empty) {
+                        h["NotReady"] = json!("ready");
+                    }
+                }
+                table(
+                    &hosts,
+                    &[
+                        ("  HOST", "Name"),
+                        ("ACTIVE", "Active"),
+                        ("ONLINE", "Online"),
+                        ("STATE", "NotReady"),
+                        ("PREFER", "Prefer"),
+                        ("MACHINE KEY", "MachineKey"),
+                    ],
+                );
+                for s in rows(&g["switches"]) {
+                    println!(
+                        "  switch {}: {} -> {} ({})",
+                        s["At"].as_str().unwrap_or_default(),
+                        s["From"].as_str().unwrap_or_default(),
+                        s["To"].as_str().unwrap_or_default(),
+                        s["Reason"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            let keys = rows(&v["unused_keys"]);
+            if !keys.is_empty() {
+                println!("unused standby keys:");
+                table(
+                    &keys,
+                    &[
+                        ("  NODE", "node"),
+                        ("PREFIX", "key_prefix"),
+                        ("EXPIRES", "expires_at"),
+                    ],
+                );
+            }
+        }
+        StandbyCmd::Remove { host } => {
+            let v = admin
+                .call("DELETE", &format!("/v1/standby/{host}"), None)
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("standby host {host} removed");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn nodes(admin: &AdminClient, cmd: NodesCmd, json_out: bool) -> anyhow::Result<()> {
     let (method, path, body, done): (&str, String, Option<Value>, String) = match cmd {
         NodesCmd::List => {
@@ -404,8 +503,12 @@ async fn nodes(admin: &AdminClient, cmd: NodesCmd, json_out: bool) -> anyhow::Re
             if json_out {
                 print_json(&v);
             } else {
+                let mut list = rows(&v);
+                for n in &mut list {
+                    n["active_host"] = n["standby"]["active"].clone();
+                }
                 table(
-                    &rows(&v),
+                    &list,
                     &[
                         ("ID", "id"),
                         ("NAME", "name"),
@@ -417,7 +520,29 @@ async fn nodes(admin: &AdminClient, cmd: NodesCmd, json_out: bool) -> anyhow::Re
                         ("ADVERTISED", "advertised_routes"),
                         ("APPROVED", "approved_routes"),
                         ("EXIT NODE", "exit_node"),
+                        ("ACTIVE HOST", "active_host"),
                     ],
+                );
+            }
+            return Ok(());
+        }
+        NodesCmd::Standby(cmd) => return standby(admin, cmd, json_out).await,
+        NodesCmd::Failover { node, to } => {
+            let v = admin
+                .call(
+                    "POST",
+                    &format!("/v1/nodes/{node}/failover"),
+                    Some(json!({ "to": to })),
+                )
+                .await?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "{node}: {} is the active host now (was {}; {})",
+                    v["switch"]["To"].as_str().unwrap_or_default(),
+                    v["switch"]["From"].as_str().unwrap_or_default(),
+                    v["switch"]["Reason"].as_str().unwrap_or_default(),
                 );
             }
             return Ok(());

@@ -1175,6 +1175,8 @@ fn go_and_tsunagud(lab_name: &str, cafe_blocks_udp: bool, tsunagud_at_home: bool
                 tsunagud.to_str().expect("UTF-8"),
                 "--login-server",
                 &url,
+                // The lab's server is plain HTTP off loopback.
+                "--insecure-http",
                 "--auth-key",
                 &key,
                 "--hostname",

@@ -49,6 +49,16 @@ struct PrefFlags {
         default_missing_value = "true"
     )]
     advertise_exit_node: Option<bool>,
+    /// Route to the subnets other devices advertise (off by default: a peer's route
+    /// then never captures this device's own LAN).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        require_equals = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    accept_routes: Option<bool>,
     /// Use the tailnet's DNS: MagicDNS names and the exit node's resolver through
     /// 100.100.100.100, installed into /etc/resolv.conf (default true).
     #[arg(
@@ -71,9 +81,14 @@ struct PrefFlags {
 enum Cmd {
     /// Connect to the tailnet, logging in if needed.
     Up {
-        /// The coordination server, e.g. http://198.51.100.4:8080.
+        /// The coordination server, e.g. https://ctl.example (`http://` only on loopback
+        /// or with --insecure-http).
         #[arg(long, value_name = "URL")]
         login_server: Option<String>,
+        /// Allow an `http://` login server that is not on loopback (a lab, a trusted
+        /// network): the server's key then comes unauthenticated over the network.
+        #[arg(long)]
+        insecure_http: bool,
         /// Pre-auth key (or file:PATH to read it from); without one, an admin approves
         /// the device at the URL printed.
         #[arg(long, value_name = "KEY")]
@@ -81,6 +96,20 @@ enum Cmd {
         /// Tags to request, e.g. tag:exit.
         #[arg(long, value_delimiter = ',', value_name = "TAGS")]
         advertise_tags: Option<Vec<String>>,
+        /// Join an exit node as one of its standby hosts: a key from `tsunagu-server nodes
+        /// standby add NODE` (or file:PATH); implies --advertise-exit-node.
+        #[arg(long, value_name = "KEY")]
+        standby_key: Option<String>,
+        /// As a host of an exit node with standby hosts: take the role whenever this
+        /// device is ready (by default a host that comes back stands by).
+        #[arg(
+            long,
+            value_name = "BOOL",
+            require_equals = true,
+            num_args = 0..=1,
+            default_missing_value = "true"
+        )]
+        prefer: Option<bool>,
         /// Settings not given return to their defaults.
         #[arg(long)]
         reset: bool,
@@ -221,6 +250,84 @@ struct Status {
     self_node: Option<SelfStatus>,
     exit_node: Option<ExitStatus>,
     peers: Vec<PeerInfo>,
+    /// A host of an exit node with standby hosts.
+    #[serde(default)]
+    standby: Option<StandbyStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StandbyStatus {
+    identity: String,
+    role: String,
+    #[serde(default)]
+    hosts: Vec<StandbyHost>,
+    #[serde(default)]
+    last_switch: Option<Switch>,
+    #[serde(default)]
+    dropped: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct StandbyHost {
+    name: String,
+    active: bool,
+    online: bool,
+    ready: bool,
+    not_ready: String,
+    prefer: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Switch {
+    at: String,
+    from: String,
+    to: String,
+    reason: String,
+}
+
+/// The `# Standby` lines of `status` for a host of an exit node with standby hosts.
+fn render_standby(s: &StandbyStatus) -> String {
+    let mut out = format!(
+        "# Host of exit node {}: {}\n",
+        s.identity,
+        if s.role == "active" {
+            "active (this host serves it)".to_string()
+        } else {
+            format!(
+                "standing by (answers nothing; {} datagram{} dropped)",
+                s.dropped,
+                if s.dropped == 1 { "" } else { "s" }
+            )
+        }
+    );
+    let hosts: Vec<String> = s
+        .hosts
+        .iter()
+        .map(|h| {
+            let mut what = vec![if h.active { "active" } else { "standby" }];
+            what.push(if !h.online {
+                "offline"
+            } else if h.ready {
+                "ready"
+            } else {
+                h.not_ready.as_str()
+            });
+            if h.prefer {
+                what.push("preferred");
+            }
+            format!("{} ({})", h.name, what.join(", "))
+        })
+        .collect();
+    out.push_str(&format!("#   hosts: {}\n", hosts.join("; ")));
+    if let Some(sw) = &s.last_switch {
+        out.push_str(&format!(
+            "#   last switch {}: {} -> {} ({})\n",
+            sw.at, sw.from, sw.to, sw.reason
+        ));
+    }
+    out
 }
 
 /// A handshake younger than this counts as "active" (WireGuard rekeys every 2 minutes
@@ -285,7 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if req.is_empty() {
                 bail!(
                     "nothing to set (try --exit-node=NAME, --exit-node-allow-lan-access, \
-                     --advertise-exit-node or --hostname=NAME)"
+                     --accept-routes, --advertise-exit-node or --hostname=NAME)"
                 );
             }
             let body = serde_json::Value::Object(req).to_string();
@@ -294,8 +401,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Up {
             login_server,
+            insecure_http,
             auth_key,
             advertise_tags,
+            standby_key,
+            prefer,
             reset,
             timeout,
             json,
@@ -305,8 +415,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(url) = login_server {
                 req.insert("login_server".into(), url.into());
             }
+            if insecure_http {
+                req.insert("insecure_http".into(), true.into());
+            }
             if let Some(key) = auth_key {
                 req.insert("auth_key".into(), read_auth_key(&key)?.into());
+            }
+            if let Some(key) = standby_key {
+                req.insert("standby_key".into(), read_auth_key(&key)?.into());
+            }
+            if let Some(p) = prefer {
+                req.insert("prefer".into(), p.into());
             }
             if let Some(tags) = advertise_tags {
                 req.insert("advertise_tags".into(), tags.into());
@@ -551,6 +670,9 @@ fn pref_request(
     }
     if let Some(l) = f.exit_node_allow_lan_access {
         req.insert("exit_node_allow_lan_access".into(), l.into());
+    }
+    if let Some(a) = f.accept_routes {
+        req.insert("accept_routes".into(), a.into());
     }
     if let Some(h) = &f.hostname {
         req.insert("hostname".into(), h.clone().into());
@@ -876,6 +998,9 @@ fn render_status(st: &Status) -> String {
             );
         }
     }
+    if let Some(s) = &st.standby {
+        out.push_str(&render_standby(s));
+    }
     if !st.backend.error.is_empty() {
         out.push_str(&format!(
             "# Coordination server: {} (the tailnet keeps running on the last map)\n",
@@ -985,6 +1110,7 @@ mod tests {
             login_server: String::new(),
             exit_node: None,
             peers: vec![peer(Some(true), Some(3), true, true)],
+            standby: None,
         };
         assert_eq!(
             render_status(&st),
@@ -1042,12 +1168,19 @@ mod tests {
         );
         let p = set_prefs(&["--advertise-exit-node", "--yes"]);
         assert_eq!((p.advertise_exit_node, p.yes), (Some(true), true));
+        assert_eq!(set_prefs(&["--accept-routes"]).accept_routes, Some(true));
+        assert_eq!(
+            set_prefs(&["--accept-routes=false"]).accept_routes,
+            Some(false)
+        );
+        assert_eq!(set_prefs(&["--hostname=x"]).accept_routes, None);
         assert!(Cli::try_parse_from(["tsunagu", "set", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["tsunagu", "ip", "-4", "-6"]).is_err());
         let c = Cli::try_parse_from([
             "tsunagu",
             "up",
             "--login-server=http://198.51.100.4:8080",
+            "--insecure-http",
             "--auth-key=tskey-auth-1-x",
             "--advertise-tags=tag:exit,tag:b",
             "--reset",
@@ -1057,6 +1190,7 @@ mod tests {
         match c.cmd {
             Cmd::Up {
                 login_server,
+                insecure_http,
                 auth_key,
                 advertise_tags,
                 reset,
@@ -1064,6 +1198,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(login_server.as_deref(), Some("http://198.51.100.4:8080"));
+                assert!(insecure_http);
                 assert_eq!(auth_key.as_deref(), Some("tskey-auth-1-x"));
                 assert_eq!(
                     advertise_tags,
@@ -1131,6 +1266,34 @@ mod tests {
     }
 
     #[test]
+    fn a_host_of_an_exit_node_with_standby_hosts_says_its_role_and_the_last_switch() {
+        let json = r#"{"identity":"dev-m1sk9-s1","role":"standby","dropped":3,
+            "hosts":[{"Name":"dev-m1sk9-s1","Active":false,"Online":true,"Ready":true,"NotReady":"","Prefer":true},
+                     {"Name":"exit2","Active":true,"Online":true,"Ready":true,"NotReady":""}],
+            "last_switch":{"At":"2026-05-01T10:00:00Z","From":"dev-m1sk9-s1","To":"exit2","Reason":"admin failover"}}"#;
+        let s: StandbyStatus = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            render_standby(&s),
+            "# Host of exit node dev-m1sk9-s1: standing by (answers nothing; 3 datagrams dropped)\n\
+             #   hosts: dev-m1sk9-s1 (standby, ready, preferred); exit2 (active, ready)\n\
+             #   last switch 2026-05-01T10:00:00Z: dev-m1sk9-s1 -> exit2 (admin failover)\n"
+        );
+        let c = Cli::try_parse_from(["tsunagu", "up", "--standby-key=tskey-standby-x", "--prefer"])
+            .unwrap();
+        match c.cmd {
+            Cmd::Up {
+                standby_key,
+                prefer,
+                ..
+            } => {
+                assert_eq!(standby_key.as_deref(), Some("tskey-standby-x"));
+                assert_eq!(prefer, Some(true));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn exit_node_list_shows_only_usable_exit_nodes() {
         let st = Status {
             backend: Backend::default(),
@@ -1145,6 +1308,7 @@ mod tests {
                     ..peer(Some(true), None, false, false)
                 },
             ],
+            standby: None,
         };
         let nodes = exit_nodes(&st, None);
         assert_eq!(

@@ -42,10 +42,15 @@ pub struct DaemonPrefs {
     pub advertise_tags: Vec<String>,
     /// `up` sets it, `down` clears it.
     pub want_running: bool,
+    /// As a host of an exit node with standby hosts: take the role whenever this host is
+    /// ready (`--prefer`), instead of standing by when it comes back.
+    pub prefer: bool,
     /// After `logout`: the node key is new and `up` must authenticate again.
     pub logged_out: bool,
     /// Install the tailnet's DNS (100.100.100.100) into the OS (`--accept-dns`).
     pub accept_dns: bool,
+    /// `--insecure-http`: an `http://` login server off loopback is allowed.
+    pub insecure_http: bool,
     #[serde(flatten)]
     pub prefs: Prefs,
 }
@@ -57,7 +62,9 @@ impl Default for DaemonPrefs {
             hostname: String::new(),
             advertise_tags: Vec::new(),
             want_running: false,
+            prefer: false,
             logged_out: false,
+            insecure_http: false,
             accept_dns: true,
             prefs: Prefs::default(),
         }
@@ -106,6 +113,12 @@ pub struct Shared {
     pub default_hostname: String,
     /// A pre-auth key for the next registration only; never written to disk.
     pub auth_key: Mutex<Option<String>>,
+    /// A standby key (`--standby-key`) until the server granted the exit node's
+    /// identity; never written to disk.
+    pub standby_key: Mutex<Option<String>>,
+    /// As a host of an exit node with standby hosts: what the server last said (role,
+    /// hosts, last switch); see [`crate::standby`].
+    pub standby: Mutex<Option<tsunagu_proto::tailcfg::StandbyInfo>>,
     /// The control loop's state, published.
     pub backend: tokio::sync::watch::Sender<Backend>,
     /// Bumped on every change of settings: the control loop restarts its session.
@@ -117,8 +130,9 @@ pub struct Shared {
     pub relay_cfg: crate::relay::PoolConfig,
     /// STUN through the WireGuard socket: our public endpoint.
     pub stun: Arc<crate::netcheck::Stun>,
-    /// The disco key of this run (its public half is announced to the server).
-    pub disco: tsunagu_disco::DiscoPrivate,
+    /// The disco key (its public half is announced to the server): one per run, and a
+    /// new one each time this host stops serving as an exit node's active host.
+    pub disco: Mutex<tsunagu_disco::DiscoPrivate>,
     /// Our endpoints as last reported to the server (public first), which the engine
     /// also puts in its CallMeMaybe messages.
     pub endpoints: Mutex<Vec<std::net::SocketAddr>>,
@@ -128,6 +142,9 @@ pub struct Shared {
     pub drain_until: Mutex<Option<std::time::Instant>>,
     /// The resolver at 100.100.100.100, the PeerAPI's DoH, the OS's DNS settings.
     pub dns: crate::dns::Dns,
+    /// The internet was blocked at start (an exit node in the settings) and no engine
+    /// has taken the block over yet.
+    pub start_block: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
@@ -144,6 +161,27 @@ impl Shared {
             .lock()
             .map(|k| k.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Our disco key now.
+    pub fn disco_key(&self) -> tsunagu_disco::DiscoPrivate {
+        self.disco
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// A new disco key, in force at once (see [`crate::standby`]).
+    pub fn rotate_disco(&self) {
+        let fresh = tsunagu_disco::DiscoPrivate::generate();
+        if let Ok(mut k) = self.disco.lock() {
+            *k = fresh.clone();
+        }
+        if let Ok(g) = self.engine.lock()
+            && let Some(e) = g.as_ref()
+        {
+            e.device().set_disco(Some(fresh));
+        }
     }
 
     pub fn hostname(&self, p: &DaemonPrefs) -> String {
@@ -168,7 +206,7 @@ impl Shared {
         else {
             return Ok(());
         };
-        map.self_node.peerapi_port = Some(self.dns.port);
+        map.self_node.peerapi_port = Some(self.dns.port());
         if let Some(e) = guard.as_ref()
             && self.draining().is_some()
         {
@@ -189,8 +227,13 @@ impl Shared {
                 }
             }
             None => {
-                let e =
-                    Engine::start(self.engine_cfg.clone(), &map).context("starting the engine")?;
+                let mut cfg = self.engine_cfg.clone();
+                // A standby host starts silent: the role came with the first map.
+                cfg.standby = crate::standby::standing_by(self);
+                let e = Engine::start(cfg, &map).context("starting the engine")?;
+                // The engine owns the rules now (it converged from any block).
+                self.start_block
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(
                     name = %map.self_node.name,
                     addresses = ?map.self_node.addresses,
@@ -199,7 +242,7 @@ impl Shared {
                     "running"
                 );
                 e.device().set_stun_sink(Some(self.stun.sink()));
-                e.device().set_disco(Some(self.disco.clone()));
+                e.device().set_disco(Some(self.disco_key()));
                 if let Ok(eps) = self.endpoints.lock() {
                     e.device().set_endpoints(eps.clone());
                 }
@@ -345,6 +388,16 @@ impl Shared {
             .map(|p| p.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
     }
 
+    /// Let the engine look at the host's networks again (see `Engine::refresh_host`).
+    pub fn refresh_host(&self) {
+        if let Ok(mut g) = self.engine.lock()
+            && let Some(e) = g.as_mut()
+            && let Err(e) = e.refresh_host()
+        {
+            tracing::error!("updating the exit node's closed networks: {e:#}");
+        }
+    }
+
     /// Stop the data plane and remove everything it installed (`down`, `logout`).
     pub fn stop_engine(&self) {
         self.dns.stop();
@@ -353,11 +406,26 @@ impl Shared {
         {
             pool.shutdown();
         }
-        if let Ok(mut g) = self.engine.lock()
-            && let Some(mut e) = g.take()
-        {
-            e.shutdown();
-            tracing::info!("data plane stopped");
+        if let Ok(mut g) = self.engine.lock() {
+            match g.take() {
+                Some(mut e) => {
+                    e.shutdown();
+                    tracing::info!("data plane stopped");
+                }
+                // No engine, but the block from start: the user stopped or logged out
+                // before the first map, so nothing stays blocked.
+                None => {
+                    if self
+                        .start_block
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        match tsunagu_engine::engine::unblock(&self.engine_cfg) {
+                            Ok(()) => tracing::info!("block removed"),
+                            Err(e) => tracing::error!("removing the block: {e:#}"),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -482,6 +550,9 @@ pub struct Status {
     /// to them.
     #[serde(default)]
     pub relays: Vec<crate::relay::RelayConnStatus>,
+    /// A host of an exit node with standby hosts: its role, the hosts, the last switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<crate::standby::StandbyStatus>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -490,6 +561,7 @@ pub struct PrefsRequest {
     pub exit_node: Option<String>,
     pub exit_node_allow_lan_access: Option<bool>,
     pub advertise_exit_node: Option<bool>,
+    pub accept_routes: Option<bool>,
     pub hostname: Option<String>,
     pub accept_dns: Option<bool>,
 }
@@ -499,7 +571,13 @@ pub struct PrefsRequest {
 pub struct UpRequest {
     pub login_server: Option<String>,
     pub auth_key: Option<String>,
+    /// Join an exit node as one of its standby hosts (`tsunagu-server nodes standby add`).
+    pub standby_key: Option<String>,
+    /// As a host of an exit node with standby hosts: take the role whenever ready.
+    pub prefer: Option<bool>,
     pub advertise_tags: Option<Vec<String>>,
+    /// Allow an `http://` login server off loopback.
+    pub insecure_http: Option<bool>,
     /// Settings not given return to their defaults (instead of staying as they are).
     pub reset: bool,
     #[serde(flatten)]
@@ -653,6 +731,7 @@ pub fn status(shared: &Shared) -> anyhow::Result<Status> {
         self_node,
         exit_node,
         peers,
+        standby: crate::standby::status(shared, counters.map_or(0, |c| c.standby_dropped)),
         counters,
         relays: shared.relay_connections(),
     })
@@ -676,6 +755,9 @@ fn merge_prefs(
     }
     if let Some(d) = req.accept_dns {
         next.accept_dns = d;
+    }
+    if let Some(a) = req.accept_routes {
+        next.prefs.accept_routes = a;
     }
     if let Some(h) = &req.hostname {
         let h = h.trim();
@@ -721,6 +803,8 @@ fn needs_new_session(old: &DaemonPrefs, next: &DaemonPrefs) -> bool {
         || old.prefs.advertise_exit_node != next.prefs.advertise_exit_node
         || old.want_running != next.want_running
         || old.logged_out != next.logged_out
+        || old.prefer != next.prefer
+        || old.insecure_http != next.insecure_http
 }
 
 fn log_prefs(p: &DaemonPrefs, what: &str) {
@@ -732,6 +816,7 @@ fn log_prefs(p: &DaemonPrefs, what: &str) {
         },
         allow_lan = p.prefs.exit_node_allow_lan_access,
         advertise_exit_node = p.prefs.advertise_exit_node,
+        accept_routes = p.prefs.accept_routes,
         "{what}"
     );
 }
@@ -813,12 +898,15 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
             } else {
                 old.clone()
             };
+            if let Some(i) = req.insecure_http {
+                next.insecure_http = i;
+            }
             if let Some(url) = &req.login_server {
                 let url = url.trim().trim_end_matches('/');
                 if !url.starts_with("http://") && !url.starts_with("https://") {
                     return Err(err(
                         StatusCode::BAD_REQUEST,
-                        format!("invalid login server {url:?}: give http://HOST:PORT"),
+                        format!("invalid login server {url:?}: give https://HOST[:PORT]"),
                     ));
                 }
                 next.login_server = url.to_string();
@@ -829,6 +917,8 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                     "no coordination server known yet: give --login-server=URL",
                 ));
             }
+            tsunagu_client::transport::check_server_url(&next.login_server, next.insecure_http)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
             if let Some(tags) = &req.advertise_tags {
                 if let Some(bad) = tags.iter().find(|t| !t.starts_with("tag:") || t.len() < 5) {
                     return Err(err(
@@ -839,16 +929,35 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                 next.advertise_tags = tags.clone();
             }
             merge_prefs(&s, &mut next, &req.prefs)?;
+            if let Some(p) = req.prefer {
+                next.prefer = p;
+            }
             let auth_key = req.auth_key.clone().filter(|k| !k.trim().is_empty());
-            if auth_key.is_some() || old.login_server != next.login_server {
+            let standby_key = req.standby_key.clone().filter(|k| !k.trim().is_empty());
+            if let Some(k) = &standby_key {
+                if !k
+                    .trim()
+                    .starts_with(tsunagu_proto::tailcfg::STANDBY_KEY_PREFIX)
+                {
+                    return Err(err(
+                        StatusCode::BAD_REQUEST,
+                        "not a standby key (tsunagu-server nodes standby add NODE makes one)",
+                    ));
+                }
+                // A standby host offers the exit node it stands by for.
+                next.prefs.advertise_exit_node = true;
+            }
+            if auth_key.is_some() || standby_key.is_some() || old.login_server != next.login_server
+            {
                 next.logged_out = false;
             }
             next.want_running = true;
             let running = s.backend.borrow().state == BackendState::Running;
-            if next == old && auth_key.is_none() && running {
+            let new_key = auth_key.is_some() || standby_key.is_some();
+            if next == old && !new_key && running {
                 return Ok(None);
             }
-            if !needs_new_session(&old, &next) && auth_key.is_none() && running {
+            if !needs_new_session(&old, &next) && !new_key && running {
                 // Only data-plane choices changed: apply them like `set`.
                 s.apply_locked(&next)
                     .map_err(|e| internal(format!("{e:#}")))?;
@@ -857,6 +966,7 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
                 return Ok(None);
             }
             *lock(&s.auth_key).map_err(internal)? = auth_key.map(|k| k.trim().to_string());
+            *lock(&s.standby_key).map_err(internal)? = standby_key.map(|k| k.trim().to_string());
             let generation = s
                 .commit(&mut prefs, next.clone())
                 .map_err(|e| internal(format!("{e:#}")))?;
@@ -878,6 +988,7 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let mut prefs = lock(&s.prefs)?;
                 *lock(&s.auth_key)? = None;
+                *lock(&s.standby_key)? = None;
                 s.commit(&mut prefs, old)?;
                 Ok(())
             })
@@ -923,15 +1034,21 @@ pub struct LogoutResponse {
 }
 
 async fn logout(shared: Arc<Shared>) -> ApiResult<LogoutResponse> {
-    let (server, node) = {
+    let (server, insecure_http, node) = {
         let p = lock(&shared.prefs).map_err(internal)?;
-        (p.login_server.clone(), shared.node_key())
+        (p.login_server.clone(), p.insecure_http, shared.node_key())
     };
     let mut warning = String::new();
     if !server.is_empty() {
         let told = tokio::time::timeout(
             Duration::from_secs(10),
-            crate::control::logout(&server, &shared.machine, &node, shared.engine_cfg.fwmark),
+            crate::control::logout(
+                &server,
+                insecure_http,
+                &shared.machine,
+                &node,
+                shared.engine_cfg.fwmark,
+            ),
         )
         .await;
         match told {
@@ -1143,7 +1260,10 @@ fn dns_inputs(
 }
 
 /// During a drain: go on forwarding as `current` does (serving as exit node, for the
-/// peers that may use us), whatever the new map says.
+/// peers that may use us, by the rules that let them), whatever the new map says. The
+/// server no longer sends an exit node that withdrew its offer the rules of the
+/// internet: `current`'s rules are kept beside the new ones, without the destinations
+/// that name our own addresses (what peers may open on this node is the new map's).
 fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::NetMap) {
     if !current.self_node.serve_exit {
         return;
@@ -1156,6 +1276,21 @@ fn keep_serving_exit(map: &mut tsunagu_proto::NetMap, current: &tsunagu_proto::N
             .any(|o| o.key == p.key && o.exit_client)
         {
             p.exit_client = true;
+        }
+    }
+    let own: Vec<String> = current
+        .self_node
+        .addresses
+        .iter()
+        .flat_map(|a| [a.addr().to_string(), a.to_string()])
+        .collect();
+    if let (Some(new), Some(old)) = (map.packet_filter.as_mut(), &current.packet_filter) {
+        for rule in old {
+            let mut fwd = rule.clone();
+            fwd.dst_ports.retain(|d| !own.contains(&d.ip));
+            if !fwd.dst_ports.is_empty() && !new.contains(&fwd) {
+                new.push(fwd);
+            }
         }
     }
 }
@@ -1206,6 +1341,17 @@ mod tests {
         let mut next = map(false, false);
         keep_serving_exit(&mut next, &map(false, false));
         assert!(!next.self_node.serve_exit);
+        // The rules that let peers use us go on forwarding; what named our own address
+        // is the new map's business.
+        use tsunagu_proto::tailcfg::{FilterRule, NetPortRange};
+        let internet = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("8.0.0.0/7")]);
+        let mine = FilterRule::allow(["100.64.0.2"], [NetPortRange::any("100.64.0.1")]);
+        let mut serving = map(true, true);
+        serving.packet_filter = Some(vec![internet.clone(), mine]);
+        let mut next = map(false, false);
+        next.packet_filter = Some(vec![]);
+        keep_serving_exit(&mut next, &serving);
+        assert_eq!(next.packet_filter, Some(vec![internet]));
     }
     use super::*;
 
@@ -1222,7 +1368,9 @@ mod tests {
                 exit_node: "dev-m1sk9-s1".into(),
                 exit_node_allow_lan_access: true,
                 advertise_exit_node: false,
+                accept_routes: true,
             },
+            insecure_http: true,
             ..DaemonPrefs::default()
         };
         save_prefs(&path, &p).unwrap();
@@ -1245,6 +1393,10 @@ mod tests {
         assert_eq!(p.prefs.exit_node, "x");
         assert!(p.prefs.exit_node_allow_lan_access);
         assert!(p.login_server.is_empty() && !p.want_running);
+        assert!(
+            !p.prefs.accept_routes && !p.insecure_http,
+            "off unless asked for"
+        );
     }
 
     #[test]
@@ -1265,7 +1417,11 @@ mod tests {
         let mut b = a.clone();
         b.prefs.exit_node = "dev-m1sk9-s1".into();
         b.prefs.exit_node_allow_lan_access = true;
+        b.prefs.accept_routes = true;
         assert!(!needs_new_session(&a, &b));
+        let mut c = a.clone();
+        c.insecure_http = true;
+        assert!(needs_new_session(&a, &c), "how the server is reached");
         b.prefs.advertise_exit_node = true;
         assert!(needs_new_session(&a, &b));
         let mut c = a.clone();

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tsunagu_client::netmap::{MapState, Prefs};
+use tsunagu_client::transport::{ServerSecurity, check_server_url};
 use tsunagu_client::{ControlClient, fetch_server_key_marked};
 use tsunagu_engine::engine::{Engine, EngineConfig};
 use tsunagu_proto::tailcfg::{
@@ -27,12 +28,18 @@ pub struct JoinArgs {
     /// From `--login-server` (then the daemon also wants to run).
     pub login_server: Option<String>,
     pub auth_key: Option<String>,
+    /// From `--standby-key`: join an exit node as a standby host.
+    pub standby_key: Option<String>,
+    /// From `--prefer`.
+    pub prefer: bool,
     pub state_dir: PathBuf,
     /// The system's hostname (used when none is configured).
     pub default_hostname: String,
     pub hostname: Option<String>,
     pub advertise_tags: Vec<String>,
     pub prefs: Prefs,
+    /// `--insecure-http`: plain HTTP to a login server off loopback.
+    pub insecure_http: bool,
     pub engine: EngineConfig,
     pub mtu: u16,
     /// The local API's Unix socket.
@@ -153,6 +160,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         &args.state_dir.join("machine.key"),
         MachinePrivate::generate,
     )?;
+    let machine_public = machine.public().to_string();
     let node = read_or_create(&args.state_dir.join("node.key"), || {
         StoredNodeKey(NodePrivate::generate())
     })?
@@ -176,9 +184,13 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         saved.login_server.clone_from(url);
         saved.want_running = true;
     }
-    if args.auth_key.is_some() {
+    if args.auth_key.is_some() || args.standby_key.is_some() {
         saved.logged_out = false;
     }
+    if args.standby_key.is_some() {
+        saved.prefs.advertise_exit_node = true;
+    }
+    saved.prefer |= args.prefer;
     if let Some(h) = &args.hostname {
         saved.hostname.clone_from(h);
     }
@@ -190,11 +202,36 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
     }
     saved.prefs.exit_node_allow_lan_access |= args.prefs.exit_node_allow_lan_access;
     saved.prefs.advertise_exit_node |= args.prefs.advertise_exit_node;
+    saved.prefs.accept_routes |= args.prefs.accept_routes;
+    saved.insecure_http |= args.insecure_http;
     if on_disk.as_ref() != Some(&saved) {
         // A restart without those flags comes back the same.
         crate::api::save_prefs(&prefs_path, &saved)?;
     }
     let peerapi_port = crate::dns::peerapi_port(&node.public().0);
+    // Fail closed from boot: with an exit node chosen, block the internet now, before
+    // the server is reached (it may never be, on a network that blocks it); the engine
+    // converges from this block when the first map comes.
+    let mut start_block = false;
+    if saved.want_running
+        && !saved.logged_out
+        && !saved.login_server.is_empty()
+        && !saved.prefs.exit_node.is_empty()
+    {
+        match tsunagu_engine::engine::block_internet(
+            &args.engine,
+            saved.prefs.exit_node_allow_lan_access,
+        ) {
+            Ok(()) => {
+                start_block = true;
+                tracing::info!(
+                    exit_node = %saved.prefs.exit_node,
+                    "internet blocked until the exit node is reached (fail closed from start)"
+                );
+            }
+            Err(e) => tracing::error!("cannot block the internet before the first map: {e:#}"),
+        }
+    }
     let (backend, _) = tokio::sync::watch::channel(crate::api::Backend::default());
     let (generation, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
@@ -208,14 +245,19 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         state_dir: args.state_dir.clone(),
         default_hostname: args.default_hostname.clone(),
         auth_key: Mutex::new(args.auth_key.clone()),
+        standby_key: Mutex::new(args.standby_key.clone()),
+        standby: Mutex::new(None),
         backend,
         generation,
         relay: Mutex::new(None),
-        relay_cfg: args.relay.clone(),
+        relay_cfg: crate::relay::PoolConfig {
+            host: machine_public.clone(),
+            ..args.relay.clone()
+        },
         stun: Arc::new(crate::netcheck::Stun::default()),
         // A disco key for this run, as Tailscale clients make one per process: peers
         // find direct paths to us with disco pings sealed to it.
-        disco: tsunagu_disco::DiscoPrivate::generate(),
+        disco: Mutex::new(tsunagu_disco::DiscoPrivate::generate()),
         endpoints: Mutex::new(Vec::new()),
         exit_drain: args.exit_drain,
         drain_until: Mutex::new(None),
@@ -225,6 +267,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
             &args.engine.tun_name,
             peerapi_port,
         ),
+        start_block: std::sync::atomic::AtomicBool::new(start_block),
     });
     let api = shared.clone();
     let socket = args.socket.clone();
@@ -323,7 +366,7 @@ fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
     for proto in ["peerapi4", "peerapi6"] {
         hi.services.push(tsunagu_proto::tailcfg::Service {
             proto: proto.into(),
-            port: shared.dns.port,
+            port: shared.dns.port(),
             ..Default::default()
         });
     }
@@ -332,6 +375,8 @@ fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
         port: 1,
         ..Default::default()
     });
+    // Tells the server this node can hand its key over and stand by (standby hosts).
+    hi.app = crate::standby_app().into();
     if p.prefs.advertise_exit_node {
         hi.routable_ips = vec![
             "0.0.0.0/0".parse().expect("literal"),
@@ -359,11 +404,12 @@ fn report(
 ) -> MapRequest {
     MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
-        disco_key: shared.disco.public(),
+        disco_key: shared.disco_key().public(),
         node_key: node.public(),
         hostinfo: Some(hostinfo(shared, p)),
         endpoints: endpoints(shared, port, tun),
         omit_peers: true,
+        tsunagu_host: crate::standby::host_report(shared, p),
         ..MapRequest::default()
     }
 }
@@ -380,12 +426,15 @@ async fn bounded<T, E: Into<anyhow::Error>>(
 
 /// Dial the server on a socket with the engine's bypass mark, so the control
 /// connection takes the physical network whatever the tunnel does with the default
-/// route (exit node, or its fail-closed block).
+/// route (exit node, or its fail-closed block). Plain HTTP only to loopback, or with
+/// `insecure_http` (see `tsunagu_client::transport::check_server_url`).
 async fn connect(
     server: &str,
+    insecure_http: bool,
     machine: &MachinePrivate,
     fwmark: u32,
 ) -> anyhow::Result<ControlClient> {
+    check_server_url(server, insecure_http)?;
     let what = format!("cannot reach the coordination server {server}");
     let mark = Some(fwmark);
     let server_key = bounded(&what, fetch_server_key_marked(server, mark)).await?;
@@ -399,11 +448,12 @@ async fn connect(
 /// Tell the server this node logs out (its key expires now).
 pub async fn logout(
     server: &str,
+    insecure_http: bool,
     machine: &MachinePrivate,
     node: &NodePrivate,
     fwmark: u32,
 ) -> anyhow::Result<()> {
-    let mut client = connect(server, machine, fwmark).await?;
+    let mut client = connect(server, insecure_http, machine, fwmark).await?;
     let reg = RegisterRequest {
         version: CURRENT_CAPABILITY_VERSION,
         node_key: node.public(),
@@ -424,18 +474,39 @@ async fn session(
     port: u16,
     tun: &str,
 ) -> anyhow::Result<()> {
-    let server = p.login_server.as_str();
-    let node = shared.node_key();
-    let mut client = connect(server, &shared.machine, shared.engine_cfg.fwmark).await?;
+    let mut p = p.clone();
+    let p = &mut p;
+    let server = p.login_server.clone();
+    let server = server.as_str();
+    if check_server_url(server, p.insecure_http)? == ServerSecurity::Insecure {
+        tracing::warn!(
+            %server,
+            "plain HTTP to the coordination server (--insecure-http): its key is not authenticated; use https:// outside a lab"
+        );
+    }
+    let mut node = shared.node_key();
+    let mut client = connect(
+        server,
+        p.insecure_http,
+        &shared.machine,
+        shared.engine_cfg.fwmark,
+    )
+    .await?;
     let auth_key = shared.auth_key.lock().ok().and_then(|k| k.clone());
+    // A standby key until the server granted the identity (then this host registers
+    // with the identity's key).
+    let standby_key = shared.standby_key.lock().ok().and_then(|k| k.clone());
     let mut reg = RegisterRequest {
         version: CURRENT_CAPABILITY_VERSION,
         node_key: node.public(),
         hostinfo: Some(hostinfo(shared, p)),
-        auth: auth_key.as_ref().map(|k| RegisterResponseAuth {
-            auth_key: k.clone(),
-            ..RegisterResponseAuth::default()
-        }),
+        auth: standby_key
+            .as_ref()
+            .or(auth_key.as_ref())
+            .map(|k| RegisterResponseAuth {
+                auth_key: k.clone(),
+                ..RegisterResponseAuth::default()
+            }),
         ..RegisterRequest::default()
     };
     let mut r = bounded("registering", client.register(&reg)).await?;
@@ -445,7 +516,11 @@ async fn session(
     if !r.auth_url.is_empty() && !r.machine_authorized {
         // Interactive: an admin approves the node; the follow-up waits for that.
         let url = r.auth_url.clone();
-        tracing::info!(%url, "waiting for an admin to approve this node");
+        if standby_key.is_some() {
+            tracing::info!(%url, "waiting for the exit node's active host to hand its key over");
+        } else {
+            tracing::info!(%url, "waiting for an admin to approve this node");
+        }
         shared.set_backend(generation, BackendState::NeedsMachineAuth, &url, "");
         reg.auth = None;
         reg.followup = url.clone();
@@ -460,6 +535,21 @@ async fn session(
         }
         shared.set_backend(generation, BackendState::Starting, "", "");
     }
+    if let Some(grant) = r.tsunagu_standby.take() {
+        // A standby host: from now on it registers and runs as the exit node.
+        *p = crate::standby::install_grant(shared, &grant)?;
+        node = shared.node_key();
+        reg = RegisterRequest {
+            version: CURRENT_CAPABILITY_VERSION,
+            node_key: node.public(),
+            hostinfo: Some(hostinfo(shared, p)),
+            ..RegisterRequest::default()
+        };
+        r = bounded("registering as the exit node", client.register(&reg)).await?;
+        if !r.error.is_empty() {
+            anyhow::bail!("the server refused the registration: {}", r.error);
+        }
+    }
     if !r.machine_authorized {
         anyhow::bail!("this node is not authorized yet");
     }
@@ -473,7 +563,7 @@ async fn session(
     .await?;
     let req = MapRequest {
         version: CURRENT_CAPABILITY_VERSION,
-        disco_key: shared.disco.public(),
+        disco_key: shared.disco_key().public(),
         compress: "zstd".into(),
         keep_alive: true,
         node_key: node.public(),
@@ -497,6 +587,8 @@ async fn session(
             }
             _ = stun_tick.tick() => {
                 shared.probe_stun(&state);
+                // An exit node closes its host's new addresses to what it forwards.
+                shared.refresh_host();
                 continue;
             }
             _ = shared.stun.answered.notified() => {
@@ -512,6 +604,40 @@ async fn session(
         };
         if msg.keep_alive {
             continue;
+        }
+        if let Some(info) = msg.tsunagu_standby.clone() {
+            // The role first: the first map must not start the data plane in the wrong
+            // one, and a host that loses the role stops answering now.
+            let handover = info.handover;
+            if crate::standby::on_info(shared, info) {
+                let confirm = report(shared, p, &node, port, tun);
+                bounded("confirming the host role", client.map(&confirm)).await?;
+            }
+            if handover {
+                let body = tsunagu_proto::tailcfg::HandoverRequest {
+                    node_key: node.public(),
+                    private: tsunagu_proto::tailcfg::WireNodePrivate(node.clone()),
+                };
+                // Another host may have been first: the server then says no one waits.
+                match bounded(
+                    "handing the key over",
+                    client.post_json(tsunagu_proto::tailcfg::HANDOVER_PATH, &body),
+                )
+                .await
+                {
+                    Ok(_) => {
+                        tracing::info!("handed the exit node's key over to a new standby host")
+                    }
+                    Err(e) => tracing::debug!("key handover: {e:#}"),
+                }
+            }
+            let rest = tsunagu_proto::tailcfg::MapResponse {
+                tsunagu_standby: None,
+                ..msg.clone()
+            };
+            if rest.is_empty() {
+                continue;
+            }
         }
         // Prefs first, then the map, then the engine: the lock order `Shared` documents.
         let (relay_changed, applied) = {

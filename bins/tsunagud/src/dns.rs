@@ -66,6 +66,9 @@ const PEERAPI_MAX_BUF: usize = 8192;
 /// DoH requests in flight from our resolver (below [`PEERAPI_CONNS_PER_PEER`], so that
 /// a burst of queries queues here instead of being refused by the exit node).
 const DOH_INFLIGHT: usize = 16;
+/// A DoH request that failed this fast (a reset pooled connection, not a dead exit
+/// node) is sent once more.
+const DOH_RETRY_WITHIN: Duration = Duration::from_millis(500);
 /// How long an idle TCP connection to the resolver stays open.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -112,8 +115,8 @@ pub struct Dns {
     view: Arc<RwLock<View>>,
     doh: Arc<DohClient>,
     peerapi: Arc<PeerApi>,
-    /// The PeerAPI's port (stable: derived from the node key).
-    pub port: u16,
+    /// The PeerAPI's port (stable: derived from the node key, see [`peerapi_port`]).
+    port: std::sync::atomic::AtomicU16,
     inner: Mutex<Inner>,
 }
 
@@ -142,7 +145,7 @@ impl Dns {
             })),
             doh: Arc::new(DohClient::new()),
             peerapi: Arc::new(PeerApi::default()),
-            port,
+            port: std::sync::atomic::AtomicU16::new(port),
             inner: Mutex::new(Inner {
                 resolver: Vec::new(),
                 peerapi: BTreeMap::new(),
@@ -154,6 +157,24 @@ impl Dns {
 
     fn backup_path(&self) -> PathBuf {
         self.state_dir.join(BACKUP)
+    }
+
+    /// The PeerAPI's port.
+    pub fn port(&self) -> u16 {
+        self.port.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new node key (a standby host given the exit node's identity) means a new port:
+    /// the one every host of that identity derives from it, so that peers' maps stay
+    /// right whichever host serves. The listeners move at the next map.
+    pub fn set_port(&self, port: u16) {
+        let old = self.port.swap(port, std::sync::atomic::Ordering::Relaxed);
+        if old != port {
+            for (_, t) in std::mem::take(&mut self.inner.lock().peerapi) {
+                t.abort();
+            }
+            tracing::info!(port, "peerapi: port of the new node key");
+        }
     }
 
     /// The OS's own resolvers: from the saved original while ours is installed.
@@ -194,10 +215,10 @@ impl Dns {
             }
             match self.start_peerapi(ip) {
                 Ok(task) => {
-                    tracing::info!(url = %format!("http://{}", SocketAddr::new(ip, self.port)), "peerapi: serving");
+                    tracing::info!(url = %format!("http://{}", SocketAddr::new(ip, self.port())), "peerapi: serving");
                     inner.peerapi.insert(ip, task);
                 }
-                Err(e) => tracing::warn!(%ip, port = self.port, "peerapi: {e}"),
+                Err(e) => tracing::warn!(%ip, port = self.port(), "peerapi: {e}"),
             }
         }
         let search: Vec<String> = i.cfg.domains.clone();
@@ -259,7 +280,7 @@ impl Dns {
 
     fn start_peerapi(&self, ip: IpAddr) -> std::io::Result<tokio::task::JoinHandle<()>> {
         let _guard = self.rt.enter();
-        let l = std::net::TcpListener::bind(SocketAddr::new(ip, self.port))?;
+        let l = std::net::TcpListener::bind(SocketAddr::new(ip, self.port()))?;
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let state = PeerApiState {
@@ -702,7 +723,9 @@ impl DohClient {
         }
     }
 
-    /// POST `q` to `url`; the answer's bytes.
+    /// POST `q` to `url`; the answer's bytes. A request that fails at once on a pooled
+    /// connection (reset: the exit node restarted, or another host took its identity
+    /// over) is sent once more on a fresh one, so that the switch costs no query.
     pub async fn query(&self, url: &str, q: &[u8]) -> std::io::Result<Vec<u8>> {
         // Waiting for a slot counts against the query's own deadline (the caller's).
         let _permit = self
@@ -710,6 +733,17 @@ impl DohClient {
             .acquire()
             .await
             .map_err(std::io::Error::other)?;
+        let start = tokio::time::Instant::now();
+        match self.query_once(url, q).await {
+            Err(e) if start.elapsed() < DOH_RETRY_WITHIN => {
+                tracing::debug!(%url, "DoH: {e}; again on a new connection");
+                self.query_once(url, q).await
+            }
+            r => r,
+        }
+    }
+
+    async fn query_once(&self, url: &str, q: &[u8]) -> std::io::Result<Vec<u8>> {
         let client = self.client.lock().clone();
         let req = hyper::Request::post(url)
             .header("content-type", tsunagu_dns::doh::CONTENT_TYPE)
@@ -727,18 +761,15 @@ impl DohClient {
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             Ok(body.to_bytes().to_vec())
         };
-        match tokio::time::timeout(UPSTREAM_TRY, work).await {
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => {
-                // A dead pooled connection (the exit node restarted): start afresh.
-                *self.client.lock() = new_client();
-                Err(e)
-            }
-            Err(_) => {
-                *self.client.lock() = new_client();
-                Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            }
+        let r = match tokio::time::timeout(UPSTREAM_TRY, work).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        };
+        if r.is_err() {
+            // Pooled connections may all be dead (the exit node restarted): start afresh.
+            *self.client.lock() = new_client();
         }
+        r
     }
 }
 

@@ -16,6 +16,7 @@ mod dns;
 mod netcheck;
 mod regions;
 mod relay;
+mod standby;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -35,13 +36,22 @@ struct Args {
         conflicts_with = "login_server"
     )]
     config: Option<PathBuf>,
-    /// Join this coordination server (e.g. http://198.51.100.4:8080); without it the
-    /// saved one, or none until `tsunagu up --login-server=URL`.
+    /// Join this coordination server (e.g. https://ctl.example); without it the saved
+    /// one, or none until `tsunagu up --login-server=URL`. `http://` only on loopback or
+    /// with --insecure-http.
     #[arg(long, value_name = "URL")]
     login_server: Option<String>,
     /// Pre-auth key for the first registration.
     #[arg(long, value_name = "KEY", env = "TSUNAGU_AUTH_KEY")]
     auth_key: Option<String>,
+    /// Join an exit node as one of its standby hosts (a key from `tsunagu-server nodes
+    /// standby add NODE`; implies --advertise-exit-node). Env: TSUNAGU_STANDBY_KEY.
+    #[arg(long, value_name = "KEY", env = "TSUNAGU_STANDBY_KEY")]
+    standby_key: Option<String>,
+    /// As a host of an exit node with standby hosts: take the role whenever this host is
+    /// ready (by default a host that comes back stands by).
+    #[arg(long)]
+    prefer: bool,
     /// State directory (keys, mode 0600).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/tsunagud")]
     state_dir: PathBuf,
@@ -60,6 +70,14 @@ struct Args {
     /// With an exit node, keep the local LAN reachable directly.
     #[arg(long)]
     exit_node_allow_lan_access: bool,
+    /// Route to the subnets other nodes advertise (off by default, as Tailscale on
+    /// Linux: a peer's route never captures this device's LAN unless asked for).
+    #[arg(long)]
+    accept_routes: bool,
+    /// Allow an `http://` login server that is not on loopback (a lab, a trusted
+    /// network): its key then comes unauthenticated over the network.
+    #[arg(long)]
+    insecure_http: bool,
     /// TUN interface name (overrides the file's `tun`).
     #[arg(long, value_name = "NAME")]
     tun: Option<String>,
@@ -103,6 +121,11 @@ struct Args {
     /// Only check the configuration file and exit.
     #[arg(long)]
     check: bool,
+}
+
+/// `Hostinfo.App` of tsunagud.
+pub(crate) fn standby_app() -> &'static str {
+    "tsunagud"
 }
 
 fn main() -> std::process::ExitCode {
@@ -234,6 +257,8 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
     let join = control::JoinArgs {
         login_server: args.login_server.clone(),
         auth_key: args.auth_key.clone(),
+        standby_key: args.standby_key.clone(),
+        prefer: args.prefer,
         state_dir: args.state_dir.clone(),
         default_hostname,
         hostname: args.hostname.clone(),
@@ -242,7 +267,9 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
             exit_node: args.exit_node.clone(),
             exit_node_allow_lan_access: args.exit_node_allow_lan_access,
             advertise_exit_node: args.advertise_exit_node,
+            accept_routes: args.accept_routes,
         },
+        insecure_http: args.insecure_http,
         engine: EngineConfig {
             tun_name: args
                 .tun

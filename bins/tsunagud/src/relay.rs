@@ -143,6 +143,8 @@ impl Drop for Relay {
 #[derive(Clone)]
 struct Ctx {
     key: NodePrivate,
+    /// See [`PoolConfig::host`].
+    host: String,
     /// The engine's bypass mark for the TCP sockets (`None` in tests without root).
     fwmark: Option<u32>,
     engine: Arc<Mutex<Option<Engine>>>,
@@ -171,6 +173,10 @@ pub struct PoolConfig {
     pub idle: Duration,
     /// Connections to regions other than home, at most.
     pub max: usize,
+    /// Which host of our node key we are (our machine key), told to relays at login:
+    /// the hosts of an exit node with standby hosts share its node key, and the relay
+    /// delivers to the active one.
+    pub host: String,
 }
 
 impl Default for PoolConfig {
@@ -179,6 +185,7 @@ impl Default for PoolConfig {
             home: None,
             idle: crate::regions::DEFAULT_IDLE,
             max: crate::regions::DEFAULT_MAX,
+            host: String::new(),
         }
     }
 }
@@ -245,6 +252,7 @@ impl RelayPool {
             }),
             ctx: Ctx {
                 key,
+                host: cfg.host.clone(),
                 fwmark,
                 engine,
                 pool: me.clone(),
@@ -474,7 +482,11 @@ async fn session(
             break end;
         }
     };
-    let mut conn = ClientConn::new(ctx.key.clone(), ClientInfo::default());
+    let info = ClientInfo {
+        host: ctx.host.clone(),
+        ..ClientInfo::default()
+    };
+    let mut conn = ClientConn::new(ctx.key.clone(), info);
     conn.handle_input(&head[start..])?;
     // Pings keep NAT state and idle proxies alive; the first one after 30 s, never
     // before the login (a frame before ClientInfo closes the connection).

@@ -26,6 +26,7 @@ fn cli_shows_status_and_switches_the_exit_node() {
         tsunagud,
         "--login-server",
         "http://198.51.100.4:8080",
+        "--insecure-http",
         "--auth-key",
         &client_key,
         "--hostname",

@@ -601,7 +601,7 @@ fn cafe(test: &str) -> Cafe {
 fn official_at_the_cafe(c: &mut Cafe, hostname: &str, exit: bool) -> tsunagu_lab::Tailscaled {
     let ts = common::official(&mut c.j, role::PRINTER, hostname, &[]);
     let (url, key) = (c.j.url.clone(), c.j.new_key());
-    common::up(&ts, &url, &key, hostname, &[]);
+    common::official_up(&ts, &url, &key, hostname, &[]);
     if exit {
         ts.cli(&["set", "--exit-node=dev-m1sk9-s1"]).unwrap();
     }

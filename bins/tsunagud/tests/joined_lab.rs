@@ -28,6 +28,7 @@ fn exit_node_joins_is_auto_approved_and_carries_the_client() {
                 tsunagud,
                 "--login-server",
                 "http://198.51.100.4:8080",
+                "--insecure-http",
                 "--auth-key",
                 &client_key,
                 "--hostname",

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{POLICY, Transport, official, peer_line, setup_over, status_text, tsunagu, up, wait};
+use common::official_up as up;
+use common::{
+    POLICY, Transport, official, official_exit, peer_line, setup_over, status_text, tsunagu, wait,
+};
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{
@@ -118,37 +121,6 @@ fn official_client_uses_a_tsunagud_exit_node() {
     ts.stop(&mut j.seed.lab, false).unwrap();
     let left = Tailscaled::leftovers(&client).unwrap();
     assert!(left.is_empty(), "{left:#?}");
-}
-
-/// Enables forwarding in an official exit node's namespace, as Tailscale's docs tell an
-/// admin to do before `--advertise-exit-node` (tsunagud does this itself).
-fn enable_forwarding(ns: &tsunagu_lab::Netns) {
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-}
-
-/// An official exit node in `role`'s namespace, joined as `hostname` with a member key
-/// (not tagged: the admin approves it by hand) and approved with
-/// `tsunagu-server nodes approve-exit`.
-fn official_exit(j: &mut common::Joined, role: &str, hostname: &str) -> Tailscaled {
-    enable_forwarding(&j.seed.ns(role));
-    let ts = official(j, role, hostname, &[]);
-    let key = j.new_key();
-    let url = j.url.clone();
-    up(&ts, &url, &key, hostname, &["--advertise-exit-node"]);
-    wait(
-        "the offer pending at the server",
-        Duration::from_secs(20),
-        || {
-            j.nodes().as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|n| n["name"] == hostname && n["exit_node"] == "awaiting approval")
-            })
-        },
-    );
-    let out = j.admin(&["nodes", "approve-exit", hostname]);
-    assert!(out.contains("approved"), "{out}");
-    ts
 }
 
 /// The other way round: an official `tailscaled --advertise-exit-node`, approved with

@@ -46,6 +46,11 @@ pub enum ClientError {
     Stream(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error(
+        "refusing plain HTTP to {0}: the server's key would come unauthenticated over the \
+         network; use https://, or allow it with --insecure-http (lab and trusted networks)"
+    )]
+    InsecureHttp(String),
     #[error("TLS with {host}: {source}")]
     Tls {
         host: String,
@@ -204,6 +209,17 @@ impl ControlClient {
         Ok(serde_json::from_slice(&body)?)
     }
 
+    /// POST `body` as JSON to `path` over the Noise channel (tsunagu's own endpoints, such
+    /// as the standby key handover); the answer's body.
+    pub async fn post_json<T: serde::Serialize>(
+        &mut self,
+        path: &str,
+        body: &T,
+    ) -> Result<Bytes, ClientError> {
+        let resp = self.post(path, serde_json::to_vec(body)?).await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    }
+
     /// Start a map request; with `req.stream` the returned [`MapStream`] yields every
     /// message until the server closes it.
     pub async fn map(&mut self, req: &MapRequest) -> Result<MapStream, ClientError> {
@@ -227,28 +243,46 @@ pub struct MapStream {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
+/// The largest message on the stream, compressed and decompressed alike: a full map of
+/// thousands of peers is a few MiB; a bigger one is refused, not allocated (a "zstd
+/// bomb" of a few KiB could otherwise ask for gigabytes).
 const MAX_MESSAGE: usize = 64 << 20;
 
 /// Decompresses one message (one zstd frame, as servers write them; anything else, e.g.
-/// a frame without its size, takes the general path).
+/// a frame without its size, takes the streaming path), never to more than `limit`
+/// bytes.
 fn decompress(
     ctx: &mut Option<zstd::bulk::Decompressor<'static>>,
     body: &[u8],
+    limit: usize,
 ) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
     let size = zstd::zstd_safe::get_frame_content_size(body)
         .ok()
         .flatten()
         .and_then(|s| usize::try_from(s).ok());
-    if let Some(size) = size.filter(|&s| s <= MAX_MESSAGE) {
+    if let Some(size) = size.filter(|&s| s <= limit) {
         let d = match ctx {
             Some(d) => d,
             None => ctx.insert(zstd::bulk::Decompressor::new()?),
         };
+        // The capacity bounds the output: a frame that lies about its size fails here.
         if let Ok(out) = d.decompress(body, size) {
             return Ok(out);
         }
     }
-    zstd::stream::decode_all(body)
+    // One byte more than allowed tells "at the limit" from "over it".
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(body)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message decompresses to more than {limit} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 impl MapStream {
@@ -274,7 +308,7 @@ impl MapStream {
                 if self.buf.len() >= 4 + len {
                     let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
                     let json = if self.compressed {
-                        match decompress(&mut self.zstd, &body) {
+                        match decompress(&mut self.zstd, &body, MAX_MESSAGE) {
                             Ok(j) => j,
                             Err(e) => return Some(Err(ClientError::Stream(format!("zstd: {e}")))),
                         }
@@ -311,5 +345,43 @@ impl MapStream {
                 Ok(Some(Ok(m))) => return Ok(Some(m)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decompression_is_bounded() {
+        let json = br#"{"KeepAlive":true}"#.repeat(1000);
+        let frame = zstd::bulk::compress(&json, 3).unwrap();
+        let mut ctx = None;
+        assert_eq!(decompress(&mut ctx, &frame, json.len()).unwrap(), json);
+        // Over the limit: refused on the sized path and on the streaming one.
+        assert!(decompress(&mut ctx, &frame, json.len() - 1).is_err());
+        let mut no_size = Vec::new();
+        {
+            let mut enc = zstd::stream::write::Encoder::new(&mut no_size, 3).unwrap();
+            enc.include_contentsize(false).unwrap();
+            std::io::Write::write_all(&mut enc, &json).unwrap();
+            enc.finish().unwrap();
+        }
+        assert!(
+            zstd::zstd_safe::get_frame_content_size(&no_size)
+                .ok()
+                .flatten()
+                .is_none()
+        );
+        assert_eq!(decompress(&mut ctx, &no_size, json.len()).unwrap(), json);
+        let err = decompress(&mut ctx, &no_size, json.len() - 1).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        // A bomb: 128 MiB of zeros in a few KiB stops at the limit without allocating
+        // it.
+        let zeros = vec![0u8; 128 << 20];
+        let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
+        drop(zeros);
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        assert!(decompress(&mut ctx, &bomb, 1 << 20).is_err());
     }
 }

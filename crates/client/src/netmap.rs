@@ -15,11 +15,16 @@ use tsunagu_proto::{NetMap, NodePrivate, NodePublic, Peer, SelfNode};
 
 /// What the user chose (persisted by the daemon).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Prefs {
     /// Exit node by tailnet IP, short name or full DNS name; empty for none.
     pub exit_node: String,
     pub exit_node_allow_lan_access: bool,
     pub advertise_exit_node: bool,
+    /// Route to the subnets peers advertise (their approved routes beyond their own
+    /// addresses). Off by default, as Tailscale on Linux: a peer's route must not capture
+    /// this device's own LAN unless the user asks for it.
+    pub accept_routes: bool,
 }
 
 /// Why the preferences cannot be applied to the current map.
@@ -275,10 +280,12 @@ impl MapState {
         let me = self.self_node.as_ref()?;
         let mut peers = Vec::with_capacity(self.peers.len());
         for p in self.peers.values() {
+            // Subnet routes only with --accept-routes; exit routes go by `offers_exit`.
             let allowed: Vec<IpNet> = p
                 .effective_allowed_ips()
                 .iter()
                 .filter(|n| n.prefix_len() != 0)
+                .filter(|n| prefs.accept_routes || p.addresses.contains(n))
                 .copied()
                 .collect();
             peers.push(Peer {
@@ -358,6 +365,56 @@ mod tests {
             ..MapResponse::default()
         });
         s
+    }
+
+    #[test]
+    fn peers_subnet_routes_only_with_accept_routes() {
+        let mut s = state();
+        let mut router = node(4, "router", "100.64.0.4", false);
+        // An approved subnet route that is this member's own LAN (the cafe's).
+        router
+            .allowed_ips
+            .as_mut()
+            .unwrap()
+            .push("198.18.1.0/24".parse().unwrap());
+        router.primary_routes = vec!["198.18.1.0/24".parse().unwrap()];
+        s.apply(&MapResponse {
+            peers_changed: vec![router],
+            ..MapResponse::default()
+        });
+        let key = NodePrivate::generate();
+        let routes = |accept_routes: bool| -> Vec<String> {
+            let prefs = Prefs {
+                exit_node: "dev-m1sk9-s1".into(),
+                accept_routes,
+                ..Prefs::default()
+            };
+            let m = s.netmap(&key, &prefs, 1280).unwrap().unwrap();
+            m.validate().unwrap();
+            m.peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().map(ToString::to_string))
+                .collect()
+        };
+        // Off (the default): each peer's own address only; the exit node still offers
+        // the internet (its /0s are not subnet routes).
+        assert_eq!(
+            routes(false),
+            ["100.64.0.2/32", "100.64.0.3/32", "100.64.0.4/32"]
+        );
+        assert!(!Prefs::default().accept_routes);
+        assert_eq!(
+            routes(true),
+            [
+                "100.64.0.2/32",
+                "100.64.0.3/32",
+                "100.64.0.4/32",
+                "198.18.1.0/24"
+            ]
+        );
+        // Saved settings from before the option parse, with it off.
+        let old: Prefs = serde_json::from_str(r#"{"exit_node":"x"}"#).unwrap();
+        assert!(!old.accept_routes && old.exit_node == "x");
     }
 
     #[test]

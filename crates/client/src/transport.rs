@@ -50,6 +50,51 @@ fn split_host(host: &str, default: u16) -> (String, u16) {
     }
 }
 
+/// How a coordination server is reached, as far as trusting it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerSecurity {
+    /// `https://`: the server's key (`/key`) comes over TLS.
+    Tls,
+    /// `http://` to a loopback address: nobody on the network can interfere.
+    Loopback,
+    /// `http://` over a network, allowed by the user (`--insecure-http`): whoever sits
+    /// on the path can hand out their own server key, and with it the tailnet's maps.
+    Insecure,
+}
+
+/// Whether `url` may be used as coordination server: `https://` always, `http://` only
+/// to a loopback host (an IP literal of 127.0.0.0/8 or `::1`, or `localhost`) unless
+/// `insecure_http` allows it. Plain HTTP matters because the server's Noise key is
+/// fetched over it (`GET /key`): a forged key gives a man in the middle the control
+/// channel, i.e. every peer's keys and endpoints.
+pub fn check_server_url(url: &str, insecure_http: bool) -> Result<ServerSecurity, ClientError> {
+    let bad = |why: &str| ClientError::Url(url.into(), why.into());
+    let Some(rest) = url.strip_prefix("http://") else {
+        return if url.starts_with("https://") {
+            Ok(ServerSecurity::Tls)
+        } else {
+            Err(bad("must start with http:// or https://"))
+        };
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let (name, _) = split_host(host, 80);
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(ServerSecurity::Loopback)
+    } else if insecure_http {
+        Ok(ServerSecurity::Insecure)
+    } else {
+        Err(ClientError::InsecureHttp(url.into()))
+    }
+}
+
 /// Parse `http://host[:port]` or `https://host[:port]` (a path is ignored) and resolve
 /// the host.
 pub async fn resolve_url(url: &str) -> Result<Endpoint, ClientError> {
@@ -199,6 +244,40 @@ mod tests {
         );
         assert_eq!(split_host("[2001:db8::4]", 80), ("2001:db8::4".into(), 80));
         assert_eq!(split_host("ctl.example", 80), ("ctl.example".into(), 80));
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_or_when_allowed() {
+        use ServerSecurity::*;
+        for (url, insecure, want) in [
+            ("https://198.51.100.4", false, Some(Tls)),
+            ("https://198.51.100.4:8443/x", true, Some(Tls)),
+            ("http://127.0.0.1:8080", false, Some(Loopback)),
+            ("http://127.3.4.5", false, Some(Loopback)),
+            ("http://[::1]:8080", false, Some(Loopback)),
+            ("http://localhost:8080/", false, Some(Loopback)),
+            ("http://198.51.100.4:8080", false, None),
+            ("http://198.51.100.4:8080", true, Some(Insecure)),
+            ("http://[2001:db8::4]:80", false, None),
+            ("http://ctl.example", false, None),
+            ("http://127.0.0.1.ctl.example", false, None),
+            ("http://ctl.example", true, Some(Insecure)),
+        ] {
+            let got = check_server_url(url, insecure);
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), w, "{url}"),
+                None => assert!(
+                    matches!(got, Err(ClientError::InsecureHttp(ref u)) if u == url),
+                    "{url}: {got:?}"
+                ),
+            }
+        }
+        for bad in ["ftp://198.51.100.4", "198.51.100.4", "http://", "http:///x"] {
+            assert!(
+                matches!(check_server_url(bad, true), Err(ClientError::Url(..))),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -62,6 +62,10 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/nodes/{node}/expire", post(expire_node))
         .route("/v1/nodes/{node}/rename", post(rename_node))
         .route("/v1/nodes/{node}/tags", post(tag_node))
+        .route("/v1/nodes/{node}/standby", post(standby_add))
+        .route("/v1/nodes/{node}/failover", post(failover))
+        .route("/v1/standby", get(standby_list))
+        .route("/v1/standby/{host}", delete(standby_remove))
         .route("/v1/register", post(register))
         .route("/v1/policy", get(get_policy).put(set_policy))
         .route("/v1/dns", axum::routing::put(set_dns))
@@ -97,6 +101,9 @@ pub struct NodeInfo {
     /// The DERP region the node reported as its home; 0 = none.
     #[serde(default)]
     pub home_derp: i32,
+    /// An exit node with standby hosts: its hosts, the active one, the last switches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<crate::standby::StandbyView>,
 }
 
 pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
@@ -156,6 +163,7 @@ pub fn node_info(state: &State, e: &NodeEntry) -> NodeInfo {
         node_key: n.node_key.clone(),
         endpoints: n.endpoints.clone(),
         home_derp: e.home_derp,
+        standby: state.standby.view(n.id),
     }
 }
 
@@ -408,6 +416,7 @@ async fn delete_node(
     let e = find_node(&s, &r)?;
     let info = node_info(&s, &e);
     s.store.delete_node(e.node.id).await?;
+    s.standby.node_removed(e.node.id);
     s.remove_node(e.node.id);
     s.rebuild();
     Ok(Json(info))
@@ -436,6 +445,149 @@ async fn tag_node(
     let e = find_node(&s, &r)?;
     s.store.set_tags(e.node.id, &b.tags).await?;
     changed(&s, e.node.id).await
+}
+
+#[derive(Deserialize)]
+struct StandbyAddBody {
+    /// Lifetime of the key (default 1h).
+    expiration: Option<String>,
+}
+
+/// `nodes standby add NODE`: a single-use key that enrols one standby host of the node,
+/// for tagged, approved exit nodes run by tsunagud only.
+async fn standby_add(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+    Json(b): Json<StandbyAddBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let e = find_node(&s, &r)?;
+    crate::standby::eligible(&e.node).map_err(bad)?;
+    let lifetime = parse_duration(b.expiration.as_deref().unwrap_or("1h")).map_err(bad)?;
+    let (key, full) = s
+        .store
+        .create_standby_key(e.node.id, Utc::now() + lifetime)
+        .await?;
+    tracing::info!(node = e.node.id, name = %e.node.given_name, key = %key.key_prefix, "standby key created");
+    let mut v = serde_json::to_value(&key)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    v["key"] = json!(full);
+    v["node"] = json!(e.node.given_name);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct StandbyQuery {
+    node: Option<String>,
+}
+
+/// `nodes standby list [NODE]`: nodes with standby hosts, their hosts and switches, and
+/// the keys not used yet.
+async fn standby_list(
+    AxState(s): AxState<Arc<State>>,
+    Query(q): Query<StandbyQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let node = match q.node {
+        Some(r) => Some(find_node(&s, &r)?.node.id),
+        None => None,
+    };
+    let views: Vec<_> = s
+        .standby
+        .views()
+        .into_iter()
+        .filter(|v| node.is_none_or(|n| n == v.node))
+        .collect();
+    let now = Utc::now();
+    let keys: Vec<serde_json::Value> = s
+        .store
+        .list_standby_keys(node)
+        .await?
+        .into_iter()
+        .filter(|k| k.used_by.is_none() && k.expires_at > now)
+        .map(|k| {
+            let name = s
+                .node(k.node_id)
+                .map(|e| e.node.given_name)
+                .unwrap_or_default();
+            let mut v = serde_json::to_value(&k).unwrap_or_default();
+            v["node"] = json!(name);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "nodes": views, "unused_keys": keys })))
+}
+
+/// `nodes standby remove HOST`: the host (hostname, or machine key) loses the node at once:
+/// its map streams end, its relay connection closes, the server refuses it; if it was
+/// active, another host takes over.
+async fn standby_remove(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let hosts = s.store.list_standby_hosts(None).await?;
+    let hit: Vec<_> = hosts
+        .iter()
+        .filter(|h| h.hostname == r || h.machine_key == r || h.id.to_string() == r)
+        .collect();
+    let host = match hit.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no standby host {r:?} (give its hostname or machine key)"),
+            ));
+        }
+        _ => {
+            return Err(bad(format!(
+                "{r:?} names several standby hosts; give the machine key"
+            )));
+        }
+    };
+    s.store.delete_standby_host(host.id).await?;
+    s.standby
+        .remove_host(&s, host.node_id, &host.machine_key)
+        .await;
+    Ok(Json(json!({
+        "removed": host,
+        "node": s.standby.view(host.node_id),
+    })))
+}
+
+#[derive(Deserialize)]
+struct FailoverBody {
+    /// A host (hostname or machine key); none: the best ready standby host.
+    to: Option<String>,
+}
+
+/// `nodes failover NODE [--to HOST]`: move members to another host of the node now.
+async fn failover(
+    AxState(s): AxState<Arc<State>>,
+    Path(r): Path<String>,
+    Json(b): Json<FailoverBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let e = find_node(&s, &r)?;
+    let to = match &b.to {
+        Some(t) => Some(s.standby.find_host(e.node.id, t).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("{t:?} is not a host of {}", e.node.given_name),
+            )
+        })?),
+        None => None,
+    };
+    let rec = s
+        .standby
+        .failover(&s, e.node.id, to.as_deref())
+        .await
+        .map_err(|err| {
+            ApiError(
+                StatusCode::CONFLICT,
+                format!("{}: {err}", e.node.given_name),
+            )
+        })?;
+    Ok(Json(json!({
+        "switch": rec,
+        "node": s.standby.view(e.node.id),
+    })))
 }
 
 #[derive(Deserialize)]

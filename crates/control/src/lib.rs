@@ -6,4 +6,5 @@ pub mod machine;
 pub mod mapper;
 pub mod relay;
 pub mod server;
+pub mod standby;
 pub mod state;

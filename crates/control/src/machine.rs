@@ -4,6 +4,7 @@
 
 use crate::framing;
 use crate::mapper::{self, MapMessage, SessionView};
+use crate::standby;
 use crate::state::{NodeEntry, Snapshot, State, policy_node};
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State as AxState};
@@ -16,9 +17,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tsunagu_proto::MachinePublic;
 use tsunagu_proto::tailcfg::{
-    CapabilityVersion, Hostinfo, Login, LoginID, MIN_SUPPORTED_CAPABILITY_VERSION,
-    MIN_SUPPORTED_TAILSCALE_RELEASE, MapRequest, MapResponse, RegisterRequest, RegisterResponse,
-    Time, User as WireUser, UserID,
+    CapabilityVersion, HandoverRequest, HostRole, Hostinfo, Login, LoginID,
+    MIN_SUPPORTED_CAPABILITY_VERSION, MIN_SUPPORTED_TAILSCALE_RELEASE, MapRequest, MapResponse,
+    RegisterRequest, RegisterResponse, STANDBY_KEY_PREFIX, StandbyGrant, StandbyInfo, Time,
+    User as WireUser, UserID, WireNodePrivate,
 };
 use tsunagu_store::{NodeRequest, StoreError};
 
@@ -110,18 +112,23 @@ fn authorized_response(app: &App, entry_user: Option<i64>) -> RegisterResponse {
 
 /// Apply what a node reports about itself: advertised routes (with auto-approval by
 /// the policy) and requested tags (when its owner may use them).
-async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), StoreError> {
-    let store = &app.state.store;
-    let Some(entry) = app.state.node(id) else {
+async fn apply_hostinfo(state: &State, id: i64, hostinfo: &Hostinfo) -> Result<(), StoreError> {
+    let store = &state.store;
+    let Some(entry) = state.node(id) else {
         return Ok(());
     };
     let mut node = entry.node;
     let advertised: Vec<IpNet> = hostinfo.routable_ips.clone();
     if advertised != node.advertised_routes {
+        for r in &advertised {
+            if let Some(why) = mapper::refused_route(r) {
+                tracing::warn!(node = id, route = %r, "advertised route refused: {why}");
+            }
+        }
         node = store.set_advertised_routes(id, &advertised).await?;
     }
-    let policy = app.state.policy();
-    let users = app.state.users();
+    let policy = state.policy();
+    let users = state.users();
     // Requested tags: a user-owned node may become tagged with tags its owner owns.
     if !hostinfo.request_tags.is_empty() && node.tags != hostinfo.request_tags {
         let owner = node
@@ -162,7 +169,10 @@ async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), S
                 .collect::<Vec<_>>(),
         );
     }
-    for r in advertised.iter().filter(|r| !mapper::is_default_route(r)) {
+    for r in advertised
+        .iter()
+        .filter(|r| !mapper::is_default_route(r) && mapper::refused_route(r).is_none())
+    {
         if !approved.contains(r) && policy.auto_approve_route(&pn, *r) {
             approved.push(*r);
         }
@@ -170,7 +180,7 @@ async fn apply_hostinfo(app: &App, id: i64, hostinfo: &Hostinfo) -> Result<(), S
     if approved != node.approved_routes {
         node = store.set_approved_routes(id, &approved).await?;
     }
-    app.state.upsert_node(node);
+    state.upsert_node(node);
     Ok(())
 }
 
@@ -228,6 +238,15 @@ async fn register_inner(
     let mk = ctx.machine_key.to_string();
     let nk = req.node_key.tailscale();
     let hostinfo = req.hostinfo.clone().unwrap_or_default();
+    // Standby hosts of an exit node: enrolled ones, and machines with a standby key.
+    if let Some(node_id) = app.state.standby.host_node(&mk) {
+        return standby_register(app, &mk, node_id, req).await;
+    }
+    if let Some(key) = req.auth.as_ref().map(|a| a.auth_key.as_str())
+        && key.starts_with(STANDBY_KEY_PREFIX)
+    {
+        return standby_enrol(app, &mk, key, req).await;
+    }
     let existing = match store.get_node_by_machine_key(&mk).await {
         Ok(n) => Some(n),
         Err(e) if e.is_not_found() => None,
@@ -253,7 +272,16 @@ async fn register_inner(
                     n = store.update_node_key(node.id, &nk).await?;
                 }
                 app.state.upsert_node(n.clone());
-                apply_hostinfo(app, n.id, &hostinfo).await?;
+                // With standby hosts, only the host members see speaks for the node.
+                let report = standby::Report {
+                    hostinfo: Some(hostinfo.clone()),
+                    ..standby::Report::default()
+                };
+                if !app.state.standby.in_group(n.id)
+                    || app.state.standby.on_report(n.id, &mk, report) == standby::Outcome::Publish
+                {
+                    apply_hostinfo(&app.state, n.id, &hostinfo).await?;
+                }
                 return Ok(authorized_response(app, n.user_id));
             }
             // Expired: it must authenticate again (below).
@@ -268,7 +296,7 @@ async fn register_inner(
             Ok((node, _key)) => {
                 tracing::info!(node = node.id, name = %node.given_name, "registered with a pre-auth key");
                 app.state.upsert_node(node.clone());
-                apply_hostinfo(app, node.id, &hostinfo).await?;
+                apply_hostinfo(&app.state, node.id, &hostinfo).await?;
                 Ok(authorized_response(app, node.user_id))
             }
             Err(StoreError::KeyRejected(why)) => {
@@ -303,7 +331,7 @@ async fn register_inner(
             if let Some(id) = pending.approved_node_id {
                 let node = store.get_node(id).await?;
                 app.state.upsert_node(node.clone());
-                apply_hostinfo(app, id, &hostinfo).await?;
+                apply_hostinfo(&app.state, id, &hostinfo).await?;
                 return Ok(authorized_response(app, node.user_id));
             }
             if pending.expires_at <= Utc::now() {
@@ -333,6 +361,153 @@ async fn register_inner(
     })
 }
 
+/// How long a standby host's registration waits for the identity's key to be handed
+/// over (under the client's 10 s for a registration); a follow-up waits longer.
+const HANDOVER_WAIT: Duration = Duration::from_secs(7);
+const HANDOVER_FOLLOWUP_WAIT: Duration = Duration::from_secs(50);
+
+/// A machine registers with a standby key: redeem it (single use, unexpired), check that
+/// the node may have standby hosts (policy on the node), add the host, hand the key over.
+async fn standby_enrol(
+    app: &App,
+    mk: &str,
+    key: &str,
+    req: &RegisterRequest,
+) -> Result<RegisterResponse, StoreError> {
+    let store = &app.state.store;
+    let hostinfo = req.hostinfo.clone().unwrap_or_default();
+    let hostname = if hostinfo.hostname.is_empty() {
+        "standby"
+    } else {
+        hostinfo.hostname.as_str()
+    };
+    let host = match store
+        .redeem_standby_key(key, mk, hostname, Utc::now())
+        .await
+    {
+        Ok((host, _)) => host,
+        Err(StoreError::KeyRejected(why)) => {
+            return Ok(RegisterResponse::error(format!(
+                "invalid standby key: {why}"
+            )));
+        }
+        Err(e) if e.is_conflict() => return Ok(RegisterResponse::error(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    let node = store.get_node(host.node_id).await?;
+    if let Err(why) = standby::eligible(&node) {
+        store.delete_standby_host(host.id).await?;
+        tracing::info!(node = node.id, host = %host.hostname, "standby host refused: {why}");
+        return Ok(RegisterResponse::error(format!("standby refused: {why}")));
+    }
+    app.state.standby.add_host(&node, &host);
+    standby_grant(app, &node, req).await
+}
+
+/// A standby host registers: as the node once it holds its key, otherwise it waits for
+/// the key.
+async fn standby_register(
+    app: &App,
+    mk: &str,
+    node_id: i64,
+    req: &RegisterRequest,
+) -> Result<RegisterResponse, StoreError> {
+    let node = app.state.store.get_node(node_id).await?;
+    if !node.authorized || node.is_expired(Utc::now()) {
+        return Ok(RegisterResponse::error(format!(
+            "the exit node {} is expired or not authorized",
+            node.given_name
+        )));
+    }
+    if req.node_key.tailscale() != node.node_key {
+        return standby_grant(app, &node, req).await;
+    }
+    if req.expiry.to_option().is_some_and(|e| e <= Utc::now()) {
+        return Ok(RegisterResponse::error(
+            "a standby host does not log the exit node out; the admin removes it (tsunagu-server nodes standby remove)",
+        ));
+    }
+    if let Some(hi) = &req.hostinfo {
+        let report = standby::Report {
+            hostinfo: Some(hi.clone()),
+            ..standby::Report::default()
+        };
+        if app.state.standby.on_report(node_id, mk, report) == standby::Outcome::Publish {
+            write_report(&app.state, node_id, None, None, Some(hi)).await?;
+        }
+    }
+    Ok(authorized_response(app, node.user_id))
+}
+
+/// The identity's key for a standby host, once a host that holds it hands it over; until
+/// then the answer says to wait (the client follows up, as for an admin's approval).
+async fn standby_grant(
+    app: &App,
+    node: &tsunagu_store::Node,
+    req: &RegisterRequest,
+) -> Result<RegisterResponse, StoreError> {
+    let within = if req.followup.is_empty() {
+        HANDOVER_WAIT
+    } else {
+        HANDOVER_FOLLOWUP_WAIT
+    };
+    match app.state.standby.wait_handover(node.id, within).await {
+        Some(key) => {
+            tracing::info!(node = node.id, name = %node.given_name, "identity key granted to a standby host");
+            Ok(RegisterResponse {
+                tsunagu_standby: Some(StandbyGrant {
+                    identity: node.given_name.clone(),
+                    node_key: WireNodePrivate(key),
+                }),
+                ..authorized_response(app, node.user_id)
+            })
+        }
+        None => Ok(RegisterResponse {
+            auth_url: format!("{}/standby/{}", app.server_url, node.given_name),
+            ..RegisterResponse::default()
+        }),
+    }
+}
+
+/// `POST /machine/tsunagu/handover`: a host of a node hands the node's key over for a
+/// standby host that waits for it. Only a host of that node, only the node's key, only
+/// while someone waits.
+pub async fn handover(
+    AxState(app): AxState<Arc<App>>,
+    Extension(ctx): Extension<MachineCtx>,
+    body: Bytes,
+) -> Response {
+    let req: HandoverRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid handover: {e}")),
+    };
+    let node = match app
+        .state
+        .store
+        .get_node_by_node_key(&req.node_key.tailscale())
+        .await
+    {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => return error(StatusCode::NOT_FOUND, "unknown node key"),
+        Err(e) => return store_error(e),
+    };
+    let mk = ctx.machine_key.to_string();
+    if node.machine_key != mk && !app.state.standby.is_host(node.id, &mk) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this machine is not a host of the node",
+        );
+    }
+    match app
+        .state
+        .standby
+        .offer_handover(node.id, &mk, req.private.0)
+    {
+        Ok(()) => json_response(&serde_json::json!({})),
+        Err(why) => error(StatusCode::CONFLICT, why),
+    }
+}
+
 pub async fn map(
     AxState(app): AxState<Arc<App>>,
     Extension(ctx): Extension<MachineCtx>,
@@ -353,7 +528,10 @@ pub async fn map(
         }
         Err(e) => return store_error(e),
     };
-    if node.machine_key != ctx.machine_key.to_string() {
+    let machine_key = ctx.machine_key.to_string();
+    // The node's own machine, or one of its standby hosts (which hold its key).
+    let standby_host = node.machine_key != machine_key;
+    if standby_host && !app.state.standby.is_host(node.id, &machine_key) {
         return error(
             StatusCode::FORBIDDEN,
             "node key does not belong to this machine",
@@ -374,7 +552,7 @@ pub async fn map(
     // Since capability version 68 a streaming request is read-only: updates come in
     // separate non-streaming requests.
     let carries_update = !(req.stream && req.version.0 >= 68);
-    if carries_update && let Err(e) = apply_map_update(&app, id, &req).await {
+    if carries_update && let Err(e) = apply_map_update(&app, id, &machine_key, &req).await {
         return store_error(e);
     }
     let compress = req.compress == "zstd";
@@ -391,9 +569,17 @@ pub async fn map(
             None => error(StatusCode::NOT_FOUND, "node not found"),
         };
     }
+    if standby_host {
+        // The standby host holds the key now: the server forgets its copy.
+        app.state.standby.handover_done(id);
+    }
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let state = app.state.clone();
-    tokio::spawn(async move { session(state, id, compress, tx).await });
+    let host = Host {
+        machine_key,
+        standby: standby_host,
+    };
+    tokio::spawn(async move { session(state, id, host, compress, tx).await });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -404,37 +590,97 @@ pub async fn map(
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn apply_map_update(app: &App, id: i64, req: &MapRequest) -> Result<(), StoreError> {
-    let store = &app.state.store;
-    let Some(entry) = app.state.node(id) else {
+async fn apply_map_update(
+    app: &App,
+    id: i64,
+    machine_key: &str,
+    req: &MapRequest,
+) -> Result<(), StoreError> {
+    // The first MAX_ENDPOINTS distinct ones (the client lists its best first).
+    let offered = req.endpoint_addrs();
+    let mut seen = std::collections::HashSet::new();
+    let endpoints: Vec<String> = offered
+        .iter()
+        .filter(|(a, _)| seen.insert(*a))
+        .take(mapper::MAX_ENDPOINTS)
+        .map(|(a, _)| a.to_string())
+        .collect();
+    let offered = offered.len();
+    let disco = (req.disco_key.0 != [0; 32]).then(|| req.disco_key.to_string());
+    if app.state.standby.in_group(id) {
+        // A node with standby hosts: only the host members see writes its row.
+        let report = standby::Report {
+            endpoints: Some(endpoints.clone()),
+            disco: disco.clone(),
+            hostinfo: req.hostinfo.clone(),
+            host: req.tsunagu_host,
+        };
+        if app.state.standby.on_report(id, machine_key, report) == standby::Outcome::Hold {
+            return Ok(());
+        }
+    }
+    if offered > endpoints.len()
+        && app
+            .state
+            .node(id)
+            .is_some_and(|e| e.node.endpoints != endpoints)
+    {
+        // Logged when the kept list changes, not on every report of the same list.
+        tracing::warn!(
+            node = id,
+            offered,
+            kept = endpoints.len(),
+            "too many endpoints: the first ones kept"
+        );
+    }
+    write_report(
+        &app.state,
+        id,
+        Some(&endpoints),
+        disco.as_deref(),
+        req.hostinfo.as_ref(),
+    )
+    .await
+}
+
+/// What a node reports about itself into its row: endpoints, disco key, hostinfo (with
+/// its home relay, advertised routes and requested tags). Also what a standby host's
+/// report becomes when it takes over ([`standby`]).
+pub(crate) async fn write_report(
+    state: &State,
+    id: i64,
+    endpoints: Option<&[String]>,
+    disco: Option<&str>,
+    hostinfo: Option<&Hostinfo>,
+) -> Result<(), StoreError> {
+    let store = &state.store;
+    let Some(entry) = state.node(id) else {
         return Ok(());
     };
     let NodeEntry { node, .. } = entry;
-    let endpoints: Vec<String> = req
-        .endpoint_addrs()
-        .into_iter()
-        .map(|(a, _)| a.to_string())
-        .collect();
-    if endpoints != node.endpoints {
-        store.update_endpoints(id, &endpoints).await?;
+    if let Some(endpoints) = endpoints
+        && endpoints != node.endpoints.as_slice()
+    {
+        store.update_endpoints(id, endpoints).await?;
     }
-    let disco = req.disco_key.to_string();
-    if req.disco_key.0 != [0; 32] && disco != node.disco_key {
-        store.update_disco_key(id, &disco).await?;
+    if let Some(disco) = disco
+        && disco != node.disco_key
+    {
+        store.update_disco_key(id, disco).await?;
     }
-    if let Some(hi) = &req.hostinfo {
+    if let Some(hi) = hostinfo {
         let json = serde_json::to_value(hi).unwrap_or_default();
         if json != node.hostinfo {
             store.update_hostinfo(id, &json).await?;
         }
         if let Some(ni) = &hi.net_info {
-            app.state.set_home_derp(id, ni.preferred_derp);
+            state.set_home_derp(id, ni.preferred_derp);
         }
     }
     let node = store.get_node(id).await?;
-    app.state.upsert_node(node);
-    if let Some(hi) = &req.hostinfo {
-        apply_hostinfo(app, id, hi).await?;
+    state.upsert_node(node);
+    if let Some(hi) = hostinfo {
+        apply_hostinfo(state, id, hi).await?;
     }
     Ok(())
 }
@@ -485,17 +731,30 @@ fn with_permit(bytes: Bytes, permit: Option<tokio::sync::OwnedSemaphorePermit>) 
     }
 }
 
+/// Which machine a map stream is from.
+struct Host {
+    machine_key: String,
+    /// A standby host of the node (not the node's own machine).
+    standby: bool,
+}
+
 /// One map stream: the full map, then deltas and keep-alives until the client goes.
+/// The hosts of a node with standby hosts also hear their role ([`standby`]).
 async fn session(
     state: Arc<State>,
     id: i64,
+    host: Host,
     compress: bool,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let mut rx = state.subscribe();
+    let mut roles = state.standby.subscribe(id);
     // The first map comes from the first snapshot that shows the node online (the next
     // coalesced rebuild), so that a burst of joins shares rebuilds.
     let ready = state.session_started(id);
+    state.standby.session_started(id, &host.machine_key);
+    let mut told = state.standby.info_for(id, &host.machine_key);
+    roles.borrow_and_update();
     let mut view = SessionView::new(id);
     let first = loop {
         let snap = rx.borrow_and_update().clone();
@@ -508,7 +767,10 @@ async fn session(
         }
     };
     let ok = match first {
-        Some(m) => {
+        Some(mut m) => {
+            // The role rides on the first map, so that a host never starts its data
+            // plane in the wrong one.
+            m.response.tsunagu_standby = told.clone();
             tracing::debug!(node = id, version = view.version, peers = ?m.peer_ids, "full map sent");
             // A permit travels with the encoded bytes and returns when HTTP/2 has written
             // them out and dropped them. A client that does not read keeps its permit, so
@@ -569,11 +831,34 @@ async fn session(
                 _ = keepalive.tick() => {
                     if !send(&tx, &MapResponse::keep_alive(), compress).await { break; }
                 }
+                changed = roles.changed() => {
+                    if changed.is_err() { break; }
+                    roles.borrow_and_update();
+                    if host.standby && !state.standby.is_host(id, &host.machine_key) {
+                        tracing::info!(node = id, host = %host.machine_key, "standby host removed: ending its map stream");
+                        break;
+                    }
+                    let now = state.standby.info_for(id, &host.machine_key);
+                    if now != told {
+                        // Without standby hosts any more: the node's own machine serves.
+                        let info = now.clone().or_else(|| told.as_ref().map(|t| StandbyInfo {
+                            identity: t.identity.clone(),
+                            role: HostRole::Active,
+                            hosts: Vec::new(),
+                            last_switch: t.last_switch.clone(),
+                            handover: false,
+                        }));
+                        told = now;
+                        let m = MapResponse { tsunagu_standby: info, ..MapResponse::default() };
+                        if !send(&tx, &m, compress).await { break; }
+                    }
+                }
                 _ = tx.closed() => break,
             }
         }
     }
     let now = Utc::now();
+    state.standby.session_ended(id, &host.machine_key);
     state.session_ended(id, now);
     if let Err(e) = state.store.touch_last_seen(id, now).await {
         tracing::warn!(node = id, "recording last seen: {e}");

@@ -41,6 +41,58 @@ pub fn is_default_route(net: &IpNet) -> bool {
     net.prefix_len() == 0
 }
 
+/// Endpoints per node, at most: what the server keeps of a map request and announces
+/// to peers. Real nodes have a handful (STUN's, LAN addresses, IPv6); every peer that
+/// talks to a node pings each of them, so a node listing thousands of third-party
+/// addresses would turn the tailnet into a ping sprayer.
+pub const MAX_ENDPOINTS: usize = 32;
+
+/// Why a subnet route is never approved nor announced, if it is one of those: routes
+/// overlapping the tailnet's own ranges would take peers' tailnet traffic (or the
+/// tailnet addresses' place in the clients' routing). Exit routes (`/0`) are not subnet
+/// routes and are decided apart.
+pub fn refused_route(r: &IpNet) -> Option<&'static str> {
+    if is_default_route(r) {
+        return None;
+    }
+    let tailnet = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
+        .iter()
+        .filter_map(|t| t.parse::<IpNet>().ok())
+        .any(|t| t.contains(r) || r.contains(&t));
+    tailnet.then_some("overlaps the tailnet's addresses (100.64.0.0/10, fd7a:115c:a1e0::/48)")
+}
+
+/// The subnet routes a node offers (approved, still advertised, not refused).
+fn offered_routes(n: &tsunagu_store::Node) -> impl Iterator<Item = IpNet> + '_ {
+    n.approved_routes
+        .iter()
+        .filter(|r| !is_default_route(r) && refused_route(r).is_none())
+        .filter(|r| n.advertised_routes.contains(r))
+        .copied()
+}
+
+/// Which node routes each subnet prefix offered by several: the online one with the
+/// lowest node ID (the oldest node), or the lowest ID when none is online. Peers are
+/// told each prefix once, by its owner (a second router takes over when the first goes
+/// offline or withdraws it), so no client ever sees the same prefix twice.
+pub fn route_owners(nodes: &BTreeMap<i64, Arc<NodeEntry>>) -> BTreeMap<i64, Vec<IpNet>> {
+    let mut owner: BTreeMap<IpNet, (i64, bool)> = BTreeMap::new();
+    // In ID order: the first node keeps a prefix unless an online one comes later.
+    for (id, e) in nodes {
+        for r in offered_routes(&e.node) {
+            let cur = owner.entry(r).or_insert((*id, e.online));
+            if !cur.1 && e.online {
+                *cur = (*id, true);
+            }
+        }
+    }
+    let mut by_node: BTreeMap<i64, Vec<IpNet>> = BTreeMap::new();
+    for (r, (id, _)) in owner {
+        by_node.entry(id).or_default().push(r);
+    }
+    by_node
+}
+
 /// The UserID a node is shown with.
 pub fn node_user_id(entry: &NodeEntry) -> i64 {
     entry.node.user_id.unwrap_or(TAGGED_DEVICES_USER_ID)
@@ -53,7 +105,12 @@ pub fn node_view(
     viewer_may_use_exit: bool,
     is_self: bool,
 ) -> Node {
-    let mut node = build_node(&snap.domain, entry, viewer_may_use_exit, is_self);
+    let routes = snap
+        .peers
+        .get(&entry.node.id)
+        .map(|p| p.routes.as_slice())
+        .unwrap_or_default();
+    let mut node = build_node(&snap.domain, entry, routes, viewer_may_use_exit, is_self);
     node.expired = entry.node.is_expired(snap.now);
     if is_self {
         // Captive-portal detection probes DERP servers over plain HTTP: Tailscale's public
@@ -68,27 +125,31 @@ pub fn node_view(
 }
 
 /// What [`node_view`] shows, except what depends on the time (`Expired`) or the DERP map.
-fn build_node(domain: &str, entry: &NodeEntry, viewer_may_use_exit: bool, is_self: bool) -> Node {
+/// `routes`: the subnet routes this node is the one to route ([`route_owners`]).
+fn build_node(
+    domain: &str,
+    entry: &NodeEntry,
+    routes: &[IpNet],
+    viewer_may_use_exit: bool,
+    is_self: bool,
+) -> Node {
     let n = &entry.node;
     let addresses: Vec<IpNet> = vec![
         IpNet::from(std::net::IpAddr::V4(n.ipv4)),
         IpNet::from(std::net::IpAddr::V6(n.ipv6)),
     ];
     let mut allowed = addresses.clone();
-    let mut primary = Vec::new();
     for route in &n.approved_routes {
-        if !n.advertised_routes.contains(route) {
-            continue; // approved but no longer advertised: not routed
-        }
-        if is_default_route(route) {
-            if viewer_may_use_exit || is_self {
-                allowed.push(*route);
-            }
-        } else {
+        // Approved but no longer advertised: not routed.
+        if is_default_route(route)
+            && n.advertised_routes.contains(route)
+            && (viewer_may_use_exit || is_self)
+        {
             allowed.push(*route);
-            primary.push(*route);
         }
     }
+    allowed.extend_from_slice(routes);
+    let primary = routes.to_vec();
     let hostinfo = serde_json::from_value(n.hostinfo.clone()).unwrap_or_default();
     let mut node = Node {
         id: NodeID(n.id),
@@ -101,7 +162,12 @@ fn build_node(domain: &str, entry: &NodeEntry, viewer_may_use_exit: bool, is_sel
         disco_key: n.disco_key.parse().unwrap_or_default(),
         addresses,
         allowed_ips: Some(allowed),
-        endpoints: n.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
+        endpoints: n
+            .endpoints
+            .iter()
+            .filter_map(|e| e.parse().ok())
+            .take(MAX_ENDPOINTS)
+            .collect(),
         hostinfo,
         created: Time(n.created_at),
         cap: entry.capver,
@@ -217,11 +283,18 @@ pub struct PeerEntry {
     pub changed: u64,
     /// The cache entry it was built from: the same `Arc` means nothing to rebuild.
     source: Arc<NodeEntry>,
+    /// The subnet routes it was built with (those it owns, see [`route_owners`]).
+    pub routes: Vec<IpNet>,
 }
 
 impl PeerEntry {
-    fn build(domain: &str, source: &Arc<NodeEntry>, version: u64) -> serde_json::Result<Self> {
-        let plain = build_node(domain, source, false, false);
+    fn build(
+        domain: &str,
+        source: &Arc<NodeEntry>,
+        routes: Vec<IpNet>,
+        version: u64,
+    ) -> serde_json::Result<Self> {
+        let plain = build_node(domain, source, &routes, false, false);
         let json = Bytes::from(serde_json::to_vec(&plain)?);
         let has_exit = source
             .node
@@ -229,7 +302,7 @@ impl PeerEntry {
             .iter()
             .any(|r| is_default_route(r) && source.node.advertised_routes.contains(r));
         let json_exit = if has_exit {
-            let with = build_node(domain, source, true, false);
+            let with = build_node(domain, source, &routes, true, false);
             Some(Bytes::from(serde_json::to_vec(&with)?))
         } else {
             None
@@ -241,6 +314,7 @@ impl PeerEntry {
             json_exit,
             changed: version,
             source: source.clone(),
+            routes,
         })
     }
 
@@ -258,30 +332,54 @@ impl PeerEntry {
 }
 
 /// The peer views of a new snapshot: `prev`'s, with the nodes in `changed` (or all of
-/// them, for `None`) rebuilt when their cache entry is a new one. An entry whose JSON
-/// came out the same keeps its old `changed` version.
+/// them, for `None`) rebuilt when their cache entry is a new one, and the nodes whose
+/// subnet routes moved to or from them ([`route_owners`]: another router of the same
+/// prefix came, went or changed state). An entry whose JSON came out the same keeps its
+/// old `changed` version. Also returns the nodes rebuilt for moved routes alone, which
+/// the change log must list too.
 pub fn update_peers(
     prev: &BTreeMap<i64, Arc<PeerEntry>>,
     nodes: &BTreeMap<i64, Arc<NodeEntry>>,
     changed: Option<&BTreeSet<i64>>,
     domain: &str,
     version: u64,
-) -> BTreeMap<i64, Arc<PeerEntry>> {
+) -> (BTreeMap<i64, Arc<PeerEntry>>, BTreeSet<i64>) {
     let mut out = prev.clone();
-    let ids: Vec<i64> = match changed {
-        Some(ids) => ids.iter().copied().collect(),
+    let mut owners = route_owners(nodes);
+    let mut ids: BTreeSet<i64> = match changed {
+        Some(ids) => ids.clone(),
         None => nodes.keys().chain(prev.keys()).copied().collect(),
     };
+    // Routers whose routes are not what their entry was built with.
+    let mut moved = BTreeSet::new();
+    for (id, e) in prev.iter().filter(|(_, e)| !e.routes.is_empty()) {
+        if owners.get(id) != Some(&e.routes) && ids.insert(*id) {
+            moved.insert(*id);
+        }
+    }
+    for (id, r) in &owners {
+        if prev.get(id).is_some_and(|e| e.routes != *r) && ids.insert(*id) {
+            moved.insert(*id);
+        }
+    }
     for id in ids {
         let Some(source) = nodes.get(&id) else {
             out.remove(&id);
             continue;
         };
+        let routes = owners.remove(&id).unwrap_or_default();
         let old = out.get(&id);
-        if old.is_some_and(|o| Arc::ptr_eq(&o.source, source)) {
+        if old.is_some_and(|o| Arc::ptr_eq(&o.source, source) && o.routes == routes) {
             continue;
         }
-        let mut entry = match PeerEntry::build(domain, source, version) {
+        if moved.contains(&id) {
+            tracing::info!(
+                node = id,
+                ?routes,
+                "subnet routes moved: this node routes them now"
+            );
+        }
+        let mut entry = match PeerEntry::build(domain, source, routes, version) {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(node = id, "serializing a peer: {e}");
@@ -296,7 +394,7 @@ pub fn update_peers(
         }
         out.insert(id, Arc::new(entry));
     }
-    out
+    (out, moved)
 }
 
 /// A packet filter, in wire form and serialized, shared by a class of viewers

@@ -464,7 +464,8 @@ pub fn check_regions(own: Option<(i32, &str)>, regions: &[RegionSpec]) -> Result
 }
 
 /// The relay's part of the admin API: `GET /v1/relay` → its public key, counters and
-/// connected clients (node key, whether the relay is the client's home).
+/// connected clients (node key, whether the relay is the client's home, which host of the
+/// key it is and whether it is a parked standby host).
 pub fn admin_router(relay: std::sync::Arc<tsunagu_derp::Relay>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new().route(
@@ -479,6 +480,8 @@ pub fn admin_router(relay: std::sync::Arc<tsunagu_derp::Relay>) -> axum::Router 
                         serde_json::json!({
                             "node_key": c.key.tailscale(),
                             "home": c.preferred,
+                            "host": c.host,
+                            "standby": c.parked,
                         })
                     })
                     .collect();

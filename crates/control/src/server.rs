@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub derp_regions: Vec<crate::relay::RegionSpec>,
     /// The tailnet's DNS settings (checked), sent to every node.
     pub dns: crate::dns::DnsSettings,
+    /// An exit node's active host gone (map stream and relay connection) this long: a
+    /// ready standby host takes over.
+    pub standby_failover_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +178,14 @@ impl Server {
             split = cfg.dns.split.len(),
             "DNS settings"
         );
+        state.standby.set_config(crate::standby::core::Config {
+            unreachable_after: cfg.standby_failover_after,
+            settle: cfg.standby_failover_after,
+            relay: relay.is_some(),
+        });
+        if let Some(r) = &relay {
+            state.standby.set_relay(r.clone());
+        }
         let app = Arc::new(App {
             state,
             server_url: cfg.server_url.clone(),
@@ -201,6 +212,7 @@ impl Server {
             .route("/key", get(get_key))
             .route("/ts2021", post(ts2021))
             .route("/register/{token}", get(register_page))
+            .route("/standby/{name}", get(standby_page))
             .route("/health", get(|| async { "ok\n" }))
             .fallback(not_implemented)
             .with_state(Arc::new(front));
@@ -292,6 +304,20 @@ async fn register_page(Path(token): Path<String>) -> Response {
         .into_response()
 }
 
+async fn standby_page(Path(name): Path<String>) -> Response {
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        format!(
+            "This standby host of {safe} waits for the exit node's active host to hand its key over.\n\nThe active host must be online (tsunagud); this host keeps asking.\n"
+        ),
+    )
+        .into_response()
+}
+
 async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response {
     let (resp, pending) = match tsunagu_noise::upgrade::accept_upgrade(req, f.key, None) {
         Ok(ok) => ok,
@@ -323,6 +349,10 @@ async fn ts2021(AxState(f): AxState<Arc<Front>>, req: Request<Body>) -> Response
                 let router = Router::new()
                     .route("/machine/register", post(machine::register))
                     .route("/machine/map", post(machine::map))
+                    .route(
+                        tsunagu_proto::tailcfg::HANDOVER_PATH,
+                        post(machine::handover),
+                    )
                     .fallback(not_implemented)
                     .layer(DefaultBodyLimit::max(MAX_REQUEST))
                     .layer(Extension(ctx))

@@ -138,6 +138,8 @@ pub struct State {
     domain: String,
     /// Permits for [`FULL_MAPS_IN_FLIGHT`].
     pub full_maps: Arc<tokio::sync::Semaphore>,
+    /// Standby hosts of exit nodes, and which host serves.
+    pub standby: crate::standby::Standby,
 }
 
 fn policy_nodes(
@@ -163,7 +165,7 @@ pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
         approved_routes: n
             .approved_routes
             .iter()
-            .filter(|r| n.advertised_routes.contains(r))
+            .filter(|r| n.advertised_routes.contains(r) && mapper::refused_route(r).is_none())
             .copied()
             .collect(),
     }
@@ -228,7 +230,7 @@ impl State {
             None => (Policy::default_policy(), None),
         };
         let compiled = policy.compile(&policy_nodes(&nodes, &users));
-        let peers = mapper::update_peers(&BTreeMap::new(), &nodes, None, &domain, 0);
+        let (peers, _) = mapper::update_peers(&BTreeMap::new(), &nodes, None, &domain, 0);
         let first = Snapshot {
             version: 0,
             now: Utc::now(),
@@ -264,7 +266,10 @@ impl State {
             derp_map,
             domain,
             full_maps: Arc::new(tokio::sync::Semaphore::new(FULL_MAPS_IN_FLIGHT)),
+            standby: crate::standby::Standby::default(),
         });
+        state.standby.load(&state).await?;
+        crate::standby::Standby::start(&state);
         let weak = Arc::downgrade(&state);
         tokio::spawn(async move { rebuild_loop(weak).await });
         Ok(state)
@@ -489,8 +494,23 @@ impl State {
             Change::All => None,
         };
         let prev = self.snapshot.borrow().clone();
-        let peers = mapper::update_peers(&prev.peers, &nodes, changed, &self.domain, version);
+        let (peers, moved) =
+            mapper::update_peers(&prev.peers, &nodes, changed, &self.domain, version);
         drop(prev);
+        let log = if moved.is_empty() {
+            log
+        } else {
+            // Routers whose routes moved changed too: sessions must resend them.
+            let mut inner = self.inner.lock();
+            if let Some((v, Change::Nodes(ids))) = inner.log.back_mut()
+                && *v == version
+            {
+                let mut all = (**ids).clone();
+                all.extend(moved);
+                *ids = Arc::new(all);
+            }
+            Arc::new(inner.log.clone())
+        };
         let snap = Snapshot {
             version,
             now: Utc::now(),

@@ -225,6 +225,7 @@ async fn a_region_with_the_servers_own_id_is_refused_at_start() {
         }),
         derp_regions: vec![clash.validate().unwrap()],
         dns: Default::default(),
+        standby_failover_after: std::time::Duration::from_secs(3),
     };
     let e = match tsunagu_control::server::Server::start(&cfg).await {
         Ok(_) => panic!("started with two regions 900"),

@@ -329,6 +329,7 @@ mod tests {
             mesh_key: client_mesh.to_string(),
             can_ack_pings: true,
             is_prober: false,
+            host: String::new(),
         };
         let client = ClientConn::new(NodePrivate::generate(), info);
         (server, client, now)
@@ -365,7 +366,8 @@ mod tests {
                     version: 2,
                     mesh_key: String::new(),
                     can_ack_pings: true,
-                    is_prober: false
+                    is_prober: false,
+                    host: String::new(),
                 },
                 mesh: false
             })

@@ -25,6 +25,16 @@ pub struct ClientInfo {
     pub can_ack_pings: bool,
     #[serde(rename = "IsProber", default, skip_serializing_if = "is_false")]
     pub is_prober: bool,
+    /// tsunagu's own: which host of the node key this is (tsunagud sends its machine
+    /// key). The hosts of an exit node with standby hosts share its node key; the relay
+    /// keeps a connection of each and delivers to the active one (see
+    /// [`crate::registry`]). Other relays ignore it.
+    #[serde(
+        rename = "tsunaguHost",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub host: String,
 }
 
 /// What the server tells a client after login (Go's `derp.serverInfo`).
@@ -155,6 +165,7 @@ mod tests {
             mesh_key: String::new(),
             can_ack_pings: true,
             is_prober: false,
+            host: String::new(),
         };
         assert_eq!(
             serde_json::to_string(&ci).unwrap(),

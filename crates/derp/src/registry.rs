@@ -7,6 +7,15 @@
 //! The registry also remembers who sent to whom (bounded per sender), so that when a
 //! client leaves, the peers that were talking to it get a PeerGone, and it feeds mesh
 //! watchers a PeerPresent / PeerGone stream.
+//!
+//! Hosts of one key: the hosts of an exit node with standby hosts share its node key, and
+//! each says which host it is at login (tsunagu's `ClientInfo.tsunaguHost`). Connections
+//! of *different* hosts of a key coexist: one of them gets the key's packets (the
+//! *active* host, which the coordination server sets with [`Registry::set_active_host`];
+//! without one set, the newest connection), the others are parked and get nothing. A
+//! connection of the same host (or one that names no host) replaces the older ones, as a
+//! client that reconnects expects. With an active host set and not connected, nobody gets
+//! the key's packets: a demoted or revoked host never does.
 
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -53,6 +62,8 @@ struct Client<O> {
     preferred: bool,
     /// Destinations this client sent to (for cleanup of `senders`).
     sent_to: HashSet<NodePublic>,
+    /// Which host of the key this connection is, when it said.
+    host: Option<String>,
 }
 
 /// A connected client, as listed for operators.
@@ -61,10 +72,25 @@ pub struct ClientSummary {
     pub key: NodePublic,
     pub conn: ConnId,
     pub preferred: bool,
+    /// The host it said it is (hosts of an exit node with standby hosts).
+    pub host: Option<String>,
+    /// Another host of the key gets its packets (a standby host).
+    pub parked: bool,
+}
+
+/// Whether connection `a` of a key replaces connection `b`: the same host, or one that
+/// does not say which host it is.
+fn same_host(a: &Option<String>, b: &Option<String>) -> bool {
+    a.is_none() || b.is_none() || a == b
 }
 
 pub struct Registry<O> {
+    /// Per key, the connection that gets its packets.
     clients: HashMap<NodePublic, Client<O>>,
+    /// Per key, connections of other hosts of it, which get nothing.
+    parked: HashMap<NodePublic, Vec<Client<O>>>,
+    /// Per key, the host whose connection gets its packets.
+    active_host: HashMap<NodePublic, String>,
     /// dst → clients that sent to it while it was connected.
     senders: HashMap<NodePublic, HashSet<NodePublic>>,
     watchers: Vec<(ConnId, O)>,
@@ -83,6 +109,8 @@ impl<O> Default for Registry<O> {
     fn default() -> Self {
         Registry {
             clients: HashMap::new(),
+            parked: HashMap::new(),
+            active_host: HashMap::new(),
             senders: HashMap::new(),
             watchers: Vec::new(),
             remotes: HashMap::new(),
@@ -106,23 +134,79 @@ impl<O: Outbox> Registry<O> {
     /// Registers a logged-in client. A previous connection with the same key is told to
     /// close (the newest connection wins, as a client that reconnects expects).
     pub fn register(&mut self, key: NodePublic, id: ConnId, outbox: O) {
-        let client = Client {
+        self.register_host(key, id, outbox, None);
+    }
+
+    /// [`Registry::register`] for a connection that says which host of the key it is: it
+    /// replaces the connections of the same host only (see the module's "Hosts of one
+    /// key").
+    pub fn register_host(&mut self, key: NodePublic, id: ConnId, outbox: O, host: Option<String>) {
+        let mut conns = self.take_all(key);
+        let mut kept = Vec::with_capacity(conns.len() + 1);
+        for old in conns.drain(..) {
+            if same_host(&old.host, &host) {
+                old.outbox.offer(Outgoing::Close);
+                self.forget_sender(key, &old.sent_to);
+            } else {
+                kept.push(old);
+            }
+        }
+        kept.push(Client {
             id,
             outbox,
             preferred: false,
             sent_to: HashSet::new(),
-        };
-        if let Some(old) = self.clients.insert(key, client) {
-            old.outbox.offer(Outgoing::Close);
-            self.forget_sender(key, &old.sent_to);
+            host,
+        });
+        if self.place(key, kept) {
+            self.watchers
+                .retain(|(_, w)| w.offer(Outgoing::PeerPresent(key)) != Offer::Closed);
         }
-        self.watchers
-            .retain(|(_, w)| w.offer(Outgoing::PeerPresent(key)) != Offer::Closed);
     }
 
-    /// Removes `key` if `id` is still its connection; true when it was.
+    /// Every connection of `key`, out of both maps.
+    fn take_all(&mut self, key: NodePublic) -> Vec<Client<O>> {
+        let mut all: Vec<Client<O>> = self.clients.remove(&key).into_iter().collect();
+        all.extend(self.parked.remove(&key).unwrap_or_default());
+        all
+    }
+
+    /// Puts `conns` (all connections of `key`) back: the active host's, or without one set
+    /// the newest, gets the packets; the others are parked. True when one gets them.
+    fn place(&mut self, key: NodePublic, mut conns: Vec<Client<O>>) -> bool {
+        let chosen = match self.active_host.get(&key) {
+            Some(h) => conns.iter().position(|c| c.host.as_ref() == Some(h)),
+            None => conns
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, c)| c.id)
+                .map(|(i, _)| i),
+        };
+        let delivering = chosen.map(|i| conns.swap_remove(i));
+        if !conns.is_empty() {
+            self.parked.insert(key, conns);
+        }
+        match delivering {
+            Some(c) => {
+                self.clients.insert(key, c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes connection `id` of `key`; true when it was one of its connections.
     pub fn unregister(&mut self, key: NodePublic, id: ConnId) -> bool {
         self.watchers.retain(|(wid, _)| *wid != id);
+        if let Some(p) = self.parked.get_mut(&key)
+            && let Some(i) = p.iter().position(|c| c.id == id)
+        {
+            p.swap_remove(i);
+            if p.is_empty() {
+                self.parked.remove(&key);
+            }
+            return true;
+        }
         match self.clients.get(&key) {
             Some(c) if c.id == id => {}
             _ => return false,
@@ -131,6 +215,12 @@ impl<O: Outbox> Registry<O> {
             return false;
         };
         self.forget_sender(key, &gone.sent_to);
+        if let Some(rest) = self.parked.remove(&key)
+            && self.place(key, rest)
+        {
+            // Another host of the key takes its packets: it did not go away.
+            return true;
+        }
         for src in self.senders.remove(&key).unwrap_or_default() {
             if let Some(c) = self.clients.get(&src) {
                 c.outbox.offer(Outgoing::PeerGone {
@@ -257,6 +347,55 @@ impl<O: Outbox> Registry<O> {
         self.remotes.len()
     }
 
+    /// Which host of `key` gets its packets (`None`: the newest connection, as for any
+    /// key). True when the connection that gets them changed.
+    pub fn set_active_host(&mut self, key: NodePublic, host: Option<String>) -> bool {
+        let before = self.clients.get(&key).map(|c| c.id);
+        match host {
+            Some(h) => self.active_host.insert(key, h),
+            None => self.active_host.remove(&key),
+        };
+        let conns = self.take_all(key);
+        let now = self.place(key, conns);
+        let after = self.clients.get(&key).map(|c| c.id);
+        if before.is_some() && !now {
+            self.watchers.retain(|(_, w)| {
+                w.offer(Outgoing::PeerGone {
+                    key,
+                    reason: PeerGoneReason::Disconnected,
+                }) != Offer::Closed
+            });
+        } else if before.is_none() && now {
+            self.watchers
+                .retain(|(_, w)| w.offer(Outgoing::PeerPresent(key)) != Offer::Closed);
+        }
+        before != after
+    }
+
+    /// Whether `host` has a connection with `key` (getting its packets or parked).
+    pub fn host_connected(&self, key: &NodePublic, host: &str) -> bool {
+        let is = |c: &Client<O>| c.host.as_deref() == Some(host);
+        self.clients.get(key).is_some_and(is)
+            || self.parked.get(key).is_some_and(|p| p.iter().any(is))
+    }
+
+    /// Asks the connections of `host` with `key` to close; true if there was one.
+    pub fn close_host(&self, key: &NodePublic, host: &str) -> bool {
+        let is = |c: &&Client<O>| c.host.as_deref() == Some(host);
+        let mut any = false;
+        for c in self
+            .clients
+            .get(key)
+            .into_iter()
+            .chain(self.parked.get(key).into_iter().flatten())
+            .filter(is)
+        {
+            c.outbox.offer(Outgoing::Close);
+            any = true;
+        }
+        any
+    }
+
     pub fn set_preferred(&mut self, key: NodePublic, id: ConnId, preferred: bool) {
         if let Some(c) = self.clients.get_mut(&key)
             && c.id == id
@@ -292,18 +431,26 @@ impl<O: Outbox> Registry<O> {
         self.clients.contains_key(key)
     }
 
-    /// Connected clients, sorted by key.
+    /// Connected clients (parked ones too), sorted by key.
     pub fn clients(&self) -> Vec<ClientSummary> {
+        let summary = |k: &NodePublic, c: &Client<O>, parked: bool| ClientSummary {
+            key: *k,
+            conn: c.id,
+            preferred: c.preferred,
+            host: c.host.clone(),
+            parked,
+        };
         let mut v: Vec<ClientSummary> = self
             .clients
             .iter()
-            .map(|(k, c)| ClientSummary {
-                key: *k,
-                conn: c.id,
-                preferred: c.preferred,
-            })
+            .map(|(k, c)| summary(k, c, false))
+            .chain(
+                self.parked
+                    .iter()
+                    .flat_map(|(k, p)| p.iter().map(move |c| summary(k, c, true))),
+            )
             .collect();
-        v.sort_by_key(|c| c.key);
+        v.sort_by_key(|c| (c.key, c.parked, c.conn));
         v
     }
 }
@@ -454,6 +601,104 @@ mod tests {
         assert_eq!(new.take().len(), 1);
         assert!(r.unregister(k(1), new_id));
         assert!(r.is_empty() || r.len() == 1);
+    }
+
+    fn join_host(r: &mut Registry<Fake>, key: NodePublic, host: &str) -> (ConnId, Fake) {
+        let f = Fake::new(8);
+        let id = r.new_conn_id();
+        r.register_host(key, id, f.clone(), Some(host.to_string()));
+        (id, f)
+    }
+
+    fn got(f: &Fake) -> usize {
+        f.take()
+            .iter()
+            .filter(|m| matches!(m, Outgoing::Packet { .. }))
+            .count()
+    }
+
+    #[test]
+    fn hosts_of_one_key_coexist_and_only_the_active_one_gets_its_packets() {
+        let mut r = Registry::new();
+        join(&mut r, k(2), 8);
+        let (a_id, a) = join_host(&mut r, k(1), "mkey:a");
+        let (_, b) = join_host(&mut r, k(1), "mkey:b");
+        assert!(a.take().is_empty(), "another host does not close a");
+        assert!(r.host_connected(&k(1), "mkey:a") && r.host_connected(&k(1), "mkey:b"));
+        // No active host set: the newest connection.
+        r.send(k(2), k(1), Bytes::from_static(b"1"));
+        assert_eq!((got(&a), got(&b)), (0, 1));
+        // The server makes a the active host: only a gets the packets.
+        assert!(r.set_active_host(k(1), Some("mkey:a".into())));
+        r.send(k(2), k(1), Bytes::from_static(b"2"));
+        assert_eq!((got(&a), got(&b)), (1, 0));
+        // b reconnects: its old connection closes, a keeps the packets.
+        let (_, b2) = join_host(&mut r, k(1), "mkey:b");
+        assert_eq!(b.take(), vec![Outgoing::Close]);
+        r.send(k(2), k(1), Bytes::from_static(b"3"));
+        assert_eq!((got(&a), got(&b2)), (1, 0));
+        let listed = r.clients();
+        assert_eq!(listed.iter().filter(|c| c.key == k(1)).count(), 2);
+        assert!(
+            listed
+                .iter()
+                .any(|c| c.key == k(1) && c.parked && c.host.as_deref() == Some("mkey:b"))
+        );
+        // a goes away while it is the active host: nobody gets the key's packets (a
+        // standby never answers for it unless the server says so).
+        assert!(r.unregister(k(1), a_id));
+        assert_eq!(
+            r.send(k(2), k(1), Bytes::from_static(b"4")),
+            SendOutcome::NotHere
+        );
+        assert!(r.host_connected(&k(1), "mkey:b"));
+        assert!(!r.host_connected(&k(1), "mkey:a"));
+        // Promoted: b gets them at once, on the connection it already has.
+        assert!(r.set_active_host(k(1), Some("mkey:b".into())));
+        assert_eq!(
+            r.send(k(2), k(1), Bytes::from_static(b"5")),
+            SendOutcome::Queued
+        );
+        assert_eq!(got(&b2), 1);
+        assert!(r.close_host(&k(1), "mkey:b"));
+        assert_eq!(b2.take(), vec![Outgoing::Close]);
+    }
+
+    #[test]
+    fn a_connection_naming_no_host_replaces_every_host() {
+        let mut r = Registry::new();
+        let (_, a) = join_host(&mut r, k(1), "mkey:a");
+        let (_, b) = join_host(&mut r, k(1), "mkey:b");
+        let (_, plain) = join(&mut r, k(1), 8);
+        assert_eq!(a.take(), vec![Outgoing::Close]);
+        assert_eq!(b.take(), vec![Outgoing::Close]);
+        join(&mut r, k(2), 8);
+        r.send(k(2), k(1), Bytes::from_static(b"x"));
+        assert_eq!(got(&plain), 1);
+        assert_eq!(r.clients().len(), 2);
+    }
+
+    #[test]
+    fn the_active_host_leaving_with_no_other_is_gone_for_senders() {
+        let mut r = Registry::new();
+        let (_, sender) = join(&mut r, k(2), 8);
+        let (a_id, _a) = join_host(&mut r, k(1), "mkey:a");
+        let (b_id, _b) = join_host(&mut r, k(1), "mkey:b");
+        r.send(k(2), k(1), Bytes::new());
+        sender.take();
+        // Without an active host, the other host takes over when the newest leaves:
+        // no PeerGone.
+        assert!(r.unregister(k(1), b_id));
+        assert!(sender.take().is_empty());
+        r.send(k(2), k(1), Bytes::new());
+        assert!(r.unregister(k(1), a_id));
+        assert_eq!(
+            sender.take(),
+            vec![Outgoing::PeerGone {
+                key: k(1),
+                reason: PeerGoneReason::Disconnected
+            }]
+        );
     }
 
     #[test]

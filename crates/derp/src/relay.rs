@@ -219,6 +219,24 @@ impl Relay {
         self.registry.lock().clients()
     }
 
+    /// Which host of `key` gets its packets (hosts of an exit node with standby hosts;
+    /// see [`crate::registry`]); `None` lets the newest connection have them.
+    pub fn set_active_host(&self, key: NodePublic, host: Option<&str>) -> bool {
+        self.registry
+            .lock()
+            .set_active_host(key, host.map(str::to_string))
+    }
+
+    /// Whether `host` has a connection with `key` here.
+    pub fn host_connected(&self, key: &NodePublic, host: &str) -> bool {
+        self.registry.lock().host_connected(key, host)
+    }
+
+    /// Closes the connections of `host` with `key` (a host that was revoked).
+    pub fn close_host(&self, key: &NodePublic, host: &str) -> bool {
+        self.registry.lock().close_host(key, host)
+    }
+
     /// Runs one DERP connection (after the HTTP upgrade) until it ends.
     pub async fn serve_conn<S>(self: Arc<Self>, io: S, peer: String)
     where
@@ -340,12 +358,13 @@ impl Relay {
         let m = &self.metrics;
         match ev {
             ConnEvent::LoggedIn { key, info, mesh } => {
+                let host = (!info.host.is_empty()).then(|| info.host.clone());
                 self.registry
                     .lock()
-                    .register(key, id, QueueOutbox(tx.clone()));
+                    .register_host(key, id, QueueOutbox(tx.clone()), host);
                 *me = Some(key);
                 m.logins.fetch_add(1, Relaxed);
-                tracing::info!(key = %key.tailscale(), version = info.version, mesh, "derp client connected");
+                tracing::info!(key = %key.tailscale(), version = info.version, mesh, host = %info.host, "derp client connected");
             }
             ConnEvent::Send { dst, packet } => {
                 let Some(src) = *me else { return };
@@ -503,6 +522,7 @@ impl Relay {
             mesh_key: self.cfg.mesh_key.clone().unwrap_or_default(),
             can_ack_pings: true,
             is_prober: false,
+            host: String::new(),
         };
         let mut conn = ClientConn::new(self.cfg.key.clone(), info);
         let mut buf = vec![0u8; 64 * 1024];

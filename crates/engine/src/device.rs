@@ -24,6 +24,7 @@ use crate::peers::{
     DiscoSend, LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr,
     relay_region,
 };
+use crate::scope::HostNets;
 use crate::tun::TunIo;
 use crate::udp::UdpSock;
 use gotatun::noise::TunnResult;
@@ -78,6 +79,9 @@ pub struct DeviceCounters {
     pub disco_rejected: AtomicU64,
     /// Decrypted packets the packet filter refused (or not for this node).
     pub filter_dropped: AtomicU64,
+    /// WireGuard and disco datagrams, and packets from the TUN, dropped because this host
+    /// stands by for an exit node it does not serve now.
+    pub standby_dropped: AtomicU64,
 }
 
 /// A snapshot of [`DeviceCounters`].
@@ -98,6 +102,8 @@ pub struct CounterSnapshot {
     pub disco_tx: u64,
     pub disco_rejected: u64,
     pub filter_dropped: u64,
+    #[serde(default)]
+    pub standby_dropped: u64,
 }
 
 impl DeviceCounters {
@@ -119,6 +125,7 @@ impl DeviceCounters {
             disco_tx: g(&self.disco_tx),
             disco_rejected: g(&self.disco_rejected),
             filter_dropped: g(&self.filter_dropped),
+            standby_dropped: g(&self.standby_dropped),
         }
     }
 }
@@ -172,6 +179,10 @@ struct Shared {
     tun: Arc<dyn TunIo>,
     mtu: u16,
     stop: AtomicBool,
+    /// A standby host of an exit node: everything is ready (peers, routes, NAT), and it
+    /// answers nothing, sends nothing and forwards nothing until the server makes it the
+    /// active host ([`Device::set_standby`]).
+    standby: AtomicBool,
     counters: DeviceCounters,
 }
 
@@ -183,10 +194,27 @@ pub struct Device {
 
 impl Device {
     /// Start the device for `map` (which must be valid) on the given TUN and socket.
-    pub fn start(map: &NetMap, tun: Arc<dyn TunIo>, udp: UdpSock) -> io::Result<Device> {
+    /// `host`: the host's own networks, closed to what it forwards as exit node.
+    pub fn start(
+        map: &NetMap,
+        host: &HostNets,
+        tun: Arc<dyn TunIo>,
+        udp: UdpSock,
+    ) -> io::Result<Device> {
+        Self::start_standby(map, host, tun, udp, false)
+    }
+
+    /// [`Device::start`], standing by from the first packet on when `standby`.
+    pub fn start_standby(
+        map: &NetMap,
+        host: &HostNets,
+        tun: Arc<dyn TunIo>,
+        udp: UdpSock,
+        standby: bool,
+    ) -> io::Result<Device> {
         let index_table = IndexTable::from_os_rng();
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&map.self_node.private_key)));
-        let table = PeerTable::build(map, &empty, &index_table);
+        let table = PeerTable::build(map, &empty, &index_table, host);
         let shared = Arc::new(Shared {
             table: RwLock::new(Arc::new(table)),
             relay: RwLock::new(None),
@@ -202,6 +230,7 @@ impl Device {
             tun,
             mtu: map.mtu,
             stop: AtomicBool::new(false),
+            standby: AtomicBool::new(standby),
             counters: DeviceCounters::default(),
         });
         let mut threads = Vec::new();
@@ -221,10 +250,33 @@ impl Device {
     }
 
     /// Reconfigure for a new map (which must be valid). Sessions of unchanged peers survive.
-    pub fn apply(&self, map: &NetMap) {
+    /// `host` as for [`Device::start`].
+    pub fn apply(&self, map: &NetMap, host: &HostNets) {
         let mut table = self.shared.table.write();
-        let next = PeerTable::build(map, &table, &self.shared.index_table);
+        let next = PeerTable::build(map, &table, &self.shared.index_table, host);
         *table = Arc::new(next);
+    }
+
+    /// Stand by (or serve again): see `Shared::standby`. Every WireGuard session starts
+    /// over either way: a host that stood by has none worth keeping, and one that stops
+    /// serving must not answer with the ones it had. Once this returns, no datagram is
+    /// answered any more (a reply being made meanwhile went out before).
+    pub fn set_standby(&self, standby: bool) {
+        let was = self.shared.standby.swap(standby, Ordering::SeqCst);
+        if was == standby {
+            return;
+        }
+        let table = self.shared.table.read().clone();
+        for e in table.entries() {
+            e.state.reset_session(Instant::now());
+        }
+        self.shared.by_index.lock().clear();
+        tracing::info!(standby, "data plane role changed");
+    }
+
+    /// Whether the device stands by.
+    pub fn standby(&self) -> bool {
+        self.shared.standby.load(Ordering::SeqCst)
     }
 
     /// Give the device a relay (or take it away): peers with a relay region are then
@@ -410,6 +462,10 @@ fn outbound(shared: &Shared) {
             }
         };
         packet.truncate(n);
+        if shared.standby.load(Ordering::Relaxed) {
+            bump(&shared.counters.standby_dropped, 1);
+            continue;
+        }
         let Some((_, dst)) = ip_endpoints(&packet) else {
             bump(&shared.counters.tun_not_ip, 1);
             continue;
@@ -474,7 +530,14 @@ fn handle_datagram(
     relayed: Option<&NodePublic>,
     mtu: &mut MtuWatcher,
 ) {
-    match classify(&buf) {
+    let kind = classify(&buf);
+    if shared.standby.load(Ordering::Relaxed)
+        && matches!(kind, DatagramKind::WireGuard | DatagramKind::Disco)
+    {
+        bump(&shared.counters.standby_dropped, 1);
+        return;
+    }
+    match kind {
         DatagramKind::WireGuard => {}
         DatagramKind::Stun => {
             bump(&shared.counters.udp_stun, 1);
@@ -529,6 +592,12 @@ fn handle_datagram(
         return;
     };
     let mut tunn = peer.tunn.lock();
+    // Checked again under the peer's lock, which `Device::set_standby` takes after
+    // setting the flag: nothing is answered once it returned.
+    if shared.standby.load(Ordering::SeqCst) {
+        bump(&shared.counters.standby_dropped, 1);
+        return;
+    }
     match tunn.handle_incoming_packet(kind) {
         TunnResult::Done => {}
         TunnResult::Err(e) => {
@@ -591,6 +660,10 @@ fn timers(shared: &Shared) {
             .by_index
             .lock()
             .retain(|idx, _| shared.index_table.in_use(*idx));
+        if shared.standby.load(Ordering::Relaxed) {
+            // No keepalives, handshakes or disco pings: a standby host is silent.
+            continue;
+        }
         let table = shared.table.read().clone();
         let disco = shared.disco.read().clone();
         let endpoints = shared.endpoints.read().clone();

@@ -9,11 +9,16 @@
 //!
 //! [`Engine::shutdown`] undoes 4 and 5 and stops the device. A crash leaves 4 and 5 in
 //! place on purpose: with an exit node selected, traffic stays blocked (fail closed)
-//! until the daemon is back, and its start-up cleans up.
+//! until the daemon is back, and its start-up cleans up. After a reboot nothing is left;
+//! a daemon with an exit node in its settings calls [`block_internet`] before it has a
+//! map, and step 4 converges from that block.
 
 use crate::device::Device;
+use crate::filter::Filter;
+use crate::os::host::host_nets;
 use crate::os::nat::{self, ExitNat, ExitNatConfig, NatError};
 use crate::os::route::{self, RouteConfig, RouteError, RouteManager, RouteState};
+use crate::scope::{self, HostNets};
 use crate::tun::{TunDevice, TunError};
 use crate::udp::{UdpError, UdpSock};
 use ipnet::IpNet;
@@ -31,6 +36,8 @@ pub struct EngineConfig {
     pub route_table: u32,
     pub rule_priority_base: u32,
     pub nat_table: String,
+    /// Start standing by (a standby host of an exit node: see `Device::set_standby`).
+    pub standby: bool,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +49,7 @@ impl Default for EngineConfig {
             route_table: route::DEFAULT_TABLE,
             rule_priority_base: route::DEFAULT_RULE_PRIORITY_BASE,
             nat_table: nat::DEFAULT_TABLE.into(),
+            standby: false,
         }
     }
 }
@@ -72,6 +80,8 @@ pub struct Engine {
     routes: Option<RouteManager>,
     nat: Option<ExitNat>,
     port: u16,
+    /// The host's own networks when last looked at (closed to what we forward).
+    host: HostNets,
 }
 
 fn route_state(map: &NetMap) -> RouteState {
@@ -92,30 +102,61 @@ fn route_state(map: &NetMap) -> RouteState {
     }
 }
 
-fn nat_config(cfg: &EngineConfig, map: &NetMap) -> ExitNatConfig {
+fn nat_config(cfg: &EngineConfig, map: &NetMap, host: &HostNets) -> ExitNatConfig {
     let allowed_sources: Vec<IpNet> = map
         .peers
         .iter()
         .filter(|p| p.exit_client)
         .flat_map(|p| p.allowed_ips.iter().copied())
         .collect();
+    let granted = Filter::new(
+        map.packet_filter.as_deref(),
+        &map.self_node.addresses,
+        Some(host),
+    )
+    .explicit_grants();
     ExitNatConfig {
         table: cfg.nat_table.clone(),
         tun_ifname: cfg.tun_name.clone(),
         allowed_sources,
+        own_addresses: map.self_node.addresses.clone(),
+        closed: scope::closed_nets(host),
+        granted,
         tun_mtu: map.mtu,
     }
+}
+
+fn route_config(cfg: &EngineConfig) -> RouteConfig {
+    RouteConfig {
+        table: cfg.route_table,
+        fwmark: cfg.fwmark,
+        rule_priority_base: cfg.rule_priority_base,
+        tun_ifname: cfg.tun_name.clone(),
+    }
+}
+
+/// Fail closed before there is a map: block internet traffic (our rules and the
+/// `unreachable default` of table 52, the LAN kept with `allow_lan_access`) without a
+/// tun. A daemon with an exit node in its settings calls this at start, before it
+/// contacts the server: after a reboot on a network that blocks the server, nothing
+/// leaves directly. [`Engine::start`] with a map that uses (or still blocks for) the
+/// exit node converges from it without a gap; [`unblock`] removes it.
+pub fn block_internet(cfg: &EngineConfig, allow_lan_access: bool) -> Result<(), EngineError> {
+    RouteManager::new(route_config(cfg))?.block_without_tun(allow_lan_access)?;
+    Ok(())
+}
+
+/// Remove our rules and routes ([`block_internet`]'s, or a crashed run's) while no
+/// engine runs: the user stopped the node or logged out.
+pub fn unblock(cfg: &EngineConfig) -> Result<(), EngineError> {
+    route::cleanup_stale(&route_config(cfg))?;
+    Ok(())
 }
 
 impl Engine {
     pub fn start(cfg: EngineConfig, map: &NetMap) -> Result<Engine, EngineError> {
         map.validate()?;
-        let route_cfg = RouteConfig {
-            table: cfg.route_table,
-            fwmark: cfg.fwmark,
-            rule_priority_base: cfg.rule_priority_base,
-            tun_ifname: cfg.tun_name.clone(),
-        };
+        let route_cfg = route_config(&cfg);
         // A previous run that used an exit node left its fail-closed rules and
         // `unreachable default` behind on purpose (crash, or a stop that kept the block).
         // If this map blocks the internet too, converge from them instead of removing
@@ -131,7 +172,10 @@ impl Engine {
             .local_addr()
             .map(|a| a.port())
             .unwrap_or(cfg.listen_port);
-        let device = Device::start(map, Arc::new(tun), udp).map_err(EngineError::Threads)?;
+        // After the tun exists, so that it is left out by name.
+        let host = host_nets(&cfg.tun_name);
+        let device = Device::start_standby(map, &host, Arc::new(tun), udp, cfg.standby)
+            .map_err(EngineError::Threads)?;
         let mut engine = Engine {
             cfg,
             map: map.clone(),
@@ -139,6 +183,7 @@ impl Engine {
             routes: None,
             nat: None,
             port,
+            host,
         };
         let mut routes = RouteManager::new(route_cfg)?;
         if let Err(e) = routes.apply(&route_state(map)) {
@@ -147,7 +192,7 @@ impl Engine {
         }
         engine.routes = Some(routes);
         if map.self_node.serve_exit {
-            match ExitNat::install(&nat_config(&engine.cfg, map)) {
+            match ExitNat::install(&nat_config(&engine.cfg, map, &engine.host)) {
                 Ok(nat) => engine.nat = Some(nat),
                 Err(e) => {
                     engine.shutdown();
@@ -165,19 +210,24 @@ impl Engine {
         // that no longer takes it), peers before routes when one comes (so the default
         // route never points at a tunnel without its peer). Either order is leak-free:
         // the tunnel drops what it cannot route.
+        if map.self_node.serve_exit {
+            self.host = host_nets(&self.cfg.tun_name);
+        }
         let adding_exit = map.exit_node.is_some() && self.map.exit_node.is_none();
         if adding_exit {
-            self.device.apply(map);
+            self.device.apply(map, &self.host);
         }
         if let Some(routes) = self.routes.as_mut() {
             routes.apply(&route_state(map))?;
         }
         if !adding_exit {
-            self.device.apply(map);
+            self.device.apply(map, &self.host);
         }
         match (map.self_node.serve_exit, self.nat.as_mut()) {
-            (true, Some(nat)) => nat.update(&nat_config(&self.cfg, map))?,
-            (true, None) => self.nat = Some(ExitNat::install(&nat_config(&self.cfg, map))?),
+            (true, Some(nat)) => nat.update(&nat_config(&self.cfg, map, &self.host))?,
+            (true, None) => {
+                self.nat = Some(ExitNat::install(&nat_config(&self.cfg, map, &self.host))?)
+            }
             (false, Some(_)) => {
                 if let Some(nat) = self.nat.take() {
                     nat.remove()?;
@@ -191,6 +241,26 @@ impl Engine {
 
     pub fn map(&self) -> &NetMap {
         &self.map
+    }
+
+    /// Look at the host's networks again (an address came or went: DHCP, a new LAN) and,
+    /// when serving as exit node and they changed, close the new ones to forwarding.
+    /// Call it now and then; cheap when nothing changed.
+    pub fn refresh_host(&mut self) -> Result<(), EngineError> {
+        if !self.map.self_node.serve_exit {
+            return Ok(());
+        }
+        let host = host_nets(&self.cfg.tun_name);
+        if host == self.host {
+            return Ok(());
+        }
+        tracing::info!(addresses = ?host.addrs, subnets = ?host.subnets, "the host's networks changed");
+        self.host = host;
+        self.device.apply(&self.map, &self.host);
+        if let Some(nat) = self.nat.as_mut() {
+            nat.update(&nat_config(&self.cfg, &self.map, &self.host))?;
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {

@@ -17,10 +17,17 @@
 //!   lets nothing in.
 //!
 //! A packet not addressed to this node is dropped unless the node serves as an exit node
-//! (never one by accident, whatever the host's forwarding settings); an exit node's
-//! forwarded traffic is not judged here, its nftables table admits only the peers allowed
-//! to use it. Pure: bytes in, a verdict out; the UDP flow table is the only state.
+//! (never one by accident, whatever the host's forwarding settings). An exit node judges
+//! forwarded packets by the same rules, on source, destination, protocol and port (the
+//! server sends an exit node its users' rules with the internet's ranges as destinations:
+//! `autogroup:internet:443` forwards port 443 only). Destinations on the exit host itself
+//! or its networks are closed to broad grants ([`crate::scope`]): only a rule naming them
+//! explicitly opens them, for every packet. Without rules (a map from a file) an exit node
+//! forwards to the internet and to nothing closed. Its nftables table checks the same
+//! again (defence in depth). Pure: bytes in, a verdict out; the UDP flow table is the only
+//! state.
 
+use crate::scope::{self, AddrSet, HostNets};
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -76,10 +83,39 @@ impl Addrs {
     }
 }
 
+impl Addrs {
+    /// Whether the whole set lies in `set` (`*` never does).
+    fn within(&self, set: &AddrSet) -> bool {
+        match self {
+            Addrs::Any => false,
+            Addrs::Net(n) => set.contains_net(n),
+            Addrs::Range(a, b) => set.contains_range(*a, *b),
+        }
+    }
+
+    /// As prefixes (`*` is none: it is never an explicit grant).
+    fn nets(&self) -> Vec<IpNet> {
+        match self {
+            Addrs::Any => Vec::new(),
+            Addrs::Net(n) => vec![n.trunc()],
+            Addrs::Range(a, b) => scope::range_to_nets(*a, *b),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Dst {
+    addrs: Addrs,
+    first: u16,
+    last: u16,
+    /// Names a closed destination of an exit node explicitly (see [`crate::scope`]).
+    explicit: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
     srcs: Vec<Addrs>,
-    dsts: Vec<(Addrs, u16, u16)>,
+    dsts: Vec<Dst>,
     protos: Vec<u8>,
 }
 
@@ -95,12 +131,13 @@ pub enum Verdict {
 pub struct Filter {
     /// `None`: no policy (a map from a file), nothing is judged by rules.
     rules: Option<Vec<Rule>>,
-    /// This node's own addresses: only packets to these are judged by the rules.
+    /// This node's own (tailnet) addresses.
     local: Vec<IpAddr>,
-    /// Packets to other addresses are forwarded (we serve as exit node), not dropped.
-    forwards: bool,
-    /// Our PeerAPI's TCP port: connections to it pass whatever the rules say (the
-    /// PeerAPI checks who may use it, per request).
+    /// We serve as exit node: packets to other addresses are forwarded when allowed,
+    /// except to this closed space (the host and its networks) without an explicit rule.
+    exit: Option<AddrSet>,
+    /// Our PeerAPI's TCP port: connections to it on our addresses pass whatever the
+    /// rules say (the PeerAPI checks who may use it, per request).
     peerapi_port: Option<u16>,
 }
 
@@ -235,8 +272,8 @@ impl Flows {
     }
 }
 
-/// Compile Tailscale's rules.
-fn compile(rules: &[FilterRule]) -> Vec<Rule> {
+/// Compile Tailscale's rules (marking the destinations that name part of `closed`).
+fn compile(rules: &[FilterRule], closed: Option<&AddrSet>) -> Vec<Rule> {
     rules
         .iter()
         .map(|r| Rule {
@@ -245,8 +282,14 @@ fn compile(rules: &[FilterRule]) -> Vec<Rule> {
                 .dst_ports
                 .iter()
                 .filter_map(|d| {
-                    let a = Addrs::parse(&d.ip)?;
-                    Some((a, d.ports.first, d.ports.last))
+                    let addrs = Addrs::parse(&d.ip)?;
+                    let explicit = closed.is_some_and(|c| addrs.within(c));
+                    Some(Dst {
+                        addrs,
+                        first: d.ports.first,
+                        last: d.ports.last,
+                        explicit,
+                    })
                 })
                 .collect(),
             protos: if r.ip_proto.is_empty() {
@@ -264,13 +307,14 @@ fn compile(rules: &[FilterRule]) -> Vec<Rule> {
 
 impl Filter {
     /// The filter of a map: its rules (if any) for a node with addresses `local`,
-    /// forwarding when `forwards` (an exit node). Rule entries that do not parse
-    /// (capability sources, names) match nothing, as in Tailscale.
-    pub fn new(rules: Option<&[FilterRule]>, local: &[IpNet], forwards: bool) -> Filter {
+    /// forwarding as exit node when `exit` gives the host's networks. Rule entries that
+    /// do not parse (capability sources, names) match nothing, as in Tailscale.
+    pub fn new(rules: Option<&[FilterRule]>, local: &[IpNet], exit: Option<&HostNets>) -> Filter {
+        let closed = exit.map(scope::closed_set);
         Filter {
-            rules: rules.map(compile),
+            rules: rules.map(|r| compile(r, closed.as_ref())),
             local: local.iter().map(IpNet::addr).collect(),
-            forwards,
+            exit: closed,
             peerapi_port: None,
         }
     }
@@ -287,77 +331,124 @@ impl Filter {
         self.rules.is_some()
     }
 
+    /// The destinations the rules open explicitly on a closed space (an exit node's
+    /// host and networks), as prefixes: what the nftables table lets through besides
+    /// the internet.
+    pub fn explicit_grants(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self
+            .rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.dsts.iter())
+            .filter(|d| d.explicit)
+            .flat_map(|d| d.addrs.nets())
+            .filter(|n| !scope::is_tailnet(n.addr()))
+            .collect();
+        out = IpNet::aggregate(&out);
+        out
+    }
+
     /// Judge a decrypted packet from a peer (its source already checked against the
     /// peer's allowed IPs).
     pub fn check_in(&self, packet: &[u8], flows: &Flows, now: Instant) -> Verdict {
         let Some(h) = parse(packet) else {
             return Verdict::Drop("unparsable");
         };
-        if !self.local.contains(&h.dst) {
-            return if self.forwards {
-                Verdict::Accept("forwarded")
-            } else {
-                Verdict::Drop("not for this node, which is no exit node")
+        if self.local.contains(&h.dst) {
+            if h.proto == TCP
+                && !h.truncated
+                && !h.fragment
+                && self.peerapi_port.is_some()
+                && h.ports.map(|(_, d)| d) == self.peerapi_port
+            {
+                return Verdict::Accept("peerapi");
+            }
+            return match &self.rules {
+                None => Verdict::Accept("no filter"),
+                Some(rules) => judge(rules, &h, flows, now, false),
             };
         }
-        let Some(rules) = &self.rules else {
-            return Verdict::Accept("no filter");
+        let Some(closed) = &self.exit else {
+            return Verdict::Drop("not for this node, which is no exit node");
         };
-        if h.truncated {
-            return Verdict::Drop("unparsable");
+        if scope::is_tailnet(h.dst) {
+            return Verdict::Drop("another node's tailnet address");
         }
-        if h.fragment {
-            return Verdict::Accept("later fragment");
+        if closed.contains(h.dst) {
+            // The exit host or its networks: an explicit grant, for every packet.
+            return match &self.rules {
+                Some(rules) if judge(rules, &h, flows, now, true) == Verdict::Accept("rule") => {
+                    Verdict::Accept("explicit grant")
+                }
+                _ => Verdict::Drop("the exit host's own networks"),
+            };
         }
-        let with_ports = match h.proto {
-            TCP => {
-                let syn_only = h.tcp_flags & 0x02 != 0 && h.tcp_flags & 0x10 == 0;
-                if !syn_only {
-                    return Verdict::Accept("tcp non-syn");
-                }
-                if self.peerapi_port.is_some() && h.ports.map(|(_, d)| d) == self.peerapi_port {
-                    return Verdict::Accept("peerapi");
-                }
-                true
-            }
-            UDP => {
-                if flows.answers(&h, now) {
-                    return Verdict::Accept("udp answer");
-                }
-                true
-            }
-            SCTP => true,
-            ICMP => {
-                // Echo reply, unreachable, source quench, redirect, time exceeded,
-                // parameter problem.
-                if matches!(h.icmp_type, 0 | 3 | 4 | 5 | 11 | 12) {
-                    return Verdict::Accept("icmp answer");
-                }
-                false
-            }
-            ICMPV6 => {
-                // Errors (1-4) and echo reply (129).
-                if matches!(h.icmp_type, 1..=4 | 129) {
-                    return Verdict::Accept("icmp answer");
-                }
-                false
-            }
-            _ => false,
-        };
-        let port = h.ports.map(|(_, d)| d);
-        let hit = rules.iter().any(|r| {
-            r.protos.contains(&h.proto)
-                && r.srcs.iter().any(|s| s.contains(h.src))
-                && r.dsts.iter().any(|(d, first, last)| {
-                    d.contains(h.dst)
-                        && (!with_ports || port.is_some_and(|p| (*first..=*last).contains(&p)))
-                })
-        });
-        if hit {
-            Verdict::Accept("rule")
-        } else {
-            Verdict::Drop("no rule")
+        match &self.rules {
+            None => Verdict::Accept("forwarded"),
+            Some(rules) => judge(rules, &h, flows, now, false),
         }
+    }
+}
+
+/// The rules' verdict on a packet. `explicit_only`: only destinations marked explicit
+/// count, and every packet must match (no exceptions for answers; a later fragment only
+/// when such a rule names its destination).
+fn judge(rules: &[Rule], h: &Headers, flows: &Flows, now: Instant, explicit_only: bool) -> Verdict {
+    if h.truncated {
+        return Verdict::Drop("unparsable");
+    }
+    let names_dst = |d: &Dst| (!explicit_only || d.explicit) && d.addrs.contains(h.dst);
+    if h.fragment {
+        if explicit_only && !rules.iter().any(|r| r.dsts.iter().any(names_dst)) {
+            return Verdict::Drop("no rule");
+        }
+        return Verdict::Accept("later fragment");
+    }
+    let with_ports = match h.proto {
+        TCP => {
+            let syn_only = h.tcp_flags & 0x02 != 0 && h.tcp_flags & 0x10 == 0;
+            if !syn_only && !explicit_only {
+                return Verdict::Accept("tcp non-syn");
+            }
+            true
+        }
+        UDP => {
+            if !explicit_only && flows.answers(h, now) {
+                return Verdict::Accept("udp answer");
+            }
+            true
+        }
+        SCTP => true,
+        ICMP => {
+            // Echo reply, unreachable, source quench, redirect, time exceeded,
+            // parameter problem.
+            if !explicit_only && matches!(h.icmp_type, 0 | 3 | 4 | 5 | 11 | 12) {
+                return Verdict::Accept("icmp answer");
+            }
+            false
+        }
+        ICMPV6 => {
+            // Errors (1-4) and echo reply (129).
+            if !explicit_only && matches!(h.icmp_type, 1..=4 | 129) {
+                return Verdict::Accept("icmp answer");
+            }
+            false
+        }
+        _ => false,
+    };
+    let port = h.ports.map(|(_, d)| d);
+    let hit = rules.iter().any(|r| {
+        r.protos.contains(&h.proto)
+            && r.srcs.iter().any(|s| s.contains(h.src))
+            && r.dsts.iter().any(|d| {
+                names_dst(d)
+                    && (!with_ports || port.is_some_and(|p| (d.first..=d.last).contains(&p)))
+            })
+    });
+    if hit {
+        Verdict::Accept("rule")
+    } else {
+        Verdict::Drop("no rule")
     }
 }
 
@@ -410,9 +501,23 @@ mod tests {
         ]
     }
 
+    /// The exit host's own networks: a public address on the uplink, a LAN, loopback.
+    fn host() -> HostNets {
+        HostNets::from_interface_addrs(
+            [
+                "198.51.100.2/24",
+                "198.18.3.1/24",
+                "2001:db8:1::2/64",
+                "127.0.0.1/8",
+            ]
+            .iter()
+            .map(|s| s.parse().unwrap()),
+        )
+    }
+
     /// An exit node's filter (it forwards what is not for it).
     fn filter(rules: Vec<FilterRule>) -> Filter {
-        Filter::new(Some(&rules), &local(), true)
+        Filter::new(Some(&rules), &local(), Some(&host()))
     }
 
     /// PEER may reach our port 22 (TCP/UDP/ICMP); nobody else anything.
@@ -456,19 +561,19 @@ mod tests {
             f.check_in(&tcp(OTHER, ME, 80, 40000, ACK), &fl, now),
             Verdict::Accept("tcp non-syn")
         );
-        // Not for us: the exit node's nftables judge forwarded traffic; a node that is
-        // no exit node drops it, with or without rules.
+        // Not for us: an exit node judges it by the rules (none opens the internet
+        // here); a node that is no exit node drops it, with or without rules.
         let web = tcp(PEER, "203.0.113.10", 40000, 80, SYN);
-        assert_eq!(f.check_in(&web, &fl, now), Verdict::Accept("forwarded"));
+        assert_eq!(f.check_in(&web, &fl, now), Verdict::Drop("no rule"));
         for rules in [None, Some(&[FilterRule::allow_all()][..])] {
-            let g = Filter::new(rules, &local(), false);
+            let g = Filter::new(rules, &local(), None);
             assert_eq!(
                 g.check_in(&web, &fl, now),
                 Verdict::Drop("not for this node, which is no exit node")
             );
         }
         // No rules (a map from a file): whatever is for us.
-        let open = Filter::new(None, &local(), false);
+        let open = Filter::new(None, &local(), None);
         assert_eq!(
             open.check_in(&tcp(OTHER, ME, 1, 9, SYN), &fl, now),
             Verdict::Accept("no filter")
@@ -657,6 +762,273 @@ mod tests {
         assert_eq!(
             ssh_only().check_in(&frag, &fl, now),
             Verdict::Accept("later fragment")
+        );
+    }
+
+    /// The exit node's filter as the server compiles `policy` for it: the exit node
+    /// (100.64.0.1, approved for 0.0.0.0/0 and ::/0), PEER (user alice) and OTHER
+    /// (tag:iot, not allowed to use exit nodes).
+    fn compiled_exit_filter(policy: &str) -> Filter {
+        use tsunagu_policy::{Policy, PolicyNode};
+        let node = |id, user: Option<&str>, tags: &[&str], ip: &str, exit: bool| PolicyNode {
+            id,
+            user: user.map(str::to_string),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ips: vec![
+                ip.parse().unwrap(),
+                format!("fd7a:115c:a1e0::{}", id).parse().unwrap(),
+            ],
+            approved_routes: if exit {
+                vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]
+            } else {
+                Vec::new()
+            },
+        };
+        let nodes = [
+            node(1, None, &["tag:exit"], ME, true),
+            node(2, Some("alice"), &[], PEER, false),
+            node(3, None, &["tag:iot"], OTHER, false),
+        ];
+        let compiled = Policy::parse(policy).unwrap().compile(&nodes);
+        let rules: Vec<FilterRule> = compiled
+            .filter(1)
+            .into_iter()
+            .map(|r| FilterRule {
+                src_ips: r.src_ips,
+                dst_ports: r
+                    .dst_ports
+                    .into_iter()
+                    .map(|d| NetPortRange {
+                        ip: d.ip,
+                        bits: None,
+                        ports: PortRange {
+                            first: d.first,
+                            last: d.last,
+                        },
+                    })
+                    .collect(),
+                ip_proto: r.ip_proto.into_iter().map(i32::from).collect(),
+                ..FilterRule::default()
+            })
+            .collect();
+        filter(rules)
+    }
+
+    const TAGS: &str = r#""tagOwners": { "tag:exit": ["alice"], "tag:iot": ["alice"] },"#;
+
+    #[test]
+    fn exit_node_forwards_only_what_a_rule_allows_and_never_into_its_own_host() {
+        let policy = format!(
+            r#"{{ {TAGS} "acls": [
+                {{ "action": "accept", "src": ["alice"], "dst": ["autogroup:internet:443"] }},
+                {{ "action": "accept", "src": ["tag:iot"], "dst": ["tag:exit:22"] }},
+            ] }}"#
+        );
+        let f = compiled_exit_filter(&policy);
+        let fl = Flows::default();
+        let now = Instant::now();
+        let syn = |src: &str, dst: &str, port: u16| tcp(src, dst, 40000, port, SYN);
+        let table: &[(&str, Vec<u8>, Verdict)] = &[
+            (
+                "internet:443 under a 443 rule",
+                syn(PEER, "203.0.113.10", 443),
+                Verdict::Accept("rule"),
+            ),
+            (
+                "internet:25 under a 443 rule",
+                syn(PEER, "203.0.113.10", 25),
+                Verdict::Drop("no rule"),
+            ),
+            (
+                "the exit host's LAN:22",
+                syn(PEER, "198.18.3.10", 22),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "the exit host's LAN:443 (inside the internet's ranges, but its LAN)",
+                syn(PEER, "198.18.3.10", 443),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "the exit host's own public address:443",
+                syn(PEER, "198.51.100.2", 443),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "a neighbour on the exit host's uplink subnet",
+                syn(PEER, "198.51.100.4", 443),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "cloud metadata",
+                syn(PEER, "169.254.169.254", 80),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "a private range",
+                syn(PEER, "10.0.0.1", 443),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "another node's tailnet address",
+                syn(PEER, "100.64.0.9", 443),
+                Verdict::Drop("another node's tailnet address"),
+            ),
+            (
+                "a non-client (tag:iot) to the internet",
+                syn(OTHER, "203.0.113.10", 443),
+                Verdict::Drop("no rule"),
+            ),
+            (
+                "a non-client to the exit host's public address",
+                syn(OTHER, "198.51.100.2", 22),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "a non-client to what the policy gives it: the exit's tailnet address",
+                syn(OTHER, ME, 22),
+                Verdict::Accept("rule"),
+            ),
+            (
+                "an established segment to the internet (answers to allowed openings)",
+                tcp(PEER, "203.0.113.10", 40000, 25, ACK),
+                Verdict::Accept("tcp non-syn"),
+            ),
+            (
+                "an established segment to the exit host is no exception",
+                tcp(PEER, "198.51.100.2", 40000, 22, ACK),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+            (
+                "UDP to cloud metadata",
+                udp(PEER, "169.254.169.254", 40000, 53),
+                Verdict::Drop("the exit host's own networks"),
+            ),
+        ];
+        for (what, packet, want) in table {
+            assert_eq!(f.check_in(packet, &fl, now), *want, "{what}");
+        }
+        // IPv6: the internet's ranges, not the exit's uplink /64.
+        let v6 = |dst: &str, port: u16| {
+            let mut p = vec![0u8; 40 + 20];
+            p[0] = 0x60;
+            p[6] = TCP;
+            p[8..24].copy_from_slice(
+                &"fd7a:115c:a1e0::2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            p[24..40].copy_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+            p[42..44].copy_from_slice(&port.to_be_bytes());
+            p[53] = SYN;
+            p
+        };
+        assert_eq!(
+            f.check_in(&v6("2001:db8:2::10", 443), &fl, now),
+            Verdict::Accept("rule")
+        );
+        assert_eq!(
+            f.check_in(&v6("2001:db8:2::10", 25), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        assert_eq!(
+            f.check_in(&v6("2001:db8:1::99", 443), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        assert_eq!(
+            f.check_in(&v6("fe80::1", 443), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        // Nothing closed is explicitly granted: nftables gets no exception.
+        assert!(f.explicit_grants().is_empty());
+    }
+
+    #[test]
+    fn broad_grants_do_not_open_the_exit_host_but_explicit_ones_do() {
+        // `*:*` (the default policy) opens the internet, never the exit host.
+        let f = compiled_exit_filter(&format!(
+            r#"{{ {TAGS} "acls": [ {{ "action": "accept", "src": ["alice"], "dst": ["*:*"] }} ] }}"#
+        ));
+        let fl = Flows::default();
+        let now = Instant::now();
+        let syn = |dst: &str, port: u16| tcp(PEER, dst, 40000, port, SYN);
+        assert_eq!(
+            f.check_in(&syn("203.0.113.10", 25), &fl, now),
+            Verdict::Accept("rule")
+        );
+        assert_eq!(
+            f.check_in(&syn("198.51.100.2", 22), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        assert_eq!(
+            f.check_in(&syn("169.254.169.254", 80), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        // Naming the exit host's LAN and its public address's port 22 opens exactly that.
+        let f = compiled_exit_filter(&format!(
+            r#"{{ {TAGS} "acls": [
+                {{ "action": "accept", "src": ["alice"], "dst": ["autogroup:internet:*"] }},
+                {{ "action": "accept", "src": ["alice"], "dst": ["198.18.3.0/24:22", "198.51.100.2:22"] }},
+            ] }}"#
+        ));
+        assert_eq!(
+            f.check_in(&syn("198.18.3.10", 22), &fl, now),
+            Verdict::Accept("explicit grant")
+        );
+        assert_eq!(
+            f.check_in(&syn("198.51.100.2", 22), &fl, now),
+            Verdict::Accept("explicit grant")
+        );
+        assert_eq!(
+            f.check_in(&tcp(PEER, "198.51.100.2", 40000, 22, ACK), &fl, now),
+            Verdict::Accept("explicit grant")
+        );
+        assert_eq!(
+            f.check_in(&syn("198.18.3.10", 80), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        assert_eq!(
+            f.check_in(&syn("169.254.169.254", 80), &fl, now),
+            Verdict::Drop("the exit host's own networks")
+        );
+        assert_eq!(
+            f.check_in(&tcp(OTHER, "198.18.3.10", 40000, 22, SYN), &fl, now),
+            Verdict::Drop("the exit host's own networks"),
+            "granted to alice only"
+        );
+        let grants: Vec<String> = f
+            .explicit_grants()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(grants, ["198.18.3.0/24", "198.51.100.2/32"]);
+    }
+
+    #[test]
+    fn without_rules_an_exit_node_forwards_to_the_internet_only() {
+        let f = Filter::new(None, &local(), Some(&host()));
+        let fl = Flows::default();
+        let now = Instant::now();
+        assert_eq!(
+            f.check_in(&tcp(PEER, "203.0.113.10", 1, 25, SYN), &fl, now),
+            Verdict::Accept("forwarded")
+        );
+        for closed in [
+            "198.51.100.2",
+            "198.18.3.10",
+            "169.254.169.254",
+            "127.0.0.1",
+        ] {
+            assert_eq!(
+                f.check_in(&tcp(PEER, closed, 1, 22, SYN), &fl, now),
+                Verdict::Drop("the exit host's own networks"),
+                "{closed}"
+            );
+        }
+        assert_eq!(
+            f.check_in(&tcp(PEER, ME, 1, 22, SYN), &fl, now),
+            Verdict::Accept("no filter")
         );
     }
 }

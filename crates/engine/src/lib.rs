@@ -6,7 +6,7 @@
 //! serve an exit node.
 //!
 //! Layers, bottom up:
-//! * [`allowed_ips`], [`demux`], [`filter`], [`peers`]: pure logic, no I/O.
+//! * [`allowed_ips`], [`demux`], [`filter`], [`scope`], [`peers`]: pure logic, no I/O.
 //! * [`tun`], [`udp`]: the two kinds of I/O, each behind a seam.
 //! * [`device`]: the packet path (threads moving packets between the two).
 //! * [`os`]: Linux routing, policy rules, forwarding and NAT.
@@ -19,6 +19,7 @@ pub mod engine;
 pub mod filter;
 pub mod os;
 pub mod peers;
+pub mod scope;
 pub mod tun;
 pub mod udp;
 

@@ -7,6 +7,7 @@
 
 use crate::allowed_ips::AllowedIps;
 use crate::filter::{Filter, Flows, Verdict};
+use crate::scope::HostNets;
 use gotatun::noise::index_table::IndexTable;
 use gotatun::noise::rate_limiter::RateLimiter;
 use gotatun::noise::{TimerParams, Tunn};
@@ -102,6 +103,31 @@ pub const CALL_ME_MAYBE_ANSWER_EVERY: Duration = Duration::from_secs(1);
 /// CallMeMaybe), at most.
 const MAX_PINGS: usize = 32;
 const MAX_LEARNED: usize = 16;
+/// Endpoints of a peer taken from the map, and candidates pinged per round, at most
+/// (the server keeps 32 per node too): a peer that lists thousands of third-party
+/// addresses must not make us ping all of them every few seconds.
+pub const MAX_CONFIGURED: usize = 32;
+pub const MAX_CANDIDATES: usize = 32;
+
+/// The endpoints of a peer worth keeping from the map: distinct, not an unspecified,
+/// multicast or broadcast address, not port 0, the first [`MAX_CONFIGURED`] (best
+/// first, as the map lists them).
+pub(crate) fn usable_endpoints(eps: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for e in eps {
+        let junk = e.port() == 0
+            || e.ip().is_unspecified()
+            || e.ip().is_multicast()
+            || e.ip() == IpAddr::V4(Ipv4Addr::BROADCAST);
+        if !junk && !out.contains(e) {
+            out.push(*e);
+            if out.len() == MAX_CONFIGURED {
+                break;
+            }
+        }
+    }
+    out
+}
 
 /// How we reach one peer: the endpoint in use, the direct endpoints the map gave, the
 /// relay, and the times that drive moving between them.
@@ -173,10 +199,17 @@ impl DiscoPath {
         }
     }
 
-    /// Every endpoint worth a ping: the map's (`configured`) and the learned ones.
+    /// The endpoints worth a ping, at most [`MAX_CANDIDATES`]: the map's first half
+    /// (best first), the learned ones (where the peer's pings came from, what it named in
+    /// its CallMeMaybe), then the rest of the map's.
     fn candidates(&self, configured: &[SocketAddr]) -> Vec<SocketAddr> {
-        let mut all = configured.to_vec();
-        for a in &self.learned {
+        let half = configured.len().min(MAX_CANDIDATES / 2);
+        let (first, rest) = configured.split_at(half);
+        let mut all: Vec<SocketAddr> = first.to_vec();
+        for a in self.learned.iter().chain(rest) {
+            if all.len() == MAX_CANDIDATES {
+                break;
+            }
             if !all.contains(a) {
                 all.push(*a);
             }
@@ -529,6 +562,16 @@ impl PeerState {
         }
     }
 
+    /// Forget the WireGuard session and what the path learned: the next packet for the
+    /// peer starts a new handshake, on the path the map gives.
+    pub(crate) fn reset_session(&self, now: Instant) {
+        self.tunn.lock().reset();
+        let mut p = self.path.lock();
+        let disco = p.disco.as_ref().map(|d| d.key);
+        let fresh = PathState::new(&p.configured, p.relay, disco, now);
+        *p = fresh;
+    }
+
     /// Time since the last completed handshake, if a session exists.
     pub fn last_handshake(&self) -> Option<Duration> {
         self.tunn.lock().time_since_last_handshake()
@@ -593,7 +636,12 @@ impl PeerTable {
     /// Build the table for `map`, reusing the WireGuard state of peers that `previous`
     /// already had (same key, same local key). The map must be valid
     /// ([`NetMap::validate`]).
-    pub fn build(map: &NetMap, previous: &PeerTable, index_table: &IndexTable) -> PeerTable {
+    pub fn build(
+        map: &NetMap,
+        previous: &PeerTable,
+        index_table: &IndexTable,
+        host: &HostNets,
+    ) -> PeerTable {
         let own = map.self_node.private_key.public();
         let same_identity = own.0 == previous.local.public.to_bytes();
         let local = if same_identity {
@@ -607,6 +655,7 @@ impl PeerTable {
         let mut routes = AllowedIps::new();
         let mut exit = None;
         for peer in &map.peers {
+            let endpoints = usable_endpoints(&peer.endpoints);
             let reused = same_identity
                 .then(|| previous.get(&peer.key))
                 .flatten()
@@ -617,15 +666,21 @@ impl PeerTable {
                     let relay = peer.relay.map(relay_addr);
                     let mut path = state.path.lock();
                     let disco = path.disco.as_ref().map(|d| d.key);
-                    if path.configured != peer.endpoints
-                        || path.relay != relay
-                        || disco != peer.disco
-                    {
+                    if path.configured != endpoints || path.relay != relay || disco != peer.disco {
                         // The map moved the peer (or it restarted with a new disco
                         // key): follow the map, not what we learned.
-                        *path = PathState::new(&peer.endpoints, relay, peer.disco, Instant::now());
+                        *path = PathState::new(&endpoints, relay, peer.disco, Instant::now());
                     }
                     drop(path);
+                    if disco.is_some() && peer.disco.is_some() && disco != peer.disco {
+                        // A new disco key for the same node key: the peer restarted, or
+                        // another host now holds its identity (an exit node's standby
+                        // host). Its side of our session is gone: start over at once, on
+                        // the next packet, instead of after seconds of silence (Tailscale's
+                        // clients do the same: `ResetDevicePeer`).
+                        state.tunn.lock().reset();
+                        tracing::info!(peer = %peer.key.short(), "new disco key: new WireGuard session");
+                    }
                     state
                 }
                 None => {
@@ -642,7 +697,7 @@ impl PeerTable {
                         key: peer.key,
                         tunn: Mutex::new(tunn),
                         path: Mutex::new(PathState::new(
-                            &peer.endpoints,
+                            &endpoints,
                             peer.relay.map(relay_addr),
                             peer.disco,
                             Instant::now(),
@@ -682,7 +737,7 @@ impl PeerTable {
             filter: Filter::new(
                 map.packet_filter.as_deref(),
                 &map.self_node.addresses,
-                map.self_node.serve_exit,
+                map.self_node.serve_exit.then_some(host),
             )
             .with_peerapi_port(map.self_node.peerapi_port),
         }
@@ -766,6 +821,8 @@ pub(crate) fn bump(counter: &AtomicU64, by: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gotatun::noise::TunnResult;
+    use gotatun::packet::Packet;
     use tsunagu_proto::{NodePrivate, Peer, SelfNode};
 
     fn map() -> NetMap {
@@ -799,7 +856,84 @@ mod tests {
 
     fn build(m: &NetMap, prev: Option<&PeerTable>) -> PeerTable {
         let empty = PeerTable::empty(Arc::new(LocalKey::new(&m.self_node.private_key)));
-        PeerTable::build(m, prev.unwrap_or(&empty), &IndexTable::from_os_rng())
+        PeerTable::build(
+            m,
+            prev.unwrap_or(&empty),
+            &IndexTable::from_os_rng(),
+            &HostNets::default(),
+        )
+    }
+
+    /// A WireGuard handshake between our peer entry for `remote` and `remote` itself, so
+    /// that the entry has a session.
+    fn handshake(t: &PeerTable, remote: &NodePrivate, me: &NodePublic) {
+        let state = &t.get(&remote.public()).unwrap().state;
+        let them = LocalKey::new(remote);
+        let mut responder = Tunn::new(
+            them.private.clone(),
+            PublicKey::from(me.0),
+            None,
+            None,
+            IndexTable::from_os_rng(),
+            them.rate_limiter.clone(),
+        );
+        let from: SocketAddr = "198.51.100.3:1".parse().unwrap();
+        let init: Packet = state
+            .tunn
+            .lock()
+            .format_handshake_initiation(false)
+            .unwrap()
+            .into();
+        let init = them.rate_limiter.verify_packet(from, init).ok().unwrap();
+        let resp = match responder.handle_incoming_packet(init) {
+            TunnResult::WriteToNetwork(resp) => resp,
+            TunnResult::Err(e) => panic!("no handshake response: {e:?}"),
+            _ => panic!("no handshake response"),
+        };
+        let resp: Packet = resp.into();
+        let resp = t.local.rate_limiter.verify_packet(from, resp).ok().unwrap();
+        let _ = state.tunn.lock().handle_incoming_packet(resp);
+        assert!(state.last_handshake().is_some(), "a session");
+    }
+
+    #[test]
+    fn a_new_disco_key_for_the_same_node_key_starts_a_new_session_at_once() {
+        let mut m = map();
+        let exit = NodePrivate::generate();
+        m.peers[0].key = exit.public();
+        m.peers[0].disco = Some(DiscoPublic([1; 32]));
+        let me = m.self_node.private_key.public();
+        let t1 = build(&m, None);
+        handshake(&t1, &exit, &me);
+        // Same disco key (a map change elsewhere): the session stays.
+        let t2 = build(&m, Some(&t1));
+        assert!(t2.entries()[0].state.last_handshake().is_some());
+        // Another host took over the identity (or it restarted): a new session.
+        m.peers[0].disco = Some(DiscoPublic([2; 32]));
+        m.peers[0].endpoints = vec!["198.51.100.6:41641".parse().unwrap()];
+        let t3 = build(&m, Some(&t2));
+        assert!(
+            Arc::ptr_eq(&t3.entries()[0].state, &t2.entries()[0].state),
+            "the same peer entry (counters kept)"
+        );
+        assert!(
+            t3.entries()[0].state.last_handshake().is_none(),
+            "no session left"
+        );
+        assert_eq!(
+            t3.entries()[0].state.endpoint(),
+            None,
+            "the path follows the map (disco finds the new host)"
+        );
+        // A peer that gains a disco key (first map with one) keeps its session.
+        let mut m = map();
+        m.peers[0].key = exit.public();
+        let me = m.self_node.private_key.public();
+        let t1 = build(&m, None);
+        handshake(&t1, &exit, &me);
+        m.peers[0].disco = Some(DiscoPublic([3; 32]));
+        let t2 = build(&m, Some(&t1));
+        assert!(t2.entries()[0].state.last_handshake().is_some());
     }
 
     fn disco_peer() -> (PeerTable, SocketAddr, SocketAddr) {
@@ -908,6 +1042,61 @@ mod tests {
         let lan_tx = pings(&out)[1].1;
         assert!(peer.disco_on_pong(lan_tx, lan, up + Duration::from_micros(100)));
         assert_eq!(peer.endpoint(), Some(lan));
+    }
+
+    #[test]
+    fn a_peer_listing_thousands_of_endpoints_gets_at_most_32_pings_a_round() {
+        let mut m = map();
+        // 2,000 third-party addresses, junk among them.
+        let mut spray: Vec<SocketAddr> = (0..2000u32)
+            .map(|i| {
+                let [_, _, a, b] = i.to_be_bytes();
+                SocketAddr::from(([203, 0, a, b], 41641))
+            })
+            .collect();
+        spray.insert(0, "0.0.0.0:41641".parse().unwrap());
+        spray.insert(1, "224.0.0.1:41641".parse().unwrap());
+        spray.insert(2, "198.51.100.2:0".parse().unwrap());
+        spray.insert(3, "203.0.0.0:41641".parse().unwrap()); // a duplicate
+        m.peers[0].endpoints = spray.clone();
+        m.peers[0].relay = Some(900);
+        m.peers[0].disco = Some(DiscoPublic([4; 32]));
+        let t = build(&m, None);
+        let peer = &t.entries()[0].state;
+        let own = NodePublic([1; 32]);
+        let ours: Vec<SocketAddr> = vec!["198.51.100.3:5000".parse().unwrap()];
+        let t0 = Instant::now();
+        peer.note_data(t0);
+        let sent = pings(&peer.disco_poll(t0, own, &ours));
+        assert_eq!(sent.len(), MAX_CANDIDATES);
+        assert_eq!(
+            sent[0].0,
+            "203.0.0.0:41641".parse().unwrap(),
+            "junk dropped"
+        );
+        // The same map again keeps the path state (the kept list compares equal).
+        let t2 = build(&m, Some(&t));
+        assert!(Arc::ptr_eq(peer, &t2.entries()[0].state));
+        assert!(t2.entries()[0].state.disco_poll(t0, own, &ours).is_empty());
+        // A CallMeMaybe naming 2,000 more: still at most 32, the learned ones among them.
+        let named: Vec<SocketAddr> = (0..2000u32)
+            .map(|i| {
+                let [_, _, a, b] = i.to_be_bytes();
+                SocketAddr::from(([198, 18, a, b], 7))
+            })
+            .collect();
+        let later = t0 + CALL_ME_MAYBE_ANSWER_EVERY;
+        let sent = pings(&peer.disco_on_call_me_maybe(&named, later, own));
+        assert_eq!(sent.len(), MAX_CANDIDATES);
+        assert!(sent.iter().any(|(to, _)| named.contains(to)));
+        assert!(sent.iter().any(|(to, _)| spray.contains(to)));
+        let next = later + DIRECT_PROBE_EVERY;
+        peer.note_data(next);
+        assert_eq!(
+            pings(&peer.disco_poll(next, own, &ours)).len(),
+            MAX_CANDIDATES
+        );
+        assert_eq!(usable_endpoints(&spray).len(), MAX_CONFIGURED);
     }
 
     #[test]

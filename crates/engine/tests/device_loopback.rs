@@ -5,6 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tsunagu_engine::Device;
+use tsunagu_engine::scope::HostNets;
 use tsunagu_engine::tun::{ChannelApp, ChannelTun};
 use tsunagu_engine::udp::UdpSock;
 use tsunagu_proto::{NetMap, NodePrivate, Peer, SelfNode};
@@ -72,8 +73,8 @@ fn pair() -> (Node, Node) {
     let (tb, app_b) = ChannelTun::pair();
     let ma = map(&ka, "100.64.0.1/32", &kb, "100.64.0.2/32", Some(eb));
     let mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
-    let a = Device::start(&ma, Arc::new(ta), ua).unwrap();
-    let b = Device::start(&mb, Arc::new(tb), ub).unwrap();
+    let a = Device::start(&ma, &HostNets::default(), Arc::new(ta), ua).unwrap();
+    let b = Device::start(&mb, &HostNets::default(), Arc::new(tb), ub).unwrap();
     (
         Node {
             device: a,
@@ -199,7 +200,7 @@ fn unknown_peer_key_cannot_handshake() {
         "100.64.0.2/32",
         Some(b.device.local_addr().unwrap()),
     );
-    let c = Device::start(&mc, Arc::new(tc), uc).unwrap();
+    let c = Device::start(&mc, &HostNets::default(), Arc::new(tc), uc).unwrap();
     app_c
         .to_tun
         .send(ipv4_packet([100, 64, 0, 3], [100, 64, 0, 2], b"let me in"))
@@ -241,7 +242,7 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
         Some(b.device.local_addr().unwrap()),
     );
     ma.exit_node = Some(b.key.public());
-    a.device.apply(&ma);
+    a.device.apply(&ma, &HostNets::default());
     let web = ipv4_packet([100, 64, 0, 1], [203, 0, 113, 10], b"GET /");
     // b does not offer itself as an exit node: it drops what is not addressed to it
     // (never an exit node by accident, whatever the host's forwarding settings).
@@ -255,7 +256,7 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
     assert_eq!(b.device.counters().filter_dropped, 1);
     let mut mb = map(&b.key, "100.64.0.2/32", &a.key, "100.64.0.1/32", None);
     mb.self_node.serve_exit = true;
-    b.device.apply(&mb);
+    b.device.apply(&mb, &HostNets::default());
     a.app.to_tun.send(web.clone()).unwrap();
     assert_eq!(recv(&b.app), web, "internet traffic goes to the exit node");
     // The answer from the internet is accepted only because b is a's exit node.
@@ -265,7 +266,7 @@ fn exit_node_selection_routes_internet_and_survives_reconfiguration() {
     assert!(a.device.peers()[0].is_exit_node);
     // Deselect: the same answer is now a spoofed source.
     ma.exit_node = None;
-    a.device.apply(&ma);
+    a.device.apply(&ma, &HostNets::default());
     b.app.to_tun.send(answer).unwrap();
     assert!(
         a.app
@@ -352,8 +353,8 @@ fn each_side_sends_through_the_other_sides_home_region() {
     ma.peers[0].relay = Some(901);
     let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
     mb.peers[0].relay = Some(900);
-    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
-    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    let a = Arc::new(Device::start(&ma, &HostNets::default(), Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, &HostNets::default(), Arc::new(tb), ub).unwrap());
     let ra = FakeRelay::with_regions(ka.public(), kb.public(), &b, &[900, 901]);
     let rb = FakeRelay::with_regions(kb.public(), ka.public(), &a, &[900, 901]);
     a.set_relay(Some(ra.clone()));
@@ -405,8 +406,8 @@ fn relay_carries_traffic_when_no_direct_path_answers_and_direct_takes_over() {
     ma.peers[0].relay = Some(900);
     let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
     mb.peers[0].relay = Some(900);
-    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
-    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    let a = Arc::new(Device::start(&ma, &HostNets::default(), Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, &HostNets::default(), Arc::new(tb), ub).unwrap());
     let ra = FakeRelay::new(ka.public(), kb.public(), &b);
     let rb = FakeRelay::new(kb.public(), ka.public(), &a);
     a.set_relay(Some(ra.clone()));
@@ -427,7 +428,7 @@ fn relay_carries_traffic_when_no_direct_path_answers_and_direct_takes_over() {
     // directly, and both move to the direct path.
     let mut ma2 = ma.clone();
     ma2.peers[0].endpoints = vec![eb];
-    a.apply(&ma2);
+    a.apply(&ma2, &HostNets::default());
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.peers()[0].endpoint != Some(eb) && Instant::now() < deadline {
         app_a.to_tun.send(p.clone()).unwrap();
@@ -472,8 +473,8 @@ fn disco_finds_the_direct_path_and_refuses_bad_boxes() {
     let mut mb = map(&kb, "100.64.0.2/32", &ka, "100.64.0.1/32", None);
     mb.peers[0].relay = Some(900);
     mb.peers[0].disco = Some(da.public());
-    let a = Arc::new(Device::start(&ma, Arc::new(ta), ua).unwrap());
-    let b = Arc::new(Device::start(&mb, Arc::new(tb), ub).unwrap());
+    let a = Arc::new(Device::start(&ma, &HostNets::default(), Arc::new(ta), ua).unwrap());
+    let b = Arc::new(Device::start(&mb, &HostNets::default(), Arc::new(tb), ub).unwrap());
     a.set_disco(Some(da.clone()));
     b.set_disco(Some(db.clone()));
     a.set_endpoints(vec![ea]);
@@ -544,4 +545,70 @@ fn disco_finds_the_direct_path_and_refuses_bad_boxes() {
     assert_eq!(recv(&app_b), p);
     assert_eq!(b.peers()[0].endpoint, Some(ea));
     drop(hole);
+}
+
+/// A standby host (of an exit node whose identity another host serves) answers nothing:
+/// handshakes and data are dropped and counted, nothing reaches its TUN, it sends nothing.
+/// Made active, it handshakes and forwards; made standby again, its session is gone and
+/// data is dropped at once.
+#[test]
+fn a_standby_host_drops_handshakes_and_data_until_it_is_active() {
+    let (a, b) = pair();
+    b.device.set_standby(true);
+    assert!(b.device.standby());
+    let p = ipv4_packet([100, 64, 0, 1], [100, 64, 0, 2], b"to the exit node");
+    a.app.to_tun.send(p.clone()).unwrap();
+    // a's handshake (and its ~1 s retry) reach b and are dropped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.device.counters().standby_dropped < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        b.device.counters().standby_dropped >= 2,
+        "{:?}",
+        b.device.counters()
+    );
+    assert!(b.app.from_tun.try_recv().is_err(), "nothing delivered");
+    assert!(
+        !a.device.has_session(&b.key.public()),
+        "no handshake answered"
+    );
+    // b's own traffic to a goes nowhere while it stands by.
+    let before = b.device.counters().standby_dropped;
+    b.app
+        .to_tun
+        .send(ipv4_packet([100, 64, 0, 2], [100, 64, 0, 1], b"from b"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.device.counters().standby_dropped == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.device.counters().standby_dropped > before);
+    assert!(a.app.from_tun.try_recv().is_err());
+
+    // Active: a's next retry gets through, the queued packet with it.
+    b.device.set_standby(false);
+    assert_eq!(recv(&b.app), p);
+    assert!(a.device.has_session(&b.key.public()));
+
+    // Standby again: the session is gone on b's side and a's data is dropped.
+    b.device.set_standby(true);
+    assert!(!b.device.has_session(&a.key.public()));
+    let before = b.device.counters().standby_dropped;
+    a.app.to_tun.send(p.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.device.counters().standby_dropped == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        b.device.counters().standby_dropped > before,
+        "data dropped at once"
+    );
+    assert!(
+        b.app
+            .from_tun
+            .recv_timeout(Duration::from_millis(300))
+            .is_err(),
+        "nothing delivered"
+    );
 }

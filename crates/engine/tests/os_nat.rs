@@ -7,17 +7,23 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
+use tsunagu_engine::os::host::host_nets;
 use tsunagu_engine::os::nat::{ExitNat, ExitNatConfig, NatError};
+use tsunagu_engine::scope::closed_nets;
 use tsunagu_lab::{Lab, Netns, capture_filtered, http_get, whoami_server};
 
 const TUN: &str = "tsutest0";
 const V4_FWD: &str = "net.ipv4.ip_forward";
 const V6_FWD: &str = "net.ipv6.conf.all.forwarding";
 
+/// The exit node's own tailnet addresses (on its "tun" in [`net`]).
+const OWN: [&str; 2] = ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"];
+
 fn cfg(sources: &[&str]) -> ExitNatConfig {
     ExitNatConfig {
         tun_ifname: TUN.into(),
         allowed_sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
+        own_addresses: OWN.iter().map(|s| s.parse().unwrap()).collect(),
         tun_mtu: 1280,
         ..ExitNatConfig::default()
     }
@@ -80,6 +86,13 @@ fn expected_chains() -> Vec<ChainInfo> {
             100,
             "accept".into(),
         ),
+        (
+            "input".into(),
+            "filter".into(),
+            "input".into(),
+            0,
+            "accept".into(),
+        ),
     ]
 }
 
@@ -123,6 +136,10 @@ fn install_creates_our_table_and_remove_deletes_only_it() {
             r#"iifname "tsutest0" ip6 saddr fd7a:115c:a1e0::2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept"#,
             r#"iifname "tsutest0" counter packets 0 bytes 0 drop"#,
             r#"oifname != "tsutest0" meta mark & 0x00ff0000 == 0x00040000 masquerade"#,
+            r#"iifname "tsutest0" icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"#,
+            r#"iifname "tsutest0" ip daddr 100.64.0.1 accept"#,
+            r#"iifname "tsutest0" ip6 daddr fd7a:115c:a1e0::1 accept"#,
+            r#"iifname "tsutest0" counter packets 0 bytes 0 drop"#,
         ]
     );
     assert_eq!(forwarding(&ns), ("1".into(), "1".into()));
@@ -159,7 +176,7 @@ fn install_replaces_a_stale_table_and_installing_twice_works() {
         .unwrap();
     let (chains, rules) = chains_and_rules(&ns);
     assert_eq!(chains, expected_chains());
-    assert_eq!(rules.len(), 8, "{rules:?}");
+    assert_eq!(rules.len(), 12, "{rules:?}");
     assert!(
         rules.iter().any(|r| r.contains("ip saddr 100.64.0.3 ")),
         "{rules:?}"
@@ -479,6 +496,76 @@ fn syn_mss_is_clamped_to_the_tunnel_mtu_both_ways() {
         ["1160"],
         "{web_lines:#?}"
     );
+
+    n.exit.run(|| nat.remove()).unwrap().unwrap();
+}
+
+/// The number of packets the last rule of `chain` (its catch-all drop) counted.
+fn last_drop(exit: &Netns, chain: &str) -> u64 {
+    nft(exit, &["list", "chain", "inet", "tsunagu", chain])
+        .lines()
+        .rfind(|l| l.contains("counter packets") && l.contains("drop"))
+        .and_then(|l| {
+            let mut it = l.split_whitespace().skip_while(|w| *w != "packets");
+            it.nth(1).and_then(|n| n.parse().ok())
+        })
+        .expect("drop rule with counter")
+}
+
+#[test]
+fn the_exit_hosts_own_addresses_and_lan_stay_closed_to_the_tun() {
+    let n = net("os_nat_closed");
+    let _w4 = whoami_server(&n.web, web4()).unwrap();
+    let lan_host: SocketAddr = "198.18.2.10:80".parse().unwrap();
+    let _lan = whoami_server(&n.lan, lan_host).unwrap();
+    // Services on the exit host: its public address, its LAN address, its tailnet one.
+    let on_exit = |a: &str| -> SocketAddr { format!("{a}:8080").parse().unwrap() };
+    let _pub = whoami_server(&n.exit, on_exit("198.51.100.2")).unwrap();
+    let _lanif = whoami_server(&n.exit, on_exit("198.18.2.1")).unwrap();
+    let _ts = whoami_server(&n.exit, on_exit("100.64.0.1")).unwrap();
+
+    let host = n.exit.run(|| host_nets(TUN)).unwrap();
+    assert!(
+        host.addrs.contains(&"198.51.100.2".parse().unwrap()),
+        "{host:?}"
+    );
+    assert!(
+        !host.addrs.contains(&"100.64.0.1".parse().unwrap()),
+        "{host:?}"
+    );
+    let closed = ExitNatConfig {
+        closed: closed_nets(&host),
+        ..cfg(&["100.64.0.2/32", "fd7a:115c:a1e0::2/128"])
+    };
+    let mut nat = n.exit.run(|| ExitNat::install(&closed)).unwrap().unwrap();
+
+    // The internet and the exit node's tailnet address: yes.
+    assert_eq!(seen(&n.peer, web4()).as_deref(), Some("198.51.100.2"));
+    assert_eq!(
+        seen(&n.peer, on_exit("100.64.0.1")).as_deref(),
+        Some("100.64.0.2")
+    );
+    // The exit host's public and LAN addresses (input) and its LAN (forward): no.
+    let input_before = last_drop(&n.exit, "input");
+    for closed_addr in [on_exit("198.51.100.2"), on_exit("198.18.2.1"), lan_host] {
+        assert_eq!(seen(&n.peer, closed_addr), None, "{closed_addr}");
+    }
+    assert!(last_drop(&n.exit, "input") > input_before);
+    // The host's own forwarding (the LAN to the internet) is none of our business.
+    assert_eq!(seen(&n.lan, web4()).as_deref(), Some("198.18.2.10"));
+
+    // A rule names the LAN: the LAN host and the exit's LAN address open, nothing else.
+    let granted = ExitNatConfig {
+        granted: vec!["198.18.2.0/24".parse().unwrap()],
+        ..closed.clone()
+    };
+    n.exit.run(|| nat.update(&granted)).unwrap().unwrap();
+    assert_eq!(seen(&n.peer, lan_host).as_deref(), Some("198.18.2.1"));
+    assert_eq!(
+        seen(&n.peer, on_exit("198.18.2.1")).as_deref(),
+        Some("100.64.0.2")
+    );
+    assert_eq!(seen(&n.peer, on_exit("198.51.100.2")), None);
 
     n.exit.run(|| nat.remove()).unwrap().unwrap();
 }

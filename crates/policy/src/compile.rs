@@ -165,6 +165,30 @@ impl NodeInfo {
                 .iter()
                 .any(|r| r.contains(p) || p.contains(r))
     }
+
+    fn is_exit(&self) -> bool {
+        self.exit_v4 || self.exit_v6
+    }
+
+    /// Does this node, as an approved exit node, forward to `p` (a prefix of its
+    /// family's internet side, not the tailnet)?
+    fn forwards_to(&self, p: &IpNet) -> bool {
+        let family = match p {
+            IpNet::V4(_) => self.exit_v4,
+            IpNet::V6(_) => self.exit_v6,
+        };
+        family && forwardable_prefix(p)
+    }
+}
+
+/// A destination prefix an exit node may forward to: not a `/0` (that is the internet
+/// as a whole, compiled as such) and not inside the tailnet's own ranges.
+fn forwardable_prefix(p: &IpNet) -> bool {
+    let tailnet = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
+        .iter()
+        .filter_map(|t| t.parse::<IpNet>().ok())
+        .any(|t| t.contains(p));
+    p.prefix_len() > 0 && !tailnet
 }
 
 /// A policy compiled against a node set. Rebuild it whenever the policy or
@@ -196,6 +220,10 @@ pub struct CompiledPolicy {
     /// Per canonical user: its untagged nodes.
     user_nodes: HashMap<String, BitSet>,
     exit_users: BitSet,
+    /// Rules with an IP/CIDR destination outside the tailnet: approved exit nodes
+    /// forward there, so their filters carry these rules too (Tailscale's server sends
+    /// exit nodes the rules of the addresses they forward to).
+    prefix_rules: Vec<u32>,
 }
 
 fn fmt_net(n: &IpNet) -> String {
@@ -381,8 +409,16 @@ pub(crate) fn compile(policy: &PolicyData, input: &[PolicyNode]) -> CompiledPoli
 
     let mut src_rules = vec![Vec::new(); n];
     let mut dst_rules = vec![Vec::new(); n];
+    let mut prefix_rules = Vec::new();
     for (ri, rule) in rules.iter().enumerate() {
         let ri = ri as u32;
+        if rule
+            .dst
+            .iter()
+            .any(|d| matches!(&d.target, Target::Prefix(p) if forwardable_prefix(p)))
+        {
+            prefix_rules.push(ri);
+        }
         for i in rule.src.iter() {
             src_rules[i].push(ri);
         }
@@ -399,6 +435,7 @@ pub(crate) fn compile(policy: &PolicyData, input: &[PolicyNode]) -> CompiledPoli
         dst_rules,
         user_nodes,
         exit_users,
+        prefix_rules,
     }
 }
 
@@ -420,17 +457,30 @@ impl CompiledPolicy {
             .and_then(|u| self.user_nodes.get(u))
     }
 
+    /// The rules `v`'s filter is made of: those with `v` among their destinations, and
+    /// for an approved exit node also those naming addresses it forwards to (sorted,
+    /// without duplicates).
+    fn filter_rules(&self, v: usize) -> Vec<u32> {
+        let mut ids = self.dst_rules[v].clone();
+        if self.nodes[v].is_exit() && !self.prefix_rules.is_empty() {
+            ids.extend_from_slice(&self.prefix_rules);
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        ids
+    }
+
     /// The packet filter to send to node `viewer`: the rules that admit
     /// traffic *to* it (its addresses, its approved subnet routes, and, for
-    /// an approved exit node, the internet). Unknown ids get an empty filter,
-    /// i.e. deny all inbound.
+    /// an approved exit node, the internet and the IPs/CIDRs outside the tailnet
+    /// that rules name). Unknown ids get an empty filter, i.e. deny all inbound.
     pub fn filter(&self, viewer: i64) -> Vec<FilterRule> {
         let Some(v) = self.idx(viewer) else {
             return Vec::new();
         };
         let me = &self.nodes[v];
         let mut out = Vec::new();
-        for &ri in &self.dst_rules[v] {
+        for ri in self.filter_rules(v) {
             let rule = &self.rules[ri as usize];
             let mut dst_ports = Vec::new();
             for d in &rule.dst {
@@ -452,7 +502,7 @@ impl CompiledPolicy {
                         me.ips.iter().for_each(|ip| add(ip.to_string()));
                     }
                     Target::Nodes(_) => {}
-                    Target::Prefix(p) if me.covered_by(p) => add(fmt_net(p)),
+                    Target::Prefix(p) if me.covered_by(p) || me.forwards_to(p) => add(fmt_net(p)),
                     Target::Prefix(_) => {}
                     Target::Internet => {
                         if me.exit_v4 {
@@ -522,10 +572,11 @@ impl CompiledPolicy {
                 .dst
                 .iter()
                 .any(|d| !matches!(d.target, Target::Any))
-        }) || (self.own_devices(v).is_some()
-            && self.src_rules[v]
-                .iter()
-                .any(|&ri| !self.rules[ri as usize].self_ports.is_empty()));
+        }) || (self.nodes[v].is_exit() && !self.prefix_rules.is_empty())
+            || (self.own_devices(v).is_some()
+                && self.src_rules[v]
+                    .iter()
+                    .any(|&ri| !self.rules[ri as usize].self_ports.is_empty()));
         if own {
             FilterClass::Node(viewer)
         } else {

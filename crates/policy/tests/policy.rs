@@ -390,6 +390,70 @@ fn exit_node_seen_when_reachable_for_another_reason() {
     assert!(!c.may_use_exit_nodes(3));
 }
 
+#[test]
+fn exit_nodes_get_the_rules_of_addresses_they_forward_to() {
+    // alice: the internet on 443, and the exit host's own public address and LAN by
+    // name; bob: one web server. The exit node forwards there, so its filter carries
+    // those rules (the engine opens the exit host's own networks only to such explicit
+    // rules); a node that is no exit node does not get them.
+    let text = r#"{
+      "tagOwners": { "tag:exit": ["alice"] },
+      "acls": [
+        { "action": "accept", "src": ["alice"], "dst": ["autogroup:internet:443"] },
+        { "action": "accept", "src": ["alice"], "dst": ["198.51.100.2:22", "198.18.3.0/24:*"] },
+        { "action": "accept", "src": ["bob"], "dst": ["203.0.113.10:80", "100.64.0.0/10:22"] },
+      ],
+    }"#;
+    let nodes = vec![
+        node(1, Some("alice"), &[], &["100.64.0.1"], &[]),
+        node(2, Some("bob"), &[], &["100.64.0.2"], &[]),
+        node(
+            10,
+            None,
+            &["tag:exit"],
+            &["100.64.0.10"],
+            &["0.0.0.0/0", "::/0"],
+        ),
+        node(11, None, &["tag:exit"], &["100.64.0.11"], &[]),
+    ];
+    let c = Policy::parse(text).unwrap().compile(&nodes);
+    let exit = c.filter(10);
+    assert_eq!(exit.len(), 3, "{exit:?}");
+    assert!(
+        exit[0]
+            .dst_ports
+            .iter()
+            .all(|d| (d.first, d.last) == (443, 443))
+    );
+    assert_eq!(
+        exit[1],
+        rule(
+            &["100.64.0.1"],
+            vec![npr("198.51.100.2", 22, 22), npr("198.18.3.0/24", 0, 65535)]
+        )
+    );
+    // bob's tailnet-wide rule is not the exit node's to forward (it reaches the exit
+    // node's own address on 22, as any node's).
+    assert_eq!(
+        exit[2],
+        rule(
+            &["100.64.0.2"],
+            vec![npr("203.0.113.10", 80, 80), npr("100.64.0.0/10", 22, 22)]
+        )
+    );
+    assert!(matches!(
+        c.filter_class(10),
+        tsunagu_policy::FilterClass::Node(10)
+    ));
+    // The unapproved exit node: only bob's rule for its tailnet address.
+    assert_eq!(
+        c.filter(11),
+        vec![rule(&["100.64.0.2"], vec![npr("100.64.0.0/10", 22, 22)])]
+    );
+    // Naming a public address does not make bob an exit-node user.
+    assert!(!c.may_use_exit_nodes(2) && c.may_use_exit_nodes(1));
+}
+
 // ---------------------------------------------------------------- filters
 
 #[test]

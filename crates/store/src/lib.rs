@@ -33,6 +33,7 @@ mod policy;
 mod preauth;
 pub mod rules;
 mod sqlite;
+mod standby;
 mod types;
 mod users;
 
@@ -43,6 +44,7 @@ use sqlx::Pool;
 
 pub use error::{KeyRejected, StoreError};
 pub use nodes::NodeRequest;
+pub use standby::{ActiveHost, STANDBY_KEY_PREFIX, StandbyHost, StandbyKey};
 pub use types::{NewNode, Node, Owner, PendingRegistration, PreAuthKey, User};
 
 /// The dialect the query functions are written for (see "Backend seam").

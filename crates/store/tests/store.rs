@@ -46,14 +46,14 @@ async fn open_creates_private_files_and_migrates_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store = Store::open(&data).await.unwrap();
-    assert_eq!(store.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(store.applied_migrations().await.unwrap(), vec![1, 13]);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("tsunagu.db")), 0o600);
     store.create_user("alice").await.unwrap();
     store.close().await;
 
-    // The migration is recorded once, with its checksum; reopening applies nothing.
+    // The migrations are recorded once, with their checksums; reopening applies nothing.
     let url = format!("sqlite://{}", data.join("tsunagu.db").display());
     let read_history = || async {
         use sqlx::Connection;
@@ -72,10 +72,10 @@ async fn open_creates_private_files_and_migrates_once() {
     };
     let (before, journal) = read_history().await;
     assert_eq!(journal, "wal");
-    assert_eq!(before.len(), 1);
+    assert_eq!(before.len(), 2);
 
     let store = Store::open(&data).await.unwrap();
-    assert_eq!(store.applied_migrations().await.unwrap(), vec![1]);
+    assert_eq!(store.applied_migrations().await.unwrap(), vec![1, 13]);
     assert_eq!(store.get_user_by_name("alice").await.unwrap().name, "alice");
     store.close().await;
     assert_eq!(read_history().await.0, before);
@@ -849,4 +849,123 @@ async fn registered_node_survives_sigkill() {
     let store = Store::open(dir.path()).await.unwrap();
     let n = store.get_node(id).await.unwrap();
     assert_eq!((n.ipv4, n.given_name.as_str()), (ipv4, "survivor"));
+}
+
+// ---------------------------------------------------------------------------
+// Standby hosts of an exit node.
+
+#[tokio::test]
+async fn a_standby_key_enrols_one_machine_once_before_it_expires() {
+    let store = Store::open_memory().await.unwrap();
+    let u = store.create_user("admin").await.unwrap();
+    let exit = store
+        .register_node(new_node(1, "dev-m1sk9-s1", u.id))
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let (listed, key) = store
+        .create_standby_key(exit.id, now + TimeDelta::hours(1))
+        .await
+        .unwrap();
+    assert!(key.starts_with("tskey-standby-") && key.starts_with(&listed.key_prefix));
+    assert_eq!(listed.used_by, None);
+
+    let (host, used) = store
+        .redeem_standby_key(&key, &mkey(50), "exit2", now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (host.node_id, host.machine_key.as_str()),
+        (exit.id, mkey(50).as_str())
+    );
+    assert_eq!(used.used_by.as_deref(), Some(mkey(50).as_str()));
+    // The same machine again (its answer got lost): the same host, no second use.
+    let (again, _) = store
+        .redeem_standby_key(&key, &mkey(50), "exit2", now)
+        .await
+        .unwrap();
+    assert_eq!(again, host);
+    // Another machine: used up.
+    let e = store
+        .redeem_standby_key(&key, &mkey(51), "exit3", now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::KeyRejected(KeyRejected::Used)),
+        "{e}"
+    );
+    assert_eq!(
+        store.list_standby_hosts(Some(exit.id)).await.unwrap(),
+        vec![host.clone()]
+    );
+    assert_eq!(
+        store.get_standby_host(&mkey(50)).await.unwrap(),
+        Some(host.clone())
+    );
+
+    // Expired, malformed, or a pre-auth key: refused, nothing written.
+    let (_, late) = store
+        .create_standby_key(exit.id, now + TimeDelta::minutes(5))
+        .await
+        .unwrap();
+    let e = store
+        .redeem_standby_key(&late, &mkey(52), "exit4", now + TimeDelta::minutes(6))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::KeyRejected(KeyRejected::Expired)),
+        "{e}"
+    );
+    let forged = format!("{}x", &late[..late.len() - 1]);
+    let e = store
+        .redeem_standby_key(&forged, &mkey(52), "exit4", now)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::KeyRejected(KeyRejected::Unknown)),
+        "{e}"
+    );
+    assert_eq!(store.list_standby_hosts(None).await.unwrap().len(), 1);
+
+    // A machine that is a node already cannot be a standby host.
+    let e = store
+        .redeem_standby_key(&late, &mkey(1), "dev-m1sk9-s1", now)
+        .await
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    // Unknown node.
+    let e = store
+        .create_standby_key(999, now + TimeDelta::hours(1))
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+
+    // The active host is recorded, replaced, and goes with the node.
+    store
+        .set_standby_active(exit.id, &mkey(50), &mkey(1), "admin failover", now)
+        .await
+        .unwrap();
+    let a = store
+        .set_standby_active(exit.id, &mkey(1), &mkey(50), "preferred host back", now)
+        .await
+        .unwrap();
+    assert_eq!(store.list_standby_active().await.unwrap(), vec![a]);
+
+    // Removing the host; deleting the node removes the rest.
+    assert_eq!(store.delete_standby_host(host.id).await.unwrap(), host);
+    assert!(
+        store
+            .delete_standby_host(host.id)
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    store
+        .redeem_standby_key(&late, &mkey(52), "exit4", now)
+        .await
+        .unwrap();
+    store.delete_node(exit.id).await.unwrap();
+    assert!(store.list_standby_hosts(None).await.unwrap().is_empty());
+    assert!(store.list_standby_keys(None).await.unwrap().is_empty());
+    assert!(store.list_standby_active().await.unwrap().is_empty());
 }

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{
-    Lab, Netns, ProcId, Seed, SeedOptions, Tailscaled, TailscaledOpts, WEB_ADDR, http_get,
-};
+use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions, WEB_ADDR, http_get};
 
 pub const POLICY: &str = r#"{
   "tagOwners": { "tag:exit": ["admin"] },
@@ -161,6 +159,9 @@ impl Joined {
             "--hostname",
             hostname,
         ];
+        if url.starts_with("http://") {
+            argv.push("--insecure-http"); // the lab's server off loopback
+        }
         argv.extend_from_slice(extra);
         self.start_node(role, name, &argv)
     }
@@ -248,31 +249,6 @@ impl Joined {
     }
 }
 
-/// The official daemon (`tailscaled`) in `role`'s namespace, state under `name`, trusting
-/// the lab CA of `j`.
-pub fn official(j: &mut Joined, role: &str, name: &str, args: &[&str]) -> Tailscaled {
-    let ns = j.seed.ns(role);
-    let opts = TailscaledOpts {
-        env: j.env.clone(),
-        args: args.iter().map(|s| s.to_string()).collect(),
-        ..TailscaledOpts::default()
-    };
-    Tailscaled::start(&mut j.seed.lab, &ns, name, opts).unwrap()
-}
-
-/// `tailscale up --login-server=URL --auth-key=KEY --hostname=NAME extra...`, Running.
-pub fn up(ts: &Tailscaled, url: &str, key: &str, hostname: &str, extra: &[&str]) {
-    let login = format!("--login-server={url}");
-    let auth = format!("--auth-key={key}");
-    let host = format!("--hostname={hostname}");
-    let mut args = vec!["up", &login, &auth, &host, "--timeout=60s"];
-    args.extend_from_slice(extra);
-    if let Err(e) = ts.cli(&args) {
-        panic!("tailscale up: {e}\n{}", ts.log_tail(80));
-    }
-    ts.wait_running(Duration::from_secs(30)).unwrap();
-}
-
 /// `tsunagu status` text (whatever the exit code).
 pub fn status_text(ns: &Netns, sock: &Path) -> String {
     let out = tsunagu(ns, sock, &["status"]);
@@ -311,7 +287,8 @@ pub fn unblock_udp(router: &Netns) {
 }
 
 pub const TSUNAGUD: &str = env!("CARGO_BIN_EXE_tsunagud");
-/// The server's URL in the seed lab.
+/// The server's URL in the seed lab (plain HTTP off loopback: tsunagud and `tsunagu up`
+/// need `--insecure-http` for it).
 pub const SERVER_URL: &str = "http://198.51.100.4:8080";
 
 /// The tag that the setup's policy auto-approves as exit node.
@@ -444,7 +421,7 @@ pub fn setup_over(
         .chain(env.iter().cloned())
         .collect();
     let exit_sock = exit_state.join("tsunagud.sock");
-    let exit_argv: Vec<String> = tsunagud_argv(&exit_env)
+    let mut exit_argv: Vec<String> = tsunagud_argv(&exit_env)
         .into_iter()
         .chain([
             "--login-server",
@@ -461,6 +438,9 @@ pub fn setup_over(
         ])
         .map(String::from)
         .collect();
+    if url.starts_with("http://") {
+        exit_argv.push("--insecure-http".into()); // the lab's server off loopback
+    }
     let argv: Vec<&str> = exit_argv.iter().map(String::as_str).collect();
     let exit = seed
         .lab
@@ -498,4 +478,68 @@ pub fn setup_over(
         url,
         env,
     }
+}
+
+// ---------------------------------------------------------------------------
+// The official client (tailscaled + tailscale) beside tsunagud.
+
+/// The official daemon in `role`'s namespace, trusting the lab CA of `j`.
+pub fn official(j: &mut Joined, role: &str, name: &str, args: &[&str]) -> tsunagu_lab::Tailscaled {
+    let ns = j.seed.ns(role);
+    let opts = tsunagu_lab::TailscaledOpts {
+        env: j.env.clone(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..tsunagu_lab::TailscaledOpts::default()
+    };
+    tsunagu_lab::Tailscaled::start(&mut j.seed.lab, &ns, name, opts).unwrap()
+}
+
+/// `tailscale up --login-server=URL --auth-key=KEY --hostname=NAME extra...`, Running.
+pub fn official_up(
+    ts: &tsunagu_lab::Tailscaled,
+    url: &str,
+    key: &str,
+    hostname: &str,
+    extra: &[&str],
+) {
+    let login = format!("--login-server={url}");
+    let auth = format!("--auth-key={key}");
+    let host = format!("--hostname={hostname}");
+    let mut args = vec!["up", &login, &auth, &host, "--timeout=60s"];
+    args.extend_from_slice(extra);
+    if let Err(e) = ts.cli(&args) {
+        panic!("tailscale up: {e}\n{}", ts.log_tail(80));
+    }
+    ts.wait_running(Duration::from_secs(30)).unwrap();
+}
+
+/// Enables forwarding in an official exit node's namespace, as Tailscale's docs tell an
+/// admin to do before `--advertise-exit-node` (tsunagud does this itself).
+pub fn enable_forwarding(ns: &Netns) {
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+}
+
+/// An official exit node in `role`'s namespace, joined as `hostname` with a member key
+/// (not tagged: the admin approves it by hand) and approved with
+/// `tsunagu-server nodes approve-exit`.
+pub fn official_exit(j: &mut Joined, role: &str, hostname: &str) -> tsunagu_lab::Tailscaled {
+    enable_forwarding(&j.seed.ns(role));
+    let ts = official(j, role, hostname, &[]);
+    let key = j.new_key();
+    let url = j.url.clone();
+    official_up(&ts, &url, &key, hostname, &["--advertise-exit-node"]);
+    wait(
+        "the offer pending at the server",
+        Duration::from_secs(20),
+        || {
+            j.nodes().as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|n| n["name"] == hostname && n["exit_node"] == "awaiting approval")
+            })
+        },
+    );
+    let out = j.admin(&["nodes", "approve-exit", hostname]);
+    assert!(out.contains("approved"), "{out}");
+    ts
 }

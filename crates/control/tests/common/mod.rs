@@ -73,6 +73,7 @@ pub async fn server_full(
         relay,
         derp_regions,
         dns,
+        standby_failover_after: Duration::from_secs(3),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

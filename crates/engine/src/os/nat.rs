@@ -3,8 +3,10 @@
 //! Everything lives in one table of our own, `inet <table>` (default `tsunagu`), so that
 //! we never edit anybody else's rules and removal is "delete that table". The `inet`
 //! family covers IPv4 and IPv6 with one rule set. For `tun_ifname = "tsunagu0"`,
-//! `allowed_sources = [100.64.0.2/32, fd7a:115c:a1e0::2/128]` and `tun_mtu = 1280` the
-//! table is:
+//! `own_addresses = [100.64.0.1/32, fd7a:115c:a1e0::1/128]`,
+//! `allowed_sources = [100.64.0.2/32, fd7a:115c:a1e0::2/128]`, `closed` the host's
+//! networks and the non-internet ranges ([`crate::scope::closed_nets`]), `granted =
+//! [198.18.3.0/24]` (a rule names the LAN explicitly) and `tun_mtu = 1280` the table is:
 //!
 //! ```text
 //! table inet tsunagu {
@@ -15,8 +17,18 @@
 //!     iifname "tsunagu0" meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size set 1220
 //!     oifname "tsunagu0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu
 //!     oifname "tsunagu0" ct state established,related accept
+//!     iifname "tsunagu0" ip daddr { 0.0.0.0/8, 10.0.0.0/8, ..., 198.18.3.0/24, 198.51.100.0/24, ... } ip daddr != { 198.18.3.0/24 } counter packets 0 bytes 0 drop
+//!     iifname "tsunagu0" ip6 daddr { ::/3, 2001:db8:1::/64, 4000::/2, 8000::/1 } counter packets 0 bytes 0 drop
 //!     iifname "tsunagu0" ip saddr 100.64.0.2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
 //!     iifname "tsunagu0" ip6 saddr fd7a:115c:a1e0::2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
+//!     iifname "tsunagu0" counter packets 0 bytes 0 drop
+//!   }
+//!   chain input {
+//!     type filter hook input priority filter; policy accept;
+//!     iifname "tsunagu0" icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept
+//!     iifname "tsunagu0" ip daddr 100.64.0.1 accept
+//!     iifname "tsunagu0" ip6 daddr fd7a:115c:a1e0::1 accept
+//!     iifname "tsunagu0" ip daddr { 198.18.3.0/24 } accept
 //!     iifname "tsunagu0" counter packets 0 bytes 0 drop
 //!   }
 //!   chain postrouting {
@@ -38,6 +50,13 @@
 //!   in another table's forward chain; it only ends evaluation of ours.
 //! - Peers may use us as an exit node only from the sources the network map allows;
 //!   anything else arriving from the tun is dropped (and counted).
+//! - Defence in depth behind the engine's packet filter, which judges every packet by
+//!   the policy first ([`crate::filter`]): packets from the tun to the host's own
+//!   networks (its LAN subnets, the subnet of its uplink, private, link-local and other
+//!   non-internet ranges) are not forwarded, and packets from the tun to the host itself
+//!   (the input hook) only reach its tailnet addresses; `granted` (destinations a rule
+//!   names explicitly) is the exception for both. The engine still checks ports and
+//!   sources of those.
 //! - The mark (0x40000 under mask 0xff0000, the bit Tailscale uses for the same job) is
 //!   how postrouting knows a packet came *from the tun*: the input interface cannot be
 //!   matched there. The rest of the mark is preserved for other users of fwmark.
@@ -87,6 +106,8 @@ pub const MARK_MASK: u32 = 0x00ff_0000;
 pub const FORWARD_CHAIN: &str = "forward";
 /// Name of the nat chain hooked at postrouting.
 pub const POSTROUTING_CHAIN: &str = "postrouting";
+/// Name of the filter chain hooked at input (what the tun may reach on the host).
+pub const INPUT_CHAIN: &str = "input";
 
 /// nftables priorities of the standard names `filter` and `srcnat`.
 const PRIORITY_FILTER: i32 = 0;
@@ -106,6 +127,14 @@ pub struct ExitNatConfig {
     pub tun_ifname: String,
     /// Tailnet addresses of the peers the network map allows to use this exit node.
     pub allowed_sources: Vec<IpNet>,
+    /// This node's tailnet addresses: what the tun may reach on the host itself.
+    pub own_addresses: Vec<IpNet>,
+    /// Destinations never forwarded from the tun: the host's networks and every
+    /// non-internet range ([`crate::scope::closed_nets`]).
+    pub closed: Vec<IpNet>,
+    /// Closed destinations the policy names explicitly: forwarded (or, on the host
+    /// itself, delivered) all the same.
+    pub granted: Vec<IpNet>,
     /// MTU of the tun, for MSS clamping of SYNs that come from it.
     pub tun_mtu: u16,
 }
@@ -116,6 +145,9 @@ impl Default for ExitNatConfig {
             table: DEFAULT_TABLE.to_owned(),
             tun_ifname: "tsunagu0".to_owned(),
             allowed_sources: Vec::new(),
+            own_addresses: Vec::new(),
+            closed: Vec::new(),
+            granted: Vec::new(),
             tun_mtu: MIN_TUN_MTU,
         }
     }
@@ -389,8 +421,18 @@ fn replace_doc(old_table: Option<&str>, cfg: &ExitNatConfig) -> Nftables<'static
         NfHook::Postrouting,
         PRIORITY_SRCNAT,
     ));
+    b.add(base_chain(
+        &cfg.table,
+        INPUT_CHAIN,
+        NfChainType::Filter,
+        NfHook::Input,
+        PRIORITY_FILTER,
+    ));
     for expr in forward_rules(cfg) {
         b.add(rule(&cfg.table, FORWARD_CHAIN, expr));
+    }
+    for expr in input_rules(cfg) {
+        b.add(rule(&cfg.table, INPUT_CHAIN, expr));
     }
     b.add(rule(
         &cfg.table,
@@ -474,6 +516,21 @@ fn forward_rules(cfg: &ExitNatConfig) -> Vec<Vec<Statement<'static>>> {
             Statement::Accept(None),
         ],
     ];
+    // The host's own networks are not forwarded to, except what a rule names.
+    let (closed4, closed6) = allowed_by_family(&cfg.closed);
+    let (granted4, granted6) = allowed_by_family(&cfg.granted);
+    for (proto, closed, granted) in [("ip", closed4, granted4), ("ip6", closed6, granted6)] {
+        if closed.is_empty() {
+            continue;
+        }
+        let mut r = vec![from_tun(), in_set(proto, "daddr", Operator::EQ, &closed)];
+        if !granted.is_empty() {
+            r.push(in_set(proto, "daddr", Operator::NEQ, &granted));
+        }
+        r.push(Statement::Counter(Counter::Anonymous(None)));
+        r.push(Statement::Drop(None));
+        rules.push(r);
+    }
     let (v4, v6) = allowed_by_family(&cfg.allowed_sources);
     // An empty anonymous set is a syntax error in nft; no sources simply means no
     // accept rule, and the drop below catches everything from the tun.
@@ -481,21 +538,7 @@ fn forward_rules(cfg: &ExitNatConfig) -> Vec<Vec<Statement<'static>>> {
         if nets.is_empty() {
             continue;
         }
-        let mut r = vec![
-            from_tun(),
-            cmp(
-                Operator::EQ,
-                Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                    PayloadField {
-                        protocol: proto.into(),
-                        field: "saddr".into(),
-                    },
-                ))),
-                Expression::Named(NamedExpression::Set(
-                    nets.iter().map(|n| SetItem::Element(net_expr(n))).collect(),
-                )),
-            ),
-        ];
+        let mut r = vec![from_tun(), in_set(proto, "saddr", Operator::EQ, &nets)];
         r.extend(mark_and_accept());
         rules.push(r);
     }
@@ -505,6 +548,90 @@ fn forward_rules(cfg: &ExitNatConfig) -> Vec<Vec<Statement<'static>>> {
         Statement::Drop(None),
     ]);
     rules
+}
+
+/// What the tun may reach on the host itself: our tailnet addresses and what a rule
+/// grants explicitly; nothing else.
+fn input_rules(cfg: &ExitNatConfig) -> Vec<Vec<Statement<'static>>> {
+    let from_tun = || {
+        cmp(
+            Operator::EQ,
+            meta(MetaKey::Iifname),
+            string(&cfg.tun_ifname),
+        )
+    };
+    let (own4, own6) = allowed_by_family(&cfg.own_addresses);
+    let (granted4, granted6) = allowed_by_family(&cfg.granted);
+    let field = |protocol: &str, name: &str| {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: protocol.to_owned().into(),
+                field: name.to_owned().into(),
+            },
+        )))
+    };
+    // IPv6 neighbour discovery: link housekeeping (hop limit 255: never routed), which a
+    // tun does not need but a link standing in for one does.
+    let mut rules = vec![vec![
+        from_tun(),
+        cmp(
+            Operator::EQ,
+            field("icmpv6", "type"),
+            Expression::Named(NamedExpression::Set(
+                [
+                    "nd-router-solicit",
+                    "nd-router-advert",
+                    "nd-neighbor-solicit",
+                    "nd-neighbor-advert",
+                ]
+                .iter()
+                .map(|t| SetItem::Element(string(t)))
+                .collect(),
+            )),
+        ),
+        cmp(
+            Operator::EQ,
+            field("ip6", "hoplimit"),
+            Expression::Number(255),
+        ),
+        Statement::Accept(None),
+    ]];
+    for (proto, nets) in [
+        ("ip", own4),
+        ("ip6", own6),
+        ("ip", granted4),
+        ("ip6", granted6),
+    ] {
+        if !nets.is_empty() {
+            rules.push(vec![
+                from_tun(),
+                in_set(proto, "daddr", Operator::EQ, &nets),
+                Statement::Accept(None),
+            ]);
+        }
+    }
+    rules.push(vec![
+        from_tun(),
+        Statement::Counter(Counter::Anonymous(None)),
+        Statement::Drop(None),
+    ]);
+    rules
+}
+
+/// `<proto> <field> [!=] { nets }`.
+fn in_set(proto: &str, field: &str, op: Operator, nets: &[IpNet]) -> Statement<'static> {
+    cmp(
+        op,
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: proto.to_owned().into(),
+                field: field.to_owned().into(),
+            },
+        ))),
+        Expression::Named(NamedExpression::Set(
+            nets.iter().map(|n| SetItem::Element(net_expr(n))).collect(),
+        )),
+    )
 }
 
 /// Splits by family and merges overlapping/adjacent prefixes: an anonymous interval set
@@ -662,6 +789,79 @@ mod tests {
             .to_string();
         assert!(!text.contains("saddr"), "{text}");
         assert!(text.contains(r#"{"drop":null}"#), "{text}");
+    }
+
+    /// The rules of `chain` in a rendered document, each as its JSON text.
+    fn chain_rules(c: &ExitNatConfig, chain: &str) -> Vec<String> {
+        let doc = serde_json::to_value(ExitNat::render(c).unwrap()).unwrap();
+        doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_hosts_networks_are_closed_to_the_tun_except_what_is_granted() {
+        let c = ExitNatConfig {
+            own_addresses: vec![
+                "100.64.0.1/32".parse().unwrap(),
+                "fd7a:115c:a1e0::1/128".parse().unwrap(),
+            ],
+            closed: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "198.18.3.0/24".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
+                "fc00::/7".parse().unwrap(),
+            ],
+            granted: vec!["198.18.3.0/25".parse().unwrap()],
+            ..cfg()
+        };
+        let fwd = chain_rules(&c, FORWARD_CHAIN);
+        let closed = |fam: &str| {
+            fwd.iter().position(|r| {
+                r.contains(&format!(r#""field":"daddr","protocol":"{fam}""#)) && r.contains("drop")
+            })
+        };
+        let sources = fwd.iter().position(|r| r.contains("saddr")).unwrap();
+        let (c4, c6) = (closed("ip").unwrap(), closed("ip6").unwrap());
+        assert!(
+            c4 < sources && c6 < sources,
+            "closed before the sources: {fwd:#?}"
+        );
+        assert!(
+            fwd[c4].contains(r#""addr":"198.51.100.0","len":24"#),
+            "{}",
+            fwd[c4]
+        );
+        assert!(
+            fwd[c4].contains(r#""op":"!=""#) && fwd[c4].contains(r#""addr":"198.18.3.0","len":25"#),
+            "granted is the exception: {}",
+            fwd[c4]
+        );
+        assert!(!fwd[c6].contains(r#""op":"!=""#), "nothing granted in IPv6");
+        let input = chain_rules(&c, INPUT_CHAIN);
+        assert_eq!(input.len(), 5, "{input:#?}");
+        assert!(input[0].contains("nd-neighbor-solicit") && input[0].contains("hoplimit"));
+        assert!(input[1].contains(r#""100.64.0.1""#) && input[1].contains("accept"));
+        assert!(input[2].contains(r#""fd7a:115c:a1e0::1""#) && input[2].contains("accept"));
+        assert!(
+            input[3].contains(r#""addr":"198.18.3.0","len":25"#) && input[3].contains("accept")
+        );
+        assert!(input[4].contains("drop") && !input[4].contains("daddr"));
+        // Nothing granted, nothing closed: the tun reaches our tailnet addresses only.
+        let bare = ExitNatConfig {
+            own_addresses: c.own_addresses.clone(),
+            ..cfg()
+        };
+        assert_eq!(chain_rules(&bare, INPUT_CHAIN).len(), 4);
+        assert!(
+            !chain_rules(&bare, FORWARD_CHAIN)
+                .iter()
+                .any(|r| r.contains("daddr"))
+        );
     }
 
     #[test]

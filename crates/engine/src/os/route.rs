@@ -502,10 +502,42 @@ impl RouteManager {
                 .set_link_up(tun.index, u32::from(desired.mtu))?;
         }
         self.sync_addresses(&tun, desired, &families)?;
+        self.converge(desired, tun.index, &families)
+    }
 
-        let want_routes = desired_routes(&self.cfg, desired, tun.index, &families);
+    /// Fail closed before there is a tun (or a map): only the rules and the `unreachable
+    /// default`s of a blocked exit node (with the LAN rules when `allow_lan_access`), so
+    /// internet traffic fails instead of leaving directly. What a daemon with an exit
+    /// node in its settings installs at start, before it reaches the server;
+    /// [`RouteManager::apply`] later converges from it without a gap.
+    pub fn block_without_tun(&mut self, allow_lan_access: bool) -> Result<(), RouteError> {
+        let desired = RouteState {
+            // Not assigned to anything here (there is no tun): only so that a LAN
+            // overlapping the tailnet's ranges is not exempted, as with a map.
+            addresses: ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            block_internet: true,
+            allow_lan_access,
+            ..RouteState::default()
+        };
+        let families = self.families();
+        // No tun: index 0 names no interface, so no route is taken for the tun's.
+        self.converge(&desired, 0, &families)
+    }
+
+    /// Rules and routes (not the tun itself) to `desired`, for a tun at `tun_index`.
+    fn converge(
+        &mut self,
+        desired: &RouteState,
+        tun_index: u32,
+        families: &[Family],
+    ) -> Result<(), RouteError> {
+        let families = families.to_vec();
+        let want_routes = desired_routes(&self.cfg, desired, tun_index, &families);
         let lan = if (desired.exit_node || desired.block_internet) && desired.allow_lan_access {
-            self.lan_subnets(tun.index, desired, &families)?
+            self.lan_subnets(tun_index, desired, &families)?
         } else {
             Vec::new()
         };
@@ -1846,6 +1878,63 @@ mod tests {
         // Choosing "no exit node" lifts the block.
         m.apply(&state(false, false)).unwrap();
         assert_eq!(table52(&f), ["100.64.0.2/32 dev #7 table 52 metric 0"]);
+    }
+
+    #[test]
+    fn a_block_without_tun_fails_closed_and_the_engine_converges_from_it() {
+        let (mut m, f) = host();
+        f.k().link = None; // at boot: no tun yet
+        m.block_without_tun(true).unwrap();
+        let mut table = table52(&f);
+        table.sort();
+        assert_eq!(
+            table,
+            [
+                "unreachable 0.0.0.0/0 table 52 metric 2147483647",
+                "unreachable ::/0 table 52 metric 2147483647",
+            ]
+        );
+        let ours = |f: &Fake| -> Vec<String> {
+            let mut r: Vec<String> = f
+                .k()
+                .rules
+                .iter()
+                .filter(|r| r.protocol == OWNER_PROTOCOL)
+                .map(|r| r.to_string())
+                .collect();
+            r.sort();
+            r
+        };
+        let rules = ours(&f);
+        for want in [
+            "-4 rule pref 5210 fwmark 0x80000/0xff0000 lookup 254 proto 52",
+            "-4 rule pref 5250 fwmark 0x80000/0xff0000 unreachable proto 52",
+            "-4 rule pref 5270 lookup 52 proto 52",
+            "-6 rule pref 5270 lookup 52 proto 52",
+            "-4 rule pref 5240 to 198.18.1.0/24 lookup 254 proto 52",
+        ] {
+            assert!(rules.iter().any(|r| r == want), "{want} in {rules:#?}");
+        }
+        // Idempotent.
+        f.k().log.clear();
+        m.block_without_tun(true).unwrap();
+        assert!(f.k().log.is_empty(), "{:?}", f.k().log);
+        // The tun comes with the first map: adds only, nothing of the block goes away
+        // before the routes through the tun are there.
+        f.k().link = Some(Link {
+            index: 7,
+            name: "tsutest0".into(),
+            mtu: 1500,
+            up: false,
+        });
+        f.k().log.clear();
+        m.apply(&state(true, true)).unwrap();
+        assert!(
+            !f.k().log.iter().any(|l| l.starts_with('-')),
+            "nothing deleted: {:?}",
+            f.k().log
+        );
+        assert_eq!(table52(&f).len(), 5);
     }
 
     #[test]

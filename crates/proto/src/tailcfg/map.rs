@@ -88,6 +88,10 @@ pub struct MapRequest {
     pub debug_flags: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub connection_handle_for_test: String,
+    /// tsunagu's own: what a host of an exit node with standby hosts reports (see
+    /// [`super::HostReport`]).
+    #[serde(rename = "TsunaguHost", skip_serializing_if = "Option::is_none")]
+    pub tsunagu_host: Option<super::HostReport>,
 }
 
 impl MapRequest {
@@ -225,6 +229,10 @@ pub struct MapResponse {
     /// Tailnet default for auto-updates, used on the first netmap only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_auto_update: Option<bool>,
+    /// tsunagu's own: the role of a host of an exit node with standby hosts (sent to those
+    /// hosts only; see [`super::StandbyInfo`]).
+    #[serde(rename = "TsunaguStandby", skip_serializing_if = "Option::is_none")]
+    pub tsunagu_standby: Option<super::StandbyInfo>,
 }
 
 impl MapResponse {

@@ -27,6 +27,7 @@ mod map;
 mod node;
 mod register;
 mod time;
+mod tsunagu;
 
 pub use derp::{DERPHomeParams, DERPMap, DERPNode, DERPRegion};
 pub use dns::{DNSConfig, DNSRecord, Resolver};
@@ -44,6 +45,10 @@ pub use register::{
     RegisterResponseAuth, User, UserProfile,
 };
 pub use time::Time;
+pub use tsunagu::{
+    HANDOVER_PATH, HandoverRequest, HostReport, HostRole, STANDBY_KEY_PREFIX, StandbyGrant,
+    StandbyHostView, StandbyInfo, SwitchRecord, WireNodePrivate,
+};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;

@@ -164,6 +164,10 @@ pub struct RegisterResponse {
     /// Registration failed (e.g. bad auth key); the client shows it and ignores the rest.
     #[serde(deserialize_with = "null_default")]
     pub error: String,
+    /// tsunagu's own: the identity a standby host now holds (see
+    /// [`super::StandbyGrant`]); only ever sent to the host that redeemed a standby key.
+    #[serde(rename = "TsunaguStandby", skip_serializing_if = "Option::is_none")]
+    pub tsunagu_standby: Option<super::StandbyGrant>,
 }
 
 impl RegisterResponse {
