@@ -590,6 +590,36 @@ mod tests {
     }
 
     #[test]
+    fn the_peerapi_port_opens_on_our_addresses_whatever_the_rules() {
+        let f = ssh_only().with_peerapi_port(Some(40123));
+        let fl = Flows::default();
+        let now = Instant::now();
+        // A peer no rule lets in reaches the PeerAPI (which checks its callers itself).
+        assert_eq!(
+            f.check_in(&tcp(OTHER, ME, 40000, 40123, SYN), &fl, now),
+            Verdict::Accept("peerapi")
+        );
+        // Only that port, only TCP, only on our addresses.
+        assert_eq!(
+            f.check_in(&tcp(OTHER, ME, 40000, 40124, SYN), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        assert_eq!(
+            f.check_in(&udp(OTHER, ME, 40000, 40123), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        assert_eq!(
+            f.check_in(&tcp(OTHER, "203.0.113.10", 40000, 40123, SYN), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        // Without a PeerAPI port, the rules alone.
+        assert_eq!(
+            ssh_only().check_in(&tcp(OTHER, ME, 40000, 40123, SYN), &fl, now),
+            Verdict::Drop("no rule")
+        );
+    }
+
+    #[test]
     fn udp_answers_to_our_flows_get_in_and_others_need_a_rule() {
         let f = ssh_only();
         let fl = Flows::default();
