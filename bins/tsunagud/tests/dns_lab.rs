@@ -976,3 +976,114 @@ fn the_peerapi_bounds_connections_per_peer_and_idle_headers() {
         || status_of(&client_ns, &[&get]) == "200",
     );
 }
+
+/// An exit node with a standby host (`exit2` holds its identity): the member's DNS goes
+/// through the active host's DoH, and after an admin failover through the new host's, at
+/// the same PeerAPI port (the port follows the node key, which the standby host was
+/// given at run time), within 5 s and without a failed query.
+#[test]
+fn dns_follows_the_exit_node_to_its_standby_host() {
+    let mut j = common::setup_full(
+        "dns_standby",
+        common::POLICY,
+        tsunagu_lab::SeedOptions {
+            second_exit: true,
+            ..Default::default()
+        },
+    );
+    let web = j.seed.ns(role::WEB);
+    let inet_dns = dns_server(
+        &web,
+        SocketAddr::new(RESOLVER.into(), 53),
+        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
+    )
+    .unwrap();
+    let out = j.admin(&["nodes", "standby", "add", "dev-m1sk9-s1"]);
+    let key = out.lines().last().unwrap_or_default().to_string();
+    assert!(key.starts_with("tskey-standby-"), "{out}");
+    let url = j.url.clone();
+    let c2 = j.start_node(
+        role::EXIT2,
+        "exit2",
+        &[
+            "--login-server",
+            &url,
+            "--standby-key",
+            &key,
+            "--hostname",
+            "exit2",
+            "--insecure-http",
+        ],
+    );
+    let ready = |j: &common::Joined| {
+        j.nodes()
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == "dev-m1sk9-s1").cloned())
+            .is_some_and(|e| {
+                e["standby"]["hosts"].as_array().is_some_and(|h| {
+                    h.len() == 2 && h.iter().all(|h| h["Online"] == true && h["Ready"] == true)
+                })
+            })
+    };
+    wait("both hosts ready", Duration::from_secs(40), || ready(&j));
+    let client_ns = j.seed.ns(role::CLIENT);
+    let _c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
+    let a = resolve_until(
+        &client_ns,
+        "web.lab.test",
+        Duration::from_secs(20),
+        is_addr("203.0.113.10"),
+    );
+    assert!(
+        is_addr("203.0.113.10")(&a),
+        "through the active host: {a:?}"
+    );
+    let from = |ip: std::net::Ipv4Addr| {
+        inet_dns
+            .peers()
+            .iter()
+            .filter(|s| s.ip() == IpAddr::V4(ip))
+            .count()
+    };
+    assert!(from(tsunagu_lab::EXIT_PUBLIC) > 0);
+    assert_eq!(
+        from(tsunagu_lab::EXIT2_PUBLIC),
+        0,
+        "the standby host answers nothing"
+    );
+    // Both hosts serve the PeerAPI at the identity's port.
+    let port_of = |log: &std::path::Path| {
+        let u = peerapi_url(log);
+        u.rsplit(':').next().unwrap().to_string()
+    };
+    assert_eq!(port_of(&j.exit_log), port_of(&c2.log));
+
+    let out = j.admin(&["nodes", "failover", "dev-m1sk9-s1", "--to", "exit2"]);
+    assert!(out.contains("exit2 is the active host now"), "{out}");
+    let switched = Instant::now();
+    // Queries every 100 ms: none fails, and within 5 s the new host answers them.
+    let mut failed = Vec::new();
+    while switched.elapsed() < Duration::from_secs(5) && from(tsunagu_lab::EXIT2_PUBLIC) == 0 {
+        let a = dns_query(
+            &client_ns,
+            quad100(),
+            "web.lab.test",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        if !is_addr("203.0.113.10")(&a) {
+            failed.push(a);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = switched.elapsed();
+    assert!(
+        from(tsunagu_lab::EXIT2_PUBLIC) > 0,
+        "the new active host's DoH answered within 5 s"
+    );
+    assert!(
+        failed.is_empty(),
+        "failed queries during the switch: {failed:?}"
+    );
+    eprintln!("DNS through the new active host {took:?} after the failover");
+}
