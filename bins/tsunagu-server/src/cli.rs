@@ -36,7 +36,7 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordination server (with its embedded DERP relay and STUN server).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a DERP relay and STUN server on their own.
     Relay(RelayArgs),
     /// Show the running server's embedded relay: counters and connected clients.
@@ -110,6 +110,34 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub standby_failover_after: Option<u64>,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// The tailnet's DNS (`[dns]` in the file; these add to it or override it).
+#[derive(Debug, Default, ClapArgs)]
+pub struct DnsArgs {
+    /// MagicDNS: clients answer node names (NAME.<base domain>) themselves.
+    #[arg(long, value_name = "BOOL")]
+    pub magic_dns: Option<bool>,
+    /// The domain under which nodes are named (default tailnet.internal).
+    #[arg(long, value_name = "DOMAIN")]
+    pub base_domain: Option<String>,
+    /// Make clients use the tailnet's nameservers instead of their own.
+    #[arg(long)]
+    pub override_local_dns: bool,
+    /// A global nameserver (IP, IP:port or https:// URL); repeat for more.
+    #[arg(long, value_name = "NS")]
+    pub dns_nameserver: Vec<String>,
+    /// Split DNS: DOMAIN=IP[,IP...]; repeat for more domains.
+    #[arg(long, value_name = "DOMAIN=NS,...")]
+    pub dns_split: Vec<String>,
+    /// A search domain; repeat for more.
+    #[arg(long, value_name = "DOMAIN")]
+    pub dns_search_domain: Vec<String>,
+    /// An extra A/AAAA record answered by clients: NAME=IP; repeat for more.
+    #[arg(long, value_name = "NAME=IP")]
+    pub dns_extra_record: Vec<String>,
 }
 
 /// Meshing with the other relays of the region.

@@ -46,6 +46,9 @@ struct File {
     /// Bounds on connections, sessions, requests and registrations (`[limits]`).
     #[serde(default)]
     limits: LimitsFile,
+    /// The tailnet's DNS (`[dns]`, Headscale's names).
+    #[serde(default)]
+    dns: tsunagu_control::dns::DnsFile,
     /// Seconds an exit node's active host may be gone before a standby host takes over.
     standby_failover_after_secs: Option<u64>,
 }
@@ -158,6 +161,9 @@ pub struct Config {
     /// Announce relays that speak plain HTTP (the embedded one on a plain-HTTP server,
     /// and regions marked `http`).
     pub derp_announce_http: bool,
+    /// `[dns]` as written; checked (with the command line's additions) by
+    /// [`Config::dns_settings`].
+    pub dns: tsunagu_control::dns::DnsFile,
     /// An exit node's active host gone (map stream and relay connection) this many
     /// seconds: a ready standby host takes over.
     pub standby_failover_after_secs: u64,
@@ -263,9 +269,53 @@ impl Config {
             relay,
             derp_regions,
             derp_announce_http,
+            dns: f.dns,
             standby_failover_after_secs: f.standby_failover_after_secs.unwrap_or(3).max(1),
             limits,
         })
+    }
+
+    /// The checked DNS settings; a bad value names its field (`dns.base_domain: ...`).
+    pub fn dns_settings(&self) -> anyhow::Result<tsunagu_control::dns::DnsSettings> {
+        self.dns.validate().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// What `serve`'s DNS flags add to or change in `[dns]`.
+    pub fn apply_dns_flags(&mut self, a: &crate::cli::DnsArgs) -> anyhow::Result<()> {
+        let d = &mut self.dns;
+        if let Some(m) = a.magic_dns {
+            d.magic_dns = Some(m);
+        }
+        if let Some(b) = &a.base_domain {
+            d.base_domain = Some(b.clone());
+        }
+        if a.override_local_dns {
+            d.override_local_dns = Some(true);
+        }
+        d.nameservers
+            .global
+            .extend(a.dns_nameserver.iter().cloned());
+        for spec in &a.dns_split {
+            let (domain, servers) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--dns-split {spec:?}: give DOMAIN=IP[,IP...]"))?;
+            d.nameservers.split.insert(
+                domain.trim().to_string(),
+                servers.split(',').map(|s| s.trim().to_string()).collect(),
+            );
+        }
+        d.search_domains.extend(a.dns_search_domain.iter().cloned());
+        for spec in &a.dns_extra_record {
+            let (name, value) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--dns-extra-record {spec:?}: give NAME=IP"))?;
+            d.extra_records.push(tsunagu_control::dns::ExtraRecordFile {
+                name: name.trim().to_string(),
+                record_type: String::new(),
+                value: value.trim().to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// What the whole DERP map must satisfy, once the command line is applied: no region
@@ -424,6 +474,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `max_streams`"), "{e}");
+    }
+
+    #[test]
+    fn the_dns_section_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(
+            &p,
+            "[dns]\nmagic_dns = true\nbase_domain = \"ts.lab.test\"\n\
+             nameservers.global = [\"203.0.113.53\"]\n\
+             [[dns.extra_records]]\nname = \"web.ts.lab.test\"\nvalue = \"100.64.0.9\"\n",
+        )
+        .unwrap();
+        let mut c = Config::resolve(Some(&p), None, None, None).unwrap();
+        let flags = crate::cli::DnsArgs {
+            dns_split: vec!["corp.lab.test=203.0.113.54,203.0.113.55".into()],
+            override_local_dns: true,
+            ..Default::default()
+        };
+        c.apply_dns_flags(&flags).unwrap();
+        let d = c.dns_settings().unwrap();
+        assert_eq!(d.base_domain, "ts.lab.test");
+        assert!(d.override_local_dns);
+        assert_eq!(d.split["corp.lab.test"].len(), 2);
+        assert_eq!(d.extra_records.len(), 1);
+        // A bad value is refused with its field.
+        std::fs::write(&p, "[dns]\nbase_domain = \"bad domain\"\n").unwrap();
+        let c = Config::resolve(Some(&p), None, None, None).unwrap();
+        let e = c.dns_settings().unwrap_err().to_string();
+        assert!(e.starts_with("dns.base_domain: "), "{e}");
+        std::fs::write(&p, "[dns]\nnameserver = []\n").unwrap();
+        let e = Config::resolve(Some(&p), None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `nameserver`"), "{e}");
     }
 
     #[test]

@@ -101,11 +101,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         cfg.check_regions()?;
+        cfg.apply_dns_flags(&s.dns)?;
+        cfg.dns_settings()?;
     }
     let json_out = cli.common.json;
     let admin = AdminClient::new(&cfg.admin_socket());
     match cli.command {
-        Command::Serve(_) => serve(cfg).await,
+        Command::Serve(s) => {
+            // SIGHUP re-reads the file's [dns] (with the same flags on top) and hands it
+            // to the running server, which sends it to every node.
+            let file = cli.common.config.clone();
+            let data_dir = cli.common.data_dir.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match reload_dns(file.as_deref(), data_dir.clone(), &s.dns).await {
+                        Ok(()) => tracing::info!("DNS settings reloaded"),
+                        Err(e) => tracing::error!("DNS reload refused: {e:#}"),
+                    }
+                }
+            });
+            serve(cfg).await
+        }
         Command::Relay(r) => {
             let stun_listen = match (r.no_stun, r.stun_listen) {
                 (true, _) => None,
@@ -179,6 +199,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+async fn reload_dns(
+    file: Option<&std::path::Path>,
+    data_dir: Option<std::path::PathBuf>,
+    flags: &cli::DnsArgs,
+) -> anyhow::Result<()> {
+    let mut cfg = Config::resolve(file, data_dir, None, None)?;
+    cfg.apply_dns_flags(flags)?;
+    cfg.dns_settings()?;
+    AdminClient::new(&cfg.admin_socket())
+        .call("PUT", "/v1/dns", Some(serde_json::to_value(&cfg.dns)?))
+        .await?;
+    Ok(())
+}
+
 /// The mesh key from `--mesh-key-file` (trimmed; an empty file is an error).
 fn mesh_key(m: &cli::MeshArgs) -> anyhow::Result<Option<String>> {
     let Some(path) = &m.mesh_key_file else {
@@ -203,6 +237,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         ephemeral_timeout: std::time::Duration::from_secs(cfg.ephemeral_timeout_secs),
         relay: cfg.relay.clone(),
         derp_regions: cfg.derp_regions.clone(),
+        dns: cfg.dns_settings()?,
         standby_failover_after: std::time::Duration::from_secs(cfg.standby_failover_after_secs),
         limits: cfg.limits.clone(),
     })

@@ -59,6 +59,16 @@ struct PrefFlags {
         default_missing_value = "true"
     )]
     accept_routes: Option<bool>,
+    /// Use the tailnet's DNS: MagicDNS names and the exit node's resolver through
+    /// 100.100.100.100, installed into /etc/resolv.conf (default true).
+    #[arg(
+        long,
+        value_name = "BOOL",
+        require_equals = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    accept_dns: Option<bool>,
     /// The name to register this device with.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -666,6 +676,9 @@ fn pref_request(
     }
     if let Some(h) = &f.hostname {
         req.insert("hostname".into(), h.clone().into());
+    }
+    if let Some(d) = f.accept_dns {
+        req.insert("accept_dns".into(), d.into());
     }
     if let Some(a) = f.advertise_exit_node {
         if a && !f.yes {

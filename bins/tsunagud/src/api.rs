@@ -32,7 +32,7 @@ const ACTIVE_SECS: u64 = 180;
 const UP_WAIT: Duration = Duration::from_secs(25);
 
 /// Everything the daemon keeps across restarts besides its keys.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DaemonPrefs {
     /// The coordination server; empty until the first `up`.
@@ -47,10 +47,28 @@ pub struct DaemonPrefs {
     pub prefer: bool,
     /// After `logout`: the node key is new and `up` must authenticate again.
     pub logged_out: bool,
+    /// Install the tailnet's DNS (100.100.100.100) into the OS (`--accept-dns`).
+    pub accept_dns: bool,
     /// `--insecure-http`: an `http://` login server off loopback is allowed.
     pub insecure_http: bool,
     #[serde(flatten)]
     pub prefs: Prefs,
+}
+
+impl Default for DaemonPrefs {
+    fn default() -> Self {
+        DaemonPrefs {
+            login_server: String::new(),
+            hostname: String::new(),
+            advertise_tags: Vec::new(),
+            want_running: false,
+            prefer: false,
+            logged_out: false,
+            insecure_http: false,
+            accept_dns: true,
+            prefs: Prefs::default(),
+        }
+    }
 }
 
 /// Where the control connection stands, as `status` shows it.
@@ -122,6 +140,8 @@ pub struct Shared {
     /// and until when it does now (planned maintenance: a drain).
     pub exit_drain: Duration,
     pub drain_until: Mutex<Option<std::time::Instant>>,
+    /// The resolver at 100.100.100.100, the PeerAPI's DoH, the OS's DNS settings.
+    pub dns: crate::dns::Dns,
     /// The internet was blocked at start (an exit node in the settings) and no engine
     /// has taken the block over yet.
     pub start_block: std::sync::atomic::AtomicBool,
@@ -175,7 +195,8 @@ impl Shared {
     /// Build the NetMap from the current map and `prefs` and give it to the engine
     /// (starting it on the first usable map). An exit node that cannot be used blocks
     /// internet traffic (fail closed). Callers hold the prefs lock.
-    pub fn apply_locked(&self, prefs: &Prefs) -> anyhow::Result<()> {
+    pub fn apply_locked(&self, dprefs: &DaemonPrefs) -> anyhow::Result<()> {
+        let prefs = &dprefs.prefs;
         let key = self.node_key();
         let state = lock(&self.map)?;
         let relay = self.relay_link();
@@ -185,12 +206,14 @@ impl Shared {
         else {
             return Ok(());
         };
-        drop(state);
+        map.self_node.peerapi_port = Some(self.dns.port());
         if let Some(e) = guard.as_ref()
             && self.draining().is_some()
         {
             keep_serving_exit(&mut map, e.map());
         }
+        let dns = dns_inputs(&state, &map, dprefs.accept_dns);
+        drop(state);
         match guard.as_mut() {
             Some(e) => {
                 if e.map() != &map {
@@ -229,6 +252,8 @@ impl Shared {
         if let Some(e) = guard.as_ref() {
             e.device().set_relay(relay);
         }
+        drop(guard);
+        self.dns.update(&dns);
         Ok(())
     }
 
@@ -338,7 +363,7 @@ impl Shared {
             if let Ok(mut d) = me.drain_until.lock() {
                 *d = None;
             }
-            if let Err(e) = me.apply_locked(&prefs.prefs) {
+            if let Err(e) = me.apply_locked(&prefs) {
                 tracing::warn!("ending the drain: {e:#}");
             }
             tracing::info!("drain over: no longer forwarding as exit node");
@@ -363,7 +388,6 @@ impl Shared {
             .map(|p| p.clone() as Arc<dyn tsunagu_engine::device::RelayTx>)
     }
 
-    /// Stop the data plane and remove everything it installed (`down`, `logout`).
     /// Let the engine look at the host's networks again (see `Engine::refresh_host`).
     pub fn refresh_host(&self) {
         if let Ok(mut g) = self.engine.lock()
@@ -374,7 +398,9 @@ impl Shared {
         }
     }
 
+    /// Stop the data plane and remove everything it installed (`down`, `logout`).
     pub fn stop_engine(&self) {
+        self.dns.stop();
         if let Ok(mut r) = self.relay.lock()
             && let Some(pool) = r.take()
         {
@@ -537,6 +563,7 @@ pub struct PrefsRequest {
     pub advertise_exit_node: Option<bool>,
     pub accept_routes: Option<bool>,
     pub hostname: Option<String>,
+    pub accept_dns: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -726,6 +753,9 @@ fn merge_prefs(
     if let Some(a) = req.advertise_exit_node {
         next.prefs.advertise_exit_node = a;
     }
+    if let Some(d) = req.accept_dns {
+        next.accept_dns = d;
+    }
     if let Some(a) = req.accept_routes {
         next.prefs.accept_routes = a;
     }
@@ -805,7 +835,7 @@ pub fn set_prefs(
         *lock(&shared.drain_until).map_err(internal)? = None;
     }
     shared
-        .apply_locked(&next.prefs)
+        .apply_locked(&next)
         .map_err(|e| internal(format!("{e:#}")))?;
     let restart = needs_new_session(&prefs, &next);
     if restart {
@@ -929,7 +959,7 @@ async fn up(shared: Arc<Shared>, req: UpRequest) -> ApiResult<UpResponse> {
             }
             if !needs_new_session(&old, &next) && !new_key && running {
                 // Only data-plane choices changed: apply them like `set`.
-                s.apply_locked(&next.prefs)
+                s.apply_locked(&next)
                     .map_err(|e| internal(format!("{e:#}")))?;
                 save_prefs(&s.prefs_path(), &next).map_err(|e| internal(format!("{e:#}")))?;
                 *prefs = next;
@@ -1173,6 +1203,62 @@ pub async fn serve(
     Ok(())
 }
 
+/// What DNS takes from the map state and the engine's map: the tailnet's settings,
+/// every node's name, the exit node in use (and its DoH URL), who may use ours.
+fn dns_inputs(
+    state: &MapState,
+    map: &tsunagu_proto::NetMap,
+    accept_dns: bool,
+) -> crate::dns::Inputs {
+    use tsunagu_dns::plan::ExitUse;
+    let cfg = state.dns_config.clone().unwrap_or_default();
+    let me = state.self_node.as_ref();
+    let domain = cfg
+        .proxied
+        .then(|| me.and_then(|m| m.name.trim_end_matches('.').split_once('.')))
+        .flatten()
+        .map(|(_, d)| d.to_string());
+    let addrs = |n: &tsunagu_proto::tailcfg::Node| -> Vec<std::net::IpAddr> {
+        n.addresses.iter().map(|a| a.addr()).collect()
+    };
+    let nodes = me
+        .into_iter()
+        .chain(state.peers.values())
+        .map(|n| (n.name.clone(), addrs(n)))
+        .collect();
+    let exit = match map.exit_node {
+        Some(k) => ExitUse::InUse {
+            doh: state
+                .peers
+                .values()
+                .find(|p| p.key == k)
+                .and_then(tsunagu_dns::plan::exit_doh_url),
+        },
+        None if map.exit_node_blocked => ExitUse::Blocked,
+        None => ExitUse::None,
+    };
+    let exit_clients = if map.self_node.serve_exit {
+        map.peers
+            .iter()
+            .filter(|p| p.exit_client)
+            .flat_map(|p| p.allowed_ips.iter())
+            .filter(|n| n.prefix_len() == n.max_prefix_len())
+            .map(|n| n.addr())
+            .collect()
+    } else {
+        Default::default()
+    };
+    crate::dns::Inputs {
+        cfg,
+        domain,
+        nodes,
+        exit,
+        addresses: map.self_node.addresses.iter().map(|a| a.addr()).collect(),
+        exit_clients,
+        accept_dns,
+    }
+}
+
 /// During a drain: go on forwarding as `current` does (serving as exit node, for the
 /// peers that may use us, by the rules that let them), whatever the new map says. The
 /// server no longer sends an exit node that withdrew its offer the rules of the
@@ -1232,6 +1318,7 @@ mod tests {
                 private_key: NodePrivate::from_bytes([9; 32]),
                 addresses: vec!["100.64.0.1/32".parse().unwrap()],
                 serve_exit,
+                peerapi_port: None,
             },
             peers: vec![peer("a", clients), peer("bb", false)],
             exit_node: None,

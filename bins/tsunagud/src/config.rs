@@ -168,6 +168,7 @@ impl Config {
                 private_key,
                 addresses,
                 serve_exit: file.advertise_exit_node,
+                peerapi_port: None,
             },
             peers,
             exit_node: None,

@@ -165,6 +165,8 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         StoredNodeKey(NodePrivate::generate())
     })?
     .0;
+    // A crash may have left our resolv.conf in place: the original goes back first.
+    crate::dns::repair(&args.state_dir);
     let prefs_path = args.state_dir.join("prefs.json");
     let on_disk = match crate::api::load_prefs(&prefs_path) {
         Ok(p) => p,
@@ -206,6 +208,7 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         // A restart without those flags comes back the same.
         crate::api::save_prefs(&prefs_path, &saved)?;
     }
+    let peerapi_port = crate::dns::peerapi_port(&node.public().0);
     // Fail closed from boot: with an exit node chosen, block the internet now, before
     // the server is reached (it may never be, on a network that blocks it); the engine
     // converges from this block when the first map comes.
@@ -258,6 +261,12 @@ pub async fn run(args: JoinArgs, engine: Arc<Mutex<Option<Engine>>>) -> anyhow::
         endpoints: Mutex::new(Vec::new()),
         exit_drain: args.exit_drain,
         drain_until: Mutex::new(None),
+        dns: crate::dns::Dns::new(
+            tokio::runtime::Handle::current(),
+            &args.state_dir,
+            &args.engine.tun_name,
+            peerapi_port,
+        ),
         start_block: std::sync::atomic::AtomicBool::new(start_block),
     });
     let api = shared.clone();
@@ -352,6 +361,20 @@ fn hostinfo(shared: &Shared, p: &DaemonPrefs) -> Hostinfo {
         request_tags: p.advertise_tags.clone(),
         ..Hostinfo::default()
     };
+    // The PeerAPI (DNS over HTTPS for the peers that use us as exit node), as Go
+    // clients announce theirs.
+    for proto in ["peerapi4", "peerapi6"] {
+        hi.services.push(tsunagu_proto::tailcfg::Service {
+            proto: proto.into(),
+            port: shared.dns.port(),
+            ..Default::default()
+        });
+    }
+    hi.services.push(tsunagu_proto::tailcfg::Service {
+        proto: "peerapi-dns-proxy".into(),
+        port: 1,
+        ..Default::default()
+    });
     // Tells the server this node can hand its key over and stand by (standby hosts).
     hi.app = crate::standby_app().into();
     if p.prefs.advertise_exit_node {
@@ -628,7 +651,7 @@ async fn session(
                 .map
                 .lock()
                 .map_err(|_| anyhow::anyhow!("map lock poisoned"))? = state.clone();
-            (relay_changed, shared.apply_locked(&prefs.prefs))
+            (relay_changed, shared.apply_locked(&prefs))
         };
         if relay_changed {
             // Tell the server (and so our peers) where we can be reached through a relay.

@@ -12,6 +12,7 @@
 mod api;
 mod config;
 mod control;
+mod dns;
 mod netcheck;
 mod regions;
 mod relay;
@@ -319,6 +320,8 @@ fn run_joined(args: Args) -> anyhow::Result<()> {
             // With an exit node in use, keep blocking until the next start.
             e.stop_keeping_block();
         }
+        // The OS's resolv.conf goes back (the fail-closed rules, if any, keep blocking).
+        dns::repair(&args.state_dir);
         let _ = std::fs::remove_file(&args.socket);
         return Ok(());
     }

@@ -100,6 +100,10 @@ pub fn install_grant(shared: &Shared, grant: &StandbyGrant) -> anyhow::Result<Da
         format!("{}\n", key.to_base64()).as_bytes(),
     )
     .context("storing the exit node's key")?;
+    // The PeerAPI port follows the node key (every host of the identity has the same).
+    shared
+        .dns
+        .set_port(crate::dns::peerapi_port(&key.public().0));
     *shared
         .node
         .lock()

@@ -8,7 +8,9 @@
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use tsunagu_proto::tailcfg::{DERPMap, FilterRule, MapResponse, Node, NodeID, UserID, UserProfile};
+use tsunagu_proto::tailcfg::{
+    DERPMap, DNSConfig, FilterRule, MapResponse, Node, NodeID, UserID, UserProfile,
+};
 use tsunagu_proto::{NetMap, NodePrivate, NodePublic, Peer, SelfNode};
 
 /// What the user chose (persisted by the daemon).
@@ -57,6 +59,8 @@ pub struct MapState {
     /// peer homed on a region of the DERP map gets a relay path through that region,
     /// ours or not (the daemon connects to another region while it sends there).
     pub relay_region: Option<u16>,
+    /// The tailnet's DNS settings (the latest map that had them).
+    pub dns_config: Option<DNSConfig>,
 }
 
 /// A node's short name: the first label of its DNS name.
@@ -135,6 +139,9 @@ impl MapState {
         }
         if let Some(d) = &m.derp_map {
             self.derp_map = Some(d.clone());
+        }
+        if let Some(d) = &m.dns_config {
+            self.dns_config = Some(d.clone());
         }
     }
 
@@ -311,6 +318,7 @@ impl MapState {
                 private_key: key.clone(),
                 addresses: me.addresses.clone(),
                 serve_exit: prefs.advertise_exit_node && me.is_exit_node(),
+                peerapi_port: None,
             },
             peers,
             exit_node: exit.map(|p| p.key),

@@ -70,6 +70,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/standby/{host}", delete(standby_remove))
         .route("/v1/register", post(register))
         .route("/v1/policy", get(get_policy).put(set_policy))
+        .route("/v1/dns", axum::routing::put(set_dns))
         .with_state(state)
 }
 
@@ -660,6 +661,22 @@ async fn set_policy(
     s.store.set_policy(&b.policy).await?;
     s.set_policy(policy, Some(b.policy));
     s.rebuild_now().await;
+    Ok(Json(json!({ "ok": true })))
+}
+
+/// New DNS settings (the server's file reloaded on SIGHUP): checked, then sent to every
+/// node as a `DNSConfig` delta. Refused as a whole with the field at fault.
+async fn set_dns(
+    AxState(s): AxState<Arc<State>>,
+    Json(f): Json<crate::dns::DnsFile>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let settings = f.validate().map_err(|e| {
+        bad(format!(
+            "DNS settings refused, the previous ones keep serving: {e}"
+        ))
+    })?;
+    s.set_dns(&settings).map_err(bad)?;
+    s.rebuild();
     Ok(Json(json!({ "ok": true })))
 }
 

@@ -1,5 +1,6 @@
 //! tsunagu-server's core (being assembled).
 pub mod admin;
+pub mod dns;
 pub mod framing;
 pub mod front;
 pub mod limits;

@@ -775,6 +775,8 @@ pub async fn map(
             "too many map requests from this node; try again later",
         );
     }
+    // Peers see it as `Node.Cap` (what the node can do, e.g. DNS over HTTPS as exit node).
+    app.state.set_capver(id, req.version);
     // Since capability version 68 a streaming request is read-only: updates come in
     // separate non-streaming requests.
     let carries_update = !(req.stream && req.version.0 >= 68);

@@ -170,6 +170,7 @@ fn build_node(
             .collect(),
         hostinfo,
         created: Time(n.created_at),
+        cap: entry.capver,
         tags: n.tags.clone(),
         primary_routes: primary,
         online: Some(entry.online),
@@ -559,6 +560,7 @@ pub struct SessionView {
     sent_filter: u64,
     sent_self: u64,
     sent_users: BTreeSet<i64>,
+    sent_dns: u64,
     may_use_exit: bool,
 }
 
@@ -591,6 +593,7 @@ impl SessionView {
         self.sent_filter = filter.fp;
         self.sent_self = fingerprint(&self_node);
         self.sent_users = users.clone();
+        self.sent_dns = fingerprint(&snap.dns);
         self.version = snap.version;
         Some(MapMessage {
             response: MapResponse {
@@ -598,6 +601,7 @@ impl SessionView {
                 derp_map: derp_map(snap),
                 user_profiles: user_profiles(snap, users),
                 domain: snap.domain.clone(),
+                dns_config: snap.dns.as_deref().cloned(),
                 collect_services: Some(false),
                 control_time: Some(Time::now()),
                 ..MapResponse::default()
@@ -669,9 +673,16 @@ impl SessionView {
                 }
             }
         }
-        // The self node changes only when the viewer itself changed.
+        // The self node and the DNS settings change only with a change of everything
+        // (a reload) or of the viewer itself.
         let mut self_node = None;
+        let mut dns = None;
         if partial.is_none() {
+            let fp = fingerprint(&snap.dns);
+            if fp != self.sent_dns {
+                self.sent_dns = fp;
+                dns = Some(snap.dns.as_deref().cloned().unwrap_or_default());
+            }
             let node = node_view(snap, me, false, true);
             let fp = fingerprint(&node);
             if fp != self.sent_self {
@@ -690,12 +701,17 @@ impl SessionView {
             .filter(|u| self.sent_users.insert(*u))
             .collect();
         self.version = snap.version;
-        if peers_changed.is_empty() && removed.is_empty() && self_node.is_none() && filter.is_none()
+        if peers_changed.is_empty()
+            && removed.is_empty()
+            && self_node.is_none()
+            && filter.is_none()
+            && dns.is_none()
         {
             return None;
         }
-        let shareable =
-            self_node.is_none() && (filter.is_none() || !matches!(class, FilterClass::Node(_)));
+        let shareable = self_node.is_none()
+            && dns.is_none()
+            && (filter.is_none() || !matches!(class, FilterClass::Node(_)));
         let share = shareable.then(|| ShareKey {
             changed: changed_ids.clone(),
             removed: removed.clone(),
@@ -705,6 +721,7 @@ impl SessionView {
         Some(MapMessage {
             response: MapResponse {
                 node: self_node,
+                dns_config: dns,
                 peers_removed: removed.into_iter().map(NodeID).collect(),
                 user_profiles: user_profiles(snap, new_users),
                 // The snapshot's time, so that shared messages are equal.

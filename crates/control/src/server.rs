@@ -43,8 +43,8 @@ use tsunagu_proto::tailcfg::{
 use tsunagu_proto::{MachinePrivate, MachinePublic};
 use tsunagu_store::Store;
 
-/// The MagicDNS suffix of node names (".internal" is reserved for private use).
-pub const DOMAIN: &str = "tailnet.internal";
+/// The MagicDNS suffix of node names by default (see [`crate::dns`]).
+pub const DOMAIN: &str = crate::dns::DEFAULT_BASE_DOMAIN;
 /// File holding the server's Noise private key.
 pub const KEY_FILE: &str = "noise.key";
 
@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// Relay regions run elsewhere, announced in the DERP map after the embedded one
     /// (checked: no ID or code twice, the embedded region's included).
     pub derp_regions: Vec<crate::relay::RegionSpec>,
+    /// The tailnet's DNS settings (checked), sent to every node.
+    pub dns: crate::dns::DnsSettings,
     /// An exit node's active host gone (map stream and relay connection) this long: a
     /// ready standby host takes over.
     pub standby_failover_after: Duration,
@@ -186,9 +188,15 @@ impl Server {
             );
             derp_map.regions.insert(i32::from(spec.id), spec.region());
         }
-        let state =
-            State::load_with(store, derp_map, DOMAIN.to_string(), cfg.limits.clone()).await?;
+        let state = State::load_with(store, derp_map, &cfg.dns, cfg.limits.clone()).await?;
         let _ = state_cell.set(Arc::downgrade(&state));
+        tracing::info!(
+            magic_dns = cfg.dns.magic_dns,
+            base_domain = %cfg.dns.base_domain,
+            nameservers = cfg.dns.global.len(),
+            split = cfg.dns.split.len(),
+            "DNS settings"
+        );
         state.standby.set_config(crate::standby::core::Config {
             unreachable_after: cfg.standby_failover_after,
             settle: cfg.standby_failover_after,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot, watch};
 use tsunagu_policy::{CompiledPolicy, FilterClass, Policy, PolicyNode};
-use tsunagu_proto::tailcfg::DERPMap;
+use tsunagu_proto::tailcfg::{CapabilityVersion, DERPMap, DNSConfig};
 use tsunagu_store::{Node, Store, StoreError, User};
 
 /// How long the rebuild task waits for more changes before building a snapshot.
@@ -54,6 +54,9 @@ pub struct NodeEntry {
     pub node: Node,
     pub online: bool,
     pub home_derp: i32,
+    /// The capability version the node last reported (0 until it does): peers read it
+    /// as `Node.Cap` (e.g. 26+ means it serves DNS over HTTPS as an exit node).
+    pub capver: CapabilityVersion,
 }
 
 /// What changed in one version.
@@ -74,6 +77,8 @@ pub struct Snapshot {
     pub derp_map: DERPMap,
     /// MagicDNS suffix of node names.
     pub domain: String,
+    /// The tailnet's DNS settings as clients get them (`None`: none sent).
+    pub dns: Option<Arc<DNSConfig>>,
     log: Arc<VecDeque<(u64, Change)>>,
     /// Every node as its peers see it, serialized (shared with the previous snapshot for
     /// unchanged nodes).
@@ -129,6 +134,7 @@ struct Inner {
     pending_all: bool,
     version: u64,
     log: VecDeque<(u64, Change)>,
+    dns: Option<Arc<DNSConfig>>,
 }
 
 /// Shared server state.
@@ -219,22 +225,31 @@ pub fn policy_node(n: &Node, users: &BTreeMap<i64, User>) -> PolicyNode {
 }
 
 impl State {
-    /// Load everything from the store and build the first snapshot (default limits).
+    /// Load everything from the store and build the first snapshot, with MagicDNS on
+    /// `domain`, no other DNS settings and the default limits.
     pub async fn load(
         store: Store,
         derp_map: DERPMap,
         domain: String,
     ) -> Result<Arc<State>, StoreError> {
-        Self::load_with(store, derp_map, domain, Limits::default()).await
+        let dns = crate::dns::DnsSettings {
+            base_domain: domain,
+            ..crate::dns::DnsSettings::default()
+        };
+        Self::load_with(store, derp_map, &dns, Limits::default()).await
     }
 
-    /// [`State::load`] with the server's limits.
+    /// Load everything from the store and build the first snapshot; node names end in
+    /// `dns.base_domain`, every map carries `dns` as its `DNSConfig`, and the server's
+    /// `limits` apply.
     pub async fn load_with(
         store: Store,
         derp_map: DERPMap,
-        domain: String,
+        dns: &crate::dns::DnsSettings,
         limits: Limits,
     ) -> Result<Arc<State>, StoreError> {
+        let domain = dns.base_domain.clone();
+        let dns_config = Some(Arc::new(dns.to_dns_config()));
         let users: BTreeMap<i64, User> = store
             .list_users()
             .await?
@@ -252,6 +267,7 @@ impl State {
                         node: n,
                         online: false,
                         home_derp: 0,
+                        capver: CapabilityVersion::default(),
                     }),
                 )
             })
@@ -278,6 +294,7 @@ impl State {
             compiled,
             derp_map: derp_map.clone(),
             domain: domain.clone(),
+            dns: dns_config.clone(),
             log: Arc::new(VecDeque::new()),
             peers,
             filters: Mutex::default(),
@@ -309,6 +326,7 @@ impl State {
                 pending_all: false,
                 version: 0,
                 log: VecDeque::new(),
+                dns: dns_config,
             }),
             rebuilding: Mutex::new(()),
             dirty: Notify::new(),
@@ -388,7 +406,11 @@ impl State {
             }
         }
         let online = inner.sessions.get(&id).is_some_and(|s| !s.is_empty());
-        let home_derp = inner.nodes.get(&id).map(|e| e.home_derp).unwrap_or(0);
+        let (home_derp, capver) = inner
+            .nodes
+            .get(&id)
+            .map(|e| (e.home_derp, e.capver))
+            .unwrap_or_default();
         inner.by_node_key.insert(node.node_key.clone(), id);
         inner.by_machine_key.insert(node.machine_key.clone(), id);
         inner.nodes.insert(
@@ -397,6 +419,7 @@ impl State {
                 node,
                 online,
                 home_derp,
+                capver,
             }),
         );
         self.mark(&mut inner, id);
@@ -457,6 +480,37 @@ impl State {
         if changed {
             self.mark(&mut inner, id);
         }
+    }
+
+    /// The capability version a node reported (in a map request).
+    pub fn set_capver(&self, id: i64, capver: CapabilityVersion) {
+        let mut inner = self.inner.lock();
+        let changed = match inner.nodes.get_mut(&id).map(Arc::make_mut) {
+            Some(e) if e.capver != capver => {
+                e.capver = capver;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.mark(&mut inner, id);
+        }
+    }
+
+    /// New DNS settings (a reload): every session sends the new `DNSConfig`. The base
+    /// domain is fixed for the server's life (node names are built from it).
+    pub fn set_dns(&self, dns: &crate::dns::DnsSettings) -> Result<(), String> {
+        if dns.base_domain != self.domain {
+            return Err(format!(
+                "dns.base_domain cannot change while the server runs ({:?} -> {:?}); restart it",
+                self.domain, dns.base_domain
+            ));
+        }
+        let mut inner = self.inner.lock();
+        inner.dns = Some(Arc::new(dns.to_dns_config()));
+        inner.pending_all = true;
+        self.dirty.notify_one();
+        Ok(())
     }
 
     pub fn upsert_user(&self, user: User) {
@@ -632,7 +686,7 @@ impl State {
     /// change made before the call.
     pub fn rebuild(&self) {
         let _serial = self.rebuilding.lock();
-        let (nodes, users, policy, version, change, log) = {
+        let (nodes, users, policy, version, change, log, dns) = {
             let mut inner = self.inner.lock();
             if inner.pending.is_empty() && !inner.pending_all {
                 return;
@@ -656,6 +710,7 @@ impl State {
                 version,
                 change,
                 Arc::new(inner.log.clone()),
+                inner.dns.clone(),
             )
         };
         let compiled = policy.compile(&policy_nodes(&nodes, &users));
@@ -689,6 +744,7 @@ impl State {
             compiled,
             derp_map: self.derp_map.clone(),
             domain: self.domain.clone(),
+            dns,
             log,
             peers,
             filters: Mutex::default(),

@@ -224,6 +224,7 @@ async fn a_region_with_the_servers_own_id_is_refused_at_start() {
             ..RelaySettings::default()
         }),
         derp_regions: vec![clash.validate().unwrap()],
+        dns: Default::default(),
         standby_failover_after: std::time::Duration::from_secs(3),
         limits: Default::default(),
     };

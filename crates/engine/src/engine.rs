@@ -85,8 +85,11 @@ pub struct Engine {
 }
 
 fn route_state(map: &NetMap) -> RouteState {
+    // The node's resolver lives on the tun too (see `route::SERVICE_IPV4`).
+    let mut addresses = map.self_node.addresses.clone();
+    addresses.push(IpNet::from(std::net::IpAddr::V4(route::SERVICE_IPV4)));
     RouteState {
-        addresses: map.self_node.addresses.clone(),
+        addresses,
         peer_routes: map
             .peers
             .iter()

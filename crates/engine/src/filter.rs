@@ -136,6 +136,9 @@ pub struct Filter {
     /// We serve as exit node: packets to other addresses are forwarded when allowed,
     /// except to this closed space (the host and its networks) without an explicit rule.
     exit: Option<AddrSet>,
+    /// Our PeerAPI's TCP port: connections to it on our addresses pass whatever the
+    /// rules say (the PeerAPI checks who may use it, per request).
+    peerapi_port: Option<u16>,
 }
 
 /// The parts of an IP packet the filter looks at.
@@ -312,7 +315,15 @@ impl Filter {
             rules: rules.map(|r| compile(r, closed.as_ref())),
             local: local.iter().map(IpNet::addr).collect(),
             exit: closed,
+            peerapi_port: None,
         }
+    }
+
+    /// Let TCP connections to `port` on our addresses in whatever the rules say (the
+    /// PeerAPI, as Tailscale's clients do).
+    pub fn with_peerapi_port(mut self, port: Option<u16>) -> Filter {
+        self.peerapi_port = port;
+        self
     }
 
     /// Whether outgoing packets must be noted (for UDP answers): only with rules.
@@ -344,6 +355,14 @@ impl Filter {
             return Verdict::Drop("unparsable");
         };
         if self.local.contains(&h.dst) {
+            if h.proto == TCP
+                && !h.truncated
+                && !h.fragment
+                && self.peerapi_port.is_some()
+                && h.ports.map(|(_, d)| d) == self.peerapi_port
+            {
+                return Verdict::Accept("peerapi");
+            }
             return match &self.rules {
                 None => Verdict::Accept("no filter"),
                 Some(rules) => judge(rules, &h, flows, now, false),
@@ -567,6 +586,36 @@ mod tests {
         assert_eq!(
             f.check_in(&[0x45, 0, 0], &fl, now),
             Verdict::Drop("unparsable")
+        );
+    }
+
+    #[test]
+    fn the_peerapi_port_opens_on_our_addresses_whatever_the_rules() {
+        let f = ssh_only().with_peerapi_port(Some(40123));
+        let fl = Flows::default();
+        let now = Instant::now();
+        // A peer no rule lets in reaches the PeerAPI (which checks its callers itself).
+        assert_eq!(
+            f.check_in(&tcp(OTHER, ME, 40000, 40123, SYN), &fl, now),
+            Verdict::Accept("peerapi")
+        );
+        // Only that port, only TCP, only on our addresses.
+        assert_eq!(
+            f.check_in(&tcp(OTHER, ME, 40000, 40124, SYN), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        assert_eq!(
+            f.check_in(&udp(OTHER, ME, 40000, 40123), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        assert_eq!(
+            f.check_in(&tcp(OTHER, "203.0.113.10", 40000, 40123, SYN), &fl, now),
+            Verdict::Drop("no rule")
+        );
+        // Without a PeerAPI port, the rules alone.
+        assert_eq!(
+            ssh_only().check_in(&tcp(OTHER, ME, 40000, 40123, SYN), &fl, now),
+            Verdict::Drop("no rule")
         );
     }
 

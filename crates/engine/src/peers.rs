@@ -738,7 +738,8 @@ impl PeerTable {
                 map.packet_filter.as_deref(),
                 &map.self_node.addresses,
                 map.self_node.serve_exit.then_some(host),
-            ),
+            )
+            .with_peerapi_port(map.self_node.peerapi_port),
         }
     }
 
@@ -842,6 +843,7 @@ mod tests {
                 private_key: NodePrivate::generate(),
                 addresses: vec!["100.64.0.1/32".parse().unwrap()],
                 serve_exit: false,
+                peerapi_port: None,
             },
             peers: vec![peer("a", "100.64.0.2/32"), peer("b", "100.64.0.3/32")],
             exit_node: None,

@@ -42,6 +42,7 @@ fn map(
             private_key: me.clone(),
             addresses: vec![addr.parse().unwrap()],
             serve_exit: false,
+            peerapi_port: None,
         },
         peers: vec![Peer {
             name: "peer".into(),

@@ -145,6 +145,28 @@ const BASE_RULES_V4: [&str; 3] = [
     "5270: from all lookup 52 proto 52",
 ];
 
+/// IPv6 with an exit node and no LAN access: link-local destinations are unreachable too.
+const EXIT_RULES_V6: [&str; 4] = [
+    "5210: from all fwmark 0x80000/0xff0000 lookup main proto 52",
+    "5250: from all fwmark 0x80000/0xff0000 unreachable proto 52",
+    "5255: from all to fe80::/10 unreachable proto 52",
+    "5270: from all lookup 52 proto 52",
+];
+
+/// `ip -6 route get fe80::1 oif lan0` (a router-advertised link-local resolver).
+fn link_local_route(ns: &Netns, mark: Option<&str>) -> Result<String, String> {
+    let mut argv = vec!["ip", "-6", "route", "get", "fe80::1", "oif", "lan0"];
+    if let Some(m) = mark {
+        argv.extend(["mark", m]);
+    }
+    let out = ns.exec_status(&argv).unwrap();
+    if out.status.success() {
+        Ok(text(&out).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
 fn with_lan(base: &[&str], lan: &str) -> Vec<String> {
     let mut v: Vec<String> = base.iter().map(|s| s.to_string()).collect();
     v.insert(1, format!("5240: from all to {lan} lookup main proto 52"));
@@ -182,7 +204,12 @@ fn exit_node_routes_internet_into_tun_and_marked_packets_out() {
     assert_via(ns, INTERNET4, Some("0x40000"), TUN);
 
     assert_eq!(our_rules(ns, "-4"), BASE_RULES_V4);
-    assert_eq!(our_rules(ns, "-6"), BASE_RULES_V4);
+    assert_eq!(our_rules(ns, "-6"), EXIT_RULES_V6);
+    // A link-local resolver on the LAN: unreachable, except for our own marked packets.
+    let err = link_local_route(ns, None).expect_err("fe80::1 behind an exit node");
+    assert!(err.contains("unreachable"), "{err}");
+    let marked = link_local_route(ns, Some(MARK)).unwrap();
+    assert!(marked.contains("dev lan0"), "{marked}");
     assert_eq!(
         table52(ns, "-4"),
         [
@@ -211,6 +238,8 @@ fn allow_lan_access_toggles_direct_lan_reachability() {
         m.apply(&state(true, true)).unwrap();
         assert_via(ns, LAN_HOST4, None, "lan0");
         assert_via(ns, LAN_HOST6, None, "lan0");
+        let ll = link_local_route(ns, None).expect("fe80::1 with LAN access");
+        assert!(ll.contains("dev lan0"), "{ll}");
         assert_via(ns, INTERNET4, None, TUN);
         assert_via(ns, INTERNET6, None, TUN);
         assert_eq!(
@@ -228,7 +257,7 @@ fn allow_lan_access_toggles_direct_lan_reachability() {
         assert_via(ns, LAN_HOST6, None, TUN);
         assert_via(ns, LAN_HOST4, Some(MARK), "lan0");
         assert_eq!(our_rules(ns, "-4"), BASE_RULES_V4);
-        assert_eq!(our_rules(ns, "-6"), BASE_RULES_V4);
+        assert_eq!(our_rules(ns, "-6"), EXIT_RULES_V6);
     }
     m.cleanup().unwrap();
 }

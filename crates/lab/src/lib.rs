@@ -36,6 +36,7 @@ pub mod seed;
 mod services;
 pub mod tailnet;
 pub mod tailscaled;
+pub mod tls;
 
 pub use addr::{Cidr, is_lab_addr};
 pub use capture::{Capture, capture, capture_filtered, read_pcap, tunnel_leaks};
@@ -49,7 +50,9 @@ pub use seed::{
     PRINTER_LAN, RELAY2_PUBLIC, RESOLVER, Seed, SeedOptions, WEB_ADDR, WEB6_ADDR,
 };
 pub use services::{
-    IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, http_get, ping, tcp_connect_ok, tcp_echo,
-    tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send, udp_sink, whoami_server,
+    IO_TIMEOUT, MAX_UDP_COUNT, ServiceHandle, dns_query, dns_server, http_get, ping,
+    tcp_connect_ok, tcp_echo, tcp_listener, tcp_read, try_ping, try_tcp_connect, udp_send,
+    udp_sink, whoami_server,
 };
 pub use tailscaled::{OfficialBins, Tailscaled, TailscaledOpts};
+pub use tls::{LabTls, lab_tls};

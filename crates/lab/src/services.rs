@@ -365,6 +365,130 @@ pub fn udp_sink(ns: &Netns, addr: SocketAddr) -> Result<ServiceHandle, LabError>
     })
 }
 
+/// A small authoritative DNS server (UDP) inside `ns`: answers A/AAAA for `records`
+/// (case-insensitive names), NXDOMAIN for other names, and counts every query it gets
+/// ([`ServiceHandle::count`], with the sources in [`ServiceHandle::peers`]), so a test
+/// can also prove that a resolver was *not* asked.
+pub fn dns_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    records: &[(&str, IpAddr)],
+) -> Result<ServiceHandle, LabError> {
+    use tsunagu_dns::magic::Zone;
+    use tsunagu_dns::message;
+    ensure_lab_addr(addr.ip(), "listen address")?;
+    let extra: Vec<tsunagu_dns::tailcfg_record::DNSRecord> = records
+        .iter()
+        .map(|(n, ip)| tsunagu_dns::tailcfg_record::DNSRecord {
+            name: n.to_string(),
+            record_type: String::new(),
+            value: ip.to_string(),
+        })
+        .collect();
+    let zone = Zone::new(None, std::iter::empty(), &extra);
+    let socket = UdpSocket::from(ns.run(|| bound_socket(addr, SockType::Datagram))??);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| LabError::io(format!("dns server {addr}: read timeout"), e))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| LabError::io(format!("dns server {addr}: local address"), e))?;
+    let shared = Arc::new(Shared::default());
+    let state = Arc::clone(&shared);
+    let thread = thread::Builder::new()
+        .name("lab-dns".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while !state.stop.load(Ordering::SeqCst) {
+                match socket.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        state.record(peer);
+                        let Ok(q) = message::parse_query(&buf[..n]) else {
+                            continue;
+                        };
+                        let a = zone.answer(&q).unwrap_or_else(|| message::nxdomain(&q));
+                        let _ = socket.send_to(&a, peer);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => {
+                        tracing::debug!(%local, error = %e, "dns server receive failed");
+                        thread::sleep(POLL);
+                    }
+                }
+            }
+        })
+        .map_err(|e| LabError::io("spawning dns server thread", e))?;
+    Ok(ServiceHandle {
+        name: "dns",
+        local,
+        shared,
+        thread: Some(thread),
+    })
+}
+
+/// Asks `server` (UDP, from inside `ns`) for the A records of `name`: `Ok(Some((rcode,
+/// addresses)))`, `Ok(None)` when no answer came within `timeout`.
+pub fn dns_query(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<Option<(String, Vec<IpAddr>)>, LabError> {
+    use tsunagu_dns::hickory_proto::rr::RecordType;
+    use tsunagu_dns::message;
+    // A fresh ID per query (the clock's nanoseconds, then counted on), so that a late
+    // answer to an earlier query is not taken for this one's.
+    static NEXT_ID: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u16);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed).wrapping_add(seed) | 1;
+    let q = message::build_query(id, name, RecordType::A)
+        .ok_or_else(|| LabError::invalid("name", name.to_string()))?;
+    ns.run(|| -> Result<Option<(String, Vec<IpAddr>)>, LabError> {
+        let local: SocketAddr = if server.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = UdpSocket::bind(local).map_err(|e| LabError::io("dns query socket", e))?;
+        s.send_to(&q, server)
+            .map_err(|e| LabError::io(format!("dns query to {server}"), e))?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            s.set_read_timeout(Some(left(deadline)))
+                .map_err(|e| LabError::io("dns query timeout", e))?;
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    if n < 2 || buf[..2] != id.to_be_bytes() {
+                        continue; // an answer to another query
+                    }
+                    if let Some((rc, addrs)) = message::answer_addrs(&buf[..n]) {
+                        return Ok(Some((rc.to_string(), addrs)));
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(LabError::io(format!("dns answer from {server}"), e)),
+            }
+        }
+        Ok(None)
+    })?
+}
+
 /// Time left until `deadline`, at least 1 ms (a zero socket timeout means "forever").
 fn left(deadline: Instant) -> Duration {
     deadline

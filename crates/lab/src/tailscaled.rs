@@ -16,7 +16,13 @@
 //!   servers, and no `TS_DEBUG_*` switches: it reaches the server and the relays over TLS,
 //!   trusting a private CA through `SSL_CERT_FILE` as a community with its own CA would;
 //! - DNS: `ip netns exec` bind-mounts the namespace's own `/etc/netns/NAME/resolv.conf`
-//!   over `/etc/resolv.conf`, which is the only resolver file it can rewrite.
+//!   over `/etc/resolv.conf`, and with the tailnet's DNS settings the daemon rewrites it
+//!   ("direct" mode: 100.100.100.100 and the search domains). It also writes *beside* it,
+//!   in `/etc` itself: its backup `/etc/resolv.pre-tailscale-backup.conf` and temporary
+//!   files. So the daemon runs with a private `/etc`: an overlay whose writes land in its
+//!   state directory ([`private_etc_argv`]), with the namespace's `resolv.conf` bound on
+//!   top again. Nothing it writes reaches the host's `/etc`, and daemons of several
+//!   namespaces (or tests) never share a backup file.
 //!
 //! The lab ends it by PID like every other process (SIGTERM: it removes its routes, rules
 //! and netfilter tables on the way out); [`Tailscaled::leftovers`] tells what it left.
@@ -97,6 +103,36 @@ fn launch(
     lab.spawn(ns, &argv, Some(log))
 }
 
+/// Mounts a private `/etc` (see the module doc), then runs the rest of its arguments.
+/// `ip netns exec` has given the process its own mount namespace, whose mounts do not
+/// propagate back to the host; `exec` keeps the daemon's PID that of the spawned process.
+/// Arguments: the state directory, the namespace's `resolv.conf`, then the command.
+const PRIVATE_ETC_SH: &str = r#"set -eu
+dir=$1; resolv=$2; shift 2
+mkdir -p "$dir/etc-upper" "$dir/etc-work"
+: > "$dir/etc-resolv.conf"
+mount --bind "$resolv" "$dir/etc-resolv.conf"
+mount -t overlay tsunagu-lab-etc -o "lowerdir=/etc,upperdir=$dir/etc-upper,workdir=$dir/etc-work" /etc
+mount --bind "$dir/etc-resolv.conf" /etc/resolv.conf
+exec "$@"
+"#;
+
+/// `sh -c PRIVATE_ETC_SH ...` in front of `argv`: the daemon sees `/etc` as an overlay
+/// whose upper layer is `state_dir/etc-upper`, and `/etc/resolv.conf` as the namespace's
+/// own file (`/etc/netns/NAME/resolv.conf`, which tests read and write).
+pub fn private_etc_argv(ns: &Netns, state_dir: &Path, argv: Vec<String>) -> Vec<String> {
+    let mut out = vec![
+        "sh".to_string(),
+        "-c".into(),
+        PRIVATE_ETC_SH.into(),
+        "tailscaled-private-etc".into(),
+        state_dir.display().to_string(),
+        ns.etc_dir().join("resolv.conf").display().to_string(),
+    ];
+    out.extend(argv);
+    out
+}
+
 /// How to start a [`Tailscaled`].
 #[derive(Clone, Debug)]
 pub struct TailscaledOpts {
@@ -166,6 +202,7 @@ impl Tailscaled {
             format!("--port={}", opts.port),
         ]);
         argv.extend(opts.args);
+        let argv = private_etc_argv(ns, &state_dir, argv);
         let proc = launch(lab, ns, &argv, &socket, &log)?;
         let me = Tailscaled {
             ns: ns.clone(),

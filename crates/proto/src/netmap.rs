@@ -21,6 +21,10 @@ pub struct SelfNode {
     pub addresses: Vec<IpNet>,
     /// Forward and masquerade traffic of the peers marked [`Peer::exit_client`].
     pub serve_exit: bool,
+    /// The TCP port of this node's PeerAPI (DNS over HTTPS for the peers using it as
+    /// exit node): connections to it pass the packet filter whatever the policy says,
+    /// as in Tailscale, where the PeerAPI checks its callers itself.
+    pub peerapi_port: Option<u16>,
 }
 
 /// Another node of the tailnet.
@@ -198,6 +202,7 @@ mod tests {
                 private_key: NodePrivate::generate(),
                 addresses: vec!["100.64.0.1/32".parse().unwrap()],
                 serve_exit: false,
+                peerapi_port: None,
             },
             peers: vec![peer("exit")],
             exit_node: None,

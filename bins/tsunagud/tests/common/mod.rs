@@ -116,33 +116,6 @@ pub enum Transport {
     Https,
 }
 
-/// A lab CA and a certificate for the control server's address, in `dir`: (CA,
-/// certificate, key) PEM files.
-fn lab_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "tsunagu lab CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![tsunagu_lab::CONTROL_PUBLIC.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 /// A tsunagud started in the client namespace.
 pub struct Client {
     pub proc: ProcId,
@@ -210,6 +183,9 @@ impl Joined {
             sock.to_str().unwrap(),
         ]);
         argv.extend_from_slice(extra);
+        // A killed run leaves its socket behind: gone first, so that the wait below
+        // sees this run's.
+        let _ = std::fs::remove_file(&sock);
         let proc = self
             .seed
             .lab
@@ -389,7 +365,12 @@ pub fn setup_over(
             Vec::new(),
         ),
         Transport::Https => {
-            let (ca, cert, key) = lab_tls(&seed.lab.log_path("tls"));
+            let tls = tsunagu_lab::lab_tls(
+                &seed.lab.log_path("tls"),
+                tsunagu_lab::CONTROL_PUBLIC.into(),
+            )
+            .unwrap();
+            let (ca, cert, key) = (tls.ca, tls.cert, tls.key);
             (
                 "https://198.51.100.4".to_string(),
                 vec![

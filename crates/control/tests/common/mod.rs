@@ -45,12 +45,31 @@ pub async fn server_with_regions(
     relay: Option<RelaySettings>,
     derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
 ) -> TestServer {
-    server_full(relay, derp_regions, Limits::default()).await
+    server_full(
+        relay,
+        derp_regions,
+        tsunagu_control::dns::DnsSettings::default(),
+        Limits::default(),
+    )
+    .await
 }
 
 /// A server without the relay, with `limits`.
+#[allow(dead_code)]
 pub async fn server_limits(limits: Limits) -> TestServer {
-    server_full(None, Vec::new(), limits).await
+    server_full(
+        None,
+        Vec::new(),
+        tsunagu_control::dns::DnsSettings::default(),
+        limits,
+    )
+    .await
+}
+
+/// A server without relay whose tailnet has these DNS settings.
+#[allow(dead_code)]
+pub async fn server_with_dns(dns: tsunagu_control::dns::DnsSettings) -> TestServer {
+    server_full(None, Vec::new(), dns, Limits::default()).await
 }
 
 /// A server with everything given. It serves through the public listener's shell
@@ -58,6 +77,7 @@ pub async fn server_limits(limits: Limits) -> TestServer {
 pub async fn server_full(
     relay: Option<RelaySettings>,
     derp_regions: Vec<tsunagu_control::relay::RegionSpec>,
+    dns: tsunagu_control::dns::DnsSettings,
     limits: Limits,
 ) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
@@ -71,6 +91,7 @@ pub async fn server_full(
         ephemeral_timeout: Duration::from_secs(300),
         relay,
         derp_regions,
+        dns,
         standby_failover_after: Duration::from_secs(3),
         limits: limits.clone(),
     };

@@ -13,6 +13,9 @@
 //!                                                               #   allow_lan_access only, one
 //!                                                               #   per directly connected LAN
 //! 5250: from all fwmark 0x80000/0xff0000 unreachable proto 52   # base+40, always
+//! 5255: from all to fe80::/10 unreachable proto 52              # base+45, ip -6 only: exit
+//!                                                               #   node (in use or blocked)
+//!                                                               #   without allow_lan_access
 //! 5270: from all lookup 52 proto 52                             # base+60, always
 //!
 //! $ ip route show table 52
@@ -39,6 +42,12 @@
 //! - **5250**: if main has no route for a marked packet it must fail, not fall through to
 //!   table 52 (that loop again). Tailscale also tries table `default` at +20 before
 //!   this; that table is empty on every system, so we leave it out.
+//! - **5255**: a link-local destination names its interface (`fe80::1%eth0`), so its
+//!   route lookup skips table 52's routes through the tun and would find the LAN in
+//!   main: a router-advertised `fe80::` resolver would get DNS past the tunnel. Behind an
+//!   exit node nothing may reach the LAN unless the user allows it, so `fe80::/10` is
+//!   unreachable there ("Network is unreachable"); the daemon's own marked packets match
+//!   5210 first.
 //! - **5270**: everything else consults table 52 *before* main (32766). Tailnet routes
 //!   therefore win over anything in main, even over a LAN or an ISP that uses the same
 //!   CGNAT range 100.64.0.0/10. Without an exit node, table 52 holds only tailnet routes,
@@ -123,6 +132,11 @@ pub const DEFAULT_RULE_PRIORITY_BASE: u32 = 5210;
 pub const PRIORITY_FWMARK_MAIN: u32 = 0;
 pub const PRIORITY_LAN: u32 = 30;
 pub const PRIORITY_FWMARK_UNREACHABLE: u32 = 40;
+/// `to fe80::/10 unreachable`, with an exit node (in use or blocked) and no LAN access:
+/// link-local destinations name their interface, so the route lookup skips table 52's
+/// routes through the tun and would find the LAN in main. A router-advertised
+/// `fe80::` resolver would then get DNS queries past the tunnel.
+pub const PRIORITY_LINK_LOCAL: u32 = 45;
 pub const PRIORITY_TABLE: u32 = 60;
 /// Metric of the `unreachable default` under the exit-node default: anything works as
 /// long as it is worse than the tun route's, and this leaves room for both.
@@ -527,7 +541,21 @@ impl RouteManager {
         } else {
             Vec::new()
         };
-        let want_rules = desired_rules(&self.cfg, &families, &lan);
+        let block_link_local = (desired.exit_node || desired.block_internet)
+            && !desired.allow_lan_access
+            && families.contains(&Family::V6);
+        let mut want_rules = desired_rules(&self.cfg, &families, &lan);
+        if block_link_local {
+            want_rules.push(Rule {
+                dst: Some(link_local_v6()),
+                ..Rule::new(
+                    Family::V6,
+                    self.cfg.rule_priority_base + PRIORITY_LINK_LOCAL,
+                    RuleAction::Unreachable,
+                )
+            });
+            want_rules.sort();
+        }
         let have_rules = self.our_rules(&families)?;
         let have_routes = self.our_routes(&families)?;
 
@@ -854,8 +882,18 @@ fn is_our_rule(cfg: &RouteConfig, r: &Rule) -> bool {
         PRIORITY_TABLE => {
             r.action == RuleAction::Table(cfg.table) && r.fwmark.is_none() && r.dst.is_none()
         }
+        PRIORITY_LINK_LOCAL => {
+            r.action == RuleAction::Unreachable
+                && r.fwmark.is_none()
+                && r.dst == Some(link_local_v6())
+        }
         _ => false,
     }
+}
+
+/// fe80::/10.
+fn link_local_v6() -> IpNet {
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10).expect("valid prefix"))
 }
 
 fn lan_subnets_from(routes: &[Route], tun_index: u32, state: &RouteState) -> Vec<IpNet> {
@@ -1107,8 +1145,22 @@ fn parse_link(m: &LinkMessage) -> Link {
     link
 }
 
+/// 100.100.100.100: the node's own resolver (MagicDNS), as on every Tailscale client.
+pub const SERVICE_IPV4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
+
 fn address_msg(index: u32, addr: IpNet) -> AddressMessage {
     match addr {
+        // Scope host: reachable from this node only, and never picked as the source of
+        // packets through the tun (source selection skips host-scoped addresses for
+        // link-scoped routes), so the node's tailnet address stays the source.
+        IpNet::V4(n) if n.addr() == SERVICE_IPV4 => {
+            let mut m = AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(n.addr(), n.prefix_len())
+                .build();
+            m.header.scope = rtnetlink::packet_route::address::AddressScope::Host;
+            m
+        }
         IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
             .index(index)
             .address(n.addr(), n.prefix_len())
@@ -1747,6 +1799,9 @@ mod tests {
         assert_eq!(
             log,
             [
+                // Without LAN access, link-local destinations stay off the LAN too
+                // (added before the LAN exemptions go).
+                "+-6 rule pref 5255 to fe80::/10 unreachable proto 52",
                 "--6 rule pref 5240 to 2001:db8:1::/64 lookup 254 proto 52",
                 "--4 rule pref 5240 to 198.18.1.0/24 lookup 254 proto 52",
             ]
@@ -1762,6 +1817,37 @@ mod tests {
                 .iter()
                 .any(|r| r.action == RuleAction::Table(100))
         );
+    }
+
+    #[test]
+    fn link_local_is_unreachable_only_behind_an_exit_node_without_lan_access() {
+        let (mut m, f) = host();
+        let link_local = |f: &Fake| {
+            f.k()
+                .rules
+                .iter()
+                .filter(|r| r.priority == 5255)
+                .map(|r| format!("{:?} {:?}", r.dst.map(|d| d.to_string()), r.action))
+                .collect::<Vec<_>>()
+        };
+        let want = [format!(
+            "{:?} {:?}",
+            Some("fe80::/10"),
+            RuleAction::Unreachable
+        )];
+        m.apply(&state(true, false)).unwrap();
+        assert_eq!(link_local(&f), want, "exit node, no LAN access");
+        m.apply(&RouteState {
+            exit_node: false,
+            block_internet: true,
+            ..state(false, false)
+        })
+        .unwrap();
+        assert_eq!(link_local(&f), want, "exit node chosen but blocked");
+        m.apply(&state(true, true)).unwrap();
+        assert!(link_local(&f).is_empty(), "LAN access keeps the link");
+        m.apply(&state(false, false)).unwrap();
+        assert!(link_local(&f).is_empty(), "no exit node");
     }
 
     #[test]
