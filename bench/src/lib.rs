@@ -1,5 +1,6 @@
 //! Shared pieces of the benchmark programs in `src/bin`.
 
+pub mod headscale;
 pub mod server;
 pub mod tls;
 pub mod wg;

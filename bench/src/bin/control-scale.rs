@@ -1,8 +1,11 @@
-//! control-scale: how `tsunagu-server` copes with thousands of nodes holding map streams.
+//! control-scale: how `tsunagu-server` copes with thousands of nodes holding map streams,
+//! beside Headscale (the other self-hosted server for Tailscale clients) in the same run.
 //!
 //! For each N of `--nodes` (default 1000,5000) a fresh server runs as a child process on
-//! loopback with a temporary data directory; the benchmark creates a user and a reusable
-//! pre-auth key with the admin CLI, then:
+//! loopback with a temporary data directory: first `tsunagu-server`, then Headscale
+//! v0.29.3 (`tsunagu_bench::headscale`: SQLite, its defaults otherwise). The benchmark
+//! creates a user and a reusable pre-auth key with each server's own admin CLI, then runs
+//! the same simulated nodes against each (they speak the same protocol):
 //!
 //! 1. **register-all**: N simulated nodes (our `tsunagu-client`, one Noise connection
 //!    each, `--concurrency` of them joining at a time) register and open a streaming map
@@ -13,18 +16,21 @@
 //!    the delay from its register call returning until each existing stream received a
 //!    message listing it (`PeersChanged` or `Peers`); p50 and p99 over all
 //!    (stream, new node) pairs. After that, the probe opens its own stream (which makes
-//!    it "online", a second change fanned out to everyone: reported separately) and
+//!    it "online", a second change fanned out to everyone, by node key in `PeersChanged`
+//!    or by node ID in `PeersChangedPatch`/`OnlineChange`: reported separately) and
 //!    becomes one of the existing streams for the following probes.
 //!
 //! Every stream is drained continuously by its own task, which looks each peer up by node
 //! key in a shared index and records per (probe, stream) arrival times in atomics.
 //!
 //! Also measured: the server's peak RSS (`VmHWM`), the CPU time of server and benchmark
-//! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line and
-//! a summary line per N, the last line being
-//! `control-scale: nodes N, register-all S s, rss M MiB, fanout p50 A ms, p99 B ms`.
+//! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line per
+//! server and a summary line per N, the last line being
+//! `control-scale: nodes N, register-all S s, rss M MiB, fanout p50 A ms, p99 B ms,
+//! headscale register-all S2 s, rss M2 MiB, fanout p99 B2 ms`.
 //!
-//! Run through `bench/control-scale`, which builds the server and this program in release.
+//! Run through `bench/control-scale`, which builds the server and this program in release
+//! and Headscale (`bench/build-headscale`) when its pinned build is missing.
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashMap;
@@ -32,10 +38,11 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use tsunagu_bench::headscale;
 use tsunagu_client::{ControlClient, MapStream};
 use tsunagu_proto::tailcfg::{
     CURRENT_CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, RegisterResponseAuth,
@@ -51,6 +58,8 @@ fn progress(msg: impl AsRef<str>) {
 
 struct Args {
     server: PathBuf,
+    /// Headscale's binary, or None (`--headscale none`) to measure tsunagu-server alone.
+    headscale: Option<PathBuf>,
     nodes: Vec<usize>,
     probes: usize,
     concurrency: usize,
@@ -64,17 +73,20 @@ struct Args {
 }
 
 const USAGE: &str = "usage: control-scale [--nodes 1000,5000] [--probes 20] [--concurrency 64]
-                     [--server PATH] [--phase-timeout SECS (3600)]
+                     [--server PATH] [--headscale PATH|none] [--phase-timeout SECS (3600)]
                      [--fanout-timeout SECS (120)] [--join-timeout SECS (300)] [--keep]
 Starts a fresh tsunagu-server per N on loopback, registers N simulated nodes holding map
-streams, then measures how long each of --probes new nodes takes to reach every stream.
---keep leaves the server's data directory (and its log) in place.";
+streams, then measures how long each of --probes new nodes takes to reach every stream;
+then the same against a fresh Headscale (default: $TSUNAGU_HEADSCALE or
+/var/cache/tsunagu/headscale-v0.29.3/headscale, built by bench/build-headscale).
+--keep leaves the servers' data directories (and their logs) in place.";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         server: std::env::current_exe()
             .context("locating this program")?
             .with_file_name("tsunagu-server"),
+        headscale: Some(PathBuf::new()),
         nodes: vec![1000, 5000],
         probes: 20,
         concurrency: 64,
@@ -97,6 +109,10 @@ fn parse_args() -> Result<Args> {
         };
         match a.as_str() {
             "--server" => args.server = PathBuf::from(val()?),
+            "--headscale" => {
+                let v = val()?;
+                args.headscale = (v != "none").then(|| PathBuf::from(v));
+            }
             "--nodes" => {
                 args.nodes = val()?
                     .split(',')
@@ -122,6 +138,19 @@ fn parse_args() -> Result<Args> {
     }
     if args.probes == 0 || args.concurrency == 0 {
         bail!("--probes and --concurrency must be positive");
+    }
+    // Not given: the pinned build (an error when it is missing, before anything runs).
+    if args
+        .headscale
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        args.headscale = Some(headscale::locate()?);
+    }
+    if let Some(p) = &args.headscale
+        && !p.is_file()
+    {
+        bail!("{}: no such headscale binary", p.display());
     }
     if !args.server.is_file() {
         bail!(
@@ -205,7 +234,31 @@ fn mib(kib: u64) -> f64 {
 // ---------------------------------------------------------------------------------------
 // The server under test
 
+/// Which coordination server is under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Tsunagu,
+    Headscale,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Tsunagu => "tsunagu-server",
+            Kind::Headscale => "headscale",
+        }
+    }
+}
+
+/// A free loopback port: bind, note, release (the server binds it right after).
+fn free_loopback() -> Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port")
+}
+
 struct ServerProc {
+    kind: Kind,
     child: Child,
     pid: String,
     url: String,
@@ -214,53 +267,69 @@ struct ServerProc {
     _tmp: Option<tempfile::TempDir>,
     log: PathBuf,
     bin: PathBuf,
+    /// Headscale's config file (its CLI needs it too).
+    config: Option<PathBuf>,
 }
 
 impl ServerProc {
-    fn start(bin: &Path, keep: bool) -> Result<ServerProc> {
+    fn start(kind: Kind, bin: &Path, keep: bool) -> Result<ServerProc> {
         let tmp = tempfile::Builder::new()
             .prefix("control-scale.")
             .tempdir()
             .context("creating the data directory")?;
         let data = tmp.path().to_path_buf();
-        // A free port: bind, note, release (the server binds it right after).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port")?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = free_loopback()?;
         let url = format!("http://{listen}");
         let log = data.join("server.log");
         let log_file = std::fs::File::create(&log).context("creating the server log")?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--data-dir")
-            .arg(&data)
-            // No relay: it would bind STUN on 127.0.0.1:3478 (taken by anything else
-            // on the host) and is not what this benchmark measures.
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--server-url",
-                &url,
-                "--no-relay",
-            ])
-            .stdin(Stdio::null())
+        let mut config = None;
+        match kind {
+            Kind::Tsunagu => {
+                let listen = listen.to_string();
+                cmd.arg("--data-dir")
+                    .arg(&data)
+                    // No relay: it would bind STUN on 127.0.0.1:3478 (taken by anything
+                    // else on the host) and is not what this benchmark measures.
+                    .args([
+                        "serve",
+                        "--listen",
+                        &listen,
+                        "--server-url",
+                        &url,
+                        "--no-relay",
+                    ]);
+                for v in [
+                    "TSUNAGU_CONFIG",
+                    "TSUNAGU_DATA_DIR",
+                    "TSUNAGU_LISTEN",
+                    "TSUNAGU_SERVER_URL",
+                ] {
+                    cmd.env_remove(v);
+                }
+            }
+            Kind::Headscale => {
+                let cfg = headscale::config(
+                    &data,
+                    &headscale::Listen {
+                        http: listen,
+                        metrics: free_loopback()?,
+                        grpc: free_loopback()?,
+                    },
+                )?;
+                cmd.arg("-c").arg(&cfg).arg("serve");
+                config = Some(cfg);
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        for v in [
-            "TSUNAGU_CONFIG",
-            "TSUNAGU_DATA_DIR",
-            "TSUNAGU_LISTEN",
-            "TSUNAGU_SERVER_URL",
-        ] {
-            cmd.env_remove(v);
-        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id().to_string();
         Ok(ServerProc {
+            kind,
             child,
             pid,
             url,
@@ -273,6 +342,7 @@ impl ServerProc {
             },
             log,
             bin: bin.to_path_buf(),
+            config,
         })
     }
 
@@ -296,20 +366,26 @@ impl ServerProc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Run an admin subcommand against this server; its stdout.
+    /// Run an admin subcommand against this server (its own CLI); its stdout.
     fn admin(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.bin)
-            .arg("--data-dir")
-            .arg(&self.data)
+        let mut cmd = Command::new(&self.bin);
+        match &self.config {
+            Some(cfg) => cmd.arg("-c").arg(cfg),
+            None => cmd
+                .arg("--data-dir")
+                .arg(&self.data)
+                .env_remove("TSUNAGU_CONFIG")
+                .env_remove("TSUNAGU_DATA_DIR"),
+        };
+        let out = cmd
             .args(args)
-            .env_remove("TSUNAGU_CONFIG")
-            .env_remove("TSUNAGU_DATA_DIR")
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running tsunagu-server {}", args.join(" ")))?;
+            .with_context(|| format!("running {} {}", self.kind.label(), args.join(" ")))?;
         if !out.status.success() {
             bail!(
-                "tsunagu-server {} failed ({}): {}",
+                "{} {} failed ({}): {}",
+                self.kind.label(),
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -318,7 +394,7 @@ impl ServerProc {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Wait until the server answers `/key` and its admin socket takes commands; then
+    /// Wait until the server answers `/key` and its admin CLI takes commands; then
     /// create the user and a reusable key. Returns (server key, auth key).
     async fn setup(&mut self) -> Result<(MachinePublic, String)> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -340,7 +416,35 @@ impl ServerProc {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        let out = self.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?;
+        let out = match self.kind {
+            Kind::Tsunagu => {
+                self.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?
+            }
+            Kind::Headscale => {
+                // Its keys belong to a user ID.
+                let users: serde_json::Value =
+                    serde_json::from_str(&self.admin(&["users", "list", "-o", "json"])?)
+                        .context("headscale users list -o json")?;
+                let id = users
+                    .as_array()
+                    .and_then(|a| a.iter().find(|u| u["name"] == "bench"))
+                    .and_then(|u| match &u["id"] {
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| anyhow!("headscale lists no user bench: {users}"))?;
+                self.admin(&[
+                    "preauthkeys",
+                    "create",
+                    "--user",
+                    &id,
+                    "--reusable",
+                    "--expiration",
+                    "24h",
+                ])?
+            }
+        };
         let auth = out
             .lines()
             .rev()
@@ -451,6 +555,9 @@ struct Probe {
     /// Streams that existed when the probe registered and have not listed it yet.
     remaining: AtomicUsize,
     online_remaining: AtomicUsize,
+    /// Its node ID as the server's maps give it (0 = not seen yet), for online changes
+    /// sent by ID (`PeersChangedPatch`, `OnlineChange`: Headscale's way).
+    id: AtomicI64,
 }
 
 /// What the stream tasks share with the driver.
@@ -536,21 +643,37 @@ impl Bits {
     }
 }
 
-/// What the benchmark reads of a map message: peers' keys and online state. Parsing
-/// only that keeps the simulated nodes' CPU from crowding out the server's.
+/// What the benchmark reads of a map message: peers' keys, IDs and online state.
+/// Parsing only that keeps the simulated nodes' CPU from crowding out the server's.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SlimMap {
     #[serde(default)]
     keep_alive: bool,
+    /// The node itself: with it (or `Peers`) the message is a full map. A server may
+    /// leave `Peers` out when there are none (Go's `omitempty`).
+    node: Option<serde::de::IgnoredAny>,
     peers: Option<Vec<SlimPeer>>,
     peers_changed: Option<Vec<SlimPeer>>,
+    peers_changed_patch: Option<Vec<SlimPatch>>,
+    /// Node ID (a string key in JSON) -> online.
+    online_change: Option<HashMap<String, bool>>,
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SlimPeer {
+    #[serde(rename = "ID", default)]
+    id: i64,
     key: NodePublic,
+    online: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SlimPatch {
+    #[serde(rename = "NodeID")]
+    node_id: i64,
     online: Option<bool>,
 }
 
@@ -626,6 +749,11 @@ async fn drain(
             };
             let idx = idx as usize;
             let probe = idx.checked_sub(shared.n).map(|j| (j, &shared.probes[j]));
+            if let Some((_, pr)) = probe
+                && p.id != 0
+            {
+                pr.id.store(p.id, Ordering::Relaxed);
+            }
             if !seen.test_and_set(idx) {
                 match probe {
                     None => known_base += 1,
@@ -646,8 +774,37 @@ async fn drain(
                 pr.online_remaining.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        // Online changes by node ID: only the probes' matter.
+        let by_id = m
+            .peers_changed_patch
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.node_id, p.online?)))
+            .chain(
+                m.online_change
+                    .iter()
+                    .flatten()
+                    .filter_map(|(id, on)| Some((id.parse::<i64>().ok()?, *on))),
+            );
+        for (id, online) in by_id {
+            if !online || id == 0 {
+                continue;
+            }
+            let found = shared
+                .probes
+                .iter()
+                .enumerate()
+                .find(|(_, pr)| pr.id.load(Ordering::Relaxed) == id);
+            if let Some((j, pr)) = found
+                && sid < shared.n + j
+                && !seen_online.test_and_set(shared.n + j)
+            {
+                pr.online_arrivals[sid].store(now, Ordering::Relaxed);
+                pr.online_remaining.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         if let Some(tx) = first.take() {
-            let r = if m.peers.is_some() {
+            let r = if m.peers.is_some() || m.node.is_some() {
                 Ok(())
             } else {
                 Err("the first message is not a full map".to_string())
@@ -805,6 +962,8 @@ async fn wait_for(
 }
 
 struct Outcome {
+    /// The server and its version ("tsunagu-server 0.1.0", "headscale v0.29.3").
+    server: String,
     /// "COUNTx REASON" per distinct reason a join was retried.
     retries: Vec<String>,
     register_all: Duration,
@@ -825,20 +984,21 @@ struct Outcome {
     probe_phase: Duration,
 }
 
-async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
+async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcome> {
     let k = args.probes;
-    progress(format!("N={n}: starting {}", args.server.display()));
-    let mut server = ServerProc::start(&args.server, args.keep)?;
+    let tag = format!("{} N={n}", kind.label());
+    progress(format!("{tag}: starting {}", bin.display()));
+    let mut server = ServerProc::start(kind, bin, args.keep)?;
     let (server_key, auth) = server.setup().await?;
     progress(format!(
-        "N={n}: server pid {} at {}, data {}, log {}",
+        "{tag}: server pid {} at {}, data {}, log {}",
         server.pid,
         server.url,
         server.data.display(),
         server.log.display()
     ));
 
-    progress(format!("N={n}: generating {} node identities", n + k));
+    progress(format!("{tag}: generating {} node identities", n + k));
     let idents: Vec<Arc<Ident>> = (0..n + k)
         .map(|i| {
             Arc::new(Ident::new(if i < n {
@@ -859,6 +1019,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             online_arrivals: (0..n + k).map(|_| AtomicU64::new(0)).collect(),
             remaining: AtomicUsize::new(n + j),
             online_remaining: AtomicUsize::new(n + j),
+            id: AtomicI64::new(0),
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -881,7 +1042,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
     let result = async {
         // ---- Phase 1: register N nodes, each holding its stream.
         progress(format!(
-            "N={n}: registering {n} nodes, {} at a time",
+            "{tag}: registering {n} nodes, {} at a time",
             args.concurrency
         ));
         let cpu0 = server.cpu();
@@ -936,7 +1097,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 let self_cpu = cpu_time("self").unwrap_or_default();
                 let dt = last_report.elapsed().as_secs_f64();
                 progress(format!(
-                    "N={n}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
+                    "{tag}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
                     tasks.len(),
                     (tasks.len() - last_done) as f64 / dt,
                     shared.converged.load(Ordering::Relaxed),
@@ -956,7 +1117,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         let bench_cpu_register = cpu_time("self").unwrap_or_default() - self_cpu0;
         let rss_after_register_kib = server.rss_kib().unwrap_or(0);
         progress(format!(
-            "N={n}: all {n} streaming after {:.1} s (server cpu {:.1} s, bench cpu {:.1} s, server rss {:.0} MiB)",
+            "{tag}: all {n} streaming after {:.1} s (server cpu {:.1} s, bench cpu {:.1} s, server rss {:.0} MiB)",
             register_all.as_secs_f64(),
             server_cpu_register.as_secs_f64(),
             bench_cpu_register.as_secs_f64(),
@@ -982,7 +1143,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         .await?;
         let converge = t0.elapsed();
         progress(format!(
-            "N={n}: every stream knows every node {:.1} s after the last first map ({:.1} s after the start)",
+            "{tag}: every stream knows every node {:.1} s after the last first map ({:.1} s after the start)",
             tc.elapsed().as_secs_f64(),
             converge.as_secs_f64()
         ));
@@ -990,7 +1151,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         // ---- Phase 2: probes, one at a time.
-        progress(format!("N={n}: fan-out of {k} new nodes, one at a time"));
+        progress(format!("{tag}: fan-out of {k} new nodes, one at a time"));
         let cpu1 = server.cpu();
         let tp = Instant::now();
         let phase_deadline = Instant::now() + args.phase_timeout;
@@ -1062,7 +1223,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 .collect();
             od.sort_unstable();
             progress(format!(
-                "N={n}: probe {j:2}: register call {:.1} ms; listed by all {} streams: p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; online everywhere {:.1} ms after its map request",
+                "{tag}: probe {j:2}: register call {:.1} ms; listed by all {} streams: p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; online everywhere {:.1} ms after its map request",
                 ms(reg_ns),
                 n + j,
                 ms(pct(&delays, 50.0)),
@@ -1088,6 +1249,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             .map(|(reason, count)| format!("{count}x {reason}"))
             .collect::<Vec<_>>();
         Ok(Outcome {
+            server: format!("{} ({})", kind.label(), server_version(kind, bin)),
             retries,
             register_all,
             converge,
@@ -1147,45 +1309,122 @@ fn run() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let load_before = tsunagu_bench::loadavg();
+    let mut failed = false;
     for &n in &args.nodes {
-        let o = rt.block_on(run_one(&args, n))?;
+        let o = rt.block_on(run_one(&args, n, Kind::Tsunagu, &args.server))?;
+        print_details(&args, n, Kind::Tsunagu, &o);
+        let h = match &args.headscale {
+            Some(bin) => match rt.block_on(run_one(&args, n, Kind::Headscale, bin)) {
+                Ok(h) => {
+                    print_details(&args, n, Kind::Headscale, &h);
+                    Some(h)
+                }
+                Err(e) => {
+                    failed = true;
+                    progress(format!("N={n}: headscale FAILED: {e:#}"));
+                    let text = format!("{e:#}");
+                    println!(
+                        "control-scale: nodes {n} headscale FAILED: {} (details on stderr)",
+                        text.lines().next().unwrap_or_default()
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         println!(
-            "control-scale: nodes {n} details: converged {:.1} s, server cpu {:.1} s (register-all) + {:.1} s ({} probes in {:.1} s), bench cpu {:.1} s (register-all), rss after register-all {:.0} MiB, fanout last-stream p50 {:.1} ms max {:.1} ms, fanout from register start p50 {:.1} ms p99 {:.1} ms, {} of {} pairs listed before register returned, online-change p50 {:.1} ms p99 {:.1} ms, probe register call p50 {:.1} ms max {:.1} ms",
-            o.converge.as_secs_f64(),
-            o.server_cpu_register.as_secs_f64(),
-            o.server_cpu_probes.as_secs_f64(),
-            args.probes,
-            o.probe_phase.as_secs_f64(),
-            o.bench_cpu_register.as_secs_f64(),
-            mib(o.rss_after_register_kib),
-            ms(pct(&o.fanout_complete, 50.0)),
-            ms(o.fanout_complete.last().copied().unwrap_or(0)),
-            ms(pct(&o.from_start, 50.0)),
-            ms(pct(&o.from_start, 99.0)),
-            o.early,
-            o.fanout.len(),
-            ms(pct(&o.online, 50.0)),
-            ms(pct(&o.online, 99.0)),
-            ms(pct(&o.register_call, 50.0)),
-            ms(o.register_call.last().copied().unwrap_or(0)),
+            "control-scale: host {} cores, load average {load_before} before, {} now",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            tsunagu_bench::loadavg()
+        );
+        let hs = h.as_ref().map_or_else(
+            || "headscale register-all n/a s, rss n/a MiB, fanout p99 n/a ms".to_owned(),
+            |h| {
+                format!(
+                    "headscale register-all {:.1} s, rss {:.0} MiB, fanout p99 {:.1} ms",
+                    h.register_all.as_secs_f64(),
+                    mib(h.peak_rss_kib),
+                    ms(pct(&h.fanout, 99.0)),
+                )
+            },
         );
         println!(
-            "control-scale: nodes {n} retried joins: {}",
-            if o.retries.is_empty() {
-                "none".to_string()
-            } else {
-                o.retries.join("; ")
-            }
-        );
-        let line = format!(
-            "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms",
+            "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms, {hs}",
             o.register_all.as_secs_f64(),
             mib(o.peak_rss_kib),
             ms(pct(&o.fanout, 50.0)),
             ms(pct(&o.fanout, 99.0)),
         );
-        println!("{line}");
     }
     drop(rt);
+    if failed {
+        bail!("headscale failed (its figures are n/a)");
+    }
     Ok(())
+}
+
+/// The server's version: `--version` (tsunagu-server); for headscale the `VERSION` file
+/// `bench/build-headscale` writes beside it (a build from the module's directory calls
+/// itself "dev"), else its `version`.
+fn server_version(kind: Kind, bin: &Path) -> String {
+    let arg = match kind {
+        Kind::Tsunagu => "--version",
+        Kind::Headscale => {
+            if let Some(v) = bin
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("VERSION")).ok())
+            {
+                return format!("v{}", v.trim());
+            }
+            "version"
+        }
+    };
+    Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().map(|l| l.trim().to_owned())
+        })
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// The details and retries lines of one server's run.
+fn print_details(args: &Args, n: usize, kind: Kind, o: &Outcome) {
+    println!(
+        "control-scale: nodes {n} {} details: converged {:.1} s, server cpu {:.1} s (register-all) + {:.1} s ({} probes in {:.1} s), bench cpu {:.1} s (register-all), rss after register-all {:.0} MiB, fanout p50 {:.1} ms p99 {:.1} ms, fanout last-stream p50 {:.1} ms max {:.1} ms, fanout from register start p50 {:.1} ms p99 {:.1} ms, {} of {} pairs listed before register returned, online-change p50 {:.1} ms p99 {:.1} ms, probe register call p50 {:.1} ms max {:.1} ms",
+        o.server,
+        o.converge.as_secs_f64(),
+        o.server_cpu_register.as_secs_f64(),
+        o.server_cpu_probes.as_secs_f64(),
+        args.probes,
+        o.probe_phase.as_secs_f64(),
+        o.bench_cpu_register.as_secs_f64(),
+        mib(o.rss_after_register_kib),
+        ms(pct(&o.fanout, 50.0)),
+        ms(pct(&o.fanout, 99.0)),
+        ms(pct(&o.fanout_complete, 50.0)),
+        ms(o.fanout_complete.last().copied().unwrap_or(0)),
+        ms(pct(&o.from_start, 50.0)),
+        ms(pct(&o.from_start, 99.0)),
+        o.early,
+        o.fanout.len(),
+        ms(pct(&o.online, 50.0)),
+        ms(pct(&o.online, 99.0)),
+        ms(pct(&o.register_call, 50.0)),
+        ms(o.register_call.last().copied().unwrap_or(0)),
+    );
+    println!(
+        "control-scale: nodes {n} {} retried joins: {}",
+        kind.label(),
+        if o.retries.is_empty() {
+            "none".to_string()
+        } else {
+            o.retries.join("; ")
+        }
+    );
 }
