@@ -21,7 +21,10 @@
 //!    becomes one of the existing streams for the following probes.
 //!
 //! Every stream is drained continuously by its own task, which looks each peer up by node
-//! key in a shared index and records per (probe, stream) arrival times in atomics.
+//! key in a shared index and records per (probe, stream) arrival times in atomics. A
+//! stream the server ends is opened again as a real client would (a new map request, on
+//! a new connection if need be): Headscale drops a session whose updates it cannot hand
+//! over within 50 ms. Such re-opens are counted and printed; tsunagu-server ends none.
 //!
 //! Also measured: the server's peak RSS (`VmHWM`), the CPU time of server and benchmark
 //! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line per
@@ -60,6 +63,8 @@ struct Args {
     server: PathBuf,
     /// Headscale's binary, or None (`--headscale none`) to measure tsunagu-server alone.
     headscale: Option<PathBuf>,
+    /// Bound of Headscale's register-all phase (and of each of its nodes' joins).
+    headscale_budget: Duration,
     nodes: Vec<usize>,
     probes: usize,
     concurrency: usize,
@@ -73,12 +78,14 @@ struct Args {
 }
 
 const USAGE: &str = "usage: control-scale [--nodes 1000,5000] [--probes 20] [--concurrency 64]
-                     [--server PATH] [--headscale PATH|none] [--phase-timeout SECS (3600)]
-                     [--fanout-timeout SECS (120)] [--join-timeout SECS (300)] [--keep]
+                     [--server PATH] [--headscale PATH|none] [--headscale-budget SECS (1800)]
+                     [--phase-timeout SECS (3600)] [--fanout-timeout SECS (120)]
+                     [--join-timeout SECS (300)] [--keep]
 Starts a fresh tsunagu-server per N on loopback, registers N simulated nodes holding map
 streams, then measures how long each of --probes new nodes takes to reach every stream;
 then the same against a fresh Headscale (default: $TSUNAGU_HEADSCALE or
-/var/cache/tsunagu/headscale-v0.29.3/headscale, built by bench/build-headscale).
+/var/cache/tsunagu/headscale-v0.29.3/headscale, built by bench/build-headscale), whose
+register-all gets --headscale-budget seconds (then its line says \">BUDGET s\").
 --keep leaves the servers' data directories (and their logs) in place.";
 
 fn parse_args() -> Result<Args> {
@@ -87,6 +94,7 @@ fn parse_args() -> Result<Args> {
             .context("locating this program")?
             .with_file_name("tsunagu-server"),
         headscale: Some(PathBuf::new()),
+        headscale_budget: Duration::from_secs(1800),
         nodes: vec![1000, 5000],
         probes: 20,
         concurrency: 64,
@@ -123,6 +131,7 @@ fn parse_args() -> Result<Args> {
             "--probes" => args.probes = val()?.parse().context("--probes")?,
             "--concurrency" => args.concurrency = val()?.parse().context("--concurrency")?,
             "--phase-timeout" => args.phase_timeout = secs(val()?)?,
+            "--headscale-budget" => args.headscale_budget = secs(val()?)?,
             "--fanout-timeout" => args.fanout_timeout = secs(val()?)?,
             "--join-timeout" => args.join_timeout = secs(val()?)?,
             "--keep" => args.keep = true,
@@ -578,6 +587,8 @@ struct Shared {
     stop: AtomicBool,
     /// Joins retried (as a real client retries), by reason.
     retries: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    /// Streams the server ended and that were opened again, by reason.
+    reopens: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 impl Shared {
@@ -588,6 +599,23 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
             .or_insert(0) += 1;
+    }
+
+    fn reopened(&self, reason: String) {
+        *self
+            .reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    fn reopen_count(&self) -> usize {
+        self.reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 
     fn retry_count(&self) -> usize {
@@ -677,16 +705,61 @@ struct SlimPatch {
     online: Option<bool>,
 }
 
-/// Drain one map stream for as long as it lasts, recording what it learns.
+/// What a stream needs to open itself again: who it is and where its server is.
+struct Redial {
+    ident: Arc<Ident>,
+    url: Arc<str>,
+    server_key: MachinePublic,
+}
+
+/// How often a stream that the server ended is opened again before the benchmark gives up.
+const REOPEN_ATTEMPTS: u32 = 6;
+
+/// Opens the map stream again after the server ended it, as a real client does: a new
+/// map request on the same connection, or on a new connection when that fails; retried
+/// 1, 2, 4, 8, 16 s later.
+async fn reopen(redial: &Redial, client: &mut ControlClient) -> Result<MapStream> {
+    let req = redial.ident.map_request();
+    let mut attempt = 1;
+    loop {
+        let r = match client.map(&req).await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                match ControlClient::connect(&redial.url, &redial.server_key, &redial.ident.machine)
+                    .await
+                {
+                    Ok(mut c) => {
+                        let s = c.map(&req).await;
+                        *client = c;
+                        s
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) if attempt >= REOPEN_ATTEMPTS => {
+                return Err(anyhow!("{e}").context(format!("{attempt} attempts")));
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Drain one map stream for as long as it lasts, recording what it learns; when the
+/// server ends it (after its first map), open it again (counted, by reason).
 async fn drain(
     shared: Arc<Shared>,
     sid: usize,
     mut stream: MapStream,
-    client: ControlClient,
+    mut client: ControlClient,
     first: oneshot::Sender<Result<(), String>>,
+    redial: Redial,
 ) {
-    // The connection lives as long as the stream.
-    let _client = client;
     let mut first = Some(first);
     let total = shared.n + shared.k;
     let mut seen = Bits::new(total);
@@ -699,40 +772,46 @@ async fn drain(
         shared.n
     };
     loop {
-        let m = match stream.next_json().await {
-            None => {
-                let what = "the server ended the stream".to_string();
-                match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Err(what));
-                    }
-                    None => shared.fail(sid, what),
-                }
-                return;
-            }
-            Some(Err(e)) => {
-                let what = format!("{e}");
-                match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Err(what));
-                    }
-                    None => shared.fail(sid, what),
-                }
-                return;
-            }
-            Some(Ok(json)) => match serde_json::from_slice::<SlimMap>(&json) {
-                Ok(m) => m,
-                Err(e) => {
-                    let what = format!("invalid map message: {e}");
-                    match first.take() {
-                        Some(tx) => {
-                            let _ = tx.send(Err(what));
-                        }
-                        None => shared.fail(sid, what),
-                    }
+        let ended = match stream.next_json().await {
+            None => Err("the server ended the stream".to_string()),
+            Some(Err(e)) => Err(format!("{e}")),
+            Some(Ok(json)) => Ok(json),
+        };
+        let json = match ended {
+            Ok(json) => json,
+            Err(what) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(what));
                     return;
                 }
-            },
+                if shared.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match reopen(&redial, &mut client).await {
+                    Ok(s) => {
+                        shared.reopened(what);
+                        stream = s;
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.fail(sid, format!("{what}; opening it again failed: {e:#}"));
+                        return;
+                    }
+                }
+            }
+        };
+        let m = match serde_json::from_slice::<SlimMap>(&json) {
+            Ok(m) => m,
+            Err(e) => {
+                let what = format!("invalid map message: {e}");
+                match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(what));
+                    }
+                    None => shared.fail(sid, what),
+                }
+                return;
+            }
         };
         if m.keep_alive {
             continue;
@@ -886,7 +965,12 @@ async fn join_once(
     let stream = client.map(&ident.map_request()).await.context("map")?;
     // `client` moves into the stream task below (the connection lives with the stream).
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(drain(shared, sid, stream, client, tx));
+    let redial = Redial {
+        ident,
+        url,
+        server_key,
+    };
+    let task = tokio::spawn(drain(shared, sid, stream, client, tx, redial));
     match rx.await {
         Ok(Ok(())) => Ok(task),
         Ok(Err(e)) => Err(anyhow!("waiting for the first map: {e}")),
@@ -961,11 +1045,36 @@ async fn wait_for(
     }
 }
 
+/// Register-all did not finish within its budget: how far it got.
+#[derive(Debug)]
+struct Unfinished {
+    /// Nodes that got their first map.
+    done: usize,
+    n: usize,
+    budget: Duration,
+    /// The server's peak RSS until then.
+    peak_rss_kib: u64,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "register-all: only {}/{} nodes got their first map within {:?}",
+            self.done, self.n, self.budget
+        )
+    }
+}
+
+impl std::error::Error for Unfinished {}
+
 struct Outcome {
     /// The server and its version ("tsunagu-server 0.1.0", "headscale v0.29.3").
     server: String,
     /// "COUNTx REASON" per distinct reason a join was retried.
     retries: Vec<String>,
+    /// "COUNTx REASON" per distinct reason the server ended a stream (opened again).
+    reopens: Vec<String>,
     register_all: Duration,
     converge: Duration,
     peak_rss_kib: u64,
@@ -987,6 +1096,15 @@ struct Outcome {
 async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcome> {
     let k = args.probes;
     let tag = format!("{} N={n}", kind.label());
+    // Headscale's register-all grows with N² (minutes at 1,000 nodes, hours at 5,000 on
+    // two cores): its own budget bounds it, and no node's join times out before it.
+    let (register_budget, join_timeout) = match kind {
+        Kind::Tsunagu => (args.phase_timeout, args.join_timeout),
+        Kind::Headscale => {
+            let b = args.headscale_budget.min(args.phase_timeout);
+            (b, b + Duration::from_secs(60))
+        }
+    };
     progress(format!("{tag}: starting {}", bin.display()));
     let mut server = ServerProc::start(kind, bin, args.keep)?;
     let (server_key, auth) = server.setup().await?;
@@ -1034,6 +1152,7 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
         probes,
         stop: AtomicBool::new(false),
         retries: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        reopens: std::sync::Mutex::new(std::collections::BTreeMap::new()),
     });
     let url: Arc<str> = server.url.clone().into();
     let auth: Arc<str> = auth.into();
@@ -1058,7 +1177,7 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
                 auth.clone(),
                 sem.clone(),
             );
-            let join_timeout = args.join_timeout;
+            let join_timeout = join_timeout;
             joins.spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| anyhow!("{e}"))?;
                 tokio::time::timeout(
@@ -1070,7 +1189,7 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
                 .with_context(|| format!("node {sid}"))
             });
         }
-        let deadline = tokio::time::Instant::now() + args.phase_timeout;
+        let deadline = tokio::time::Instant::now() + register_budget;
         let mut last_report = Instant::now();
         let mut last_done = 0usize;
         let mut last_cpu = cpu0;
@@ -1085,11 +1204,13 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
                 Err(_) => {}
             }
             if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "register-all: only {}/{n} nodes got their first map within {:?}",
-                    tasks.len(),
-                    args.phase_timeout
-                );
+                return Err(Unfinished {
+                    done: tasks.len(),
+                    n,
+                    budget: register_budget,
+                    peak_rss_kib: 0,
+                }
+                .into());
             }
             if last_report.elapsed() >= Duration::from_secs(5) {
                 server.check_alive()?;
@@ -1097,11 +1218,12 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
                 let self_cpu = cpu_time("self").unwrap_or_default();
                 let dt = last_report.elapsed().as_secs_f64();
                 progress(format!(
-                    "{tag}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
+                    "{tag}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, reopened {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
                     tasks.len(),
                     (tasks.len() - last_done) as f64 / dt,
                     shared.converged.load(Ordering::Relaxed),
                     shared.retry_count(),
+                    shared.reopen_count(),
                     mib(server.rss_kib().unwrap_or(0)),
                     (cpu - last_cpu).as_secs_f64() / dt * 100.0,
                     (self_cpu - last_self_cpu).as_secs_f64() / dt * 100.0,
@@ -1202,7 +1324,12 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
             let t_online = shared.now_ns();
             let stream = client.map(&ident.map_request()).await.context("probe map")?;
             let (tx, rx) = oneshot::channel();
-            tasks.push(tokio::spawn(drain(shared.clone(), sid, stream, client, tx)));
+            let redial = Redial {
+                ident: ident.clone(),
+                url: url.clone(),
+                server_key,
+            };
+            tasks.push(tokio::spawn(drain(shared.clone(), sid, stream, client, tx, redial)));
             tokio::time::timeout(args.fanout_timeout, rx)
                 .await
                 .map_err(|_| anyhow!("probe {j}: no first map within {:?}", args.fanout_timeout))?
@@ -1248,7 +1375,15 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
             .iter()
             .map(|(reason, count)| format!("{count}x {reason}"))
             .collect::<Vec<_>>();
+        let reopens = shared
+            .reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(reason, count)| format!("{count}x {reason}"))
+            .collect::<Vec<_>>();
         Ok(Outcome {
+            reopens,
             server: format!("{} ({})", kind.label(), server_version(kind, bin)),
             retries,
             register_all,
@@ -1283,7 +1418,19 @@ async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcom
             server.log_tail(20)
         ));
     }
-    let mut out = result?;
+    let mut out = match result {
+        Ok(o) => o,
+        Err(e) => {
+            return Err(match e.downcast::<Unfinished>() {
+                Ok(u) => Unfinished {
+                    peak_rss_kib: peak.unwrap_or(0),
+                    ..u
+                }
+                .into(),
+                Err(e) => e,
+            });
+        }
+    };
     out.peak_rss_kib = peak.ok_or_else(|| anyhow!("could not read VmHWM of the server"))?;
     // Give the sockets of this round time to go away before the next.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1318,18 +1465,29 @@ fn run() -> Result<()> {
             Some(bin) => match rt.block_on(run_one(&args, n, Kind::Headscale, bin)) {
                 Ok(h) => {
                     print_details(&args, n, Kind::Headscale, &h);
-                    Some(h)
+                    Some(Ok(h))
                 }
-                Err(e) => {
-                    failed = true;
-                    progress(format!("N={n}: headscale FAILED: {e:#}"));
-                    let text = format!("{e:#}");
-                    println!(
-                        "control-scale: nodes {n} headscale FAILED: {} (details on stderr)",
-                        text.lines().next().unwrap_or_default()
-                    );
-                    None
-                }
+                Err(e) => match e.downcast::<Unfinished>() {
+                    Ok(u) => {
+                        println!(
+                            "control-scale: nodes {n} headscale: register-all unfinished after its budget of {:.0} s: {} of {n} nodes had their first map (peak rss {:.0} MiB); no fan-out measured",
+                            u.budget.as_secs_f64(),
+                            u.done,
+                            mib(u.peak_rss_kib)
+                        );
+                        Some(Err(u))
+                    }
+                    Err(e) => {
+                        failed = true;
+                        progress(format!("N={n}: headscale FAILED: {e:#}"));
+                        let text = format!("{e:#}");
+                        println!(
+                            "control-scale: nodes {n} headscale FAILED: {} (details on stderr)",
+                            text.lines().next().unwrap_or_default()
+                        );
+                        None
+                    }
+                },
             },
             None => None,
         };
@@ -1338,17 +1496,20 @@ fn run() -> Result<()> {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             tsunagu_bench::loadavg()
         );
-        let hs = h.as_ref().map_or_else(
-            || "headscale register-all n/a s, rss n/a MiB, fanout p99 n/a ms".to_owned(),
-            |h| {
-                format!(
-                    "headscale register-all {:.1} s, rss {:.0} MiB, fanout p99 {:.1} ms",
-                    h.register_all.as_secs_f64(),
-                    mib(h.peak_rss_kib),
-                    ms(pct(&h.fanout, 99.0)),
-                )
-            },
-        );
+        let hs = match &h {
+            None => "headscale register-all n/a s, rss n/a MiB, fanout p99 n/a ms".to_owned(),
+            Some(Ok(h)) => format!(
+                "headscale register-all {:.1} s, rss {:.0} MiB, fanout p99 {:.1} ms",
+                h.register_all.as_secs_f64(),
+                mib(h.peak_rss_kib),
+                ms(pct(&h.fanout, 99.0)),
+            ),
+            Some(Err(u)) => format!(
+                "headscale register-all >{:.1} s, rss {:.0} MiB, fanout p99 n/a ms",
+                u.budget.as_secs_f64(),
+                mib(u.peak_rss_kib),
+            ),
+        };
         println!(
             "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms, {hs}",
             o.register_all.as_secs_f64(),
@@ -1418,13 +1579,17 @@ fn print_details(args: &Args, n: usize, kind: Kind, o: &Outcome) {
         ms(pct(&o.register_call, 50.0)),
         ms(o.register_call.last().copied().unwrap_or(0)),
     );
-    println!(
-        "control-scale: nodes {n} {} retried joins: {}",
-        kind.label(),
-        if o.retries.is_empty() {
+    let list = |v: &[String]| {
+        if v.is_empty() {
             "none".to_string()
         } else {
-            o.retries.join("; ")
+            v.join("; ")
         }
+    };
+    println!(
+        "control-scale: nodes {n} {} retried joins: {}; streams the server ended (opened again): {}",
+        kind.label(),
+        list(&o.retries),
+        list(&o.reopens)
     );
 }
