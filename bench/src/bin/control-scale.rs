@@ -1,8 +1,11 @@
-//! control-scale: how `tsunagu-server` copes with thousands of nodes holding map streams.
+//! control-scale: how `tsunagu-server` copes with thousands of nodes holding map streams,
+//! beside Headscale (the other self-hosted server for Tailscale clients) in the same run.
 //!
 //! For each N of `--nodes` (default 1000,5000) a fresh server runs as a child process on
-//! loopback with a temporary data directory; the benchmark creates a user and a reusable
-//! pre-auth key with the admin CLI, then:
+//! loopback with a temporary data directory: first `tsunagu-server`, then Headscale
+//! v0.29.3 (`tsunagu_bench::headscale`: SQLite, its defaults otherwise). The benchmark
+//! creates a user and a reusable pre-auth key with each server's own admin CLI, then runs
+//! the same simulated nodes against each (they speak the same protocol):
 //!
 //! 1. **register-all**: N simulated nodes (our `tsunagu-client`, one Noise connection
 //!    each, `--concurrency` of them joining at a time) register and open a streaming map
@@ -13,18 +16,24 @@
 //!    the delay from its register call returning until each existing stream received a
 //!    message listing it (`PeersChanged` or `Peers`); p50 and p99 over all
 //!    (stream, new node) pairs. After that, the probe opens its own stream (which makes
-//!    it "online", a second change fanned out to everyone: reported separately) and
+//!    it "online", a second change fanned out to everyone, by node key in `PeersChanged`
+//!    or by node ID in `PeersChangedPatch`/`OnlineChange`: reported separately) and
 //!    becomes one of the existing streams for the following probes.
 //!
 //! Every stream is drained continuously by its own task, which looks each peer up by node
-//! key in a shared index and records per (probe, stream) arrival times in atomics.
+//! key in a shared index and records per (probe, stream) arrival times in atomics. A
+//! stream the server ends is opened again as a real client would (a new map request, on
+//! a new connection if need be): Headscale drops a session whose updates it cannot hand
+//! over within 50 ms. Such re-opens are counted and printed; tsunagu-server ends none.
 //!
 //! Also measured: the server's peak RSS (`VmHWM`), the CPU time of server and benchmark
-//! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line and
-//! a summary line per N, the last line being
-//! `control-scale: nodes N, register-all S s, rss M MiB, fanout p50 A ms, p99 B ms`.
+//! per phase (`/proc/PID/stat`). Progress goes to stderr; stdout gets a details line per
+//! server and a summary line per N, the last line being
+//! `control-scale: nodes N, register-all S s, rss M MiB, fanout p50 A ms, p99 B ms,
+//! headscale register-all S2 s, rss M2 MiB, fanout p99 B2 ms`.
 //!
-//! Run through `bench/control-scale`, which builds the server and this program in release.
+//! Run through `bench/control-scale`, which builds the server and this program in release
+//! and Headscale (`bench/build-headscale`) when its pinned build is missing.
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashMap;
@@ -32,10 +41,11 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use tsunagu_bench::headscale;
 use tsunagu_client::{ControlClient, MapStream};
 use tsunagu_proto::tailcfg::{
     CURRENT_CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, RegisterResponseAuth,
@@ -51,6 +61,10 @@ fn progress(msg: impl AsRef<str>) {
 
 struct Args {
     server: PathBuf,
+    /// Headscale's binary, or None (`--headscale none`) to measure tsunagu-server alone.
+    headscale: Option<PathBuf>,
+    /// Bound of Headscale's register-all phase (and of each of its nodes' joins).
+    headscale_budget: Duration,
     nodes: Vec<usize>,
     probes: usize,
     concurrency: usize,
@@ -64,17 +78,23 @@ struct Args {
 }
 
 const USAGE: &str = "usage: control-scale [--nodes 1000,5000] [--probes 20] [--concurrency 64]
-                     [--server PATH] [--phase-timeout SECS (3600)]
-                     [--fanout-timeout SECS (120)] [--join-timeout SECS (300)] [--keep]
+                     [--server PATH] [--headscale PATH|none] [--headscale-budget SECS (1800)]
+                     [--phase-timeout SECS (3600)] [--fanout-timeout SECS (120)]
+                     [--join-timeout SECS (300)] [--keep]
 Starts a fresh tsunagu-server per N on loopback, registers N simulated nodes holding map
-streams, then measures how long each of --probes new nodes takes to reach every stream.
---keep leaves the server's data directory (and its log) in place.";
+streams, then measures how long each of --probes new nodes takes to reach every stream;
+then the same against a fresh Headscale (default: $TSUNAGU_HEADSCALE or
+/var/cache/tsunagu/headscale-v0.29.3/headscale, built by bench/build-headscale), whose
+register-all gets --headscale-budget seconds (then its line says \">BUDGET s\").
+--keep leaves the servers' data directories (and their logs) in place.";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         server: std::env::current_exe()
             .context("locating this program")?
             .with_file_name("tsunagu-server"),
+        headscale: Some(PathBuf::new()),
+        headscale_budget: Duration::from_secs(1800),
         nodes: vec![1000, 5000],
         probes: 20,
         concurrency: 64,
@@ -97,6 +117,10 @@ fn parse_args() -> Result<Args> {
         };
         match a.as_str() {
             "--server" => args.server = PathBuf::from(val()?),
+            "--headscale" => {
+                let v = val()?;
+                args.headscale = (v != "none").then(|| PathBuf::from(v));
+            }
             "--nodes" => {
                 args.nodes = val()?
                     .split(',')
@@ -107,6 +131,7 @@ fn parse_args() -> Result<Args> {
             "--probes" => args.probes = val()?.parse().context("--probes")?,
             "--concurrency" => args.concurrency = val()?.parse().context("--concurrency")?,
             "--phase-timeout" => args.phase_timeout = secs(val()?)?,
+            "--headscale-budget" => args.headscale_budget = secs(val()?)?,
             "--fanout-timeout" => args.fanout_timeout = secs(val()?)?,
             "--join-timeout" => args.join_timeout = secs(val()?)?,
             "--keep" => args.keep = true,
@@ -122,6 +147,19 @@ fn parse_args() -> Result<Args> {
     }
     if args.probes == 0 || args.concurrency == 0 {
         bail!("--probes and --concurrency must be positive");
+    }
+    // Not given: the pinned build (an error when it is missing, before anything runs).
+    if args
+        .headscale
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        args.headscale = Some(headscale::locate()?);
+    }
+    if let Some(p) = &args.headscale
+        && !p.is_file()
+    {
+        bail!("{}: no such headscale binary", p.display());
     }
     if !args.server.is_file() {
         bail!(
@@ -205,7 +243,31 @@ fn mib(kib: u64) -> f64 {
 // ---------------------------------------------------------------------------------------
 // The server under test
 
+/// Which coordination server is under test.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Tsunagu,
+    Headscale,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Tsunagu => "tsunagu-server",
+            Kind::Headscale => "headscale",
+        }
+    }
+}
+
+/// A free loopback port: bind, note, release (the server binds it right after).
+fn free_loopback() -> Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port")
+}
+
 struct ServerProc {
+    kind: Kind,
     child: Child,
     pid: String,
     url: String,
@@ -214,65 +276,81 @@ struct ServerProc {
     _tmp: Option<tempfile::TempDir>,
     log: PathBuf,
     bin: PathBuf,
+    /// Headscale's config file (its CLI needs it too).
+    config: Option<PathBuf>,
 }
 
 impl ServerProc {
-    fn start(bin: &Path, keep: bool) -> Result<ServerProc> {
+    fn start(kind: Kind, bin: &Path, keep: bool) -> Result<ServerProc> {
         let tmp = tempfile::Builder::new()
             .prefix("control-scale.")
             .tempdir()
             .context("creating the data directory")?;
         let data = tmp.path().to_path_buf();
-        // A free port: bind, note, release (the server binds it right after).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port")?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = free_loopback()?;
         let url = format!("http://{listen}");
         let log = data.join("server.log");
         let log_file = std::fs::File::create(&log).context("creating the server log")?;
-        // Every simulated node comes from 127.0.0.1: lift the per-address budgets of
-        // connections and register requests (meant for the public internet).
-        let config = data.join("server.toml");
-        std::fs::write(
-            &config,
-            "[limits]\nmax_connections_per_ip = 1000000\n\
-             register_requests_per_ip_per_second = 1000000.0\n\
-             register_request_burst_per_ip = 1000000.0\n",
-        )
-        .context("writing the server's configuration")?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--data-dir")
-            .arg(&data)
-            .arg("--config")
-            .arg(&config)
-            // No relay: it would bind STUN on 127.0.0.1:3478 (taken by anything else
-            // on the host) and is not what this benchmark measures.
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--server-url",
-                &url,
-                "--no-relay",
-            ])
-            .stdin(Stdio::null())
+        let mut config = None;
+        match kind {
+            Kind::Tsunagu => {
+                let listen = listen.to_string();
+                // Every simulated node comes from 127.0.0.1: lift the per-address budgets of
+                // connections and register requests (meant for the public internet).
+                let limits = data.join("server.toml");
+                std::fs::write(
+                    &limits,
+                    "[limits]\nmax_connections_per_ip = 1000000\n\
+                     register_requests_per_ip_per_second = 1000000.0\n\
+                     register_request_burst_per_ip = 1000000.0\n",
+                )
+                .context("writing the server's configuration")?;
+                cmd.arg("--data-dir")
+                    .arg(&data)
+                    .arg("--config")
+                    .arg(&limits)
+                    // No relay: it would bind STUN on 127.0.0.1:3478 (taken by anything
+                    // else on the host) and is not what this benchmark measures.
+                    .args([
+                        "serve",
+                        "--listen",
+                        &listen,
+                        "--server-url",
+                        &url,
+                        "--no-relay",
+                    ]);
+                for v in [
+                    "TSUNAGU_CONFIG",
+                    "TSUNAGU_DATA_DIR",
+                    "TSUNAGU_LISTEN",
+                    "TSUNAGU_SERVER_URL",
+                ] {
+                    cmd.env_remove(v);
+                }
+            }
+            Kind::Headscale => {
+                let cfg = headscale::config(
+                    &data,
+                    &headscale::Listen {
+                        http: listen,
+                        metrics: free_loopback()?,
+                        grpc: free_loopback()?,
+                    },
+                )?;
+                cmd.arg("-c").arg(&cfg).arg("serve");
+                config = Some(cfg);
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        for v in [
-            "TSUNAGU_CONFIG",
-            "TSUNAGU_DATA_DIR",
-            "TSUNAGU_LISTEN",
-            "TSUNAGU_SERVER_URL",
-        ] {
-            cmd.env_remove(v);
-        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id().to_string();
         Ok(ServerProc {
+            kind,
             child,
             pid,
             url,
@@ -285,6 +363,7 @@ impl ServerProc {
             },
             log,
             bin: bin.to_path_buf(),
+            config,
         })
     }
 
@@ -308,20 +387,26 @@ impl ServerProc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Run an admin subcommand against this server; its stdout.
+    /// Run an admin subcommand against this server (its own CLI); its stdout.
     fn admin(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.bin)
-            .arg("--data-dir")
-            .arg(&self.data)
+        let mut cmd = Command::new(&self.bin);
+        match &self.config {
+            Some(cfg) => cmd.arg("-c").arg(cfg),
+            None => cmd
+                .arg("--data-dir")
+                .arg(&self.data)
+                .env_remove("TSUNAGU_CONFIG")
+                .env_remove("TSUNAGU_DATA_DIR"),
+        };
+        let out = cmd
             .args(args)
-            .env_remove("TSUNAGU_CONFIG")
-            .env_remove("TSUNAGU_DATA_DIR")
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running tsunagu-server {}", args.join(" ")))?;
+            .with_context(|| format!("running {} {}", self.kind.label(), args.join(" ")))?;
         if !out.status.success() {
             bail!(
-                "tsunagu-server {} failed ({}): {}",
+                "{} {} failed ({}): {}",
+                self.kind.label(),
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -330,7 +415,7 @@ impl ServerProc {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Wait until the server answers `/key` and its admin socket takes commands; then
+    /// Wait until the server answers `/key` and its admin CLI takes commands; then
     /// create the user and a reusable key. Returns (server key, auth key).
     async fn setup(&mut self) -> Result<(MachinePublic, String)> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -352,7 +437,35 @@ impl ServerProc {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        let out = self.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?;
+        let out = match self.kind {
+            Kind::Tsunagu => {
+                self.admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?
+            }
+            Kind::Headscale => {
+                // Its keys belong to a user ID.
+                let users: serde_json::Value =
+                    serde_json::from_str(&self.admin(&["users", "list", "-o", "json"])?)
+                        .context("headscale users list -o json")?;
+                let id = users
+                    .as_array()
+                    .and_then(|a| a.iter().find(|u| u["name"] == "bench"))
+                    .and_then(|u| match &u["id"] {
+                        serde_json::Value::Number(n) => Some(n.to_string()),
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| anyhow!("headscale lists no user bench: {users}"))?;
+                self.admin(&[
+                    "preauthkeys",
+                    "create",
+                    "--user",
+                    &id,
+                    "--reusable",
+                    "--expiration",
+                    "24h",
+                ])?
+            }
+        };
         let auth = out
             .lines()
             .rev()
@@ -463,6 +576,9 @@ struct Probe {
     /// Streams that existed when the probe registered and have not listed it yet.
     remaining: AtomicUsize,
     online_remaining: AtomicUsize,
+    /// Its node ID as the server's maps give it (0 = not seen yet), for online changes
+    /// sent by ID (`PeersChangedPatch`, `OnlineChange`: Headscale's way).
+    id: AtomicI64,
 }
 
 /// What the stream tasks share with the driver.
@@ -483,6 +599,8 @@ struct Shared {
     stop: AtomicBool,
     /// Joins retried (as a real client retries), by reason.
     retries: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    /// Streams the server ended and that were opened again, by reason.
+    reopens: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 impl Shared {
@@ -493,6 +611,23 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
             .or_insert(0) += 1;
+    }
+
+    fn reopened(&self, reason: String) {
+        *self
+            .reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    fn reopen_count(&self) -> usize {
+        self.reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 
     fn retry_count(&self) -> usize {
@@ -548,34 +683,95 @@ impl Bits {
     }
 }
 
-/// What the benchmark reads of a map message: peers' keys and online state. Parsing
-/// only that keeps the simulated nodes' CPU from crowding out the server's.
+/// What the benchmark reads of a map message: peers' keys, IDs and online state.
+/// Parsing only that keeps the simulated nodes' CPU from crowding out the server's.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SlimMap {
     #[serde(default)]
     keep_alive: bool,
+    /// The node itself: with it (or `Peers`) the message is a full map. A server may
+    /// leave `Peers` out when there are none (Go's `omitempty`).
+    node: Option<serde::de::IgnoredAny>,
     peers: Option<Vec<SlimPeer>>,
     peers_changed: Option<Vec<SlimPeer>>,
+    peers_changed_patch: Option<Vec<SlimPatch>>,
+    /// Node ID (a string key in JSON) -> online.
+    online_change: Option<HashMap<String, bool>>,
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SlimPeer {
+    #[serde(rename = "ID", default)]
+    id: i64,
     key: NodePublic,
     online: Option<bool>,
 }
 
-/// Drain one map stream for as long as it lasts, recording what it learns.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SlimPatch {
+    #[serde(rename = "NodeID")]
+    node_id: i64,
+    online: Option<bool>,
+}
+
+/// What a stream needs to open itself again: who it is and where its server is.
+struct Redial {
+    ident: Arc<Ident>,
+    url: Arc<str>,
+    server_key: MachinePublic,
+}
+
+/// How often a stream that the server ended is opened again before the benchmark gives up.
+const REOPEN_ATTEMPTS: u32 = 6;
+
+/// Opens the map stream again after the server ended it, as a real client does: a new
+/// map request on the same connection, or on a new connection when that fails; retried
+/// 1, 2, 4, 8, 16 s later.
+async fn reopen(redial: &Redial, client: &mut ControlClient) -> Result<MapStream> {
+    let req = redial.ident.map_request();
+    let mut attempt = 1;
+    loop {
+        let r = match client.map(&req).await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                match ControlClient::connect(&redial.url, &redial.server_key, &redial.ident.machine)
+                    .await
+                {
+                    Ok(mut c) => {
+                        let s = c.map(&req).await;
+                        *client = c;
+                        s
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) if attempt >= REOPEN_ATTEMPTS => {
+                return Err(anyhow!("{e}").context(format!("{attempt} attempts")));
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Drain one map stream for as long as it lasts, recording what it learns; when the
+/// server ends it (after its first map), open it again (counted, by reason).
 async fn drain(
     shared: Arc<Shared>,
     sid: usize,
     mut stream: MapStream,
-    client: ControlClient,
+    mut client: ControlClient,
     first: oneshot::Sender<Result<(), String>>,
+    redial: Redial,
 ) {
-    // The connection lives as long as the stream.
-    let _client = client;
     let mut first = Some(first);
     let total = shared.n + shared.k;
     let mut seen = Bits::new(total);
@@ -588,40 +784,46 @@ async fn drain(
         shared.n
     };
     loop {
-        let m = match stream.next_json().await {
-            None => {
-                let what = "the server ended the stream".to_string();
-                match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Err(what));
-                    }
-                    None => shared.fail(sid, what),
-                }
-                return;
-            }
-            Some(Err(e)) => {
-                let what = format!("{e}");
-                match first.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Err(what));
-                    }
-                    None => shared.fail(sid, what),
-                }
-                return;
-            }
-            Some(Ok(json)) => match serde_json::from_slice::<SlimMap>(&json) {
-                Ok(m) => m,
-                Err(e) => {
-                    let what = format!("invalid map message: {e}");
-                    match first.take() {
-                        Some(tx) => {
-                            let _ = tx.send(Err(what));
-                        }
-                        None => shared.fail(sid, what),
-                    }
+        let ended = match stream.next_json().await {
+            None => Err("the server ended the stream".to_string()),
+            Some(Err(e)) => Err(format!("{e}")),
+            Some(Ok(json)) => Ok(json),
+        };
+        let json = match ended {
+            Ok(json) => json,
+            Err(what) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(what));
                     return;
                 }
-            },
+                if shared.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match reopen(&redial, &mut client).await {
+                    Ok(s) => {
+                        shared.reopened(what);
+                        stream = s;
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.fail(sid, format!("{what}; opening it again failed: {e:#}"));
+                        return;
+                    }
+                }
+            }
+        };
+        let m = match serde_json::from_slice::<SlimMap>(&json) {
+            Ok(m) => m,
+            Err(e) => {
+                let what = format!("invalid map message: {e}");
+                match first.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(what));
+                    }
+                    None => shared.fail(sid, what),
+                }
+                return;
+            }
         };
         if m.keep_alive {
             continue;
@@ -638,6 +840,11 @@ async fn drain(
             };
             let idx = idx as usize;
             let probe = idx.checked_sub(shared.n).map(|j| (j, &shared.probes[j]));
+            if let Some((_, pr)) = probe
+                && p.id != 0
+            {
+                pr.id.store(p.id, Ordering::Relaxed);
+            }
             if !seen.test_and_set(idx) {
                 match probe {
                     None => known_base += 1,
@@ -658,8 +865,37 @@ async fn drain(
                 pr.online_remaining.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        // Online changes by node ID: only the probes' matter.
+        let by_id = m
+            .peers_changed_patch
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.node_id, p.online?)))
+            .chain(
+                m.online_change
+                    .iter()
+                    .flatten()
+                    .filter_map(|(id, on)| Some((id.parse::<i64>().ok()?, *on))),
+            );
+        for (id, online) in by_id {
+            if !online || id == 0 {
+                continue;
+            }
+            let found = shared
+                .probes
+                .iter()
+                .enumerate()
+                .find(|(_, pr)| pr.id.load(Ordering::Relaxed) == id);
+            if let Some((j, pr)) = found
+                && sid < shared.n + j
+                && !seen_online.test_and_set(shared.n + j)
+            {
+                pr.online_arrivals[sid].store(now, Ordering::Relaxed);
+                pr.online_remaining.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         if let Some(tx) = first.take() {
-            let r = if m.peers.is_some() {
+            let r = if m.peers.is_some() || m.node.is_some() {
                 Ok(())
             } else {
                 Err("the first message is not a full map".to_string())
@@ -741,7 +977,12 @@ async fn join_once(
     let stream = client.map(&ident.map_request()).await.context("map")?;
     // `client` moves into the stream task below (the connection lives with the stream).
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(drain(shared, sid, stream, client, tx));
+    let redial = Redial {
+        ident,
+        url,
+        server_key,
+    };
+    let task = tokio::spawn(drain(shared, sid, stream, client, tx, redial));
     match rx.await {
         Ok(Ok(())) => Ok(task),
         Ok(Err(e)) => Err(anyhow!("waiting for the first map: {e}")),
@@ -816,9 +1057,36 @@ async fn wait_for(
     }
 }
 
+/// Register-all did not finish within its budget: how far it got.
+#[derive(Debug)]
+struct Unfinished {
+    /// Nodes that got their first map.
+    done: usize,
+    n: usize,
+    budget: Duration,
+    /// The server's peak RSS until then.
+    peak_rss_kib: u64,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "register-all: only {}/{} nodes got their first map within {:?}",
+            self.done, self.n, self.budget
+        )
+    }
+}
+
+impl std::error::Error for Unfinished {}
+
 struct Outcome {
+    /// The server and its version ("tsunagu-server 0.1.0", "headscale v0.29.3").
+    server: String,
     /// "COUNTx REASON" per distinct reason a join was retried.
     retries: Vec<String>,
+    /// "COUNTx REASON" per distinct reason the server ended a stream (opened again).
+    reopens: Vec<String>,
     register_all: Duration,
     converge: Duration,
     peak_rss_kib: u64,
@@ -837,20 +1105,30 @@ struct Outcome {
     probe_phase: Duration,
 }
 
-async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
+async fn run_one(args: &Args, n: usize, kind: Kind, bin: &Path) -> Result<Outcome> {
     let k = args.probes;
-    progress(format!("N={n}: starting {}", args.server.display()));
-    let mut server = ServerProc::start(&args.server, args.keep)?;
+    let tag = format!("{} N={n}", kind.label());
+    // Headscale's register-all grows with N² (minutes at 1,000 nodes, hours at 5,000 on
+    // two cores): its own budget bounds it, and no node's join times out before it.
+    let (register_budget, join_timeout) = match kind {
+        Kind::Tsunagu => (args.phase_timeout, args.join_timeout),
+        Kind::Headscale => {
+            let b = args.headscale_budget.min(args.phase_timeout);
+            (b, b + Duration::from_secs(60))
+        }
+    };
+    progress(format!("{tag}: starting {}", bin.display()));
+    let mut server = ServerProc::start(kind, bin, args.keep)?;
     let (server_key, auth) = server.setup().await?;
     progress(format!(
-        "N={n}: server pid {} at {}, data {}, log {}",
+        "{tag}: server pid {} at {}, data {}, log {}",
         server.pid,
         server.url,
         server.data.display(),
         server.log.display()
     ));
 
-    progress(format!("N={n}: generating {} node identities", n + k));
+    progress(format!("{tag}: generating {} node identities", n + k));
     let idents: Vec<Arc<Ident>> = (0..n + k)
         .map(|i| {
             Arc::new(Ident::new(if i < n {
@@ -871,6 +1149,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             online_arrivals: (0..n + k).map(|_| AtomicU64::new(0)).collect(),
             remaining: AtomicUsize::new(n + j),
             online_remaining: AtomicUsize::new(n + j),
+            id: AtomicI64::new(0),
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -885,6 +1164,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         probes,
         stop: AtomicBool::new(false),
         retries: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        reopens: std::sync::Mutex::new(std::collections::BTreeMap::new()),
     });
     let url: Arc<str> = server.url.clone().into();
     let auth: Arc<str> = auth.into();
@@ -893,7 +1173,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
     let result = async {
         // ---- Phase 1: register N nodes, each holding its stream.
         progress(format!(
-            "N={n}: registering {n} nodes, {} at a time",
+            "{tag}: registering {n} nodes, {} at a time",
             args.concurrency
         ));
         let cpu0 = server.cpu();
@@ -909,7 +1189,6 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 auth.clone(),
                 sem.clone(),
             );
-            let join_timeout = args.join_timeout;
             joins.spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| anyhow!("{e}"))?;
                 tokio::time::timeout(
@@ -921,7 +1200,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 .with_context(|| format!("node {sid}"))
             });
         }
-        let deadline = tokio::time::Instant::now() + args.phase_timeout;
+        let deadline = tokio::time::Instant::now() + register_budget;
         let mut last_report = Instant::now();
         let mut last_done = 0usize;
         let mut last_cpu = cpu0;
@@ -936,11 +1215,13 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 Err(_) => {}
             }
             if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "register-all: only {}/{n} nodes got their first map within {:?}",
-                    tasks.len(),
-                    args.phase_timeout
-                );
+                return Err(Unfinished {
+                    done: tasks.len(),
+                    n,
+                    budget: register_budget,
+                    peak_rss_kib: 0,
+                }
+                .into());
             }
             if last_report.elapsed() >= Duration::from_secs(5) {
                 server.check_alive()?;
@@ -948,11 +1229,12 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 let self_cpu = cpu_time("self").unwrap_or_default();
                 let dt = last_report.elapsed().as_secs_f64();
                 progress(format!(
-                    "N={n}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
+                    "{tag}: {}/{n} streaming ({:.0}/s), converged {}, retries {}, reopened {}, server rss {:.0} MiB, server cpu {:.0}%, bench cpu {:.0}%",
                     tasks.len(),
                     (tasks.len() - last_done) as f64 / dt,
                     shared.converged.load(Ordering::Relaxed),
                     shared.retry_count(),
+                    shared.reopen_count(),
                     mib(server.rss_kib().unwrap_or(0)),
                     (cpu - last_cpu).as_secs_f64() / dt * 100.0,
                     (self_cpu - last_self_cpu).as_secs_f64() / dt * 100.0,
@@ -968,7 +1250,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         let bench_cpu_register = cpu_time("self").unwrap_or_default() - self_cpu0;
         let rss_after_register_kib = server.rss_kib().unwrap_or(0);
         progress(format!(
-            "N={n}: all {n} streaming after {:.1} s (server cpu {:.1} s, bench cpu {:.1} s, server rss {:.0} MiB)",
+            "{tag}: all {n} streaming after {:.1} s (server cpu {:.1} s, bench cpu {:.1} s, server rss {:.0} MiB)",
             register_all.as_secs_f64(),
             server_cpu_register.as_secs_f64(),
             bench_cpu_register.as_secs_f64(),
@@ -994,7 +1276,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         .await?;
         let converge = t0.elapsed();
         progress(format!(
-            "N={n}: every stream knows every node {:.1} s after the last first map ({:.1} s after the start)",
+            "{tag}: every stream knows every node {:.1} s after the last first map ({:.1} s after the start)",
             tc.elapsed().as_secs_f64(),
             converge.as_secs_f64()
         ));
@@ -1002,7 +1284,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         // ---- Phase 2: probes, one at a time.
-        progress(format!("N={n}: fan-out of {k} new nodes, one at a time"));
+        progress(format!("{tag}: fan-out of {k} new nodes, one at a time"));
         let cpu1 = server.cpu();
         let tp = Instant::now();
         let phase_deadline = Instant::now() + args.phase_timeout;
@@ -1053,7 +1335,12 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             let t_online = shared.now_ns();
             let stream = client.map(&ident.map_request()).await.context("probe map")?;
             let (tx, rx) = oneshot::channel();
-            tasks.push(tokio::spawn(drain(shared.clone(), sid, stream, client, tx)));
+            let redial = Redial {
+                ident: ident.clone(),
+                url: url.clone(),
+                server_key,
+            };
+            tasks.push(tokio::spawn(drain(shared.clone(), sid, stream, client, tx, redial)));
             tokio::time::timeout(args.fanout_timeout, rx)
                 .await
                 .map_err(|_| anyhow!("probe {j}: no first map within {:?}", args.fanout_timeout))?
@@ -1074,7 +1361,7 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
                 .collect();
             od.sort_unstable();
             progress(format!(
-                "N={n}: probe {j:2}: register call {:.1} ms; listed by all {} streams: p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; online everywhere {:.1} ms after its map request",
+                "{tag}: probe {j:2}: register call {:.1} ms; listed by all {} streams: p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; online everywhere {:.1} ms after its map request",
                 ms(reg_ns),
                 n + j,
                 ms(pct(&delays, 50.0)),
@@ -1099,7 +1386,16 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             .iter()
             .map(|(reason, count)| format!("{count}x {reason}"))
             .collect::<Vec<_>>();
+        let reopens = shared
+            .reopens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(reason, count)| format!("{count}x {reason}"))
+            .collect::<Vec<_>>();
         Ok(Outcome {
+            reopens,
+            server: format!("{} ({})", kind.label(), server_version(kind, bin)),
             retries,
             register_all,
             converge,
@@ -1133,7 +1429,19 @@ async fn run_one(args: &Args, n: usize) -> Result<Outcome> {
             server.log_tail(20)
         ));
     }
-    let mut out = result?;
+    let mut out = match result {
+        Ok(o) => o,
+        Err(e) => {
+            return Err(match e.downcast::<Unfinished>() {
+                Ok(u) => Unfinished {
+                    peak_rss_kib: peak.unwrap_or(0),
+                    ..u
+                }
+                .into(),
+                Err(e) => e,
+            });
+        }
+    };
     out.peak_rss_kib = peak.ok_or_else(|| anyhow!("could not read VmHWM of the server"))?;
     // Give the sockets of this round time to go away before the next.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1159,45 +1467,140 @@ fn run() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let load_before = tsunagu_bench::loadavg();
+    let mut failed = false;
     for &n in &args.nodes {
-        let o = rt.block_on(run_one(&args, n))?;
+        let o = rt.block_on(run_one(&args, n, Kind::Tsunagu, &args.server))?;
+        print_details(&args, n, Kind::Tsunagu, &o);
+        let h = match &args.headscale {
+            Some(bin) => match rt.block_on(run_one(&args, n, Kind::Headscale, bin)) {
+                Ok(h) => {
+                    print_details(&args, n, Kind::Headscale, &h);
+                    Some(Ok(h))
+                }
+                Err(e) => match e.downcast::<Unfinished>() {
+                    Ok(u) => {
+                        println!(
+                            "control-scale: nodes {n} headscale: register-all unfinished after its budget of {:.0} s: {} of {n} nodes had their first map (peak rss {:.0} MiB); no fan-out measured",
+                            u.budget.as_secs_f64(),
+                            u.done,
+                            mib(u.peak_rss_kib)
+                        );
+                        Some(Err(u))
+                    }
+                    Err(e) => {
+                        failed = true;
+                        progress(format!("N={n}: headscale FAILED: {e:#}"));
+                        let text = format!("{e:#}");
+                        println!(
+                            "control-scale: nodes {n} headscale FAILED: {} (details on stderr)",
+                            text.lines().next().unwrap_or_default()
+                        );
+                        None
+                    }
+                },
+            },
+            None => None,
+        };
         println!(
-            "control-scale: nodes {n} details: converged {:.1} s, server cpu {:.1} s (register-all) + {:.1} s ({} probes in {:.1} s), bench cpu {:.1} s (register-all), rss after register-all {:.0} MiB, fanout last-stream p50 {:.1} ms max {:.1} ms, fanout from register start p50 {:.1} ms p99 {:.1} ms, {} of {} pairs listed before register returned, online-change p50 {:.1} ms p99 {:.1} ms, probe register call p50 {:.1} ms max {:.1} ms",
-            o.converge.as_secs_f64(),
-            o.server_cpu_register.as_secs_f64(),
-            o.server_cpu_probes.as_secs_f64(),
-            args.probes,
-            o.probe_phase.as_secs_f64(),
-            o.bench_cpu_register.as_secs_f64(),
-            mib(o.rss_after_register_kib),
-            ms(pct(&o.fanout_complete, 50.0)),
-            ms(o.fanout_complete.last().copied().unwrap_or(0)),
-            ms(pct(&o.from_start, 50.0)),
-            ms(pct(&o.from_start, 99.0)),
-            o.early,
-            o.fanout.len(),
-            ms(pct(&o.online, 50.0)),
-            ms(pct(&o.online, 99.0)),
-            ms(pct(&o.register_call, 50.0)),
-            ms(o.register_call.last().copied().unwrap_or(0)),
+            "control-scale: host {} cores, load average {load_before} before, {} now",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            tsunagu_bench::loadavg()
         );
+        let hs = match &h {
+            None => "headscale register-all n/a s, rss n/a MiB, fanout p99 n/a ms".to_owned(),
+            Some(Ok(h)) => format!(
+                "headscale register-all {:.1} s, rss {:.0} MiB, fanout p99 {:.1} ms",
+                h.register_all.as_secs_f64(),
+                mib(h.peak_rss_kib),
+                ms(pct(&h.fanout, 99.0)),
+            ),
+            Some(Err(u)) => format!(
+                "headscale register-all >{:.1} s, rss {:.0} MiB, fanout p99 n/a ms",
+                u.budget.as_secs_f64(),
+                mib(u.peak_rss_kib),
+            ),
+        };
         println!(
-            "control-scale: nodes {n} retried joins: {}",
-            if o.retries.is_empty() {
-                "none".to_string()
-            } else {
-                o.retries.join("; ")
-            }
-        );
-        let line = format!(
-            "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms",
+            "control-scale: nodes {n}, register-all {:.1} s, rss {:.0} MiB, fanout p50 {:.1} ms, p99 {:.1} ms, {hs}",
             o.register_all.as_secs_f64(),
             mib(o.peak_rss_kib),
             ms(pct(&o.fanout, 50.0)),
             ms(pct(&o.fanout, 99.0)),
         );
-        println!("{line}");
     }
     drop(rt);
+    if failed {
+        bail!("headscale failed (its figures are n/a)");
+    }
     Ok(())
+}
+
+/// The server's version: `--version` (tsunagu-server); for headscale the `VERSION` file
+/// `bench/build-headscale` writes beside it (a build from the module's directory calls
+/// itself "dev"), else its `version`.
+fn server_version(kind: Kind, bin: &Path) -> String {
+    let arg = match kind {
+        Kind::Tsunagu => "--version",
+        Kind::Headscale => {
+            if let Some(v) = bin
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("VERSION")).ok())
+            {
+                return format!("v{}", v.trim());
+            }
+            "version"
+        }
+    };
+    Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().map(|l| l.trim().to_owned())
+        })
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// The details and retries lines of one server's run.
+fn print_details(args: &Args, n: usize, kind: Kind, o: &Outcome) {
+    println!(
+        "control-scale: nodes {n} {} details: converged {:.1} s, server cpu {:.1} s (register-all) + {:.1} s ({} probes in {:.1} s), bench cpu {:.1} s (register-all), rss after register-all {:.0} MiB, fanout p50 {:.1} ms p99 {:.1} ms, fanout last-stream p50 {:.1} ms max {:.1} ms, fanout from register start p50 {:.1} ms p99 {:.1} ms, {} of {} pairs listed before register returned, online-change p50 {:.1} ms p99 {:.1} ms, probe register call p50 {:.1} ms max {:.1} ms",
+        o.server,
+        o.converge.as_secs_f64(),
+        o.server_cpu_register.as_secs_f64(),
+        o.server_cpu_probes.as_secs_f64(),
+        args.probes,
+        o.probe_phase.as_secs_f64(),
+        o.bench_cpu_register.as_secs_f64(),
+        mib(o.rss_after_register_kib),
+        ms(pct(&o.fanout, 50.0)),
+        ms(pct(&o.fanout, 99.0)),
+        ms(pct(&o.fanout_complete, 50.0)),
+        ms(o.fanout_complete.last().copied().unwrap_or(0)),
+        ms(pct(&o.from_start, 50.0)),
+        ms(pct(&o.from_start, 99.0)),
+        o.early,
+        o.fanout.len(),
+        ms(pct(&o.online, 50.0)),
+        ms(pct(&o.online, 99.0)),
+        ms(pct(&o.register_call, 50.0)),
+        ms(o.register_call.last().copied().unwrap_or(0)),
+    );
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join("; ")
+        }
+    };
+    println!(
+        "control-scale: nodes {n} {} retried joins: {}; streams the server ended (opened again): {}",
+        kind.label(),
+        list(&o.retries),
+        list(&o.reopens)
+    );
 }

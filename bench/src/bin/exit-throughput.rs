@@ -1,5 +1,6 @@
-//! exit-throughput: TCP throughput through an exit node, tsunagud beside wireguard-go and
-//! boringtun-cli, in the seed scenario of `shared/guide/lab.md`.
+//! exit-throughput: TCP throughput through an exit node, tsunagud beside wireguard-go,
+//! boringtun-cli and the official Tailscale client, in the seed scenario of
+//! `shared/guide/lab.md`.
 //!
 //! ```text
 //!  [client] iperf3 -c ─► tunnel ─► cafe NAT ─► inet ─► [exit] decrypt + masquerade ─► inet
@@ -7,33 +8,54 @@
 //! ```
 //!
 //! Each path gets a fresh seed lab (nothing else runs meanwhile): first the no-tunnel
-//! baseline (cafe NAT only), then tsunagud, wireguard-go and boringtun-cli, all with MTU 1420
-//! on both ends. For each: an idle RTT through the path (`ping -c 20 -i 0.05`), then
-//! `--reps` iperf3 TCP runs of `--seconds` each (median reported), the CPU time of the
-//! tunnel processes on both ends during the runs (`/proc/PID/stat`), and, on stderr, what
-//! limits the data path: busiest threads, UDP receive-buffer overflows, TUN drops and TCP
-//! retransmissions.
+//! baseline (cafe NAT only), then tsunagud, wireguard-go, boringtun-cli and `tailscaled`,
+//! all with the same tunnel MTU on both ends (`--mtu`, default 1280: what tsunagud and
+//! `tailscaled` create their TUN with). For each: an idle RTT through the path
+//! (`ping -c 20 -i 0.05`), then `--reps` iperf3 TCP runs of `--seconds` each (median
+//! reported), the CPU time of the tunnel processes on both ends during the runs
+//! (`/proc/PID/stat`), and, on stderr, what limits the data path: busiest threads, UDP
+//! receive-buffer overflows, TUN drops and TCP retransmissions.
 //!
-//! Run as root through `bench/exit-throughput`, which builds tsunagud in release first.
-//! Progress goes to stderr; stdout gets one line per path and, last, the summary line
-//! `exit-throughput: tsunagud X.XX Gbit/s, wireguard-go Y.YY Gbit/s, boringtun Z.ZZ Gbit/s,
-//! ratio vs wireguard-go R.RR`.
+//! The official client runs as members run it: two `tailscaled` v1.102.5 (real TUN,
+//! their own netfilter rules) registered with pre-auth keys at `tsunagu-server` in the
+//! control namespace over HTTPS (a lab CA through `SSL_CERT_FILE`); the exit node's key is
+//! tagged `tag:exit`, which the policy auto-approves as exit node, and the client selects
+//! it with `tailscale set --exit-node=`. Its path must be direct (`CurAddr`
+//! 198.51.100.2:41641 in `tailscale status --json`, not the relay) before the runs; it is
+//! checked again after them and both are printed. Its TUN gets the MTU with `ip link` when
+//! `--mtu` is not its default (an OS setting `tailscaled` honours; no debug switch).
+//!
+//! Run as root through `bench/exit-throughput`, which builds tsunagud and the server in
+//! release first. Progress goes to stderr; stdout gets one line per path and, last, the
+//! summary line `exit-throughput: tsunagud X.XX Gbit/s, wireguard-go Y.YY Gbit/s, boringtun
+//! Z.ZZ Gbit/s, tailscaled T.TT Gbit/s, ratio vs wireguard-go R.RR, ratio vs tailscaled
+//! Q.QQ`.
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tsunagu_bench::server::LabServer;
+use tsunagu_bench::tls::LabCa;
 use tsunagu_bench::wg::{self, Daemon, PairConfig, WgPair, tail, version};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::tailnet::{NodeOpts, Tailnet};
 use tsunagu_lab::{
-    CAFE_PUBLIC, EXIT_PUBLIC, Lab, Netns, ProcId, Seed, SeedOptions, Signal, WEB_ADDR, http_get,
-    try_ping, whoami_server,
+    CAFE_PUBLIC, EXIT_PUBLIC, Lab, Netns, OfficialBins, ProcId, Seed, SeedOptions, Signal,
+    Tailscaled, TailscaledOpts, WEB_ADDR, http_get, try_ping, whoami_server,
 };
 
-/// Tunnel MTU on both ends, for every implementation (see `performance.md`).
-const MTU: u16 = 1420;
+/// Tunnel MTU on both ends unless `--mtu` says otherwise: the MTU tsunagud and
+/// `tailscaled` create their TUN with (Tailscale's "safe" MTU), so that the official
+/// client runs as members run it.
+const DEFAULT_MTU: u16 = 1280;
+/// The official client's TUN, in both namespaces.
+const TS_TUN: &str = "tailscale0";
+/// The official exit node's host name.
+const TS_EXIT_NAME: &str = "ts-exit";
+/// How long the official client may take to log in, see the exit node and go direct.
+const TS_TIMEOUT: Duration = Duration::from_secs(45);
 /// The WireGuard port on both ends.
 const WG_PORT: u16 = 41641;
 const IPERF_PORT: &str = "5201";
@@ -55,25 +77,40 @@ fn progress(msg: &str) {
 
 struct Args {
     tsunagud: PathBuf,
+    /// tsunagu-server, the official clients' coordination server.
+    server: Option<PathBuf>,
     wireguard_go: PathBuf,
     boringtun: PathBuf,
     boringtun_threads: Option<u32>,
+    /// The official binaries (found in preflight when `tailscaled` is measured).
+    official: Option<OfficialBins>,
     seconds: u32,
     reps: u32,
+    mtu: u16,
+    /// The paths to measure, in this order.
+    kinds: Vec<Kind>,
 }
 
-const USAGE: &str = "usage: exit-throughput --tsunagud PATH [--seconds N (10)] [--reps N (3)]
+const USAGE: &str =
+    "usage: exit-throughput --tsunagud PATH --server PATH [--seconds N (10)] [--reps N (3)]
+                       [--mtu N (1280)] [--only baseline,tsunagud,wireguard-go,boringtun,tailscaled]
                        [--wireguard-go PATH] [--boringtun PATH] [--boringtun-threads N]
 Runs as root. Builds the seed lab once per path and measures iperf3 TCP client -> exit node
--> internet for: no tunnel, tsunagud, wireguard-go, boringtun-cli (MTU 1420).";
+-> internet for: no tunnel, tsunagud, wireguard-go, boringtun-cli and the official client
+(tailscaled v1.102.5 through a tailscaled exit node, both registered at tsunagu-server over
+HTTPS; binaries from $TSUNAGU_TAILSCALE_DIR or /var/cache/tsunagu/tailscale-v1.102.5), all
+with the same tunnel MTU.";
 
 fn parse_args() -> Result<Args> {
     let mut tsunagud = None;
+    let mut server = None;
     let mut wireguard_go = PathBuf::from("wireguard-go");
     let mut boringtun = PathBuf::from("boringtun-cli");
     let mut boringtun_threads = None;
     let mut seconds = 10;
     let mut reps = 3;
+    let mut mtu = DEFAULT_MTU;
+    let mut kinds = Kind::ALL.to_vec();
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -88,6 +125,25 @@ fn parse_args() -> Result<Args> {
         };
         match arg.as_str() {
             "--tsunagud" => tsunagud = Some(PathBuf::from(value("--tsunagud")?)),
+            "--server" => server = Some(PathBuf::from(value("--server")?)),
+            "--mtu" => {
+                let v = value("--mtu")?;
+                mtu = match v.parse::<u16>() {
+                    Ok(n) if (1280..=1420).contains(&n) => n,
+                    _ => bail!("--mtu: {v:?} is not in 1280..=1420 (the lab's links are 1500)"),
+                };
+            }
+            "--only" => {
+                kinds = value("--only")?
+                    .split(',')
+                    .map(|k| {
+                        Kind::ALL
+                            .into_iter()
+                            .find(|x| x.name() == k.trim())
+                            .ok_or_else(|| anyhow!("--only: unknown path {k:?}\n{USAGE}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "--wireguard-go" => wireguard_go = PathBuf::from(value("--wireguard-go")?),
             "--boringtun" => boringtun = PathBuf::from(value("--boringtun")?),
             "--boringtun-threads" => {
@@ -106,11 +162,15 @@ fn parse_args() -> Result<Args> {
     let tsunagud = tsunagud.ok_or_else(|| anyhow!("--tsunagud PATH is required\n{USAGE}"))?;
     Ok(Args {
         tsunagud,
+        server,
         wireguard_go,
         boringtun,
         boringtun_threads,
+        official: None,
         seconds,
         reps,
+        mtu,
+        kinds,
     })
 }
 
@@ -142,11 +202,26 @@ fn preflight(args: &mut Args) -> Result<()> {
         &args.tsunagud,
         "build it with `cargo build --release -p tsunagud`",
     )?;
-    args.wireguard_go = find_program(&args.wireguard_go, "apt-get install -y wireguard-go")?;
-    args.boringtun = find_program(
-        &args.boringtun,
-        "cargo install boringtun-cli --version 0.7.1 --locked",
-    )?;
+    if args.kinds.contains(&Kind::WireguardGo) {
+        args.wireguard_go = find_program(&args.wireguard_go, "apt-get install -y wireguard-go")?;
+    }
+    if args.kinds.contains(&Kind::Boringtun) {
+        args.boringtun = find_program(
+            &args.boringtun,
+            "cargo install boringtun-cli --version 0.7.1 --locked",
+        )?;
+    }
+    if args.kinds.contains(&Kind::Tailscaled) {
+        let server = args
+            .server
+            .as_ref()
+            .ok_or_else(|| anyhow!("--server PATH (tsunagu-server) is required for tailscaled"))?;
+        args.server = Some(find_program(
+            server,
+            "build it with `cargo build --release -p tsunagu-server`",
+        )?);
+        args.official = Some(OfficialBins::locate().context("the official client")?);
+    }
     Ok(())
 }
 
@@ -284,15 +359,34 @@ enum Kind {
     Tsunagud,
     WireguardGo,
     Boringtun,
+    Tailscaled,
 }
 
 impl Kind {
+    /// Every path, in the order they are measured.
+    const ALL: [Kind; 5] = [
+        Kind::Baseline,
+        Kind::Tsunagud,
+        Kind::WireguardGo,
+        Kind::Boringtun,
+        Kind::Tailscaled,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Kind::Baseline => "no tunnel",
             Kind::Tsunagud => "tsunagud",
             Kind::WireguardGo => "wireguard-go",
             Kind::Boringtun => "boringtun",
+            Kind::Tailscaled => "tailscaled",
+        }
+    }
+
+    /// Its name for `--only`.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Baseline => "baseline",
+            other => other.label(),
         }
     }
 
@@ -322,11 +416,59 @@ struct Tunnel {
     ends: Vec<End>,
     /// The hand-made tunnel of wireguard-go or boringtun (none for tsunagud).
     wg: Option<WgPair>,
+    /// The official client's two daemons (only for `tailscaled`).
+    official: Option<Official>,
     /// Description for the report ("wireguard-go v0.0.20220316", ...).
     desc: String,
 }
 
-fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
+/// The official client through an official exit node, and the server they joined.
+struct Official {
+    client: Tailscaled,
+    exit: Tailscaled,
+    /// The exit node's tailnet IPv4 address.
+    exit_ip: String,
+    server: LabServer,
+}
+
+impl Official {
+    /// How the client reaches the exit node, from `tailscale status --json`: `direct
+    /// IP:PORT` (`CurAddr`) or `relay REGION` (`Relay`).
+    fn path(&self) -> Result<String> {
+        let status = self.client.status_json()?;
+        let peer = status["Peer"]
+            .as_object()
+            .and_then(|peers| {
+                peers.values().find(|p| {
+                    p["TailscaleIPs"]
+                        .as_array()
+                        .is_some_and(|ips| ips.iter().any(|ip| ip == self.exit_ip.as_str()))
+                })
+            })
+            .ok_or_else(|| anyhow!("the client's status lists no peer {}", self.exit_ip))?;
+        let cur = peer["CurAddr"].as_str().unwrap_or_default();
+        Ok(if cur.is_empty() {
+            format!("relay {}", peer["Relay"].as_str().unwrap_or("?"))
+        } else {
+            format!("direct {cur}")
+        })
+    }
+
+    /// Logs of both daemons and the server, for error messages.
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- tailscaled on the client ({}):\n{}\n--- tailscaled on the exit ({}):\n{}\n--- tsunagu-server ({}):\n{}\n",
+            self.client.log.display(),
+            self.client.log_tail(30),
+            self.exit.log.display(),
+            self.exit.log_tail(30),
+            self.server.log.display(),
+            tail(&self.server.log, 20)
+        )
+    }
+}
+
+fn start_tsunagud(seed: &mut Seed, tsunagud: &Path, mtu: u16) -> Result<Tunnel> {
     let mut net = Tailnet::new(tsunagud);
     net.add("client", role::CLIENT, None, false);
     net.add("exit", role::EXIT, Some(IpAddr::V4(EXIT_PUBLIC)), true);
@@ -336,7 +478,7 @@ fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
             &mut seed.lab,
             "exit",
             &NodeOpts {
-                mtu: Some(MTU),
+                mtu: Some(mtu),
                 ..NodeOpts::default()
             },
         )
@@ -348,7 +490,7 @@ fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
             "client",
             &NodeOpts {
                 exit_node: Some("exit".into()),
-                mtu: Some(MTU),
+                mtu: Some(mtu),
                 ..NodeOpts::default()
             },
         )
@@ -367,19 +509,216 @@ fn start_tsunagud(seed: &mut Seed, tsunagud: &Path) -> Result<Tunnel> {
             end("exit", exit, seed.ns(role::EXIT)),
         ],
         wg: None,
+        official: None,
         desc: version(tsunagud),
     })
 }
 
+/// `tailscale up` against the lab's server, bounded, with what the daemon logged on failure.
+fn ts_up(ts: &Tailscaled, url: &str, key: &str, hostname: &str, extra: &[&str]) -> Result<()> {
+    let login = format!("--login-server={url}");
+    let auth = format!("--auth-key={key}");
+    let host = format!("--hostname={hostname}");
+    // No DNS settings from the server: they would rewrite the namespace's resolv.conf
+    // and have nothing to do with the data path measured here.
+    let mut args = vec![
+        "up",
+        &login,
+        &auth,
+        &host,
+        "--accept-dns=false",
+        "--timeout=60s",
+    ];
+    args.extend_from_slice(extra);
+    ts.cli(&args)
+        .with_context(|| format!("tailscale up ({hostname})\n{}", ts.log_tail(40)))?;
+    ts.wait_running(TS_TIMEOUT)
+        .with_context(|| format!("{hostname} Running"))?;
+    Ok(())
+}
+
+/// Polls `f` every 200 ms until it yields a value, for at most `within`.
+fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > within {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The official client through an official exit node: tsunagu-server over HTTPS in the
+/// control namespace, `tailscaled --advertise-exit-node` on the exit host (a tagged key,
+/// approved by the policy), `tailscaled` on the cafe client with `--exit-node=`, a direct
+/// path between them.
+fn start_official(seed: &mut Seed, args: &Args) -> Result<Tunnel> {
+    let bins = args
+        .official
+        .clone()
+        .ok_or_else(|| anyhow!("the official binaries were not located"))?;
+    let server_bin = args
+        .server
+        .clone()
+        .ok_or_else(|| anyhow!("--server PATH is required for tailscaled"))?;
+    let ca = LabCa::new(&seed.lab.log_path("tls"))?;
+    progress("starting tsunagu-server (HTTPS, lab CA) in the control namespace");
+    let server = LabServer::start(seed, &server_bin, Some(&ca), &[])?;
+    let exit_key = server.preauth_key(&["--tags", "tag:exit"])?;
+    let client_key = server.preauth_key(&[])?;
+
+    // An exit node forwards: tailscaled adds its own masquerade, the kernel must route.
+    let exit_ns = seed.ns(role::EXIT);
+    exit_ns.sysctl("net.ipv4.ip_forward", "1")?;
+    exit_ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    let opts = TailscaledOpts {
+        tun: TS_TUN.into(),
+        port: WG_PORT,
+        env: server.env.clone(),
+        args: Vec::new(),
+    };
+    progress("starting tailscaled on the exit node (--advertise-exit-node, tag:exit)");
+    let exit = Tailscaled::start(&mut seed.lab, &exit_ns, "ts-exit", opts.clone())
+        .context("starting tailscaled on the exit node")?;
+    ts_up(
+        &exit,
+        &server.url,
+        &exit_key,
+        TS_EXIT_NAME,
+        &["--advertise-exit-node"],
+    )?;
+    poll(
+        "the server approving the official exit node",
+        TS_TIMEOUT,
+        || {
+            server.nodes().ok()?.as_array()?.iter().find_map(|n| {
+                (n["name"] == TS_EXIT_NAME && n["online"] == true && n["exit_node"] == "approved")
+                    .then_some(())
+            })
+        },
+    )
+    .with_context(|| {
+        format!(
+            "nodes list: {}\n{}",
+            server.nodes().map(|v| v.to_string()).unwrap_or_default(),
+            exit.log_tail(30)
+        )
+    })?;
+
+    let client_ns = seed.ns(role::CLIENT);
+    progress("starting tailscaled on the client");
+    let client = Tailscaled::start(&mut seed.lab, &client_ns, "ts-client", opts)
+        .context("starting tailscaled on the client")?;
+    ts_up(&client, &server.url, &client_key, "ts-client", &[])?;
+    let exit_ip = poll(
+        "the client offering ts-exit as exit node",
+        TS_TIMEOUT,
+        || {
+            let list = client.cli(&["exit-node", "list"]).ok()?;
+            list.lines()
+                .find(|l| l.contains(TS_EXIT_NAME))
+                .and_then(|l| l.split_whitespace().next())
+                .filter(|ip| ip.starts_with("100."))
+                .map(str::to_owned)
+        },
+    )
+    .with_context(|| client.log_tail(30))?;
+    progress(&format!("tailscale set --exit-node={exit_ip}"));
+    client
+        .cli(&["set", &format!("--exit-node={exit_ip}")])
+        .context("tailscale set --exit-node")?;
+
+    let end = |name: &'static str, ts: &Tailscaled, lab: &Lab| End {
+        name,
+        ns: ts.ns.clone(),
+        id: ts.proc,
+        pid: lab.pid(ts.proc),
+        dev: TS_TUN.into(),
+        log: ts.log.clone(),
+    };
+    let ends = vec![
+        end("client", &client, &seed.lab),
+        end("exit", &exit, &seed.lab),
+    ];
+    let official = Official {
+        client,
+        exit,
+        exit_ip,
+        server,
+    };
+    // Direct, not relayed: `tailscale ping` goes on until a pong arrives over a direct
+    // path (or its count runs out); the status then names the endpoint.
+    let path = poll("a direct path to the exit node", TS_TIMEOUT, || {
+        let _ = official
+            .client
+            .cli(&["ping", "-c", "5", "--timeout=2s", &official.exit_ip]);
+        official.path().ok().filter(|p| p.starts_with("direct "))
+    })
+    .with_context(|| {
+        format!(
+            "path now: {}\n{}",
+            official.path().unwrap_or_else(|e| e.to_string()),
+            official.diagnostics()
+        )
+    })?;
+    progress(&format!("tailscaled: client -> exit node path: {path}"));
+    Ok(Tunnel {
+        ends,
+        wg: None,
+        desc: format!(
+            "{} through a tailscaled exit node, path {path} before the runs",
+            version(&bins.tailscaled)
+        ),
+        official: Some(official),
+    })
+}
+
+/// Makes every tunnel end's interface MTU `mtu` (the official client's by `ip link`, an
+/// OS setting it honours; the others were started with it) and checks it on both ends.
+fn check_mtu(tunnel: &Tunnel, kind: Kind, mtu: u16) -> Result<String> {
+    let mut seen = Vec::new();
+    for end in &tunnel.ends {
+        let mut m = link_mtu(&end.ns, &end.dev);
+        if kind == Kind::Tailscaled && m != Some(mtu) {
+            end.ns
+                .ip(&["link", "set", "dev", &end.dev, "mtu", &mtu.to_string()])
+                .with_context(|| {
+                    format!("setting the MTU of {} on the {} end", end.dev, end.name)
+                })?;
+            m = link_mtu(&end.ns, &end.dev);
+        }
+        if m != Some(mtu) {
+            bail!(
+                "{}: {} on the {} end has MTU {m:?}, not {mtu}",
+                kind.label(),
+                end.dev,
+                end.name
+            );
+        }
+        seen.push(format!("{} {mtu}", end.name));
+    }
+    Ok(format!("mtu {}", seen.join(", ")))
+}
+
+/// The MTU of `dev` in `ns`.
+fn link_mtu(ns: &Netns, dev: &str) -> Option<u16> {
+    let out = ns.ip(&["-j", "link", "show", "dev", dev]).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0)?.get("mtu")?.as_u64()?.try_into().ok()
+}
+
 /// wireguard-go or boringtun-cli set up by hand (see `tsunagu_bench::wg`), plus what an exit
 /// node needs: the client's default route into the tunnel and NAT on the exit.
-fn start_manual(seed: &mut Seed, daemon: &Daemon) -> Result<Tunnel> {
+fn start_manual(seed: &mut Seed, daemon: &Daemon, mtu: u16) -> Result<Tunnel> {
     let label = daemon.label();
     let pair = WgPair::start(
         seed,
         daemon,
         &PairConfig {
-            mtu: MTU,
+            mtu,
             port: WG_PORT,
             client_allowed_ips: "0.0.0.0/0".into(),
             keepalive: None,
@@ -437,6 +776,7 @@ fn start_manual(seed: &mut Seed, daemon: &Daemon) -> Result<Tunnel> {
         ends: vec![end(&pair.client), end(&pair.exit)],
         desc: daemon.describe(),
         wg: Some(pair),
+        official: None,
     })
 }
 
@@ -444,6 +784,9 @@ fn start_manual(seed: &mut Seed, daemon: &Daemon) -> Result<Tunnel> {
 fn tunnel_diagnostics(tunnel: &Tunnel) -> String {
     if let Some(pair) = &tunnel.wg {
         return pair.diagnostics();
+    }
+    if let Some(official) = &tunnel.official {
+        return official.diagnostics();
     }
     tunnel
         .ends
@@ -626,14 +969,15 @@ fn measure(kind: Kind, args: &Args) -> Result<Measured> {
     let whoami = whoami_server(&web, SocketAddr::new(IpAddr::V4(WEB_ADDR), 80))
         .context("starting the whoami web server")?;
 
-    let tunnel = match kind {
+    let mut tunnel = match kind {
         Kind::Baseline => None,
-        Kind::Tsunagud => Some(start_tsunagud(&mut seed, &args.tsunagud)?),
+        Kind::Tsunagud => Some(start_tsunagud(&mut seed, &args.tsunagud, args.mtu)?),
         Kind::WireguardGo => Some(start_manual(
             &mut seed,
             &Daemon::WireguardGo {
                 prog: args.wireguard_go.clone(),
             },
+            args.mtu,
         )?),
         Kind::Boringtun => Some(start_manual(
             &mut seed,
@@ -641,9 +985,32 @@ fn measure(kind: Kind, args: &Args) -> Result<Measured> {
                 prog: args.boringtun.clone(),
                 threads: args.boringtun_threads,
             },
+            args.mtu,
         )?),
+        Kind::Tailscaled => Some(start_official(&mut seed, args)?),
     };
-    let result = measure_running(kind, args, &mut seed, server, &iperf_log, tunnel.as_ref());
+    if let Some(t) = tunnel.as_mut() {
+        let mtu = check_mtu(t, kind, args.mtu)?;
+        progress(&format!("{}: {mtu}", kind.label()));
+        t.desc = format!("{}, {mtu}", t.desc);
+    }
+    let mut result = measure_running(kind, args, &mut seed, server, &iperf_log, tunnel.as_ref());
+    // The official client's path may have changed under load: say where it ended.
+    if let (Ok(m), Some(official)) = (
+        result.as_mut(),
+        tunnel.as_ref().and_then(|t| t.official.as_ref()),
+    ) {
+        let after = official
+            .path()
+            .unwrap_or_else(|e| format!("unknown ({e:#})"));
+        progress(&format!("tailscaled: path after the runs: {after}"));
+        m.desc = format!("{}, {after} after", m.desc);
+        if !after.starts_with("direct ") {
+            result = Err(anyhow!(
+                "tailscaled: the path left the direct endpoint during the runs: {after}"
+            ));
+        }
+    }
     whoami.stop();
     if let Some(t) = tunnel {
         for end in &t.ends {
@@ -911,20 +1278,21 @@ fn run() -> Result<bool> {
     let mut args = parse_args()?;
     preflight(&mut args)?;
     progress(&format!(
-        "tsunagud {}, wireguard-go {}, boringtun-cli {}; {} run(s) of {} s each, MTU {MTU}",
+        "paths {:?}; tsunagud {}, wireguard-go {}, boringtun-cli {}, tailscaled {}; {} run(s) of {} s each, MTU {}",
+        args.kinds.iter().map(|k| k.name()).collect::<Vec<_>>(),
         args.tsunagud.display(),
         args.wireguard_go.display(),
         args.boringtun.display(),
+        args.official
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |b| b.tailscaled.display().to_string()),
         args.reps,
-        args.seconds
+        args.seconds,
+        args.mtu
     ));
+    let load_before = tsunagu_bench::loadavg();
     let mut results: Vec<(Kind, Result<Measured>)> = Vec::new();
-    for kind in [
-        Kind::Baseline,
-        Kind::Tsunagud,
-        Kind::WireguardGo,
-        Kind::Boringtun,
-    ] {
+    for kind in args.kinds.clone() {
         let r = measure(kind, &args);
         if let Err(e) = &r {
             progress(&format!("{} FAILED: {e:#}", kind.label()));
@@ -957,21 +1325,29 @@ fn run() -> Result<bool> {
             .map(|m| median(&m.reps.iter().map(|r| r.gbps).collect::<Vec<_>>()))
     };
     let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |g| format!("{g:.2}"));
-    let (t, w, b) = (
+    let (t, w, b, ts) = (
         median_of(Kind::Tsunagud),
         median_of(Kind::WireguardGo),
         median_of(Kind::Boringtun),
+        median_of(Kind::Tailscaled),
     );
-    let ratio = match (t, w) {
-        (Some(t), Some(w)) if w > 0.0 => Some(t / w),
+    let ratio = |peer: Option<f64>| match (t, peer) {
+        (Some(t), Some(p)) if p > 0.0 => Some(t / p),
         _ => None,
     };
     println!(
-        "exit-throughput: tsunagud {} Gbit/s, wireguard-go {} Gbit/s, boringtun {} Gbit/s, ratio vs wireguard-go {}",
+        "host: {} cores, load average {load_before} before, {} after",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        tsunagu_bench::loadavg()
+    );
+    println!(
+        "exit-throughput: tsunagud {} Gbit/s, wireguard-go {} Gbit/s, boringtun {} Gbit/s, tailscaled {} Gbit/s, ratio vs wireguard-go {}, ratio vs tailscaled {}",
         fmt(t),
         fmt(w),
         fmt(b),
-        fmt(ratio)
+        fmt(ts),
+        fmt(ratio(w)),
+        fmt(ratio(ts))
     );
     Ok(ok)
 }

@@ -1,17 +1,32 @@
 //! paths: the two ways packets travel between tsunagud nodes, measured in the seed lab,
-//! and what the relay costs, beside a stock WireGuard peer where one can run here.
+//! and what the relay costs, each beside a peer that does the same job.
 //!
 //! ```text
 //!  direct: [client] iperf3 -c ─► tunnel (UDP through the cafe NAT) ─► [exit] iperf3 -s
 //!  peer:   the same with wireguard-go on both ends, configured by hand (`tsunagu_bench::wg`)
-//!  relay:  the same, with the cafe dropping UDP: tunnel over DERP (TCP) via 198.51.100.4
-//!  idle:   N DERP clients (this program) logged in to `tsunagu-server relay` on loopback
+//!  relay:  the same, with the cafe dropping UDP: tunnel over DERP (TLS) via 198.51.100.7,
+//!          once through our relay (`tsunagu-server relay`), once through Tailscale's derper
+//!  idle:   N DERP clients (this program) logged in to each relay on loopback
 //! ```
 //!
-//! For each path: iperf3 TCP throughput (median of `--reps` runs of `--seconds`), ping
-//! RTT between the two nodes' tailnet addresses, and for the relay the packets it
-//! forwarded per second during the runs (the client's relay counters). Then the relay's
-//! resident memory per idle client with `--idle-clients` connected.
+//! Every lab has `tsunagu-server` on 198.51.100.4 over HTTPS with a lab CA (the shape of a
+//! deployment; tsunagud trusts the CA through `SSL_CERT_FILE`). For each path: iperf3 TCP
+//! throughput (median of `--reps` runs of `--seconds`), ping RTT between the two nodes'
+//! tailnet addresses, and for the relay the packets it forwarded per second during the
+//! runs (the client's relay counters).
+//!
+//! The relay runs are alike but for the relay program: the server runs no relay of its own
+//! (`--no-relay`) and announces one region, `--derp-region id=901,...,host=198.51.100.7`
+//! (DERP over TLS on port 443, STUN on 3478), so both tsunagud nodes home there. On
+//! 198.51.100.7 runs either our standalone relay (`tsunagu-server relay --tls-cert ...`,
+//! the same relay code the server embeds) or `derper` v1.102.5 (`--certmode=manual` with a
+//! certificate from the lab CA for its IP address, STUN on, no HTTP port, nothing that
+//! reaches outside the lab: no mesh, no bootstrap DNS, no client verification).
+//!
+//! Then each relay's resident memory per idle client: the relay alone on loopback over
+//! plain TCP (derper serves plain HTTP on a port other than 443 without `--certmode`), 10
+//! warm-up clients, then `--idle-clients` more logged in and holding their connection;
+//! (RSS after - RSS before) / clients.
 //!
 //! The peer for the direct path is wireguard-go (Debian's, with `wg` from wireguard-tools),
 //! in a fresh seed lab of its own: the client behind the cafe NAT, the exit host on
@@ -21,22 +36,23 @@
 //! and ping run between the two tunnel addresses, and the exit must see the client at the
 //! cafe's public address (the path crossed the NAT).
 //!
-//! The relay has no peer here: a DERP relay to compare against is Tailscale's derper (and
-//! a Go client), and this machine has no Go toolchain to build them; the output says so.
-//!
-//! Stdout: a `direct:` line (tsunagud beside wireguard-go), a `relay:` line, and last
-//! `paths: direct X.XX Gbit/s, relay Y.YY Gbit/s, relay-rss-per-client Z KiB` (tsunagud's
-//! figures). If the peer fails, its failure is printed on the `direct:` line and the exit
-//! status is 1.
+//! Stdout: a `direct:` line (tsunagud beside wireguard-go), a `relay:` line (our relay
+//! beside derper), the host's load, and last
+//! `paths: direct A Gbit/s, relay B Gbit/s (derper C Gbit/s), relay-rss-per-client D KiB
+//! (derper E KiB)`. If a peer fails, its failure is printed on its line, its figure is
+//! `n/a` and the exit status is 1.
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tsunagu_bench::server::LabServer;
+use tsunagu_bench::tls::LabCa;
 use tsunagu_bench::wg::{self, Daemon, PairConfig, WgPair};
 use tsunagu_lab::seed::role;
-use tsunagu_lab::{CAFE_PUBLIC, Lab, Netns, ProcId, Seed, SeedOptions};
+use tsunagu_lab::{
+    CAFE_PUBLIC, Lab, Netns, OfficialBins, ProcId, RELAY2_PUBLIC, Seed, SeedOptions,
+};
 
-const SERVER_URL: &str = "http://198.51.100.4:8080";
 const IPERF_PORT: &str = "5201";
 /// wireguard-go's UDP port on both ends (tsunagud's default port; the labs are separate).
 const WG_PORT: u16 = 41641;
@@ -44,13 +60,15 @@ const WG_PORT: u16 = 41641;
 const WG_KEEPALIVE: u16 = 25;
 /// The MTU for wireguard-go if tsunagud's could not be read (tsunagud's default).
 const FALLBACK_MTU: u16 = 1280;
-/// What the relay line says instead of a peer's figures.
-const NO_RELAY_PEER: &str =
-    "no peer: a DERP relay to compare against (derper) needs a Go toolchain, not on this machine";
+/// The relay host's role in the lab (on 198.51.100.7).
+const RELAY_ROLE: &str = "relay";
+/// The region both relays are announced as.
+const RELAY_REGION: &str = "id=901,code=lab,name=lab relay,host=198.51.100.7";
 
 struct Args {
     bin_dir: PathBuf,
     wireguard_go: PathBuf,
+    derper: PathBuf,
     seconds: u32,
     reps: usize,
     idle_clients: usize,
@@ -61,9 +79,11 @@ fn progress(msg: &str) {
 }
 
 fn parse_args() -> Result<Args> {
+    let mut derper = None;
     let mut a = Args {
         bin_dir: PathBuf::from("target/release"),
         wireguard_go: PathBuf::from("wireguard-go"),
+        derper: PathBuf::new(),
         seconds: 10,
         reps: 3,
         idle_clients: 1000,
@@ -74,6 +94,7 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--bin-dir" => a.bin_dir = PathBuf::from(val()?),
             "--wireguard-go" => a.wireguard_go = PathBuf::from(val()?),
+            "--derper" => derper = Some(PathBuf::from(val()?)),
             "--seconds" => a.seconds = val()?.parse().context("--seconds")?,
             "--reps" => a.reps = val()?.parse().context("--reps")?,
             "--idle-clients" => a.idle_clients = val()?.parse().context("--idle-clients")?,
@@ -81,17 +102,18 @@ fn parse_args() -> Result<Args> {
                 println!(
                     "usage: paths [--bin-dir DIR (target/release)] [--seconds N (10)] \
                      [--reps N (3)] [--idle-clients N (1000)] \
-                     [--wireguard-go PATH (from PATH)]   (root)"
+                     [--wireguard-go PATH (from PATH)] \
+                     [--derper PATH ($TSUNAGU_TAILSCALE_DIR or /var/cache/tsunagu/tailscale-v1.102.5)]   (root)"
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if a.reps == 0 || a.seconds == 0 {
-        bail!("--reps and --seconds must be at least 1");
+    if a.reps == 0 || a.seconds == 0 || a.idle_clients == 0 {
+        bail!("--reps, --seconds and --idle-clients must be at least 1");
     }
-    // The peer's tools, before any lab is built.
+    // The peers' tools, before any lab is built.
     a.wireguard_go = tsunagu_lab::which(&a.wireguard_go.to_string_lossy()).ok_or_else(|| {
         anyhow!(
             "{} not found: apt-get install -y wireguard-go",
@@ -100,6 +122,16 @@ fn parse_args() -> Result<Args> {
     })?;
     if tsunagu_lab::which("wg").is_none() {
         bail!("wg not found: apt-get install -y wireguard-tools");
+    }
+    a.derper = match derper {
+        Some(p) => p,
+        None => OfficialBins::locate().context("derper")?.derper,
+    };
+    if !a.derper.is_file() {
+        bail!(
+            "{}: no derper there (scripts/setup-host builds it)",
+            a.derper.display()
+        );
     }
     Ok(a)
 }
@@ -123,12 +155,33 @@ fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<()>
     Ok(())
 }
 
+/// Which relay carries the relay path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Relay {
+    /// `tsunagu-server relay` on 198.51.100.7.
+    Ours,
+    /// Tailscale's `derper` on 198.51.100.7.
+    Derper,
+}
+
+impl Relay {
+    fn label(self) -> &'static str {
+        match self {
+            Relay::Ours => "relay",
+            Relay::Derper => "relay/derper",
+        }
+    }
+}
+
 /// A tailnet of two in the seed lab: the server, "exit" (public) and "client" (cafe).
 struct Net {
     seed: Seed,
     cli: String,
     client_sock: String,
     exit_ip: String,
+    /// The relay process on 198.51.100.7, when the path is relayed.
+    relay: Option<ProcId>,
+    relay_log: Option<PathBuf>,
 }
 
 fn status(ns: &Netns, cli: &str, sock: &str) -> Option<serde_json::Value> {
@@ -138,67 +191,132 @@ fn status(ns: &Netns, cli: &str, sock: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-fn build_net(args: &Args, name: &str, opts: SeedOptions) -> Result<Net> {
+/// Starts `relay` on 198.51.100.7:443 (TLS, a lab-CA certificate for the address) with
+/// STUN on 3478, and waits until it accepts connections.
+fn start_relay(
+    args: &Args,
+    seed: &mut Seed,
+    ca: &LabCa,
+    relay: Relay,
+) -> Result<(ProcId, PathBuf)> {
+    let ns = seed
+        .add_public_host(RELAY_ROLE, RELAY2_PUBLIC)
+        .context("adding the relay host")?;
+    let dir = seed.lab.log_path("relay");
+    std::fs::create_dir_all(&dir)?;
+    let host = RELAY2_PUBLIC.to_string();
+    let listen = format!("{host}:443");
+    let log = seed.lab.log_path("relay.log");
+    let id = match relay {
+        Relay::Ours => {
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            ca.issue(&host, &cert, &key)?;
+            let server = bin(args, "tsunagu-server")?;
+            seed.lab.spawn(
+                &ns,
+                &[
+                    &server,
+                    "--data-dir",
+                    &dir.join("data").to_string_lossy(),
+                    "relay",
+                    "--listen",
+                    &listen,
+                    "--stun-listen",
+                    &format!("{host}:3478"),
+                    "--tls-cert",
+                    &cert.to_string_lossy(),
+                    "--tls-key",
+                    &key.to_string_lossy(),
+                ],
+                Some(&log),
+            )?
+        }
+        Relay::Derper => {
+            // --certmode=manual reads <certdir>/<hostname>.crt and .key.
+            ca.issue(
+                &host,
+                &dir.join(format!("{host}.crt")),
+                &dir.join(format!("{host}.key")),
+            )?;
+            let derper = args.derper.to_string_lossy();
+            seed.lab.spawn(
+                &ns,
+                &[
+                    "env",
+                    "TS_NO_LOGS_NO_SUPPORT=true",
+                    &derper,
+                    "-a",
+                    &listen,
+                    "--http-port=-1",
+                    "--stun-port=3478",
+                    "--certmode=manual",
+                    &format!("--certdir={}", dir.display()),
+                    &format!("--hostname={host}"),
+                    "-c",
+                    &dir.join("derper.json").to_string_lossy(),
+                    "--home=blank",
+                ],
+                Some(&log),
+            )?
+        }
+    };
+    let probe = ns.clone();
+    wait(
+        &format!("{} listening on {listen}", relay.label()),
+        Duration::from_secs(20),
+        || tsunagu_lab::tcp_connect_ok(&probe, (RELAY2_PUBLIC, 443).into(), Duration::from_secs(1)),
+    )
+    .with_context(|| wg::tail(&log, 20))?;
+    Ok((id, log))
+}
+
+fn build_net(args: &Args, name: &str, relay: Option<Relay>) -> Result<Net> {
     let (server, daemon, cli) = (
         bin(args, "tsunagu-server")?,
         bin(args, "tsunagud")?,
         bin(args, "tsunagu")?,
     );
-    let mut seed = Lab::seed(name, opts).context("building the lab (root?)")?;
-    let control = seed.ns(role::CONTROL);
-    let data = seed.lab.log_path("server-data");
-    let data_s = data.to_string_lossy().into_owned();
-    let log = seed.lab.log_path("server.log");
-    seed.lab.spawn(
-        &control,
-        &[
-            &server,
-            "--data-dir",
-            &data_s,
-            "serve",
-            "--listen",
-            "198.51.100.4:8080",
-            "--server-url",
-            SERVER_URL,
-            "--derp-announce-http",
-        ],
-        Some(&log),
-    )?;
-    wait("the server", Duration::from_secs(20), || {
-        data.join("admin.sock").exists()
-    })?;
-    let admin = |a: &[&str]| -> Result<String> {
-        let mut argv = vec![server.as_str(), "--data-dir", &data_s];
-        argv.extend_from_slice(a);
-        let out = control.exec(&argv)?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let opts = SeedOptions {
+        cafe_blocks_udp: relay.is_some(),
+        ..SeedOptions::default()
     };
-    admin(&["users", "create", "bench"])?;
-    let key = admin(&["preauthkeys", "create", "--user", "bench", "--reusable"])?;
-    let key = key.lines().last().unwrap_or_default().to_string();
+    let mut seed = Lab::seed(name, opts).context("building the lab (root?)")?;
+    let ca = LabCa::new(&seed.lab.log_path("tls"))?;
+    let (relay_proc, relay_log, extra) = match relay {
+        Some(r) => {
+            let (id, log) = start_relay(args, &mut seed, &ca, r)?;
+            (
+                Some(id),
+                Some(log),
+                vec!["--no-relay", "--derp-region", RELAY_REGION],
+            )
+        }
+        None => (None, None, Vec::new()),
+    };
+    let srv = LabServer::start(&mut seed, Path::new(&server), Some(&ca), &extra)?;
+    let key = srv.preauth_key(&["--reusable"])?;
     let mut socks = Vec::new();
     for (r, host) in [(role::EXIT, "exit"), (role::CLIENT, "client")] {
         let state = seed.lab.log_path(&format!("{host}-state"));
         let sock = state.join("tsunagud.sock").to_string_lossy().into_owned();
         let l = seed.lab.log_path(&format!("{host}.log"));
-        seed.lab.spawn(
-            &seed.ns(r),
-            &[
-                &daemon,
-                "--login-server",
-                SERVER_URL,
-                "--insecure-http",
-                "--auth-key",
-                &key,
-                "--hostname",
-                host,
-                "--state-dir",
-                &state.to_string_lossy(),
-                "--socket",
-                &sock,
-            ],
-            Some(&l),
-        )?;
+        let mut argv: Vec<&str> = vec!["env"];
+        argv.extend(srv.env.iter().map(String::as_str));
+        let state_s = state.to_string_lossy();
+        argv.extend([
+            daemon.as_str(),
+            "--login-server",
+            &srv.url,
+            "--auth-key",
+            &key,
+            "--hostname",
+            host,
+            "--state-dir",
+            &state_s,
+            "--socket",
+            &sock,
+        ]);
+        seed.lab.spawn(&seed.ns(r), &argv, Some(&l))?;
         socks.push(sock);
     }
     let client_ns = seed.ns(role::CLIENT);
@@ -217,12 +335,21 @@ fn build_net(args: &Args, name: &str, opts: SeedOptions) -> Result<Net> {
             }
             !exit_ip.is_empty()
         },
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "client log:\n{}\nserver log:\n{}",
+            wg::tail(&seed.lab.log_path("client.log"), 20),
+            wg::tail(&srv.log, 20)
+        )
+    })?;
     Ok(Net {
         seed,
         cli,
         client_sock,
         exit_ip,
+        relay: relay_proc,
+        relay_log,
     })
 }
 
@@ -345,19 +472,31 @@ struct PathFigures {
     mtu: Option<u16>,
 }
 
-fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
-    let label = if relay { "relay" } else { "direct" };
+/// The direct path (`relay` None) or the relay path through `relay`.
+fn measure_path(args: &Args, relay: Option<Relay>) -> Result<PathFigures> {
+    let label = relay.map_or("direct", Relay::label);
     progress(&format!("=== {label}: building the lab"));
-    let opts = SeedOptions {
-        cafe_blocks_udp: relay,
-        ..SeedOptions::default()
+    let lab_name = match relay {
+        None => "bench_paths_direct",
+        Some(Relay::Ours) => "bench_paths_relay",
+        Some(Relay::Derper) => "bench_paths_derper",
     };
-    let mut net = build_net(args, &format!("bench_paths_{label}"), opts)?;
-    let want = if relay { "relay" } else { "direct" };
+    let mut net = build_net(args, lab_name, relay)?;
+    let want = if relay.is_some() { "relay" } else { "direct" };
     let mut p = String::new();
     wait(&format!("the {want} path"), Duration::from_secs(30), || {
         p = path(&net);
         p.starts_with(want)
+    })
+    .with_context(|| {
+        format!(
+            "path now {p:?}; client log:\n{}\nrelay log:\n{}",
+            wg::tail(&net.seed.lab.log_path("client.log"), 20),
+            net.relay_log
+                .as_deref()
+                .map(|l| wg::tail(l, 20))
+                .unwrap_or_default()
+        )
     })?;
     progress(&format!("{label}: client -> exit host via {p}"));
     let exit_ns = net.seed.ns(role::EXIT);
@@ -371,6 +510,11 @@ fn measure_path(args: &Args, relay: bool) -> Result<PathFigures> {
     let pps = (relay_packets(&net) - before) as f64 / t0.elapsed().as_secs_f64();
     let after = path(&net);
     net.seed.lab.kill(srv, tsunagu_lab::Signal::SIGTERM)?;
+    if let Some(r) = net.relay
+        && let Some(status) = net.seed.lab.try_wait(r)?
+    {
+        bail!("{label}: the relay exited ({status}) during the runs");
+    }
     progress(&format!(
         "{label}: median {gbps:.2} Gbit/s, rtt {rtt:.3} ms, relay {pps:.0} packets/s, path after: {after}"
     ));
@@ -516,38 +660,60 @@ async fn idle_client(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream
     }
 }
 
-fn measure_idle(args: &Args) -> Result<f64> {
+/// The memory per idle client of `relay`, run alone on loopback over plain TCP.
+fn measure_idle(args: &Args, relay: Relay) -> Result<f64> {
     progress(&format!(
-        "=== idle: {} DERP clients on a standalone relay (loopback)",
+        "=== idle/{}: {} DERP clients on loopback",
+        relay.label(),
         args.idle_clients
     ));
     raise_nofile(args.idle_clients as u64 * 2 + 1024);
-    let server = bin(args, "tsunagu-server")?;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
     let dir = tempfile::tempdir()?;
     let listen = format!("127.0.0.1:{port}");
-    // Every client comes from 127.0.0.1: lift the per-address connection budget.
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[limits]\nmax_connections_per_ip = {}\n",
-            args.idle_clients + 100
-        ),
-    )?;
-    let mut child = std::process::Command::new(&server)
-        .args(["--data-dir"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&config)
-        .args(["relay", "--listen", &listen, "--no-stun"])
+    let mut cmd = match relay {
+        Relay::Ours => {
+            // Every client comes from 127.0.0.1: lift the per-address connection budget.
+            let config = dir.path().join("relay.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[limits]\nmax_connections_per_ip = {}\n",
+                    args.idle_clients + 100
+                ),
+            )?;
+            let mut c = std::process::Command::new(bin(args, "tsunagu-server")?);
+            c.args(["--data-dir"])
+                .arg(dir.path())
+                .arg("--config")
+                .arg(&config)
+                .args(["relay", "--listen", &listen, "--no-stun"]);
+            c
+        }
+        Relay::Derper => {
+            // Not port 443 and no --certmode=manual: derper serves plain HTTP.
+            let mut c = std::process::Command::new(&args.derper);
+            c.env("TS_NO_LOGS_NO_SUPPORT", "true")
+                .args([
+                    "-a",
+                    &listen,
+                    "--http-port=-1",
+                    "--stun=false",
+                    "--home=blank",
+                    "-c",
+                ])
+                .arg(dir.path().join("derper.json"));
+            c
+        }
+    };
+    let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .context("starting tsunagu-server relay")?;
+        .with_context(|| format!("starting {}", relay.label()))?;
     let addr: std::net::SocketAddr = listen.parse()?;
     let result = (|| -> Result<f64> {
         wait("the relay", Duration::from_secs(20), || {
@@ -588,7 +754,8 @@ fn measure_idle(args: &Args) -> Result<f64> {
         let after = rss_kib(child.id())?;
         let per = (after.saturating_sub(before)) as f64 / conns.len() as f64;
         progress(&format!(
-            "idle: {} clients logged in within {:.1} s; relay RSS {before} KiB -> {after} KiB: {per:.1} KiB per client",
+            "idle/{}: {} clients logged in within {:.1} s; relay RSS {before} KiB -> {after} KiB: {per:.1} KiB per client",
+            relay.label(),
             conns.len(),
             t0.elapsed().as_secs_f64()
         ));
@@ -610,13 +777,26 @@ fn main() {
         }
     };
     let run = || -> Result<bool> {
-        let direct = measure_path(&args, false)?;
+        let load_before = tsunagu_bench::loadavg();
+        let direct = measure_path(&args, None)?;
         let peer = measure_peer_direct(&args, direct.mtu.unwrap_or(FALLBACK_MTU));
         if let Err(e) = &peer {
             progress(&format!("direct/wireguard-go FAILED: {e:#}"));
         }
-        let relay = measure_path(&args, true)?;
-        let per_client = measure_idle(&args)?;
+        let relay = measure_path(&args, Some(Relay::Ours))?;
+        let derper = measure_path(&args, Some(Relay::Derper));
+        if let Err(e) = &derper {
+            progress(&format!("relay/derper FAILED: {e:#}"));
+        }
+        let per_client = measure_idle(&args, Relay::Ours)?;
+        let derper_per_client = measure_idle(&args, Relay::Derper);
+        if let Err(e) = &derper_per_client {
+            progress(&format!("idle/derper FAILED: {e:#}"));
+        }
+        let first_line = |e: &anyhow::Error| {
+            let text = format!("{e:#}");
+            text.lines().next().unwrap_or_default().to_owned()
+        };
         let mtu = direct
             .mtu
             .map_or_else(|| "mtu ?".to_owned(), |m| format!("mtu {m}"));
@@ -635,25 +815,55 @@ fn main() {
                     "n/a".to_owned()
                 }
             ),
-            Err(e) => {
-                let first = format!("{e:#}");
-                let first = first.lines().next().unwrap_or_default().to_owned();
-                format!("wireguard-go FAILED: {first} (details on stderr)")
-            }
+            Err(e) => format!("wireguard-go FAILED: {} (details on stderr)", first_line(e)),
+        };
+        let derper_text = match &derper {
+            Ok(d) => format!(
+                "derper {} {:.2} Gbit/s rtt {:.3} ms ({}), {:.0} packets/s through the relay; \
+                 tsunagu/derper {}",
+                wg::version(&args.derper),
+                d.gbps,
+                d.rtt_ms,
+                d.path,
+                d.relay_pps,
+                if d.gbps > 0.0 {
+                    format!("{:.2}", relay.gbps / d.gbps)
+                } else {
+                    "n/a".to_owned()
+                }
+            ),
+            Err(e) => format!("derper FAILED: {} (details on stderr)", first_line(e)),
         };
         println!(
             "direct: tsunagud {:.2} Gbit/s rtt {:.3} ms ({}, {mtu}); {peer_text}",
             direct.gbps, direct.rtt_ms, direct.path
         );
         println!(
-            "relay:  tsunagud {:.2} Gbit/s rtt {:.3} ms ({}), {:.0} packets/s through the relay; {NO_RELAY_PEER}",
+            "relay:  tsunagu-server relay {:.2} Gbit/s rtt {:.3} ms ({}), {:.0} packets/s through the relay; {derper_text} \
+             (both over TLS on 198.51.100.7:443, the cafe dropping UDP)",
             relay.gbps, relay.rtt_ms, relay.path, relay.relay_pps
         );
         println!(
-            "paths: direct {:.2} Gbit/s, relay {:.2} Gbit/s, relay-rss-per-client {:.0} KiB",
-            direct.gbps, relay.gbps, per_client
+            "host: {} cores, load average {load_before} before, {} after",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            tsunagu_bench::loadavg()
         );
-        Ok(peer.is_ok())
+        let fig = |r: &Result<f64>, digits: usize| {
+            r.as_ref()
+                .map_or_else(|_| "n/a".to_owned(), |v| format!("{v:.digits$}"))
+        };
+        println!(
+            "paths: direct {:.2} Gbit/s, relay {:.2} Gbit/s (derper {} Gbit/s), relay-rss-per-client {:.0} KiB (derper {} KiB)",
+            direct.gbps,
+            relay.gbps,
+            fig(
+                &derper.as_ref().map(|d| d.gbps).map_err(|e| anyhow!("{e}")),
+                2
+            ),
+            per_client,
+            fig(&derper_per_client, 0)
+        );
+        Ok(peer.is_ok() && derper.is_ok() && derper_per_client.is_ok())
     };
     match run() {
         Ok(true) => {}
