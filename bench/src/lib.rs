@@ -1,6 +1,7 @@
 //! Shared pieces of the benchmark programs in `src/bin`.
 
 pub mod headscale;
+pub mod procfs;
 pub mod server;
 pub mod tls;
 pub mod wg;
@@ -12,4 +13,17 @@ pub fn loadavg() -> String {
         .ok()
         .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Raises this process's soft and hard limit of open files to `need` (children inherit
+/// it); a failure (not root) keeps the old limit, and the run then says what ran out.
+pub fn raise_nofile(need: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: need,
+        rlim_max: need,
+    };
+    // SAFETY: setrlimit reads the struct we pass; failure keeps the old limit.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
 }

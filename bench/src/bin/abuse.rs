@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::runtime::Runtime;
 use tokio::sync::Mutex;
+use tsunagu_bench::procfs::{cpu_time, status_kib};
 use tsunagu_client::{ClientError, ControlClient, MapStream};
 use tsunagu_lab::seed::role;
 use tsunagu_lab::{Lab, Netns, ProcId, Seed, SeedOptions, Signal};
@@ -95,45 +96,6 @@ fn progress(msg: impl AsRef<str>) {
 
 // ---------------------------------------------------------------------------------------
 // Processes and namespaces
-
-/// Raise the soft (and if needed hard) RLIMIT_NOFILE; children inherit it.
-fn raise_nofile(need: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: need,
-        rlim_max: need,
-    };
-    // SAFETY: setrlimit reads the struct we pass; failure keeps the old limit.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// User + system CPU time of a process.
-fn cpu_time(pid: u32) -> Duration {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = text.rfind(')').map(|i| &text[i + 2..]) else {
-        return Duration::ZERO;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
 
 /// A runtime whose threads (workers and blocking pool) live in `ns`: every socket a task
 /// creates belongs to that namespace. With `nice`, its threads run at that niceness.
@@ -735,7 +697,7 @@ fn run(args: &Args) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "run as root (the benchmark builds network namespaces)"
     );
-    raise_nofile(65_536);
+    tsunagu_bench::raise_nofile(65_536);
     let mut seed = Lab::seed("bench_abuse", SeedOptions::default()).context("building the lab")?;
     let attacker_ns = seed.add_public_host("attacker", ATTACKER)?;
     let client_ns = seed.ns(role::CLIENT);
@@ -774,12 +736,18 @@ fn run(args: &Args) -> Result<()> {
             Some(a)
         };
         progress(format!("{phase}: measuring"));
-        let (cpu0, t0) = (cpu_time(server.pid), Instant::now());
+        let (cpu0, t0) = (
+            cpu_time(&server.pid.to_string()).unwrap_or_default(),
+            Instant::now(),
+        );
         let figures = run_in(
             &legit_rt,
             measure(legit.clone(), args.registrations, args.probes, phase),
         )?;
-        let cpu = cpu_time(server.pid).saturating_sub(cpu0).as_secs_f64()
+        let cpu = cpu_time(&server.pid.to_string())
+            .unwrap_or_default()
+            .saturating_sub(cpu0)
+            .as_secs_f64()
             / t0.elapsed().as_secs_f64().max(1e-3);
         let stats = match attack {
             Some(a) => {
@@ -811,7 +779,7 @@ fn run(args: &Args) -> Result<()> {
         // Let the server settle (closed connections, queued work) before the next phase.
         std::thread::sleep(Duration::from_secs(2));
     }
-    let rss_peak = status_kib(server.pid, "VmHWM").unwrap_or(0);
+    let rss_peak = status_kib(&server.pid.to_string(), "VmHWM").unwrap_or(0);
     let observer_failures = legit.obs.failures.load(Relaxed);
     let legit_nodes = legit.joined.load(Relaxed);
     drop(legit);

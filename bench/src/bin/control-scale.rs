@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tsunagu_bench::headscale;
+use tsunagu_bench::procfs::{cpu_time, status_kib};
 use tsunagu_client::{ControlClient, MapStream};
 use tsunagu_proto::tailcfg::{
     CURRENT_CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, RegisterResponseAuth,
@@ -211,29 +212,6 @@ fn raise_nofile(need: u64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// User + system CPU time of a process.
-fn cpu_time(pid: &str) -> Option<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }
 
 fn mib(kib: u64) -> f64 {

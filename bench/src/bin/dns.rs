@@ -76,15 +76,8 @@ fn progress(msg: &str) {
     eprintln!("dns: {msg}");
 }
 
-fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > within {
-            bail!("{what}: not within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+fn wait(what: &str, within: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    Ok(tsunagu_lab::wait_until(what, within, f)?)
 }
 
 fn bin(args: &Args, name: &str) -> Result<String> {

@@ -144,15 +144,8 @@ fn bin(args: &Args, name: &str) -> Result<String> {
     Ok(std::fs::canonicalize(p)?.to_string_lossy().into_owned())
 }
 
-fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > within {
-            bail!("{what}: not within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+fn wait(what: &str, within: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    Ok(tsunagu_lab::wait_until(what, within, f)?)
 }
 
 /// Which relay carries the relay path.
@@ -603,23 +596,8 @@ fn measure_peer_direct(args: &Args, mtu: u16) -> Result<PeerFigures> {
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    tsunagu_bench::procfs::status_kib(&pid.to_string(), "VmRSS")
         .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
-}
-
-fn raise_nofile(n: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    // SAFETY: setrlimit with a valid struct; failure only leaves the old limit.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
 }
 
 /// One idle DERP client: connect, upgrade, log in, then hold the connection.
@@ -667,7 +645,7 @@ fn measure_idle(args: &Args, relay: Relay) -> Result<f64> {
         relay.label(),
         args.idle_clients
     ));
-    raise_nofile(args.idle_clients as u64 * 2 + 1024);
+    tsunagu_bench::raise_nofile(args.idle_clients as u64 * 2 + 1024);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()

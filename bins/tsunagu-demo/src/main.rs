@@ -94,15 +94,8 @@ fn run(ns: &Netns, prompt: &str, argv: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > within {
-            bail!("{what}: not within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
+fn wait(what: &str, within: Duration, f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    Ok(tsunagu_lab::wait_until(what, within, f)?)
 }
 
 fn main() -> anyhow::Result<()> {

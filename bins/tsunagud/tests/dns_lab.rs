@@ -18,6 +18,16 @@ use tsunagu_lab::{RESOLVER, WEB_ADDR, dns_query, dns_server, whoami_server};
 const CAFE_RESOLVER: &str = "198.18.1.1:53";
 const QUAD100: &str = "100.100.100.100:53";
 
+/// The internet's resolver on `web` (203.0.113.53): it alone knows `web.lab.test`.
+fn internet_resolver(web: &tsunagu_lab::Netns) -> tsunagu_lab::ServiceHandle {
+    dns_server(
+        web,
+        SocketAddr::new(RESOLVER.into(), 53),
+        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
+    )
+    .unwrap()
+}
+
 fn quad100() -> SocketAddr {
     QUAD100.parse().unwrap()
 }
@@ -53,12 +63,7 @@ fn a_member_resolves_through_the_exit_node_and_nothing_leaks_on_the_cafe_lan() {
     let web = j.seed.ns(role::WEB);
     let cafe = j.seed.ns(role::CAFE);
     let client_ns = j.seed.ns(role::CLIENT);
-    let _inet_dns = dns_server(
-        &web,
-        SocketAddr::new(RESOLVER.into(), 53),
-        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
-    )
-    .unwrap();
+    let _inet_dns = internet_resolver(&web);
     let cafe_dns = dns_server(
         &cafe,
         CAFE_RESOLVER.parse().unwrap(),
@@ -241,12 +246,7 @@ fn the_exit_nodes_doh_refuses_outsiders_and_bad_requests_and_keeps_serving() {
 }"#,
     );
     let web = j.seed.ns(role::WEB);
-    let _inet_dns = dns_server(
-        &web,
-        SocketAddr::new(RESOLVER.into(), 53),
-        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
-    )
-    .unwrap();
+    let _inet_dns = internet_resolver(&web);
     let url = peerapi_url(&j.exit_log);
     let client_ns = j.seed.ns(role::CLIENT);
     let _c = j.join_laptop(&[]);
@@ -438,12 +438,7 @@ fn a_link_local_resolver_cannot_bypass_the_exit_node() {
     let web = j.seed.ns(role::WEB);
     let cafe = j.seed.ns(role::CAFE);
     let client_ns = j.seed.ns(role::CLIENT);
-    let _inet_dns = dns_server(
-        &web,
-        SocketAddr::new(RESOLVER.into(), 53),
-        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
-    )
-    .unwrap();
+    let _inet_dns = internet_resolver(&web);
     cafe.add_addr("lan", &format!("{CAFE_LL}/64")).unwrap();
     let cafe_ll =
         std::net::SocketAddrV6::new(CAFE_LL.parse().unwrap(), 53, 0, ifindex(&cafe, "lan"));
@@ -897,12 +892,7 @@ fn closed_within(s: &std::net::TcpStream, within: Duration) -> bool {
 fn the_peerapi_bounds_connections_per_peer_and_idle_headers() {
     let mut j = setup("dns_conns");
     let web = j.seed.ns(role::WEB);
-    let _inet_dns = dns_server(
-        &web,
-        SocketAddr::new(RESOLVER.into(), 53),
-        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
-    )
-    .unwrap();
+    let _inet_dns = internet_resolver(&web);
     let url = peerapi_url(&j.exit_log);
     let target: SocketAddr = url
         .trim_start_matches("http://")
@@ -992,29 +982,8 @@ fn dns_follows_the_exit_node_to_its_standby_host() {
         },
     );
     let web = j.seed.ns(role::WEB);
-    let inet_dns = dns_server(
-        &web,
-        SocketAddr::new(RESOLVER.into(), 53),
-        &[("web.lab.test", IpAddr::V4(WEB_ADDR))],
-    )
-    .unwrap();
-    let out = j.admin(&["nodes", "standby", "add", "dev-m1sk9-s1"]);
-    let key = out.lines().last().unwrap_or_default().to_string();
-    assert!(key.starts_with("tskey-standby-"), "{out}");
-    let url = j.url.clone();
-    let c2 = j.start_node(
-        role::EXIT2,
-        "exit2",
-        &[
-            "--login-server",
-            &url,
-            "--standby-key",
-            &key,
-            "--hostname",
-            "exit2",
-            "--insecure-http",
-        ],
-    );
+    let inet_dns = internet_resolver(&web);
+    let c2 = j.start_standby_host();
     let ready = |j: &common::Joined| {
         j.nodes()
             .as_array()

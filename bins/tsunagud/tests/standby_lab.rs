@@ -99,22 +99,8 @@ fn setup(test: &str, member: Member) -> Standby {
         transport,
     );
     let web_server = whoami_server(&j.seed.ns(role::WEB), web()).unwrap();
-    let out = j.admin(&["nodes", "standby", "add", "dev-m1sk9-s1"]);
-    let key = out.lines().last().unwrap_or_default().to_string();
-    assert!(key.starts_with("tskey-standby-"), "{out}");
+    let c2 = j.start_standby_host();
     let url = j.url.clone();
-    let mut args = vec![
-        "--login-server",
-        &url,
-        "--standby-key",
-        &key,
-        "--hostname",
-        "exit2",
-    ];
-    if url.starts_with("http://") {
-        args.push("--insecure-http"); // the lab's server off loopback
-    }
-    let c2 = j.start_node(role::EXIT2, "exit2", &args);
     let mut logs = vec![j.exit_log.clone(), c2.log.clone(), j.server_log.clone()];
     wait(
         "both hosts of dev-m1sk9-s1 online and ready",
@@ -153,8 +139,9 @@ fn setup(test: &str, member: Member) -> Standby {
     }
 }
 
-/// One request every 100 ms from the laptop until stopped (at most `max`): when each
-/// started and ended, and what the web server saw.
+/// A request started every 100 ms from the laptop until stopped (at most `max`), each
+/// on its own thread as a device's apps would (one hung connection does not hold up the
+/// next; at most 64 in flight): when each started and ended, and what the web server saw.
 struct Load {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Vec<Request>>,
@@ -172,18 +159,27 @@ impl Load {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
-            let mut out = Vec::new();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut workers = Vec::new();
             let mut next = start;
-            while !flag.load(Ordering::Relaxed) && start.elapsed() < max && out.len() < 2000 {
-                let t = Instant::now();
-                let result = http_get(&ns, web(), Duration::from_secs(5))
-                    .map(|b| b.trim().to_string())
-                    .map_err(|e| e.to_string());
-                out.push(Request {
-                    start: t,
-                    end: Instant::now(),
-                    result,
-                });
+            let mut started = 0;
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < max && started < 2000 {
+                workers.retain(|w: &std::thread::JoinHandle<()>| !w.is_finished());
+                if workers.len() < 64 {
+                    started += 1;
+                    let (ns, tx) = (ns.clone(), tx.clone());
+                    workers.push(std::thread::spawn(move || {
+                        let t = Instant::now();
+                        let result = http_get(&ns, web(), Duration::from_secs(5))
+                            .map(|b| b.trim().to_string())
+                            .map_err(|e| e.to_string());
+                        let _ = tx.send(Request {
+                            start: t,
+                            end: Instant::now(),
+                            result,
+                        });
+                    }));
+                }
                 next += Duration::from_millis(100);
                 if let Some(d) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(d);
@@ -191,6 +187,12 @@ impl Load {
                     next = Instant::now();
                 }
             }
+            drop(tx);
+            for w in workers {
+                let _ = w.join();
+            }
+            let mut out: Vec<Request> = rx.into_iter().collect();
+            out.sort_by_key(|r| r.start);
             out
         });
         Load { stop, thread }
@@ -202,7 +204,7 @@ impl Load {
     }
 }
 
-/// The requests, in order.
+/// The requests, in the order they started.
 struct Results(Vec<Request>);
 
 impl Results {
@@ -241,10 +243,11 @@ impl Results {
             .filter(|r| r.result.is_ok())
             .map(|r| r.end)
             .collect();
+        ends.sort();
         if let Some(last) = self.0.last()
             && last.result.is_err()
         {
-            ends.push(last.end);
+            ends.push(last.end.max(ends.last().copied().unwrap_or(last.end)));
         }
         ends.windows(2)
             .map(|w| w[1].duration_since(w[0]))

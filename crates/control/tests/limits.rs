@@ -45,6 +45,24 @@ async fn rows(s: &TestServer) -> u64 {
     s.state.store.pending_registration_count().await.unwrap()
 }
 
+/// `n` machines start interactive registrations and one more tries: that machine, and
+/// the status and body of the refusal it must get.
+async fn n_waiting_then_one_more(s: &TestServer, n: usize) -> (SimNode, u16, String) {
+    for i in 0..n {
+        let mut m = SimNode::connect(s, &format!("m{i}")).await;
+        interactive(&mut m).await;
+    }
+    let mut extra = SimNode::connect(s, "extra").await;
+    let (status, body) = status_of(
+        extra
+            .client
+            .register(&extra.register_request(None))
+            .await
+            .unwrap_err(),
+    );
+    (extra, status, body)
+}
+
 fn status_of(e: ClientError) -> (u16, String) {
     match e {
         ClientError::Status { status, body } => (status, body),
@@ -164,18 +182,7 @@ async fn registrations_are_bounded_in_number_and_rate() {
         ..many_registrations()
     })
     .await;
-    for i in 0..3 {
-        let mut m = SimNode::connect(&s, &format!("m{i}")).await;
-        interactive(&mut m).await;
-    }
-    let mut extra = SimNode::connect(&s, "extra").await;
-    let (status, body) = status_of(
-        extra
-            .client
-            .register(&extra.register_request(None))
-            .await
-            .unwrap_err(),
-    );
+    let (_, status, body) = n_waiting_then_one_more(&s, 3).await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("too many registrations waiting"), "{body}");
     assert_eq!(rows(&s).await, 3);
@@ -185,18 +192,7 @@ async fn registrations_are_bounded_in_number_and_rate() {
         ..Limits::default()
     })
     .await;
-    for i in 0..3 {
-        let mut m = SimNode::connect(&s, &format!("m{i}")).await;
-        interactive(&mut m).await;
-    }
-    let mut fourth = SimNode::connect(&s, "fourth").await;
-    let (status, body) = status_of(
-        fourth
-            .client
-            .register(&fourth.register_request(None))
-            .await
-            .unwrap_err(),
-    );
+    let (mut fourth, status, body) = n_waiting_then_one_more(&s, 3).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(rows(&s).await, 3);
     // A node with a pre-auth key is not held up by that.

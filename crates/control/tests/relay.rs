@@ -16,6 +16,17 @@ const T: Duration = Duration::from_secs(10);
 
 /// A DERP client logged in through `addr`'s `/derp`.
 async fn derp_client(addr: &str, key: NodePrivate) -> (tokio::net::TcpStream, ClientConn) {
+    try_derp_login(addr, key)
+        .await
+        .expect("the relay serves the login")
+}
+
+/// A DERP login with `key` through `addr`: the connection once the relay sent its
+/// ServerInfo, `None` when it closed the connection instead.
+async fn try_derp_login(
+    addr: &str,
+    key: NodePrivate,
+) -> Option<(tokio::net::TcpStream, ClientConn)> {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(upgrade_request("relay").as_bytes())
         .await
@@ -26,16 +37,20 @@ async fn derp_client(addr: &str, key: NodePrivate) -> (tokio::net::TcpStream, Cl
     let mut upgraded = false;
     loop {
         while let Some(b) = conn.poll_transmit() {
-            tcp.write_all(&b).await.unwrap();
+            if tcp.write_all(&b).await.is_err() {
+                return None;
+            }
         }
         if let Some(ClientEvent::Connected { .. }) = conn.poll_event() {
-            return (tcp, conn);
+            return Some((tcp, conn));
         }
-        let n = tokio::time::timeout(T, tcp.read(&mut buf))
+        let n = match tokio::time::timeout(T, tcp.read(&mut buf))
             .await
-            .expect("relay answers")
-            .unwrap();
-        assert!(n > 0, "relay closed");
+            .expect("relay answers or closes")
+        {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => n,
+        };
         if upgraded {
             conn.handle_input(&buf[..n]).unwrap();
         } else {
@@ -241,40 +256,7 @@ async fn a_region_with_the_servers_own_id_is_refused_at_start() {
 /// Whether a DERP login with `key` through `addr` is served (false: the relay closed the
 /// connection without a ServerInfo).
 async fn derp_login_served(addr: &str, key: NodePrivate) -> bool {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(upgrade_request("relay").as_bytes())
-        .await
-        .unwrap();
-    let mut conn = ClientConn::new(key, ClientInfo::default());
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut upgraded = false;
-    loop {
-        while let Some(b) = conn.poll_transmit() {
-            if tcp.write_all(&b).await.is_err() {
-                return false;
-            }
-        }
-        if let Some(ClientEvent::Connected { .. }) = conn.poll_event() {
-            return true;
-        }
-        let n = match tokio::time::timeout(T, tcp.read(&mut buf))
-            .await
-            .expect("relay answers or closes")
-        {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => n,
-        };
-        if upgraded {
-            conn.handle_input(&buf[..n]).unwrap();
-        } else {
-            got.extend_from_slice(&buf[..n]);
-            if let Some(end) = parse_upgrade_response(&got).unwrap() {
-                upgraded = true;
-                conn.handle_input(&got[end..]).unwrap();
-            }
-        }
-    }
+    try_derp_login(addr, key).await.is_some()
 }
 
 /// `--relay-verify-clients`: the embedded relay serves the node keys of the tailnet's

@@ -49,6 +49,15 @@ pub enum LabError {
         timeout: Duration,
     },
 
+    /// Something awaited did not happen in time.
+    #[error("{what}: not within {within:?}")]
+    NotWithin {
+        /// What was awaited.
+        what: String,
+        /// How long it was given.
+        within: Duration,
+    },
+
     /// A file-system or socket operation failed.
     #[error("{context}: {source}")]
     Io {

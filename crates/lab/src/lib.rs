@@ -56,3 +56,23 @@ pub use services::{
 };
 pub use tailscaled::{OfficialBins, Tailscaled, TailscaledOpts};
 pub use tls::{LabTls, lab_tls};
+
+/// Polls `f` every 200 ms until it holds; [`LabError::NotWithin`] naming `what` when it
+/// still does not after `within`.
+pub fn wait_until(
+    what: &str,
+    within: std::time::Duration,
+    mut f: impl FnMut() -> bool,
+) -> Result<(), LabError> {
+    let start = std::time::Instant::now();
+    while !f() {
+        if start.elapsed() > within {
+            return Err(LabError::NotWithin {
+                what: what.to_string(),
+                within,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}

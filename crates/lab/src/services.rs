@@ -323,46 +323,7 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr) -> Result<ServiceHandle, LabError>
 /// sources (e.g. a fake resolver on `203.0.113.53:53` to catch DNS leaks, or a target
 /// that shows which port a NAT mapped to).
 pub fn udp_sink(ns: &Netns, addr: SocketAddr) -> Result<ServiceHandle, LabError> {
-    ensure_lab_addr(addr.ip(), "listen address")?;
-    let socket = UdpSocket::from(ns.run(|| bound_socket(addr, SockType::Datagram))??);
-    // The receive timeout doubles as the stop-flag poll interval.
-    socket
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .map_err(|e| LabError::io(format!("udp sink {addr}: read timeout"), e))?;
-    let local = socket
-        .local_addr()
-        .map_err(|e| LabError::io(format!("udp sink {addr}: local address"), e))?;
-    let shared = Arc::new(Shared::default());
-    let state = Arc::clone(&shared);
-    let thread = thread::Builder::new()
-        .name("lab-udp-sink".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !state.stop.load(Ordering::SeqCst) {
-                match socket.recv_from(&mut buf) {
-                    Ok((_, peer)) => state.record(peer),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => {
-                        // E.g. ECONNREFUSED from an ICMP error; keep serving.
-                        tracing::debug!(%local, error = %e, "udp sink receive failed");
-                        thread::sleep(POLL);
-                    }
-                }
-            }
-        })
-        .map_err(|e| LabError::io("spawning udp sink thread", e))?;
-    Ok(ServiceHandle {
-        name: "udp-sink",
-        local,
-        shared,
-        thread: Some(thread),
-    })
+    serve_udp(ns, addr, "udp-sink", |_, _, _| {})
 }
 
 /// A small authoritative DNS server (UDP) inside `ns`: answers A/AAAA for `records`
@@ -376,7 +337,6 @@ pub fn dns_server(
 ) -> Result<ServiceHandle, LabError> {
     use tsunagu_dns::magic::Zone;
     use tsunagu_dns::message;
-    ensure_lab_addr(addr.ip(), "listen address")?;
     let extra: Vec<tsunagu_dns::tailcfg_record::DNSRecord> = records
         .iter()
         .map(|(n, ip)| tsunagu_dns::tailcfg_record::DNSRecord {
@@ -386,28 +346,44 @@ pub fn dns_server(
         })
         .collect();
     let zone = Zone::new(None, std::iter::empty(), &extra);
+    serve_udp(ns, addr, "dns", move |socket, datagram, peer| {
+        let Ok(q) = message::parse_query(datagram) else {
+            return;
+        };
+        let a = zone.answer(&q).unwrap_or_else(|| message::nxdomain(&q));
+        let _ = socket.send_to(&a, peer);
+    })
+}
+
+/// A UDP service inside `ns` on `addr`: a thread that records every datagram's source
+/// and hands the datagram to `handle` (which may answer on the socket), until the
+/// handle is dropped.
+fn serve_udp(
+    ns: &Netns,
+    addr: SocketAddr,
+    name: &'static str,
+    mut handle: impl FnMut(&UdpSocket, &[u8], SocketAddr) + Send + 'static,
+) -> Result<ServiceHandle, LabError> {
+    ensure_lab_addr(addr.ip(), "listen address")?;
     let socket = UdpSocket::from(ns.run(|| bound_socket(addr, SockType::Datagram))??);
+    // The receive timeout doubles as the stop-flag poll interval.
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
-        .map_err(|e| LabError::io(format!("dns server {addr}: read timeout"), e))?;
+        .map_err(|e| LabError::io(format!("{name} {addr}: read timeout"), e))?;
     let local = socket
         .local_addr()
-        .map_err(|e| LabError::io(format!("dns server {addr}: local address"), e))?;
+        .map_err(|e| LabError::io(format!("{name} {addr}: local address"), e))?;
     let shared = Arc::new(Shared::default());
     let state = Arc::clone(&shared);
     let thread = thread::Builder::new()
-        .name("lab-dns".into())
+        .name(format!("lab-{name}"))
         .spawn(move || {
-            let mut buf = vec![0u8; 4096];
+            let mut buf = vec![0u8; 65536];
             while !state.stop.load(Ordering::SeqCst) {
                 match socket.recv_from(&mut buf) {
                     Ok((n, peer)) => {
                         state.record(peer);
-                        let Ok(q) = message::parse_query(&buf[..n]) else {
-                            continue;
-                        };
-                        let a = zone.answer(&q).unwrap_or_else(|| message::nxdomain(&q));
-                        let _ = socket.send_to(&a, peer);
+                        handle(&socket, &buf[..n], peer);
                     }
                     Err(e)
                         if matches!(
@@ -417,15 +393,16 @@ pub fn dns_server(
                                 | io::ErrorKind::Interrupted
                         ) => {}
                     Err(e) => {
-                        tracing::debug!(%local, error = %e, "dns server receive failed");
+                        // E.g. ECONNREFUSED from an ICMP error; keep serving.
+                        tracing::debug!(%local, error = %e, "{name}: receive failed");
                         thread::sleep(POLL);
                     }
                 }
             }
         })
-        .map_err(|e| LabError::io("spawning dns server thread", e))?;
+        .map_err(|e| LabError::io(format!("spawning the {name} thread"), e))?;
     Ok(ServiceHandle {
-        name: "dns",
+        name,
         local,
         shared,
         thread: Some(thread),

@@ -59,18 +59,7 @@ pub(crate) async fn redeem_in(
     reuse_by_machine: Option<&str>,
 ) -> Result<PreAuthKey, StoreError> {
     let reject = |r| StoreError::KeyRejected(r);
-    let key_id = rules::parse_auth_key(full_key).ok_or(reject(KeyRejected::Unknown))?;
-    let row: Option<KeyRow> = sqlx::query_as(&format!(
-        "SELECT {COLS} FROM pre_auth_keys WHERE key_id = $1"
-    ))
-    .bind(key_id)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db("looking up a pre-auth key"))?;
-    let row = row.ok_or(reject(KeyRejected::Unknown))?;
-    if !rules::ct_eq(&row.key_hash, &rules::hash_auth_key(full_key)) {
-        return Err(reject(KeyRejected::Unknown));
-    }
+    let row = matching_row(conn, full_key).await?;
     let id = row.id;
     let key: PreAuthKey = row.try_into()?;
     if let Some(machine_key) = reuse_by_machine {
@@ -109,6 +98,25 @@ pub(crate) async fn redeem_in(
     }
 }
 
+/// The row of `full_key`, if it exists and its secret matches the stored hash (in
+/// constant time); else the key is refused as unknown.
+async fn matching_row(conn: &mut Conn, full_key: &str) -> Result<KeyRow, StoreError> {
+    let unknown = || StoreError::KeyRejected(KeyRejected::Unknown);
+    let key_id = rules::parse_auth_key(full_key).ok_or_else(unknown)?;
+    let row: Option<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {COLS} FROM pre_auth_keys WHERE key_id = $1"
+    ))
+    .bind(key_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("looking up a pre-auth key"))?;
+    let row = row.ok_or_else(unknown)?;
+    if !rules::ct_eq(&row.key_hash, &rules::hash_auth_key(full_key)) {
+        return Err(unknown());
+    }
+    Ok(row)
+}
+
 /// The first checks of [`redeem_in`] on a reader connection: a key that does not exist,
 /// does not match its hash or has expired is refused without taking the writer (a flood
 /// of made-up keys must not queue up behind, or in front of, real registrations).
@@ -118,18 +126,7 @@ pub(crate) async fn precheck(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let reject = |r| StoreError::KeyRejected(r);
-    let key_id = rules::parse_auth_key(full_key).ok_or(reject(KeyRejected::Unknown))?;
-    let row: Option<KeyRow> = sqlx::query_as(&format!(
-        "SELECT {COLS} FROM pre_auth_keys WHERE key_id = $1"
-    ))
-    .bind(key_id)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db("looking up a pre-auth key"))?;
-    let row = row.ok_or(reject(KeyRejected::Unknown))?;
-    if !rules::ct_eq(&row.key_hash, &rules::hash_auth_key(full_key)) {
-        return Err(reject(KeyRejected::Unknown));
-    }
+    let row = matching_row(conn, full_key).await?;
     let key: PreAuthKey = row.try_into()?;
     match key.rejection(now) {
         Some(KeyRejected::Expired) => Err(reject(KeyRejected::Expired)),

@@ -202,6 +202,28 @@ impl Joined {
         }
     }
 
+    /// The admin adds a standby host to `dev-m1sk9-s1`, and tsunagud starts on `exit2`
+    /// (the seed's second exit host) with that standby key.
+    #[allow(dead_code)]
+    pub fn start_standby_host(&mut self) -> Client {
+        let out = self.admin(&["nodes", "standby", "add", "dev-m1sk9-s1"]);
+        let key = out.lines().last().unwrap_or_default().to_string();
+        assert!(key.starts_with("tskey-standby-"), "{out}");
+        let url = self.url.clone();
+        let mut args = vec![
+            "--login-server",
+            &url,
+            "--standby-key",
+            &key,
+            "--hostname",
+            "exit2",
+        ];
+        if url.starts_with("http://") {
+            args.push("--insecure-http"); // the lab's server off loopback
+        }
+        self.start_node(role::EXIT2, "exit2", &args)
+    }
+
     /// Start the exit node's tsunagud again (after it was stopped or killed), same state.
     pub fn restart_exit(&mut self) {
         let argv: Vec<&str> = self.exit_argv.iter().map(String::as_str).collect();
