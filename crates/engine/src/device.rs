@@ -425,7 +425,18 @@ fn send_bytes(shared: &Shared, datagram: &[u8], to: SocketAddr, key: Option<&Nod
 /// path when it gets through).
 /// `data`: the datagram carries an application's packet (not a keepalive or handshake).
 fn send_to_peer(shared: &Shared, peer: &PeerState, packet: WgKind, data: bool) -> bool {
-    let Some(plan) = peer.plan_send(Instant::now(), data) else {
+    let plan = peer.plan_send(Instant::now(), data);
+    if matches!(packet, WgKind::HandshakeInit(_))
+        && let Some(at) = *peer.reset_at.lock()
+    {
+        tracing::info!(
+            peer = %peer.key.short(),
+            after_reset_ms = at.elapsed().as_millis() as u64,
+            to = ?plan.as_ref().map(|p| p.to),
+            "handshake initiation for a new disco key"
+        );
+    }
+    let Some(plan) = plan else {
         return false;
     };
     let packet: Packet = packet.into();
@@ -606,6 +617,14 @@ fn handle_datagram(
         }
         TunnResult::WriteToNetwork(reply) => {
             // A handshake completed or answered: the sender is authenticated.
+            if let Some(at) = peer.reset_at.lock().take() {
+                tracing::info!(
+                    peer = %peer.key.short(),
+                    after_reset_ms = at.elapsed().as_millis() as u64,
+                    from = %from,
+                    "WireGuard session with the host now behind the peer's identity"
+                );
+            }
             peer.set_endpoint(from);
             register_index(shared, &reply, &peer);
             send(shared, reply, from, Some(&peer.key));

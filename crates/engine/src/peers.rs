@@ -62,6 +62,9 @@ pub struct PeerState {
     path: Mutex<PathState>,
     /// The NaCl box shared with the peer's disco key (made on first use).
     pub(crate) disco_box: Mutex<Option<Arc<tsunagu_disco::PeerBox>>>,
+    /// When the session was reset for a new disco key (another host behind the peer's
+    /// identity), until the new session is up: its handshakes are logged.
+    pub(crate) reset_at: Mutex<Option<Instant>>,
     pub counters: PeerCounters,
 }
 
@@ -679,6 +682,7 @@ impl PeerTable {
                         // the next packet, instead of after seconds of silence (Tailscale's
                         // clients do the same: `ResetDevicePeer`).
                         state.tunn.lock().reset();
+                        *state.reset_at.lock() = Some(Instant::now());
                         tracing::info!(peer = %peer.key.short(), "new disco key: new WireGuard session");
                     }
                     state
@@ -703,6 +707,7 @@ impl PeerTable {
                             Instant::now(),
                         )),
                         disco_box: Mutex::new(None),
+                        reset_at: Mutex::new(None),
                         counters: PeerCounters::default(),
                     })
                 }
