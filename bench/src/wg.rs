@@ -96,9 +96,12 @@ impl Daemon {
 
 /// First line of `prog --version`, or "version unknown".
 pub fn version(prog: &Path) -> String {
-    std::process::Command::new(prog)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
+    first_line_of(std::process::Command::new(prog).arg("--version"))
+}
+
+/// First line of what `cmd` prints on stdout, or "version unknown".
+pub fn first_line_of(cmd: &mut std::process::Command) -> String {
+    cmd.stdin(std::process::Stdio::null())
         .output()
         .ok()
         .and_then(|o| {

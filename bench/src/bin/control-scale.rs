@@ -1530,17 +1530,7 @@ fn server_version(kind: Kind, bin: &Path) -> String {
             "version"
         }
     };
-    Command::new(bin)
-        .arg(arg)
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            text.lines().next().map(|l| l.trim().to_owned())
-        })
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| "version unknown".into())
+    tsunagu_bench::wg::first_line_of(Command::new(bin).arg(arg))
 }
 
 /// The details and retries lines of one server's run.

@@ -18,6 +18,25 @@ use tsunagu_lab::{RESOLVER, WEB_ADDR, dns_query, dns_server, whoami_server};
 const CAFE_RESOLVER: &str = "198.18.1.1:53";
 const QUAD100: &str = "100.100.100.100:53";
 
+/// Asks `ok` of each namespace in turn until it held for both or `within` has passed
+/// since `from`: for each, how long after `from` it first held.
+fn first_success_of_each(
+    nss: [&tsunagu_lab::Netns; 2],
+    from: Instant,
+    within: Duration,
+    ok: impl Fn(&tsunagu_lab::Netns) -> bool,
+) -> [Option<Duration>; 2] {
+    let mut took = [None, None];
+    while from.elapsed() < within && took.iter().any(Option::is_none) {
+        for (i, ns) in nss.into_iter().enumerate() {
+            if took[i].is_none() && ok(ns) {
+                took[i] = Some(from.elapsed());
+            }
+        }
+    }
+    took
+}
+
 /// The internet's resolver on `web` (203.0.113.53): it alone knows `web.lab.test`.
 fn internet_resolver(web: &tsunagu_lab::Netns) -> tsunagu_lab::ServiceHandle {
     dns_server(
@@ -753,14 +772,12 @@ fn magic_dns_names_work_from_tsunagud_and_the_official_client_and_follow_a_renam
         c.j.admin(&["nodes", "rename", "dev-m1sk9-s1", "dev-m1sk9-s2"]);
     let renamed = Instant::now();
     assert!(!out.contains("rror"), "{out}");
-    let mut took: [Option<Duration>; 2] = [None, None];
-    while renamed.elapsed() < Duration::from_secs(2) && took.iter().any(Option::is_none) {
-        for (i, ns) in [&client_ns, &printer].into_iter().enumerate() {
-            if took[i].is_none() && getent(ns, "dev-m1sk9-s2").contains(&exit_ip) {
-                took[i] = Some(renamed.elapsed());
-            }
-        }
-    }
+    let took = first_success_of_each(
+        [&client_ns, &printer],
+        renamed,
+        Duration::from_secs(2),
+        |ns| getent(ns, "dev-m1sk9-s2").contains(&exit_ip),
+    );
     assert!(
         took.iter().all(Option::is_some),
         "renamed node within 2 s (tsunagud, official): {took:?}\n{}",
@@ -830,18 +847,11 @@ fn exit_node_killed_names_fail_for_both_clients_and_come_back_within_5s() {
     c.j.restart_exit();
     let back = Instant::now();
     let want = IpAddr::from([203, 0, 113, 12]);
-    let mut took: [Option<Duration>; 2] = [None, None];
-    while back.elapsed() < Duration::from_secs(5) && took.iter().any(Option::is_none) {
-        for (i, ns) in [&client_ns, &printer].into_iter().enumerate() {
-            if took[i].is_none()
-                && dns_query(ns, quad100(), "after.lab.test", Duration::from_millis(500))
-                    .unwrap()
-                    .is_some_and(|(_, a)| a.contains(&want))
-            {
-                took[i] = Some(back.elapsed());
-            }
-        }
-    }
+    let took = first_success_of_each([&client_ns, &printer], back, Duration::from_secs(5), |ns| {
+        dns_query(ns, quad100(), "after.lab.test", Duration::from_millis(500))
+            .unwrap()
+            .is_some_and(|(_, a)| a.contains(&want))
+    });
     assert!(
         took.iter().all(Option::is_some),
         "names back within 5 s of the exit node's return (tsunagud, official): {took:?}\n{}",
