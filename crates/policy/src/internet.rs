@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use ipnet::IpNet;
 
-const V4_EXCLUDED: &[&str] = &[
+/// IPv4 ranges outside `autogroup:internet` (an exit node's engine closes them too).
+pub const V4_EXCLUDED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10", // CGNAT, where tailnet addresses live
@@ -19,7 +20,7 @@ const V4_EXCLUDED: &[&str] = &[
 
 /// IPv6 global unicast; ULA (fc00::/7, incl. the tailnet's fd7a:115c:a1e0::/48),
 /// link-local and multicast are all outside it.
-const V6_INTERNET: &str = "2000::/3";
+pub const V6_INTERNET: &str = "2000::/3";
 
 /// Prefixes of `base` not covered by any of `excluded`, as a minimal list of
 /// CIDRs (in address order).

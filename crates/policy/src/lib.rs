@@ -39,6 +39,7 @@ use ipnet::IpNet;
 
 pub use compile::{CompiledPolicy, FilterClass, FilterRule, NetPortRange, PolicyNode};
 pub use error::{ErrorKind, PolicyError};
+pub use internet::{V4_EXCLUDED as V4_NOT_INTERNET, V6_INTERNET};
 pub use model::{PortRange, canonical_user};
 
 use model::{Alias, Owner, PolicyData};

@@ -17,7 +17,7 @@
 //!     iifname "tsunagu0" meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size set 1220
 //!     oifname "tsunagu0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu
 //!     oifname "tsunagu0" ct state established,related accept
-//!     iifname "tsunagu0" ip daddr { 0.0.0.0/8, 10.0.0.0/8, ..., 198.18.3.0/24, 198.51.100.0/24, ... } ip daddr != { 198.18.3.0/24 } counter packets 0 bytes 0 drop
+//!     iifname "tsunagu0" ip daddr { 0.0.0.0/8, ..., 127.0.0.0/8, ..., 198.18.3.0/24, 198.51.100.0/24, ... } ip daddr != { 198.18.3.0/24 } counter packets 0 bytes 0 drop
 //!     iifname "tsunagu0" ip6 daddr { ::/3, 2001:db8:1::/64, 4000::/2, 8000::/1 } counter packets 0 bytes 0 drop
 //!     iifname "tsunagu0" ip saddr 100.64.0.2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
 //!     iifname "tsunagu0" ip6 saddr fd7a:115c:a1e0::2 meta mark set meta mark & 0xff04ffff | 0x00040000 accept
@@ -811,7 +811,7 @@ mod tests {
                 "fd7a:115c:a1e0::1/128".parse().unwrap(),
             ],
             closed: vec![
-                "10.0.0.0/8".parse().unwrap(),
+                "127.0.0.0/8".parse().unwrap(),
                 "198.18.3.0/24".parse().unwrap(),
                 "198.51.100.0/24".parse().unwrap(),
                 "fc00::/7".parse().unwrap(),
