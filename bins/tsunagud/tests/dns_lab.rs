@@ -106,16 +106,8 @@ fn a_member_resolves_through_the_exit_node_and_nothing_leaks_on_the_cafe_lan() {
     assert_eq!(direct.1, ["198.18.1.66".parse::<IpAddr>().unwrap()]);
     let asked_before = cafe_dns.count();
 
-    let (cafe_ns, port) = j.seed.cafe_lan_iface();
-    let file = j.seed.lab.log_path("cafe-dns.pcap");
-    let cap = tsunagu_lab::capture_filtered(
-        &mut j.seed.lab,
-        &cafe_ns,
-        port,
-        &file,
-        &["port", "53", "or", "port", "853"],
-    )
-    .unwrap();
+    let (cafe_lan, port) = j.seed.cafe_lan_iface();
+    let cap = dns_capture(&mut j.seed.lab, &cafe_lan, "cafe-dns", port);
 
     let c = j.join_laptop(&["--exit-node", "dev-m1sk9-s1"]);
     // resolv.conf now names 100.100.100.100 with the tailnet's search domain.
@@ -501,16 +493,8 @@ fn a_link_local_resolver_cannot_bypass_the_exit_node() {
     );
     assert!(is_addr("203.0.113.10")(&a), "through the exit node: {a:?}");
 
-    let (cafe_cap_ns, port) = j.seed.cafe_lan_iface();
-    let file = j.seed.lab.log_path("cafe-dns.pcap");
-    let cap = tsunagu_lab::capture_filtered(
-        &mut j.seed.lab,
-        &cafe_cap_ns,
-        port,
-        &file,
-        &["port", "53", "or", "port", "853"],
-    )
-    .unwrap();
+    let (cafe_lan, port) = j.seed.cafe_lan_iface();
+    let cap = dns_capture(&mut j.seed.lab, &cafe_lan, "cafe-dns", port);
     // The system resolver (ours), and an application asking fe80::1%eth0 itself.
     assert_eq!(getent(&client_ns, "web.lab.test"), [IpAddr::V4(WEB_ADDR)]);
     let asked_directly = dns_query(
@@ -627,18 +611,20 @@ fn dns_captures(c: &mut Cafe, tag: &str) -> Vec<tsunagu_lab::Capture> {
     let cafe_ns = c.j.seed.ns(role::CAFE);
     ["p-client", "p-printer"]
         .iter()
-        .map(|port| {
-            let file = c.j.seed.lab.log_path(&format!("{tag}-{port}.pcap"));
-            tsunagu_lab::capture_filtered(
-                &mut c.j.seed.lab,
-                &cafe_ns,
-                port,
-                &file,
-                &["port", "53", "or", "port", "853"],
-            )
-            .unwrap()
-        })
+        .map(|port| dns_capture(&mut c.j.seed.lab, &cafe_ns, &format!("{tag}-{port}"), port))
         .collect()
+}
+
+/// DNS (UDP/TCP 53 and 853) on port `port` of `ns`, into `<name>.pcap`.
+fn dns_capture(
+    lab: &mut tsunagu_lab::Lab,
+    ns: &tsunagu_lab::Netns,
+    name: &str,
+    port: &str,
+) -> tsunagu_lab::Capture {
+    let file = lab.log_path(&format!("{name}.pcap"));
+    tsunagu_lab::capture_filtered(lab, ns, port, &file, &["port", "53", "or", "port", "853"])
+        .unwrap()
 }
 
 fn finish(c: &mut Cafe, caps: Vec<tsunagu_lab::Capture>) -> Vec<String> {
