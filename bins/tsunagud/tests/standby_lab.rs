@@ -348,6 +348,18 @@ fn status_json(ns: &Netns, sock: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
+/// The old host (restarted) is back as a standby host, and `exit2` is still active.
+fn wait_old_host_standing_by(j: &Joined, exit_ns: &Netns, exit_sock: &Path) {
+    wait(
+        "the old host back, standing by",
+        Duration::from_secs(30),
+        || {
+            active_host(j) == ("exit2".to_string(), true)
+                && role_of(exit_ns, exit_sock) == "standby"
+        },
+    );
+}
+
 fn role_of(ns: &Netns, sock: &Path) -> String {
     status_json(ns, sock)["standby"]["role"]
         .as_str()
@@ -477,14 +489,7 @@ fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
     s.j.seed.lab.kill(s.j.exit, Signal::SIGTERM).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     s.j.restart_exit();
-    wait(
-        "the old host back, standing by",
-        Duration::from_secs(30),
-        || {
-            active_host(&s.j) == ("exit2".to_string(), true)
-                && role_of(&exit_ns, &exit_sock) == "standby"
-        },
-    );
+    wait_old_host_standing_by(&s.j, &exit_ns, &exit_sock);
     std::thread::sleep(Duration::from_secs(2));
     let r = load.finish();
     r.report(&format!("{who}, planned (old host restarting)"));
@@ -594,14 +599,7 @@ fn crash(s: &mut Standby, who: &str) {
     let load = Load::start(ns.clone(), Duration::from_secs(40));
     std::thread::sleep(Duration::from_millis(500));
     s.j.restart_exit();
-    wait(
-        "the old host back, standing by",
-        Duration::from_secs(30),
-        || {
-            active_host(&s.j) == ("exit2".to_string(), true)
-                && role_of(&exit_ns, &exit_sock) == "standby"
-        },
-    );
+    wait_old_host_standing_by(&s.j, &exit_ns, &exit_sock);
     std::thread::sleep(Duration::from_secs(3));
     let r = load.finish();
     r.report(&format!("{who}, return of the old host"));
