@@ -6,14 +6,16 @@
 //! before the function returns, so there is no readiness race), and the server stops when
 //! its [`ServiceHandle`] is dropped.
 //!
-//! Servers handle one connection at a time, each bounded by [`IO_TIMEOUT`]: that is plenty
-//! for tests, and a stuck client cannot keep a server thread alive past the handle's drop
-//! for longer than that.
+//! TCP servers handle each connection on a thread of its own, as servers on the internet
+//! do (at most [`MAX_CONNECTIONS`] at once): a client that stops half-way through its
+//! exchange (say, because the exit node that carried it went away) must not hold up the
+//! clients behind it. Every read and write is bounded by [`IO_TIMEOUT`], so a stuck client
+//! cannot keep a thread alive for long after the handle's drop.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -32,6 +34,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an idle server looks at its stop flag.
 const POLL: Duration = Duration::from_millis(10);
+
+/// Most connections a TCP server handles at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Largest request a server reads, and largest TCP response a client accepts.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -63,8 +68,9 @@ impl Shared {
     }
 }
 
-/// A running in-process service. Dropping it stops the service (within [`POLL`] plus the
-/// current connection's [`IO_TIMEOUT`] at worst) and closes its socket.
+/// A running in-process service. Dropping it stops the service within [`POLL`] and closes
+/// its listening socket; connections in progress end within [`IO_TIMEOUT`] of their last
+/// byte.
 pub struct ServiceHandle {
     name: &'static str,
     local: SocketAddr,
@@ -194,17 +200,26 @@ fn serve_tcp(
     let thread = thread::Builder::new()
         .name(format!("lab-{name}"))
         .spawn(move || {
+            let busy = Arc::new(AtomicUsize::new(0));
             while !state.stop.load(Ordering::SeqCst) {
+                if busy.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    thread::sleep(POLL);
+                    continue;
+                }
                 match listener.accept() {
-                    Ok((mut stream, peer)) => {
+                    Ok((stream, peer)) => {
                         state.record(peer);
-                        let result = stream
-                            .set_nonblocking(false)
-                            .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
-                            .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
-                            .and_then(|()| handler(&mut stream, peer));
-                        if let Err(e) = result {
-                            tracing::debug!(service = name, %peer, error = %e, "connection failed");
+                        busy.fetch_add(1, Ordering::SeqCst);
+                        let done = Arc::clone(&busy);
+                        let spawned = thread::Builder::new()
+                            .name(format!("lab-{name}-conn"))
+                            .spawn(move || {
+                                serve_connection(stream, peer, name, handler);
+                                done.fetch_sub(1, Ordering::SeqCst);
+                            });
+                        if let Err(e) = spawned {
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                            tracing::debug!(service = name, %peer, error = %e, "no thread for a connection");
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
@@ -222,6 +237,18 @@ fn serve_tcp(
         shared,
         thread: Some(thread),
     })
+}
+
+/// One accepted connection, blocking and bounded by [`IO_TIMEOUT`] per read and write.
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, name: &str, handler: Handler) {
+    let result = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| handler(&mut stream, peer));
+    if let Err(e) = result {
+        tracing::debug!(service = name, %peer, error = %e, "connection failed");
+    }
 }
 
 /// Reads an HTTP request head (up to a blank line, [`MAX_REQUEST`] bytes, EOF or the
@@ -715,6 +742,43 @@ mod tests {
         drop(stream);
         assert!(server.wait_for_count(1, Duration::from_secs(1)));
         assert_eq!(server.peers().len(), 1);
+        server.stop();
+    }
+
+    /// A client that stops in the middle of its exchange (its exit node went away with
+    /// the connection's NAT state) holds up nobody: the next client is answered while
+    /// the first connection is still open. A server that handled one connection at a
+    /// time answered it only after the first one's read timeout (the "stall" after an
+    /// exit node switch was this).
+    #[test]
+    fn a_stalled_client_does_not_hold_up_the_next_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let server = serve_tcp(listener, "whoami", whoami_handler).expect("serve");
+        let addr = server.local_addr();
+        // Half a request, then silence.
+        let mut stalled = TcpStream::connect(addr).expect("connect");
+        stalled.write_all(b"GET / HT").expect("write");
+        assert!(server.wait_for_count(1, Duration::from_secs(5)));
+        let mut next = TcpStream::connect(addr).expect("connect");
+        next.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+        let raw = read_all_until(
+            &mut next,
+            addr,
+            Instant::now() + IO_TIMEOUT * 3,
+            MAX_RESPONSE,
+        )
+        .expect("read");
+        assert_eq!(parse_http_response(&raw).as_deref(), Ok("127.0.0.1\n"));
+        // The stalled connection has not been answered or closed meanwhile: the second
+        // client did not wait for its timeout.
+        stalled.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 64];
+        let pending = stalled.read(&mut buf);
+        assert!(
+            matches!(&pending, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "{pending:?}"
+        );
         server.stop();
     }
 }
