@@ -20,6 +20,7 @@
 
 use crate::demux::{DatagramKind, classify};
 use crate::filter::{Flows, Verdict};
+use crate::handover::{Busy, ExitFlows};
 use crate::peers::{
     DiscoSend, LocalKey, PeerState, PeerTable, bump, ip_declared_len, ip_endpoints, relay_addr,
     relay_region,
@@ -169,6 +170,9 @@ struct Shared {
     disco_log: RateLog,
     /// Outgoing UDP flows, whose answers the packet filter lets in.
     flows: Flows,
+    /// What members exchange through and with us as an exit node: when a planned
+    /// handover can happen without cutting a connection in half.
+    exit_flows: Mutex<ExitFlows>,
     /// Packets the filter refused are logged at most once a second.
     filter_log: RateLog,
     /// Our session indexes → the peer they belong to. Filled from the handshakes we send;
@@ -223,6 +227,7 @@ impl Device {
             endpoints: RwLock::new(Vec::new()),
             disco_log: RateLog::new(Duration::from_secs(1)),
             flows: Flows::default(),
+            exit_flows: Mutex::new(ExitFlows::default()),
             filter_log: RateLog::new(Duration::from_secs(1)),
             by_index: Mutex::new(HashMap::new()),
             index_table,
@@ -271,7 +276,21 @@ impl Device {
             e.state.reset_session(Instant::now());
         }
         self.shared.by_index.lock().clear();
+        *self.shared.exit_flows.lock() = ExitFlows::default();
         tracing::info!(standby, "data plane role changed");
+    }
+
+    /// Whether a planned handover may happen now without cutting a forwarded exchange
+    /// in half: `None` when quiet, otherwise what keeps this exit node busy
+    /// ([`crate::handover`]).
+    pub fn handover_busy(&self) -> Option<Busy> {
+        self.shared.exit_flows.lock().quiet(Instant::now())
+    }
+
+    /// Members' TCP connections through and to this exit node seen since it became
+    /// active (for logs).
+    pub fn exit_connections_seen(&self) -> u64 {
+        self.shared.exit_flows.lock().seen()
     }
 
     /// Whether the device stands by.
@@ -489,6 +508,13 @@ fn outbound(shared: &Shared) {
         if table.tracks_flows() {
             shared.flows.note_out(&packet, Instant::now());
         }
+        if table.serves_exit() {
+            // To a member: forwarded from the internet, or from this host itself.
+            shared
+                .exit_flows
+                .lock()
+                .note(&packet, false, Instant::now());
+        }
         bump(&peer.counters.tx_packets, 1);
         bump(&peer.counters.tx_bytes, n);
         let out = peer
@@ -663,6 +689,10 @@ fn handle_datagram(
             bump(&peer.counters.rx_bytes, plain.len());
             if ends.is_some_and(|(_, dst)| !is_tailnet_addr(dst)) {
                 bump(&peer.counters.exit_rx_packets, 1);
+            }
+            if table.serves_exit() {
+                // From a member: to be forwarded, or to this host (its DNS, PeerAPI).
+                shared.exit_flows.lock().note(&plain, true, Instant::now());
             }
             if let Err(e) = shared.tun.send(&plain) {
                 tracing::trace!(error = %e, "tun write");

@@ -35,7 +35,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use tsunagu_proto::tailcfg::FilterRule;
 
-const TCP: u8 = 6;
+pub(crate) const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
@@ -143,22 +143,22 @@ pub struct Filter {
 
 /// The parts of an IP packet the filter looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Headers {
-    src: IpAddr,
-    dst: IpAddr,
-    proto: u8,
+pub(crate) struct Headers {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    pub(crate) proto: u8,
     /// Source and destination ports (TCP, UDP, SCTP), when present.
-    ports: Option<(u16, u16)>,
+    pub(crate) ports: Option<(u16, u16)>,
     /// A later fragment (no transport header).
     fragment: bool,
     /// TCP flags, ICMP type.
-    tcp_flags: u8,
+    pub(crate) tcp_flags: u8,
     icmp_type: u8,
     /// The transport header is cut short (no ports, no TCP flags, no ICMP type).
     truncated: bool,
 }
 
-fn parse(p: &[u8]) -> Option<Headers> {
+pub(crate) fn parse(p: &[u8]) -> Option<Headers> {
     let (src, dst, proto, l4, fragment) = match p.first()? >> 4 {
         4 => {
             let ihl = usize::from(p.first()? & 0x0f) * 4;

@@ -6,7 +6,8 @@
 //! serve an exit node.
 //!
 //! Layers, bottom up:
-//! * [`allowed_ips`], [`demux`], [`filter`], [`scope`], [`peers`]: pure logic, no I/O.
+//! * [`allowed_ips`], [`demux`], [`filter`], [`scope`], [`peers`], [`handover`]: pure
+//!   logic, no I/O.
 //! * [`tun`], [`udp`]: the two kinds of I/O, each behind a seam.
 //! * [`device`]: the packet path (threads moving packets between the two).
 //! * [`os`]: Linux routing, policy rules, forwarding and NAT.
@@ -17,6 +18,7 @@ pub mod demux;
 pub mod device;
 pub mod engine;
 pub mod filter;
+pub mod handover;
 pub mod os;
 pub mod peers;
 pub mod scope;

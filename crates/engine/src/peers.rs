@@ -620,6 +620,8 @@ pub struct PeerTable {
     /// What peers may send us: the map's packet filter, our addresses, whether we
     /// forward as exit node.
     filter: Filter,
+    /// We serve as an exit node.
+    serves_exit: bool,
 }
 
 impl PeerTable {
@@ -633,6 +635,7 @@ impl PeerTable {
             routes: AllowedIps::new(),
             exit: None,
             filter: Filter::default(),
+            serves_exit: false,
         }
     }
 
@@ -745,6 +748,7 @@ impl PeerTable {
                 map.self_node.serve_exit.then_some(host),
             )
             .with_peerapi_port(map.self_node.peerapi_port),
+            serves_exit: map.self_node.serve_exit,
         }
     }
 
@@ -776,6 +780,12 @@ impl PeerTable {
     }
 
     /// Whether outgoing packets must be noted for the filter (UDP answers).
+    /// Whether we serve as an exit node (what members' connections through and to us
+    /// then matter to a handover, [`crate::handover`]).
+    pub fn serves_exit(&self) -> bool {
+        self.serves_exit
+    }
+
     pub fn tracks_flows(&self) -> bool {
         self.filter.tracks_flows()
     }
