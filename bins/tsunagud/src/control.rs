@@ -609,6 +609,7 @@ async fn session(
             // The role first: the first map must not start the data plane in the wrong
             // one, and a host that loses the role stops answering now.
             let handover = info.handover;
+            crate::standby::wind_down(shared, &info).await;
             if crate::standby::on_info(shared, info) {
                 let confirm = report(shared, p, &node, port, tun);
                 bounded("confirming the host role", client.map(&confirm)).await?;

@@ -6,7 +6,10 @@
 //! changes) and puts it in force at once: standing by, the data plane answers nothing
 //! and sends nothing (routes, NAT and peers stay ready); active, it serves. It confirms
 //! the role it put in force in a report (`TsunaguHost`), which the server waits for
-//! before it moves members. Going from active to standby, it takes a new disco key, so
+//! before it moves members. In a planned switch the active host is told to stand by
+//! first, with a wind-down: it keeps serving until no forwarded connection is in the
+//! middle of an exchange (bounded, [`wind_down`]), so no request in flight is cut in
+//! half; only then is the new host told it is active. Going from active to standby, it takes a new disco key, so
 //! that the next time it serves, members see a key they never saw and start their
 //! WireGuard session with it afresh.
 //!
@@ -17,6 +20,7 @@
 use crate::api::{DaemonPrefs, Shared, write_private};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 use tsunagu_proto::tailcfg::{
     HostReport, HostRole, StandbyGrant, StandbyHostView, StandbyInfo, SwitchRecord,
 };
@@ -54,6 +58,53 @@ pub fn host_report(shared: &Shared, prefs: &DaemonPrefs) -> Option<HostReport> {
         role,
         prefer: prefs.prefer,
     })
+}
+
+/// Longest wind-down a host accepts from the server (`StandbyInfo.wind_down_ms`).
+const MAX_WIND_DOWN: Duration = Duration::from_secs(10);
+/// How often a winding-down host looks at what it forwards.
+const WIND_DOWN_POLL: Duration = Duration::from_millis(5);
+
+/// A planned switch away from this active host (`wind_down_ms` set): wait until no
+/// forwarded connection is mid-exchange (see `tsunagu_engine::handover`), at most as
+/// long as the server allows, so that members' requests in flight are not cut in half
+/// by the switch. The host keeps serving meanwhile; the caller then stands by.
+pub async fn wind_down(shared: &Shared, info: &StandbyInfo) {
+    if info.role != HostRole::Standby || info.wind_down_ms == 0 || standing_by(shared) {
+        return;
+    }
+    let within = Duration::from_millis(u64::from(info.wind_down_ms)).min(MAX_WIND_DOWN);
+    let started = Instant::now();
+    loop {
+        let (busy, seen) = match shared.engine.lock() {
+            Ok(g) => g.as_ref().map_or((None, 0), |e| {
+                let d = e.device();
+                (d.handover_busy(), d.exit_connections_seen())
+            }),
+            Err(_) => (None, 0),
+        };
+        let waited_ms = started.elapsed().as_millis() as u64;
+        match busy {
+            None => {
+                tracing::info!(
+                    waited_ms,
+                    connections_seen = seen,
+                    "handing the exit node over at a quiet moment"
+                );
+                return;
+            }
+            Some(b) if started.elapsed() >= within => {
+                tracing::info!(
+                    waited_ms,
+                    in_progress = b.in_progress,
+                    connections_seen = seen,
+                    "handing the exit node over with connections in progress (wind-down over)"
+                );
+                return;
+            }
+            Some(_) => tokio::time::sleep(WIND_DOWN_POLL).await,
+        }
+    }
 }
 
 /// A role message from the server: put it in force now. True when the role changed

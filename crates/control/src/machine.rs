@@ -1080,6 +1080,7 @@ async fn session(
                             hosts: Vec::new(),
                             last_switch: t.last_switch.clone(),
                             handover: false,
+                            wind_down_ms: 0,
                         }));
                         told = now;
                         let m = MapResponse { tsunagu_standby: info, ..MapResponse::default() };

@@ -107,17 +107,17 @@ impl Machine {
     }
 }
 
+/// Role messages a host got, each with the time it arrived.
+type Roles = mpsc::UnboundedReceiver<(tokio::time::Instant, StandbyInfo)>;
+
 /// Plays tsunagud on a host: follows the map stream, hands the key over when asked,
 /// confirms every role it is given with a report (after `ack_delay`). Every role message
-/// it got goes to the returned channel.
+/// it got goes to the returned channel, with the time it arrived.
 fn run_host(
     mut m: Machine,
     mut stream: MapStream,
     ack_delay: Duration,
-) -> (
-    tokio::task::JoinHandle<()>,
-    mpsc::UnboundedReceiver<StandbyInfo>,
-) {
+) -> (tokio::task::JoinHandle<()>, Roles) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         loop {
@@ -131,6 +131,7 @@ fn run_host(
             let Some(info) = msg.tsunagu_standby else {
                 continue;
             };
+            let arrived = tokio::time::Instant::now();
             if info.handover {
                 let body = HandoverRequest {
                     node_key: m.key.public(),
@@ -140,7 +141,7 @@ fn run_host(
             }
             tokio::time::sleep(ack_delay).await;
             m.send_report(true, Some(info.role)).await;
-            if tx.send(info).is_err() {
+            if tx.send((arrived, info)).is_err() {
                 return;
             }
         }
@@ -148,14 +149,19 @@ fn run_host(
     (task, rx)
 }
 
-async fn next_role(rx: &mut mpsc::UnboundedReceiver<StandbyInfo>, want: HostRole) -> StandbyInfo {
+async fn next_role(rx: &mut Roles, want: HostRole) -> StandbyInfo {
+    next_role_at(rx, want).await.1
+}
+
+/// The next message with role `want`, and when it arrived.
+async fn next_role_at(rx: &mut Roles, want: HostRole) -> (tokio::time::Instant, StandbyInfo) {
     loop {
-        let info = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let (at, info) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("a role message within 10 s")
             .expect("the host is running");
         if info.role == want {
-            return info;
+            return (at, info);
         }
     }
 }
@@ -328,8 +334,8 @@ async fn node_id(s: &TestServer, m: &Machine) -> i64 {
 struct Group {
     s: TestServer,
     id: i64,
-    a_roles: mpsc::UnboundedReceiver<StandbyInfo>,
-    b_roles: mpsc::UnboundedReceiver<StandbyInfo>,
+    a_roles: Roles,
+    b_roles: Roles,
     a_task: tokio::task::JoinHandle<()>,
     member: MapStream,
     a_disco: DiscoPublic,
@@ -446,9 +452,21 @@ async fn an_admin_failover_moves_members_only_after_the_new_host_confirmed() {
     );
     assert_eq!(v["switch"]["Reason"], "admin failover", "{v}");
     assert_eq!(v["node"]["active"], "exit2", "{v}");
-    // The old host heard first that it stands by, the new one that it is active.
-    next_role(&mut g.a_roles, HostRole::Standby).await;
-    let info = next_role(&mut g.b_roles, HostRole::Active).await;
+    // The old host heard first that it stands by, with a wind-down (a planned switch);
+    // the new one that it is active only once the old one had confirmed (300 ms later):
+    // never two at once.
+    let (old_told, old_info) = next_role_at(&mut g.a_roles, HostRole::Standby).await;
+    assert_eq!(
+        Duration::from_millis(old_info.wind_down_ms.into()),
+        tsunagu_control::standby::WIND_DOWN
+    );
+    let (new_told, info) = next_role_at(&mut g.b_roles, HostRole::Active).await;
+    assert_eq!(info.wind_down_ms, 0);
+    assert!(
+        new_told >= old_told + Duration::from_millis(300),
+        "the new host was told {:?} after the old one",
+        new_told.duration_since(old_told)
+    );
     assert!(info.hosts.iter().any(|h| h.name == "exit2" && h.active));
     let b_disco = g.b_disco;
     let (m, _) = member_sees(&mut g, b_disco, Duration::from_secs(5)).await;
@@ -515,6 +533,9 @@ async fn a_drain_on_the_active_host_moves_members_to_the_standby_instead_of_away
     let b_disco = g.b_disco;
     let (m, took) = member_sees(&mut g, b_disco, Duration::from_secs(5)).await;
     eprintln!("drain: members moved after {took:?}");
+    // Planned: the draining host may wind down first.
+    let info = next_role(&mut g.a_roles, HostRole::Standby).await;
+    assert!(info.wind_down_ms > 0, "{info:?}");
     let p = m
         .peers_changed
         .iter()
@@ -553,6 +574,9 @@ async fn the_active_host_gone_for_three_seconds_hands_over_to_the_standby() {
     let b_disco = g.b_disco;
     let (_, took) = member_sees(&mut g, b_disco, Duration::from_secs(8)).await;
     eprintln!("crash: members moved after {took:?}");
+    // Unplanned: nothing to wait for, the new host is told at once.
+    let info = next_role(&mut g.b_roles, HostRole::Active).await;
+    assert_eq!(info.wind_down_ms, 0);
     assert!(
         took >= Duration::from_millis(2900),
         "not before 3 s ({took:?})"

@@ -91,6 +91,15 @@ pub enum Reason {
     Removed,
 }
 
+impl Reason {
+    /// A switch with the old host still there and serving (admin, drain, a preferred
+    /// host's return): it can hand over at a quiet moment. Otherwise the old host is
+    /// gone or removed.
+    pub fn planned(&self) -> bool {
+        matches!(self, Reason::Admin | Reason::Drain | Reason::Preferred)
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

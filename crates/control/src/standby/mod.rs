@@ -46,6 +46,9 @@ const TICK: Duration = Duration::from_millis(250);
 const ACK_NEW: Duration = Duration::from_secs(2);
 /// How long a switch waits for the old host to say it stands by (when it is online).
 const ACK_OLD: Duration = Duration::from_secs(1);
+/// In a planned switch, how long the old host may wait for a moment when no forwarded
+/// connection is mid-exchange before it stands by (`StandbyInfo.wind_down_ms`).
+pub const WIND_DOWN: Duration = Duration::from_secs(2);
 /// A handed-over key is kept this long for the standby host that waits for it.
 const HANDOVER_TTL: Duration = Duration::from_secs(60);
 /// Switches remembered per node (for `nodes standby list`).
@@ -108,6 +111,9 @@ struct Group {
     published: String,
     switches: VecDeque<SwitchRecord>,
     handover_wanted: bool,
+    /// A planned switch in its first step: the old host (`.0`) winds down and stands
+    /// by before the new one (`.1`) is told it is active.
+    winding: Option<(String, String)>,
 }
 
 struct Inner {
@@ -270,6 +276,7 @@ impl Standby {
                 published: published.clone(),
                 switches: VecDeque::new(),
                 handover_wanted: false,
+                winding: None,
             };
             g.hosts.insert(
                 n.machine_key.clone(),
@@ -423,10 +430,13 @@ impl Standby {
         let inner = self.inner.lock();
         let g = inner.groups.get(&node)?;
         let active = inner.core.active(node)?;
-        let role = if active.0 == machine_key {
-            HostRole::Active
-        } else {
-            HostRole::Standby
+        let (role, wind_down) = match &g.winding {
+            // Never two at once: the new host hears it is active only once the old one
+            // said it stands by.
+            Some((_, to)) if to == machine_key => (HostRole::Standby, Duration::ZERO),
+            Some((from, _)) if from == machine_key => (HostRole::Standby, WIND_DOWN),
+            _ if active.0 == machine_key => (HostRole::Active, Duration::ZERO),
+            _ => (HostRole::Standby, Duration::ZERO),
         };
         Some(StandbyInfo {
             identity: g.name.clone(),
@@ -435,6 +445,7 @@ impl Standby {
             last_switch: g.switches.back().cloned(),
             // Every host holds the key; the first to post it wins.
             handover: g.handover_wanted,
+            wind_down_ms: u32::try_from(wind_down.as_millis()).unwrap_or(u32::MAX),
         })
     }
 
@@ -529,6 +540,7 @@ impl Standby {
             published: node.machine_key.clone(),
             switches: VecDeque::new(),
             handover_wanted: false,
+            winding: None,
         });
         g.hosts
             .entry(host.machine_key.clone())
@@ -611,7 +623,9 @@ impl Standby {
         let sw = {
             let mut inner = self.inner.lock();
             let to = to.map(|t| HostId(t.to_string()));
-            inner.core.failover(node, to.as_ref(), Instant::now())?
+            let sw = inner.core.failover(node, to.as_ref(), Instant::now())?;
+            Self::begin(&mut inner, &sw);
+            sw
         };
         Ok(self.perform(state, sw).await)
     }
@@ -633,10 +647,7 @@ impl Standby {
             let published = HostId(g.published.clone());
             let last = ids.len() <= 1;
             inner.core.set_hosts(node, &ids, &published, Instant::now());
-            let mut events = Vec::new();
-            while let Some(sw) = inner.core.poll_event() {
-                events.push(sw);
-            }
+            let events = Self::take_switches(&mut inner);
             if last && events.is_empty() {
                 // The node's own machine is left: no group any more.
                 inner.groups.remove(&node);
@@ -667,23 +678,64 @@ impl Standby {
         }
     }
 
+    /// The switches the core decided, each begun ([`Self::begin`]).
+    fn take_switches(inner: &mut Inner) -> Vec<Switch> {
+        let mut out = Vec::new();
+        while let Some(sw) = inner.core.poll_event() {
+            Self::begin(inner, &sw);
+            out.push(sw);
+        }
+        out
+    }
+
+    /// A switch the core just decided, under the same lock: a planned one starts with
+    /// the old host winding down, so that no role message sent before [`Self::perform`]
+    /// runs (the core has switched already) tells the new host it is active.
+    fn begin(inner: &mut Inner, sw: &Switch) {
+        if sw.reason.planned()
+            && let Some(g) = inner.groups.get_mut(&sw.node)
+        {
+            g.winding = Some((sw.from.0.clone(), sw.to.0.clone()));
+        }
+    }
+
     /// Carry out a switch the core decided (see the module's diagram); returns the
     /// record of it.
     async fn perform(&self, state: &Arc<State>, sw: Switch) -> SwitchRecord {
         let started = Instant::now();
         let node = sw.node;
         // (a) roles out: `info_for` follows the core, which has switched already.
-        {
-            let mut inner = self.inner.lock();
-            Self::bump(&mut inner, node);
-        }
-        // (b) the new host active, the old one standing by (or gone), bounded.
-        let new_ok = self
-            .wait_ack(node, &sw.to.0, HostRole::Active, ACK_NEW)
-            .await;
-        let old_ok = self
-            .wait_ack(node, &sw.from.0, HostRole::Standby, ACK_OLD)
-            .await;
+        // (b) the new host active, the old one standing by (or gone), bounded. A planned
+        // switch goes one host after the other: the old host first stands by, at a
+        // quiet moment of what it forwards (at most `WIND_DOWN` away), and only then is
+        // the new one told. Otherwise (the old host is gone, or removed) both at once.
+        let (new_ok, old_ok) = if sw.reason.planned() {
+            // Winding began with the switch ([`Self::begin`]); tell the old host now.
+            {
+                let mut inner = self.inner.lock();
+                Self::bump(&mut inner, node);
+            }
+            let old_ok = self
+                .wait_ack(node, &sw.from.0, HostRole::Standby, WIND_DOWN + ACK_OLD)
+                .await;
+            self.end_winding(node);
+            let new_ok = self
+                .wait_ack(node, &sw.to.0, HostRole::Active, ACK_NEW)
+                .await;
+            (new_ok, old_ok)
+        } else {
+            {
+                let mut inner = self.inner.lock();
+                Self::bump(&mut inner, node);
+            }
+            let new_ok = self
+                .wait_ack(node, &sw.to.0, HostRole::Active, ACK_NEW)
+                .await;
+            let old_ok = self
+                .wait_ack(node, &sw.from.0, HostRole::Standby, ACK_OLD)
+                .await;
+            (new_ok, old_ok)
+        };
         if !new_ok {
             tracing::warn!(node, host = %sw.to, "the new active host did not confirm its role in time; switching anyway");
         }
@@ -751,6 +803,15 @@ impl Standby {
         rec
     }
 
+    /// Ends the first step of a planned switch of `node`, and tells the hosts.
+    fn end_winding(&self, node: i64) {
+        let mut inner = self.inner.lock();
+        if let Some(g) = inner.groups.get_mut(&node) {
+            g.winding = None;
+        }
+        Self::bump(&mut inner, node);
+    }
+
     /// Wait (at most `within`) until host `mk` of `node` says it put `role` in force, or
     /// (for the standby role) until it is gone.
     async fn wait_ack(&self, node: i64, mk: &str, role: HostRole, within: Duration) -> bool {
@@ -795,10 +856,7 @@ impl Standby {
             }
         }
         core.handle_timeout(now);
-        let mut out = Vec::new();
-        while let Some(sw) = inner.core.poll_event() {
-            out.push(sw);
-        }
+        let out = Self::take_switches(&mut inner);
         // Hosts hear when the others come and go (their `status` shows it).
         let nodes: Vec<i64> = inner.groups.keys().copied().collect();
         for node in nodes {

@@ -139,6 +139,15 @@ pub struct StandbyInfo {
     /// A new standby host waits for the identity's key: post it ([`HandoverRequest`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handover: bool,
+    /// A planned switch away from this (active) host: stand by at the first moment
+    /// when no forwarded connection is in the middle of an exchange, waiting at most
+    /// this many milliseconds. 0: at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wind_down_ms: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `MapRequest.TsunaguHost`: what a host of an identity tells the server about itself.
@@ -190,9 +199,20 @@ mod tests {
             hosts: vec![],
             last_switch: None,
             handover: false,
+            wind_down_ms: 0,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(json, r#"{"Identity":"x","Role":"standby","Hosts":[]}"#);
+        let planned = StandbyInfo {
+            wind_down_ms: 2000,
+            ..info
+        };
+        let json = serde_json::to_string(&planned).unwrap();
+        assert_eq!(
+            json,
+            r#"{"Identity":"x","Role":"standby","Hosts":[],"WindDownMs":2000}"#
+        );
+        assert_eq!(serde_json::from_str::<StandbyInfo>(&json).unwrap(), planned);
         let r: HostReport = serde_json::from_str(r#"{"Role":"active"}"#).unwrap();
         assert_eq!(r.role, Some(HostRole::Active));
         assert!(!r.prefer);
