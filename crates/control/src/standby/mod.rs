@@ -816,16 +816,27 @@ impl Standby {
     /// (for the standby role) until it is gone.
     async fn wait_ack(&self, node: i64, mk: &str, role: HostRole, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
+        let relay = self.relay.get().cloned();
         loop {
             let acked = self.acks.notified();
             tokio::pin!(acked);
             acked.as_mut().enable();
             {
                 let inner = self.inner.lock();
-                let Some(h) = inner.groups.get(&node).and_then(|g| g.hosts.get(mk)) else {
+                let Some(g) = inner.groups.get(&node) else {
                     return role == HostRole::Standby;
                 };
-                if h.acked == Some(role) || (role == HostRole::Standby && h.sessions == 0) {
+                let Some(h) = g.hosts.get(mk) else {
+                    return role == HostRole::Standby;
+                };
+                // Gone: no map stream and no relay connection. A host that is only
+                // between two map streams (it opens a new one when its offer changes, as
+                // in a drain) is still there and serving: wait for its word.
+                let gone = h.sessions == 0
+                    && !relay
+                        .as_deref()
+                        .is_some_and(|r| r.host_connected(&g.key, mk));
+                if h.acked == Some(role) || (role == HostRole::Standby && gone) {
                     return true;
                 }
             }
