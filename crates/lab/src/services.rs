@@ -722,23 +722,35 @@ mod tests {
         assert!(parse_http_response(b"HTTP/1.0 200 OK\r\n").is_err());
     }
 
-    #[test]
-    fn loopback_services_work_without_a_lab() {
-        // Loopback of the test's own namespace: no root needed, exercises the server loop.
+    /// A whoami server on loopback of the test's own namespace (no root needed).
+    fn loopback_whoami() -> (ServiceHandle, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("nonblocking");
         let server = serve_tcp(listener, "whoami", whoami_handler).expect("serve");
         let addr = server.local_addr();
+        (server, addr)
+    }
+
+    /// One GET to the loopback whoami server: the address it saw.
+    fn get_whoami(addr: SocketAddr) -> (TcpStream, Result<String, String>) {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
         let raw = read_all_until(
             &mut stream,
             addr,
-            Instant::now() + Duration::from_secs(5),
+            Instant::now() + IO_TIMEOUT * 3,
             MAX_RESPONSE,
         )
         .expect("read");
-        assert_eq!(parse_http_response(&raw).as_deref(), Ok("127.0.0.1\n"));
+        (stream, parse_http_response(&raw))
+    }
+
+    #[test]
+    fn loopback_services_work_without_a_lab() {
+        // Exercises the server loop.
+        let (server, addr) = loopback_whoami();
+        let (stream, answer) = get_whoami(addr);
+        assert_eq!(answer.as_deref(), Ok("127.0.0.1\n"));
         drop(stream);
         assert!(server.wait_for_count(1, Duration::from_secs(1)));
         assert_eq!(server.peers().len(), 1);
@@ -752,24 +764,13 @@ mod tests {
     /// exit node switch was this).
     #[test]
     fn a_stalled_client_does_not_hold_up_the_next_one() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let server = serve_tcp(listener, "whoami", whoami_handler).expect("serve");
-        let addr = server.local_addr();
+        let (server, addr) = loopback_whoami();
         // Half a request, then silence.
         let mut stalled = TcpStream::connect(addr).expect("connect");
         stalled.write_all(b"GET / HT").expect("write");
         assert!(server.wait_for_count(1, Duration::from_secs(5)));
-        let mut next = TcpStream::connect(addr).expect("connect");
-        next.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
-        let raw = read_all_until(
-            &mut next,
-            addr,
-            Instant::now() + IO_TIMEOUT * 3,
-            MAX_RESPONSE,
-        )
-        .expect("read");
-        assert_eq!(parse_http_response(&raw).as_deref(), Ok("127.0.0.1\n"));
+        let (_next, answer) = get_whoami(addr);
+        assert_eq!(answer.as_deref(), Ok("127.0.0.1\n"));
         // The stalled connection has not been answered or closed meanwhile: the second
         // client did not wait for its timeout.
         stalled.set_nonblocking(true).expect("nonblocking");
