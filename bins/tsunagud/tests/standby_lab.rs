@@ -566,7 +566,9 @@ fn quiet_handover(log: &Path) -> String {
 
 /// The active host SIGKILLed under load: traffic back through the standby host within
 /// 5 s, nothing on the cafe LAN outside the tunnel meanwhile; the old host returns as a
-/// standby host without another interruption, and both say who serves.
+/// standby host without another interruption, and both say who serves; then, told to
+/// prefer the role (`tsunagu up --prefer`), it takes it back in a planned switch that
+/// loses nothing.
 fn crash(s: &mut Standby, who: &str) {
     let ns = s.j.seed.ns(role::CLIENT);
     let exit_ns = s.j.seed.ns(role::EXIT);
@@ -638,6 +640,37 @@ fn crash(s: &mut Standby, who: &str) {
         st.contains("# Host of exit node dev-m1sk9-s1: active")
             && st.contains("dev-m1sk9-s1 (standby, ready)"),
         "{st}"
+    );
+
+    // The returned host now prefers the role (`tsunagu up --prefer`): once it has been
+    // ready for a while it takes the role back, a planned switch like the others.
+    let load = Load::start(ns.clone(), Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&tsunagu(&exit_ns, &exit_sock, &["up", "--prefer"]));
+    until_seen(&ns, EXIT_PUBLIC, Duration::from_secs(10), &s.logs);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = load.finish();
+    r.report(&format!("{who}, a preferring host takes the role back"));
+    let bad = r.failures();
+    assert!(bad.is_empty(), "failed: {bad:?}");
+    assert!(
+        r.longest_gap() < Duration::from_secs(2),
+        "{:?}",
+        r.longest_gap()
+    );
+    assert_eq!(
+        r.seen(),
+        vec![EXIT2_PUBLIC.to_string(), EXIT_PUBLIC.to_string()]
+    );
+    let e = exit_entry(&s.j);
+    assert_eq!(e["standby"]["active"], "dev-m1sk9-s1", "{e}");
+    assert_eq!(
+        e["standby"]["last_switch"]["Reason"], "a preferred host is ready again",
+        "{e}"
+    );
+    eprintln!(
+        "{who}, a preferring host takes the role back: {}",
+        quiet_handover(&s.logs[1])
     );
 }
 
