@@ -7,11 +7,11 @@
 //! and sends nothing (routes, NAT and peers stay ready); active, it serves. It confirms
 //! the role it put in force in a report (`TsunaguHost`), which the server waits for
 //! before it moves members. In a planned switch the active host is told to stand by
-//! first, with a wind-down: it keeps serving until no forwarded connection is in the
+//! first, with a wind-down: it keeps serving until no member's connection is in the
 //! middle of an exchange (bounded, [`wind_down`]), so no request in flight is cut in
-//! half; only then is the new host told it is active. Going from active to standby, it takes a new disco key, so
-//! that the next time it serves, members see a key they never saw and start their
-//! WireGuard session with it afresh.
+//! half; only then is the new host told it is active. Going from active to standby, it
+//! takes a new disco key, so that the next time it serves, members see a key they never
+//! saw and start their WireGuard session with it afresh.
 //!
 //! A standby host joins with a standby key (`tsunagu up --standby-key`): the server
 //! answers its registration with the identity's private key ([`install_grant`]), which it
@@ -66,7 +66,7 @@ const MAX_WIND_DOWN: Duration = Duration::from_secs(10);
 const WIND_DOWN_POLL: Duration = Duration::from_millis(5);
 
 /// A planned switch away from this active host (`wind_down_ms` set): wait until no
-/// forwarded connection is mid-exchange (see `tsunagu_engine::handover`), at most as
+/// member's connection through or to it is mid-exchange (see `tsunagu_engine::handover`), at most as
 /// long as the server allows, so that members' requests in flight are not cut in half
 /// by the switch. The host keeps serving meanwhile; the caller then stands by.
 pub async fn wind_down(shared: &Shared, info: &StandbyInfo) {
@@ -75,36 +75,34 @@ pub async fn wind_down(shared: &Shared, info: &StandbyInfo) {
     }
     let within = Duration::from_millis(u64::from(info.wind_down_ms)).min(MAX_WIND_DOWN);
     let started = Instant::now();
-    loop {
-        let (busy, seen) = match shared.engine.lock() {
-            Ok(g) => g.as_ref().map_or((None, 0), |e| {
-                let d = e.device();
-                (d.handover_busy(), d.exit_connections_seen())
-            }),
-            Err(_) => (None, 0),
-        };
-        let waited_ms = started.elapsed().as_millis() as u64;
-        match busy {
-            None => {
-                tracing::info!(
-                    waited_ms,
-                    connections_seen = seen,
-                    "handing the exit node over at a quiet moment"
-                );
-                return;
-            }
-            Some(b) if started.elapsed() >= within => {
-                tracing::info!(
-                    waited_ms,
-                    in_progress = b.in_progress,
-                    connections_seen = seen,
-                    "handing the exit node over with connections in progress (wind-down over)"
-                );
-                return;
-            }
-            Some(_) => tokio::time::sleep(WIND_DOWN_POLL).await,
+    let busy = loop {
+        let busy = with_device(shared, |d| d.handover_busy()).flatten();
+        if busy.is_none() || started.elapsed() >= within {
+            break busy;
         }
+        tokio::time::sleep(WIND_DOWN_POLL).await;
+    };
+    let waited_ms = started.elapsed().as_millis() as u64;
+    let seen = with_device(shared, |d| d.exit_connections_seen()).unwrap_or(0);
+    match busy {
+        None => tracing::info!(
+            waited_ms,
+            connections_seen = seen,
+            "handing the exit node over at a quiet moment"
+        ),
+        Some(b) => tracing::info!(
+            waited_ms,
+            in_progress = b.in_progress,
+            connections_seen = seen,
+            "handing the exit node over with connections in progress (wind-down over)"
+        ),
     }
+}
+
+/// `f` of the running engine's device, if there is one.
+fn with_device<T>(shared: &Shared, f: impl FnOnce(&tsunagu_engine::Device) -> T) -> Option<T> {
+    let g = shared.engine.lock().ok()?;
+    g.as_ref().map(|e| f(e.device()))
 }
 
 /// A role message from the server: put it in force now. True when the role changed
@@ -125,11 +123,7 @@ pub fn on_info(shared: &Shared, info: StandbyInfo) -> bool {
         shared.rotate_disco();
     }
     // After the role is recorded (an engine starting now reads it), never under its lock.
-    if let Ok(g) = shared.engine.lock()
-        && let Some(e) = g.as_ref()
-    {
-        e.device().set_standby(role == HostRole::Standby);
-    }
+    with_device(shared, |d| d.set_standby(role == HostRole::Standby));
     if changed {
         let last = info.last_switch.as_ref();
         tracing::info!(

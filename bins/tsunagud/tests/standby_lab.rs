@@ -413,8 +413,8 @@ fn control_ep(s: &Standby) -> String {
 
 /// Planned maintenance, under load (a request every 100 ms): an admin failover to the
 /// standby host, the old host restarting (it comes back standing by), a drain of the
-/// active host (members move back). No request fails but the one in flight at a switch
-/// instant, if any; the web server sees the host that serves, never the cafe.
+/// active host (members move back). No request fails, not even one in flight at a switch
+/// instant; the web server sees the host that serves, never the cafe.
 fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
     let ns = s.j.seed.ns(role::CLIENT);
     let (exit_ns, exit2_ns) = (s.j.seed.ns(role::EXIT), s.j.seed.ns(role::EXIT2));
@@ -423,32 +423,17 @@ fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
     assert_eq!(role_of(&exit2_ns, &s.exit2_sock), "standby");
 
     // 1. Admin failover to the standby host.
-    let load = Load::start(ns.clone(), Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(1));
-    let out =
-        s.j.admin(&["nodes", "failover", "dev-m1sk9-s1", "--to", "exit2"]);
-    assert!(out.contains("exit2 is the active host now"), "{out}");
-    until_seen(&ns, EXIT2_PUBLIC, Duration::from_secs(5), &s.logs);
-    std::thread::sleep(Duration::from_secs(1));
-    let r = load.finish();
-    r.report(&format!("{who}, planned (admin failover)"));
-    // Not even the request in flight at the switch: the old host handed over at a
-    // moment when none was (its NAT state cannot move to the new host).
-    let bad = r.failures();
-    assert!(bad.is_empty(), "failed requests: {bad:?}");
-    eprintln!(
-        "{who}, planned (admin failover): {}",
-        quiet_handover(&s.j.exit_log)
-    );
-    assert!(
-        r.longest_gap() < Duration::from_secs(2),
-        "{:?}",
-        r.longest_gap()
-    );
-    assert_eq!(
-        r.seen(),
-        vec![EXIT_PUBLIC.to_string(), EXIT2_PUBLIC.to_string()],
-        "the exit node's host, then the standby's, never directly"
+    planned_switch(
+        s,
+        &format!("{who}, planned (admin failover)"),
+        (EXIT_PUBLIC, EXIT2_PUBLIC),
+        &s.j.exit_log,
+        Duration::from_secs(5),
+        |s| {
+            let out =
+                s.j.admin(&["nodes", "failover", "dev-m1sk9-s1", "--to", "exit2"]);
+            assert!(out.contains("exit2 is the active host now"), "{out}");
+        },
     );
     // Both hosts say so, and nodes list says why.
     assert_eq!(role_of(&exit_ns, &exit_sock), "standby");
@@ -494,31 +479,19 @@ fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
 
     // 3. A drain of the active host (its offer withdrawn before maintenance) moves the
     // members back to the other host instead of away from the exit node.
-    let load = Load::start(ns.clone(), Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(1));
-    ok(&tsunagu(
-        &exit2_ns,
-        &s.exit2_sock,
-        &["set", "--advertise-exit-node=false"],
-    ));
-    until_seen(&ns, EXIT_PUBLIC, Duration::from_secs(5), &s.logs);
-    std::thread::sleep(Duration::from_secs(1));
-    let r = load.finish();
-    r.report(&format!("{who}, planned (drain of the active host)"));
-    let bad = r.failures();
-    assert!(bad.is_empty(), "failed: {bad:?}");
-    eprintln!(
-        "{who}, planned (drain of the active host): {}",
-        quiet_handover(&s.logs[1])
-    );
-    assert!(
-        r.longest_gap() < Duration::from_secs(2),
-        "{:?}",
-        r.longest_gap()
-    );
-    assert_eq!(
-        r.seen(),
-        vec![EXIT2_PUBLIC.to_string(), EXIT_PUBLIC.to_string()]
+    planned_switch(
+        s,
+        &format!("{who}, planned (drain of the active host)"),
+        (EXIT2_PUBLIC, EXIT_PUBLIC),
+        &s.logs[1],
+        Duration::from_secs(5),
+        |s| {
+            ok(&tsunagu(
+                &exit2_ns,
+                &s.exit2_sock,
+                &["set", "--advertise-exit-node=false"],
+            ));
+        },
     );
     let e = exit_entry(&s.j);
     assert_eq!(e["standby"]["active"], "dev-m1sk9-s1", "{e}");
@@ -534,10 +507,47 @@ fn planned(s: &mut Standby, who: &str, between: impl FnOnce(&mut Standby)) {
     );
 }
 
+/// A planned switch under load, started by `act`, from the host the web server sees
+/// as `from` to the one it sees as `to` (members follow within `within`). Nothing
+/// fails, not even a request in flight at the switch: the old host (logging to
+/// `old_log`) handed over at a quiet moment, since its NAT state cannot move to the
+/// new host. The longest gap stays under 2 s, and the web server sees `from`, then
+/// `to`, never the cafe.
+fn planned_switch(
+    s: &Standby,
+    what: &str,
+    (from, to): (Ipv4Addr, Ipv4Addr),
+    old_log: &Path,
+    within: Duration,
+    act: impl FnOnce(&Standby),
+) {
+    let ns = s.j.seed.ns(role::CLIENT);
+    let load = Load::start(ns.clone(), Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    act(s);
+    until_seen(&ns, to, within, &s.logs);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = load.finish();
+    r.report(what);
+    let bad = r.failures();
+    assert!(bad.is_empty(), "failed requests: {bad:?}");
+    eprintln!("{what}: {}", quiet_handover(old_log));
+    assert!(
+        r.longest_gap() < Duration::from_secs(2),
+        "{:?}",
+        r.longest_gap()
+    );
+    assert_eq!(
+        r.seen(),
+        vec![from.to_string(), to.to_string()],
+        "the old host, then the new one, never directly"
+    );
+}
+
 /// The last log line of a host that handed the exit node over at a quiet moment (its
 /// wind-down in a planned switch), without the log's colours.
 fn quiet_handover(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = tsunagu_lab::strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
     let line = text
         .lines()
         .rev()
@@ -547,21 +557,7 @@ fn quiet_handover(log: &Path) -> String {
         line.contains("at a quiet moment"),
         "the old host handed over at a quiet moment: {line}"
     );
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // An ANSI colour: ESC [ ... m
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain.trim().to_string()
+    line.trim().to_string()
 }
 
 /// The active host SIGKILLed under load: traffic back through the standby host within
@@ -644,33 +640,21 @@ fn crash(s: &mut Standby, who: &str) {
 
     // The returned host now prefers the role (`tsunagu up --prefer`): once it has been
     // ready for a while it takes the role back, a planned switch like the others.
-    let load = Load::start(ns.clone(), Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(500));
-    ok(&tsunagu(&exit_ns, &exit_sock, &["up", "--prefer"]));
-    until_seen(&ns, EXIT_PUBLIC, Duration::from_secs(10), &s.logs);
-    std::thread::sleep(Duration::from_secs(1));
-    let r = load.finish();
-    r.report(&format!("{who}, a preferring host takes the role back"));
-    let bad = r.failures();
-    assert!(bad.is_empty(), "failed: {bad:?}");
-    assert!(
-        r.longest_gap() < Duration::from_secs(2),
-        "{:?}",
-        r.longest_gap()
-    );
-    assert_eq!(
-        r.seen(),
-        vec![EXIT2_PUBLIC.to_string(), EXIT_PUBLIC.to_string()]
+    planned_switch(
+        s,
+        &format!("{who}, a preferring host takes the role back"),
+        (EXIT2_PUBLIC, EXIT_PUBLIC),
+        &s.logs[1],
+        Duration::from_secs(10),
+        |_| {
+            ok(&tsunagu(&exit_ns, &exit_sock, &["up", "--prefer"]));
+        },
     );
     let e = exit_entry(&s.j);
     assert_eq!(e["standby"]["active"], "dev-m1sk9-s1", "{e}");
     assert_eq!(
         e["standby"]["last_switch"]["Reason"], "a preferred host is ready again",
         "{e}"
-    );
-    eprintln!(
-        "{who}, a preferring host takes the role back: {}",
-        quiet_handover(&s.logs[1])
     );
 }
 

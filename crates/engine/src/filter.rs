@@ -326,6 +326,11 @@ impl Filter {
         self
     }
 
+    /// Whether we serve as exit node.
+    pub fn serves_exit(&self) -> bool {
+        self.exit.is_some()
+    }
+
     /// Whether outgoing packets must be noted (for UDP answers): only with rules.
     pub fn tracks_flows(&self) -> bool {
         self.rules.is_some()

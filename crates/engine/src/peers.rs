@@ -620,8 +620,6 @@ pub struct PeerTable {
     /// What peers may send us: the map's packet filter, our addresses, whether we
     /// forward as exit node.
     filter: Filter,
-    /// We serve as an exit node.
-    serves_exit: bool,
 }
 
 impl PeerTable {
@@ -635,7 +633,6 @@ impl PeerTable {
             routes: AllowedIps::new(),
             exit: None,
             filter: Filter::default(),
-            serves_exit: false,
         }
     }
 
@@ -748,7 +745,6 @@ impl PeerTable {
                 map.self_node.serve_exit.then_some(host),
             )
             .with_peerapi_port(map.self_node.peerapi_port),
-            serves_exit: map.self_node.serve_exit,
         }
     }
 
@@ -779,13 +775,13 @@ impl PeerTable {
         self.filter.check_in(packet, flows, now)
     }
 
-    /// Whether outgoing packets must be noted for the filter (UDP answers).
     /// Whether we serve as an exit node (what members' connections through and to us
     /// then matter to a handover, [`crate::handover`]).
     pub fn serves_exit(&self) -> bool {
-        self.serves_exit
+        self.filter.serves_exit()
     }
 
+    /// Whether outgoing packets must be noted for the filter (UDP answers).
     pub fn tracks_flows(&self) -> bool {
         self.filter.tracks_flows()
     }

@@ -76,3 +76,34 @@ pub fn wait_until(
     }
     Ok(())
 }
+
+/// A log line or file without its ANSI colour sequences (`ESC [ ... m`): what the
+/// daemons' tracing output looks like once a test reads it.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strip_ansi_removes_colours_only() {
+        assert_eq!(
+            super::strip_ansi("\u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0m1"),
+            "node=1"
+        );
+        assert_eq!(super::strip_ansi("plain [text]"), "plain [text]");
+    }
+}

@@ -46,8 +46,9 @@ const TICK: Duration = Duration::from_millis(250);
 const ACK_NEW: Duration = Duration::from_secs(2);
 /// How long a switch waits for the old host to say it stands by (when it is online).
 const ACK_OLD: Duration = Duration::from_secs(1);
-/// In a planned switch, how long the old host may wait for a moment when no forwarded
-/// connection is mid-exchange before it stands by (`StandbyInfo.wind_down_ms`).
+/// In a planned switch, how long the old host may wait for a moment when no member's
+/// connection through or to it is mid-exchange before it stands by
+/// (`StandbyInfo.wind_down_ms`).
 pub const WIND_DOWN: Duration = Duration::from_secs(2);
 /// A handed-over key is kept this long for the standby host that waits for it.
 const HANDOVER_TTL: Duration = Duration::from_secs(60);
@@ -111,9 +112,9 @@ struct Group {
     published: String,
     switches: VecDeque<SwitchRecord>,
     handover_wanted: bool,
-    /// A planned switch in its first step: the old host (`.0`) winds down and stands
-    /// by before the new one (`.1`) is told it is active.
-    winding: Option<(String, String)>,
+    /// A planned switch in its first step: this old host winds down and stands by
+    /// before the new one (the core's active host already) is told it is active.
+    winding: Option<String>,
 }
 
 struct Inner {
@@ -430,12 +431,11 @@ impl Standby {
         let inner = self.inner.lock();
         let g = inner.groups.get(&node)?;
         let active = inner.core.active(node)?;
+        // Never two at once: while the old host winds down, every host stands by (the
+        // new one hears it is active only once the old one said it stands by).
         let (role, wind_down) = match &g.winding {
-            // Never two at once: the new host hears it is active only once the old one
-            // said it stands by.
-            Some((_, to)) if to == machine_key => (HostRole::Standby, Duration::ZERO),
-            Some((from, _)) if from == machine_key => (HostRole::Standby, WIND_DOWN),
-            _ if active.0 == machine_key => (HostRole::Active, Duration::ZERO),
+            Some(from) if from == machine_key => (HostRole::Standby, WIND_DOWN),
+            None if active.0 == machine_key => (HostRole::Active, Duration::ZERO),
             _ => (HostRole::Standby, Duration::ZERO),
         };
         Some(StandbyInfo {
@@ -695,7 +695,7 @@ impl Standby {
         if sw.reason.planned()
             && let Some(g) = inner.groups.get_mut(&sw.node)
         {
-            g.winding = Some((sw.from.0.clone(), sw.to.0.clone()));
+            g.winding = Some(sw.from.0.clone());
         }
     }
 
@@ -709,12 +709,12 @@ impl Standby {
         // switch goes one host after the other: the old host first stands by, at a
         // quiet moment of what it forwards (at most `WIND_DOWN` away), and only then is
         // the new one told. Otherwise (the old host is gone, or removed) both at once.
+        // (A planned switch's winding began with it, in [`Self::begin`].)
+        {
+            let mut inner = self.inner.lock();
+            Self::bump(&mut inner, node);
+        }
         let (new_ok, old_ok) = if sw.reason.planned() {
-            // Winding began with the switch ([`Self::begin`]); tell the old host now.
-            {
-                let mut inner = self.inner.lock();
-                Self::bump(&mut inner, node);
-            }
             let old_ok = self
                 .wait_ack(node, &sw.from.0, HostRole::Standby, WIND_DOWN + ACK_OLD)
                 .await;
@@ -724,10 +724,6 @@ impl Standby {
                 .await;
             (new_ok, old_ok)
         } else {
-            {
-                let mut inner = self.inner.lock();
-                Self::bump(&mut inner, node);
-            }
             let new_ok = self
                 .wait_ack(node, &sw.to.0, HostRole::Active, ACK_NEW)
                 .await;

@@ -140,8 +140,8 @@ pub struct StandbyInfo {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handover: bool,
     /// A planned switch away from this (active) host: stand by at the first moment
-    /// when no forwarded connection is in the middle of an exchange, waiting at most
-    /// this many milliseconds. 0: at once.
+    /// when no member's connection through or to it is in the middle of an exchange,
+    /// waiting at most this many milliseconds. 0: at once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wind_down_ms: u32,
 }
