@@ -6,7 +6,9 @@
 //! * planned: an admin failover, the old host restarting and coming back as standby, then
 //!   a drain of the active host: no request fails, the web server sees the host that
 //!   serves; the demoted host drops a member's handshake (its counter says so) while the
-//!   active one answers the same handshake;
+//!   active one answers the same handshake; a connection paused in the middle of its
+//!   exchange across the failover completes through the old host, which hands over
+//!   after it;
 //! * unplanned: the active host SIGKILLed: traffic back through the standby within 5 s,
 //!   nothing on the cafe LAN outside the tunnel meanwhile; the old host returns as
 //!   standby without another interruption, and `nodes list` says who serves.
@@ -693,6 +695,77 @@ fn planned_switches_restart_and_drain_lose_no_request() {
         );
         web_sees(&s.j.seed.ns(role::CLIENT), EXIT2_PUBLIC, &s.logs);
     });
+}
+
+/// A planned switch waits for an exchange in flight: the member holds a TCP connection
+/// through the exit node open across the admin's failover, pausing 400 ms in the middle
+/// of its exchange; the old host hands over only once that connection has ended, so the
+/// exchange completes through it. A host that stood by at once would cut it (the far end
+/// knows the connection by the old host's address).
+#[test]
+fn a_planned_switch_waits_for_a_connection_in_the_middle_of_its_exchange() {
+    use std::io::{Read, Write};
+    let s = setup("standby_inflight", Member::Tsunagud);
+    let echo_at: SocketAddr = (WEB_ADDR, 7007).into();
+    let echo = tsunagu_lab::tcp_echo(&s.j.seed.ns(role::WEB), echo_at).unwrap();
+    let ns = s.j.seed.ns(role::CLIENT);
+    let mut conn = ns
+        .run(|| std::net::TcpStream::connect_timeout(&echo_at, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut echoed = |msg: &[u8]| -> std::io::Result<Vec<u8>> {
+        conn.write_all(msg)?;
+        let mut buf = vec![0u8; msg.len()];
+        conn.read_exact(&mut buf)?;
+        Ok(buf)
+    };
+    assert_eq!(echoed(b"one").unwrap(), b"one");
+
+    let failover = {
+        let (ns, data) = (s.j.seed.ns(role::CONTROL), s.j.data.clone());
+        std::thread::spawn(move || {
+            common::cli(
+                &ns,
+                &data,
+                &["nodes", "failover", "dev-m1sk9-s1", "--to", "exit2"],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        echoed(b"two").unwrap(),
+        b"two",
+        "the exchange went on through the old host"
+    );
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let ended = chrono::Utc::now();
+    let out = failover.join().unwrap();
+    assert!(out.contains("exit2 is the active host now"), "{out}");
+
+    let line = quiet_handover(&s.j.exit_log);
+    eprintln!("a connection in the middle of its exchange: {line}");
+    let handed_over = line
+        .split_whitespace()
+        .next()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // The member saw the end of the connection at `ended`; the old host's 20 ms of
+    // quiet after the last packet come on top (a millisecond of slack for the order
+    // in which the two clocks were read).
+    assert!(
+        handed_over >= ended - chrono::Duration::milliseconds(1),
+        "handed over before the exchange ended ({ended}): {line}"
+    );
+    assert_eq!(
+        echo.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(),
+        vec![std::net::IpAddr::from(EXIT_PUBLIC)],
+        "one connection, through the old host"
+    );
+    web_sees(&ns, EXIT2_PUBLIC, &s.logs);
 }
 
 #[test]
